@@ -1,0 +1,1 @@
+"""Fused kernels with a plain-PyTorch reference each (installed as `megaqwen.kernels`)."""
