@@ -1,0 +1,25 @@
+"""Parallel layout configuration (Hydra group `parallel`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel degree (Megatron column/row sharding inside each layer)."""
+    sequence_parallel: bool = False
+    """Shard activations on the sequence axis around norms (needs tp > 1 to matter)."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages of consecutive layers)."""
+    cp: int = 1
+    """Context-parallel degree (sequence split across ranks for attention)."""
+    ep: int = 1
+    """Expert-parallel degree (MoE experts split across ranks)."""
+    dp: int = -1
+    """Data-parallel degree; -1 infers world_size / (tp * pp * cp)."""
+    dp_mode: str = "ddp"
+    """How data parallelism holds state: ddp | zero1 (sharded optimizer) | fsdp (FSDP2, ZeRO-3-like)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
