@@ -44,7 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"megaqwen.conf": ["*.yaml", "**/*.yaml"]},
+    package_data={"megaqwen.conf": ["*.yaml", "*/*.yaml"],
+                  "megaqwen.data_pipeline": ["samples/*.jsonl"]},
     include_package_data=True,
     install_requires=[
         TORCH,

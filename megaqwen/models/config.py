@@ -28,11 +28,11 @@ class ModelConfig:
     """Key/value heads (GQA); must divide num_heads."""
     head_dim: int | None = None
     """Per-head width; None means hidden_size // num_heads (true for every Qwen2.5 size)."""
-    rope_theta: float = 1_000_000.0
+    rope_theta: float = 10_000.0
     """RoPE base. Pre-training stage 1 uses 10,000; context extension raises it to 1e6 (Turbo: 1e7)."""
     rms_norm_eps: float = 1e-6
     """Epsilon inside RMSNorm's rsqrt."""
-    max_position_embeddings: int = 32_768
+    max_position_embeddings: int = 4096
     """Longest context the config is meant for (metadata; RoPE tables are built on demand)."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the LM head (0.5B, 1.5B, 3B)."""

@@ -1,0 +1,187 @@
+"""Hugging Face <-> megaqwen checkpoint conversion.
+
+Parameter names are identical (the model uses HF's names), so the weights map one to one; the only
+non-identity parts are the config keys (below) and the tied LM head, which HF's safetensors omit.
+Tensors keep their stored dtype in both directions, so HF -> megaqwen -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from megaqwen.models.config import ModelConfig
+from megaqwen.train.checkpoint import FORMAT, read_meta, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+# megaqwen ModelConfig field -> HF Qwen2Config key
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+}
+MODEL_PREFIX = "model."  # top-level key of the model state inside a DCP checkpoint
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
+    if hf.get("model_type") != "qwen2":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported (no Qwen2.5 checkpoint uses it)")
+    rope_theta = hf.get("rope_theta")
+    if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
+        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
+    kw = {ours: hf[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in hf}
+    kw["rope_theta"] = float(rope_theta)
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+        kw["head_dim"] = head_dim
+    return ModelConfig(name=name, **kw)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    from transformers import Qwen2Config
+
+    kw = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS.items()}
+    hf = Qwen2Config(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
+                     eos_token_id=151643, architectures=["Qwen2ForCausalLM"])
+    d = hf.to_dict()
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    d["rope_theta"] = cfg.rope_theta  # keep the flat key older transformers read
+    return d
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(hf_dir / f))
+        return weights
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def expected_keys(cfg: ModelConfig) -> set[str]:
+    from megaqwen.models.qwen2 import build_model
+
+    return set(build_model(cfg, device="meta").state_dict())
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """HF Qwen2 folder -> megaqwen checkpoint folder (DCP + meta.json, step 0)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found")
+    cfg = config_from_hf(json.loads(config_path.read_text()), name=hf_dir.name)
+    weights = read_hf_weights(hf_dir)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    want = expected_keys(cfg)
+    missing, extra = want - set(weights), set(weights) - want
+    if missing or extra:
+        raise ValueError(f"{hf_dir}: weights do not match the config: missing {sorted(missing)[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(extra)[:5]}")
+    for k, v in weights.items():
+        weights[k] = v.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": weights}, checkpoint_id=str(out_dir))
+    meta = {"format": FORMAT, "step": 0, "consumed_samples": 0, "model_config": cfg.to_dict(),
+            "source": str(hf_dir)}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    log.info("wrote megaqwen checkpoint %s (%d tensors)", out_dir, len(weights))
+    return out_dir
+
+
+def read_model_weights(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Model tensors of a native checkpoint in their stored dtypes, with its ModelConfig."""
+    path = resolve_checkpoint(ckpt_dir)
+    cfg = ModelConfig.from_dict(read_meta(path)["model_config"])
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state: dict[str, torch.Tensor] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith(MODEL_PREFIX) and hasattr(md, "size"):
+            state[key[len(MODEL_PREFIX):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not state:
+        raise ValueError(f"{path}: checkpoint holds no model tensors")
+    dcp.load({"model": state}, checkpoint_id=str(path))
+    return cfg, state
+
+
+def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and model tensors from a native checkpoint folder or an HF folder."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        return read_model_weights(path)
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    weights = read_hf_weights(path)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return cfg, weights
+
+
+def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """A model from a native checkpoint folder or an HF folder (config.json + safetensors)."""
+    from megaqwen.models.qwen2 import build_model
+
+    cfg, weights = read_weights(path)
+    model = build_model(cfg, ops, device=device, dtype=dtype)
+    model.load_state_dict(weights, strict=True)  # copies and casts into the model's dtype
+    return model
+
+
+def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
+          tokenizer: bool = True) -> Path:
+    """megaqwen checkpoint -> HF folder (config.json, safetensors shards, tokenizer files)."""
+    cfg, state = read_model_weights(ckpt_dir)
+    hf_dir = Path(hf_dir)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    dtype = next(iter(state.values())).dtype
+    (hf_dir / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = state[k].contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], hf_dir / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, hf_dir / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer:
+        from megaqwen.tokenizer import load_tokenizer
+
+        load_tokenizer().save_pretrained(str(hf_dir))
+    log.info("wrote HF checkpoint %s (%d tensors, %d file(s))", hf_dir, len(state), len(shards))
+    return hf_dir

@@ -1,0 +1,193 @@
+"""The training loop: build model, optimizer and data; resume; step; log; checkpoint.
+
+Single-process here; `megaqwen.parallel` plugs the process mesh, model sharding and data-parallel
+wrappers in through `Runtime` (rank, dp coordinates, device) without changing the step logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaqwen.kernels.registry import resolve_ops
+from megaqwen.models.qwen2 import build_model
+from megaqwen.train import checkpoint as ckpt
+from megaqwen.train.config import Config
+from megaqwen.train.metrics import MetricsLogger, peak_memory_gib
+from megaqwen.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def autocast_ctx(dtype: str, device: torch.device):
+    """bf16 autocast where asked (or `auto` on a bf16-capable GPU); fp32 otherwise."""
+    use_bf16 = dtype == "bf16" or (
+        dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def sample_corpus() -> Path:
+    """The multi-domain sample corpus shipped inside the package."""
+    path = Path(str(importlib.resources.files("megaqwen.data_pipeline") / "samples" / "corpus.jsonl"))
+    if not path.exists():
+        raise FileNotFoundError(f"shipped sample corpus missing at {path}; reinstall megaqwen")
+    return path
+
+
+def resolve_data_path(path: str, out_dir: Path, rt: Runtime) -> str:
+    """`sample` -> the shipped corpus tokenised once into out_dir/data/sample (rank 0 writes)."""
+    if path != "sample":
+        return path
+    prefix = out_dir / "data" / "sample"
+    if rt.is_logging_rank and not prefix.with_suffix(".idx").exists():
+        from megaqwen.data_pipeline.cli import main as data_main
+
+        log.info("tokenising the shipped sample corpus into %s", prefix)
+        rc = data_main(["tokenize", "--input", str(sample_corpus()), "--output-prefix", str(prefix)])
+        if rc != 0:
+            raise RuntimeError(f"tokenising the sample corpus failed (exit code {rc})")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return str(prefix)
+
+
+def build_batches(cfg: Config, rt: Runtime, consumed_samples: int):
+    from megaqwen.data.blend import build_dataset
+    from megaqwen.data.sampler import BatchIterator
+
+    t = cfg.train
+    data_path = resolve_data_path(cfg.data.path, Path(t.out_dir), rt)
+    dataset = build_dataset(data_path, seq_len=t.seq_len, num_samples=t.steps * t.global_batch_size,
+                            seed=t.seed)
+    return BatchIterator(dataset, global_batch_size=t.global_batch_size,
+                         micro_batch_size=t.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                         consumed_samples=consumed_samples)
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device):
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return model(
+        batch["tokens"], labels=batch["labels"],
+        position_ids=batch["position_ids"] if cfg.data.reset_position_ids else None,
+        document_ids=batch["document_ids"] if cfg.data.document_mask else None)
+
+
+def train_step(model, optimizer, batches, cfg: Config, rt: Runtime, step: int,
+               accum_steps: int) -> dict[str, float]:
+    """One optimizer step over `accum_steps` micro-batches; returns the step's metrics."""
+    lr = lr_at(step, cfg.train)
+    set_lr(optimizer, lr)
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in range(accum_steps):
+        batch = next(batches)
+        with autocast_ctx(cfg.train.dtype, rt.device):
+            loss = forward_loss(model, batch, cfg, rt.device)
+        (loss / accum_steps).backward()
+        loss_sum += loss.detach().float()
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum / accum_steps
+    if rt.dp_size > 1:
+        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+
+
+def init_weights_from(model, path: str, cfg: Config) -> None:
+    from megaqwen.convert.hf import read_weights
+
+    src_cfg, weights = read_weights(path)
+    mismatched = {k: (getattr(src_cfg, k), getattr(cfg.model, k)) for k in src_cfg.to_dict()
+                  if k not in ("name", "init_std") and getattr(src_cfg, k) != getattr(cfg.model, k)}
+    if mismatched:
+        raise ValueError(f"train.init_from={path}: model config differs (checkpoint, run): {mismatched}")
+    model.load_state_dict(weights, strict=True)
+    log.info("initialised weights from %s", path)
+
+
+def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
+    """Run (or resume) training to cfg.train.steps; returns a summary of the run."""
+    cfg.validate()
+    t = cfg.train
+    rt = rt or Runtime(device=pick_device(t.device))
+    out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
+    accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * rt.dp_size)
+    if rem or accum_steps == 0:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                         f"micro_batch_size ({t.micro_batch_size}) x dp ({rt.dp_size})")
+
+    torch.manual_seed(t.seed)
+    ops = resolve_ops(cfg.kernels)
+    model = build_model(cfg.model, ops, device=rt.device)
+    optimizer = build_optimizer(model, t)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters on %s; kernels: %s", cfg.model.name, n_params / 1e6,
+             rt.device, ops.describe())
+
+    start_step, consumed = 0, 0
+    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
+    if latest is not None:
+        meta = ckpt.load_checkpoint(latest, model, optimizer)
+        start_step, consumed = meta["step"], meta["consumed_samples"]
+        log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
+    elif t.init_from:
+        init_weights_from(model, t.init_from, cfg)
+    batches = build_batches(cfg, rt, consumed)
+
+    config_dict = asdict(cfg)
+    logger = MetricsLogger(out_dir, config_dict, cfg.logger.wandb, total_steps=t.steps,
+                           enabled=rt.is_logging_rank, log_every=t.log_every)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step, t.steps):
+            t0 = time.perf_counter()
+            metrics = train_step(model, optimizer, batches, cfg, rt, step, accum_steps)
+            dt = time.perf_counter() - t0
+            metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                           peak_mem_gib=peak_memory_gib(rt.device),
+                           consumed_samples=batches.consumed_samples)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
+            logger.log(step + 1, metrics)
+            done = step + 1
+            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+                ckpt.save_checkpoint(
+                    ckpt_root, done, model, optimizer,
+                    {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
+                     "config": config_dict}, keep_last=t.keep_last)
+    finally:
+        logger.close()
+    return {"steps": t.steps, "start_step": start_step, "final": metrics, "out_dir": str(out_dir)}

@@ -1,0 +1,119 @@
+"""Run records: metrics JSONL, W&B, and a console progress line with rate and ETA.
+
+Only the logging rank (rank 0) creates a `MetricsLogger` with `enabled=True`; the others get a
+disabled one, so call sites need no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], wandb_cfg, total_steps: int,
+                 enabled: bool = True, log_every: int = 1):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_every = max(log_every, 1)
+        self.wandb_run = None
+        self._t0 = time.perf_counter()
+        self._first_step: int | None = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
+        record = {"config": config, "git_revision": git_revision(), "argv": sys.argv,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (out / "run.json").write_text(json.dumps(record, indent=2))
+        if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            self.wandb_run = _init_wandb(out, config, wandb_cfg)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.jsonl.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self._first_step is None:
+            self._first_step, self._t0 = step, time.perf_counter()
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._progress(step, metrics)
+
+    def _progress(self, step: int, m: dict[str, float]) -> None:
+        done = step - (self._first_step or step)
+        elapsed = time.perf_counter() - self._t0
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        extra = f" mfu {m['mfu']:.1%}" if "mfu" in m else ""
+        log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | mem %.2f GiB%s | "
+                 "%.2f step/s | eta %s", step, self.total_steps, m["loss"], m["lr"], m["grad_norm"],
+                 m["tokens_per_s"], m["peak_mem_gib"], extra, rate, _fmt_eta(eta))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _init_wandb(out: Path, config: dict[str, Any], cfg):
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or out.name,
+                     mode=cfg.mode, dir=str(out), config=config, resume="allow",
+                     id=_wandb_id(out))
+    log.info("W&B run %s (%s mode) in %s", run.id, cfg.mode, out / "wandb")
+    return run
+
+
+def _wandb_id(out: Path) -> str:
+    """One W&B run id per run folder, so a resumed run continues the same W&B run."""
+    path = out / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id)
+    return run_id
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds != seconds:  # NaN before the second step
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"

@@ -1,0 +1,53 @@
+"""AdamW with decoupled weight decay, and the learning-rate schedules (pure functions of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megaqwen.train.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear weights, embeddings); never biases or norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    cosine: linear warmup to lr, then half-cosine to min_lr at the last step.
+    wsd:    linear warmup, constant lr, then a linear decay to min_lr over the last
+            `decay_fraction` of the steps (MiniCPM's warmup-stable-decay).
+    """
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    last = max(cfg.steps - 1, 1)
+    if cfg.schedule == "cosine":
+        progress = min(max(step - cfg.warmup_steps, 0) / max(last - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_start = cfg.steps - max(int(round(cfg.decay_fraction * cfg.steps)), 1)
+        if step < decay_start:
+            return cfg.lr
+        progress = min((step - decay_start + 1) / max(cfg.steps - decay_start, 1), 1.0)
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
