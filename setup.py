@@ -60,6 +60,7 @@ setup(
         "tqdm>=4.66",
         "pyarrow>=15",
         "zstandard>=0.22",
+        "matplotlib>=3.8",
     ],
     extras_require=EXTRAS,
     entry_points={

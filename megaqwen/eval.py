@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--max-len", type=int, default=2048, help="tokens per scoring window")
+    p.add_argument("--max-docs", type=int, default=0, help="score only the first N documents (0: all)")
     p.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_pretrained(args.checkpoint, device=device).eval()
         docs, malformed = read_documents(data, load_tokenizer)
+        if args.max_docs > 0:
+            docs = docs[:args.max_docs]
         total, count = document_loss(model, docs, args.max_len, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"megaqwen-eval: error: {e}", file=sys.stderr)

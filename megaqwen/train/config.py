@@ -63,6 +63,9 @@ class TrainConfig:
     init_from: str | None = None
     """Start from these weights (native checkpoint or HF folder) when there is nothing to resume;
     the model config must match the checkpoint's."""
+    exit_at_step: int = 0
+    """Save and stop once this step is done, as a preempted job would (Megatron's --exit-interval);
+    0 never. A rerun of the same command resumes from there."""
     log_every: int = 1
     """Console progress line every N steps (metrics.jsonl gets every step)."""
     engine: str = "native"

@@ -183,11 +183,19 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
             logger.log(step + 1, metrics)
             done = step + 1
-            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+            exiting = done == t.exit_at_step
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
                      "config": config_dict}, keep_last=t.keep_last)
+            if exiting:
+                log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
+                break
     finally:
         logger.close()
+    if rt.is_logging_rank and metrics:
+        from megaqwen.train.plot import plot_run
+
+        log.info("loss curve: %s", plot_run(out_dir))
     return {"steps": t.steps, "start_step": start_step, "final": metrics, "out_dir": str(out_dir)}

@@ -33,6 +33,7 @@ def test_loss_falls_and_run_leaves_records(tmp_path, shard, make_config):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["model"]["vocab_size"] == 512
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_00000025"  # last step saved
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
 
 
 def test_resume_after_kill_gives_identical_losses(tmp_path, shard, make_config):
@@ -60,6 +61,18 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, shard, make_config):
     summary = train(make_config(resumed, shard, "train.steps=6", "train.save_every=3"))
     assert summary["start_step"] == 3
     assert losses(resumed) == losses(straight)  # bit-identical, not approximately equal
+
+
+def test_exit_at_step_then_rerun_equals_straight_run(tmp_path, shard, make_config):
+    train(make_config(tmp_path / "a", shard, "train.steps=5", "train.save_every=0"))
+    first = train(make_config(tmp_path / "b", shard, "train.steps=5", "train.save_every=0",
+                              "train.exit_at_step=2"))
+    assert first["final"]["consumed_samples"] == 2 * 4
+    assert ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000002"
+    second = train(make_config(tmp_path / "b", shard, "train.steps=5", "train.save_every=0",
+                               "train.exit_at_step=2"))
+    assert second["start_step"] == 2
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
 def test_crash_during_save_keeps_previous_latest(tmp_path, shard, monkeypatch, make_config):

@@ -1,0 +1,144 @@
+"""Packed pre-training samples over one indexed shard (Megatron `GPTDataset` semantics).
+
+The shard's documents (each already ending in EOD) are laid end to end in a seeded random order
+per epoch, forming one token stream. Sample w is the window of `seq_len + 1` tokens starting at
+stream position `w * seq_len` (consecutive windows share one token, so no token is lost as a label).
+Windows are shuffled inside blocks of one epoch's worth of samples.
+
+Every permutation comes from `np.random.default_rng([seed, kind, block])`, so the order of the
+first k samples never depends on how many samples were requested: extending a run (more steps)
+keeps everything already seen, and a resumed run rebuilds exactly the same order.
+
+Sample tensors, all int64 of length T = seq_len:
+    tokens        stream[w*T : w*T + T]
+    labels        stream[w*T + 1 : w*T + T + 1]   (already shifted; -100 where masked)
+    position_ids  0, 1, 2, ... restarting at 0 after each EOD (reset_position_ids)
+    document_ids  0 for the first document in the sample, +1 after each EOD (reset_attention_mask),
+                  for the block-diagonal causal mask of `kernels.attention.sdpa_attention`
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from megaqwen.data.indexed import IndexedDataset
+from megaqwen.tokenizer import EOD_ID
+
+_DOCS, _SAMPLES = 0, 1  # rng stream ids: document order per epoch, sample order per block
+
+
+def packing_features(
+    window: np.ndarray,
+    eod_id: int = EOD_ID,
+    reset_position_ids: bool = True,
+    reset_attention_mask: bool = True,
+    eod_mask_loss: bool = False,
+) -> dict[str, torch.Tensor]:
+    """(T+1,) token window -> tokens, labels, position_ids, document_ids, each (T,) int64."""
+    window = np.asarray(window, dtype=np.int64)
+    tokens, labels = window[:-1], window[1:].copy()
+    t = len(tokens)
+    is_eod = tokens == eod_id
+    # doc_T[i] = number of EODs strictly before position i: the EOD belongs to the document it closes.
+    doc_T = np.zeros(t, dtype=np.int64)
+    np.cumsum(is_eod[:-1], out=doc_T[1:])
+    if reset_position_ids:
+        starts = np.flatnonzero(np.r_[True, is_eod[:-1]])  # first position of each document
+        pos_T = np.arange(t, dtype=np.int64) - starts[doc_T]
+    else:
+        pos_T = np.arange(t, dtype=np.int64)
+    if not reset_attention_mask:
+        doc_T = np.zeros(t, dtype=np.int64)
+    if eod_mask_loss:
+        labels[is_eod] = -100  # do not train EOD -> first token of an unrelated document
+    return {
+        "tokens": torch.from_numpy(tokens.copy()),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(pos_T),
+        "document_ids": torch.from_numpy(doc_T),
+    }
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """`num_samples` packed samples of `seq_len` tokens from one shard, repeating epochs as needed."""
+
+    def __init__(
+        self,
+        indexed: IndexedDataset,
+        seq_len: int,
+        num_samples: int,
+        seed: int = 1234,
+        *,
+        shuffle: bool = True,
+        eod_id: int = EOD_ID,
+        reset_position_ids: bool = True,
+        reset_attention_mask: bool = True,
+        eod_mask_loss: bool = False,
+    ):
+        if seq_len < 1 or num_samples < 0:
+            raise ValueError(
+                f"{indexed.prefix}: need seq_len >= 1 and num_samples >= 0, got {seq_len}, {num_samples}"
+            )
+        self.indexed, self.seq_len, self.num_samples, self.seed = indexed, seq_len, num_samples, seed
+        self.features = dict(
+            eod_id=eod_id,
+            reset_position_ids=reset_position_ids,
+            reset_attention_mask=reset_attention_mask,
+            eod_mask_loss=eod_mask_loss,
+        )
+        n_docs, epoch_tokens = len(indexed), indexed.num_tokens
+        if num_samples and epoch_tokens == 0:
+            raise ValueError(
+                f"{indexed.prefix}: the shard holds no tokens, cannot draw {num_samples} samples"
+            )
+        # One shuffle block = one epoch's worth of windows; build whole blocks so the order of a
+        # prefix of samples is independent of num_samples.
+        self.block = max(epoch_tokens // seq_len, 1)
+        num_windows = math.ceil(num_samples / self.block) * self.block
+        num_epochs = math.ceil((num_windows * seq_len + 1) / epoch_tokens) if num_samples else 0
+        self.num_epochs = num_epochs
+        idx_dtype = np.int32 if n_docs < 2**31 else np.int64
+        orders = [
+            (np.random.default_rng([seed, _DOCS, e]).permutation(n_docs) if shuffle else np.arange(n_docs))
+            for e in range(num_epochs)
+        ]
+        self.doc_order = np.concatenate(orders).astype(idx_dtype) if orders else np.zeros(0, idx_dtype)
+        # doc_start[j] = stream position where the j-th document of doc_order begins
+        self.doc_start = np.zeros(len(self.doc_order) + 1, dtype=np.int64)
+        np.cumsum(indexed.sizes[self.doc_order], out=self.doc_start[1:])
+        blocks = [
+            (
+                np.random.default_rng([seed, _SAMPLES, b]).permutation(self.block)
+                if shuffle
+                else np.arange(self.block)
+            )
+            + b * self.block
+            for b in range(num_windows // self.block)
+        ]
+        self.sample_order = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def window(self, i: int) -> np.ndarray:
+        """The (seq_len + 1,) int64 token window of sample i."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(
+                f"sample {i} out of range for {self.num_samples} samples of {self.indexed.prefix}"
+            )
+        start = int(self.sample_order[i]) * self.seq_len
+        need, out, parts = self.seq_len + 1, 0, []
+        j = int(np.searchsorted(self.doc_start, start, side="right")) - 1
+        offset = start - int(self.doc_start[j])
+        while out < need:
+            doc = int(self.doc_order[j])
+            take = min(int(self.indexed.sizes[doc]) - offset, need - out)
+            parts.append(self.indexed.get(doc, offset, take))
+            out, offset, j = out + take, 0, j + 1
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return packing_features(self.window(i), **self.features)

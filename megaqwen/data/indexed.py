@@ -1,0 +1,201 @@
+"""Megatron-LM compatible memory-mapped token shards: `PREFIX.bin` + `PREFIX.idx`.
+
+`.bin` holds the token ids of every sequence back to back (no header). `.idx` layout, all
+little-endian (Megatron-LM `megatron/core/datasets/indexed_dataset.py`, `_IndexWriter`):
+
+    offset  size           field
+    0       9              magic b"MMIDIDX\\x00\\x00"
+    9       8   u64        version = 1
+    17      1   u8         dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64,
+                           7 float32, 8 uint16)
+    18      8   u64        S = sequence count
+    26      8   u64        D = document-index count (documents + 1: it starts with a 0)
+    34      4*S int32      sequence lengths in tokens
+    ..      8*S int64      sequence byte offsets into .bin
+    ..      8*D int64      document indices: sequence index where each document ends (cumulative)
+
+We write one sequence per document (as Megatron's `preprocess_data.py` does without sentence
+splitting), so `document_indices == [0, 1, ..., S]`. Token ids are int32 by default: Qwen's
+151,665 ids do not fit uint16.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = 34  # 9 magic + 8 version + 1 dtype code + 8 sequence count + 8 document count
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+
+def idx_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def bin_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def exists(prefix: str | Path) -> bool:
+    return idx_path(prefix).is_file() and bin_path(prefix).is_file()
+
+
+class IndexedDatasetBuilder:
+    """Streams documents into `PREFIX.bin`/`.idx`; nothing appears at PREFIX until `finalize()`.
+
+    Both files are written under temporary names and renamed at the end (.bin first, then .idx), so
+    a crash leaves either no shard or the previous complete one, never a half-written shard that
+    readers would accept. Use as a context manager to remove the temporaries on error.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: type[np.number] | np.dtype = np.int32):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(
+                f"{self.prefix}: unsupported token dtype {self.dtype}, use one of "
+                f"{sorted(str(d) for d in CODE_OF_DTYPE)}"
+            )
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        suffix = f".tmp.{os.getpid()}"
+        self._tmp_bin = Path(f"{bin_path(prefix)}{suffix}")
+        self._tmp_idx = Path(f"{idx_path(prefix)}{suffix}")
+        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 (closed in finalize/abort)
+        self._lengths: list[int] = []
+        self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+        self.num_tokens = 0
+
+    def add_document(self, tokens) -> None:
+        """Append one document (any 1-D int sequence; the caller adds the EOD token if wanted)."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"{self.prefix}: a document must be 1-D, got shape {arr.shape}")
+        if self._info is not None and arr.size and (arr.min() < self._info.min or arr.max() > self._info.max):
+            raise ValueError(
+                f"{self.prefix}: token ids in [{arr.min()}, {arr.max()}] do not fit {self.dtype}"
+            )
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.append(int(arr.size))
+        self.num_tokens += int(arr.size)
+
+    def finalize(self) -> None:
+        self._bin.close()
+        n = len(self._lengths)
+        lengths = np.asarray(self._lengths, dtype=np.int32)
+        pointers = np.zeros(n, dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_index = np.arange(n + 1, dtype=np.int64)
+        with open(self._tmp_idx, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<Q", VERSION))
+            f.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
+            f.write(struct.pack("<Q", n))
+            f.write(struct.pack("<Q", n + 1))
+            f.write(lengths.astype("<i4").tobytes())
+            f.write(pointers.astype("<i8").tobytes())
+            f.write(doc_index.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(self._tmp_idx, idx_path(self.prefix))
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (self._tmp_bin, self._tmp_idx):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> IndexedDatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+class IndexedDataset:
+    """Read-only view of a shard: `ds[i]` is sequence i as a numpy view into the mmapped .bin."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for p in (ipath, bpath):
+            if not p.is_file():
+                raise FileNotFoundError(f"indexed dataset file {p} does not exist (prefix {self.prefix})")
+        idx = np.memmap(ipath, dtype=np.uint8, mode="r") if ipath.stat().st_size else np.zeros(0, np.uint8)
+        if idx.size < HEADER_BYTES:
+            raise ValueError(
+                f"{ipath}: truncated index ({idx.size} bytes, the header alone is {HEADER_BYTES})"
+            )
+        if bytes(idx[:9]) != MAGIC:
+            raise ValueError(
+                f"{ipath}: bad magic {bytes(idx[:9])!r}, expected {MAGIC!r} (not a Megatron .idx)"
+            )
+        version, code = struct.unpack("<QB", bytes(idx[9:18]))
+        if version != VERSION:
+            raise ValueError(f"{ipath}: unsupported index version {version}, only {VERSION} is known")
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{ipath}: unsupported dtype code {code}, known {sorted(DTYPE_CODES)}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        n, d = struct.unpack("<QQ", bytes(idx[18:HEADER_BYTES]))
+        need = HEADER_BYTES + 4 * n + 8 * n + 8 * d
+        if idx.size < need:
+            raise ValueError(
+                f"{ipath}: truncated index ({idx.size} bytes, header says {n} sequences and "
+                f"{d} document indices, which need {need})"
+            )
+        off = HEADER_BYTES
+        self.sizes = np.frombuffer(idx, dtype="<i4", count=n, offset=off)  # tokens per sequence
+        self.pointers = np.frombuffer(idx, dtype="<i8", count=n, offset=off + 4 * n)  # byte offsets
+        self.document_indices = np.frombuffer(idx, dtype="<i8", count=d, offset=off + 12 * n)
+        self._idx = idx
+        data_bytes = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
+        bin_size = bpath.stat().st_size
+        if bin_size < data_bytes:
+            raise ValueError(f"{bpath}: truncated data ({bin_size} bytes, the index needs {data_bytes})")
+        # np.memmap cannot map an empty file; an empty shard is still a valid dataset.
+        self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset + length) of sequence i (to its end when length is None)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.prefix}: sequence {i} out of range for {len(self)} sequences")
+        size = int(self.sizes[i])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(
+                f"{self.prefix}: slice [{offset}, {offset + length}) outside sequence {i} of {size} tokens"
+            )
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        return self._bin[start : start + length]
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self.document_indices) - 1, 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))

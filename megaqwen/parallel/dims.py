@@ -1,0 +1,186 @@
+"""Parallel degrees, their validation against the world size and the model, and the device mesh.
+
+`ParallelDims` is pure arithmetic (no process group needed), so a layout that cannot work fails at
+start-up, before any model is built, with a message naming the numbers. `build_mesh()` then creates
+one named `DeviceMesh` ("pp", "dp", "cp", "tp", outermost first: TP neighbours share a node) and
+hands out the process groups each plan needs; nothing is stored in module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp", "cp", "tp")
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that holds `vocab_size` rows."""
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelDims:
+    world_size: int
+    """Number of processes (torchrun's WORLD_SIZE)."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    cp: int = 1
+    """Context-parallel degree."""
+    ep: int = 1
+    """Expert-parallel degree; experts are spread over ranks carved out of dp x cp."""
+    dp: int = -1
+    """Data-parallel degree; -1 infers world_size / (tp * pp * cp)."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "tp", "pp", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        model_parallel = self.tp * self.pp * self.cp
+        if self.dp == -1:
+            if self.world_size % model_parallel:
+                raise ValueError(
+                    f"world_size={self.world_size} is not divisible by tp*pp*cp="
+                    f"{self.tp}*{self.pp}*{self.cp}={model_parallel}; cannot infer dp")
+            self.dp = self.world_size // model_parallel
+        if self.dp < 1:
+            raise ValueError(f"parallel.dp must be >= 1 or -1 (infer), got {self.dp}")
+        if self.dp * model_parallel != self.world_size:
+            raise ValueError(
+                f"dp*tp*pp*cp = {self.dp}*{self.tp}*{self.pp}*{self.cp} = {self.dp * model_parallel} "
+                f"!= world_size={self.world_size}")
+        if (self.dp * self.cp) % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp*cp={self.dp}*{self.cp}={self.dp * self.cp} "
+                             "(expert-parallel ranks are carved out of the data-parallel ranks)")
+
+    @classmethod
+    def from_config(cls, cfg: Any, world_size: int) -> ParallelDims:
+        """From a `ParallelConfig` (or anything with tp/pp/cp/ep/dp attributes)."""
+        return cls(world_size=world_size, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, dp=cfg.dp)
+
+    def kv_replicas(self, num_kv_heads: int) -> int:
+        """How many TP ranks hold each KV head (1 unless tp > num_kv_heads)."""
+        return max(1, self.tp // num_kv_heads)
+
+    def validate_model(self, cfg: Any, seq_len: int | None = None, sequence_parallel: bool = False) -> None:
+        """Check that the model (a `ModelConfig`) can be split this way; raise ValueError naming values."""
+        name = getattr(cfg, "name", "model")
+        errors = []
+        tp = self.tp
+        if cfg.num_heads % tp:
+            errors.append(f"num_heads={cfg.num_heads} is not divisible by tp={tp}")
+        kv = cfg.num_kv_heads
+        if kv % tp and tp % kv:
+            errors.append(f"num_kv_heads={kv} and tp={tp}: one must divide the other (KV heads are split "
+                          f"when tp <= num_kv_heads and replicated tp/num_kv_heads times when larger)")
+        if cfg.vocab_size % tp:
+            errors.append(f"vocab_size={cfg.vocab_size} is not a multiple of tp={tp}; pad it to "
+                          f"{padded_vocab_size(cfg.vocab_size, tp)} (model.vocab_size=...)")
+        if cfg.intermediate_size % tp:
+            errors.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+        if cfg.num_layers % self.pp:
+            errors.append(f"num_layers={cfg.num_layers} is not divisible by pp={self.pp} stages")
+        experts = getattr(cfg, "num_experts", 0) or 0
+        if self.ep > 1 and (experts == 0 or experts % self.ep):
+            errors.append(f"num_experts={experts} is not divisible by ep={self.ep}")
+        if seq_len is not None:
+            if sequence_parallel and seq_len % tp:
+                errors.append(f"seq_len={seq_len} is not divisible by tp={tp} (sequence parallelism "
+                              "shards activations on the sequence axis)")
+            if self.cp > 1 and seq_len % (2 * self.cp):
+                errors.append(f"seq_len={seq_len} is not divisible by 2*cp={2 * self.cp}")
+        if errors:
+            raise ValueError(f"parallel layout tp={tp} pp={self.pp} cp={self.cp} ep={self.ep} "
+                             f"dp={self.dp} does not fit model {name!r}: " + "; ".join(errors))
+
+    def build_mesh(self, device_type: str | None = None) -> ParallelMesh:
+        """Create the named mesh over the default process group (collective: every rank calls it)."""
+        if not dist.is_initialized():
+            raise RuntimeError("build_mesh() needs torch.distributed initialised (see parallel.setup)")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(f"ParallelDims.world_size={self.world_size} but the process group has "
+                             f"{dist.get_world_size()} ranks")
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        shape = (self.pp, self.dp, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        return ParallelMesh(dims=self, mesh=mesh)
+
+
+@dataclass
+class ParallelMesh:
+    """The built mesh and the groups plans take; plans receive these explicitly."""
+
+    dims: ParallelDims
+    """The degrees this mesh was built from."""
+    mesh: DeviceMesh
+    """4-D mesh with dims ("pp", "dp", "cp", "tp")."""
+    _subgroups: dict[tuple[str, int], dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
+    """Cache of TP subgroups made by `tp_subgroup`."""
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        return self.mesh.get_group(dim)
+
+    def rank(self, dim: str) -> int:
+        return self.mesh.get_local_rank(dim)
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.group("tp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.group("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank("tp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank("dp")
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        return self.mesh["dp"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    def tp_subgroup(self, size: int) -> dist.ProcessGroup | None:
+        """Group of the `size` consecutive TP ranks that include this rank (e.g. KV-head replicas).
+
+        Collective: every rank creates every such group in the same order, as `new_group` requires.
+        """
+        key = ("tp", size)
+        if key not in self._subgroups:
+            tp = self.dims.tp
+            if tp % size:
+                raise ValueError(f"TP subgroup size {size} does not divide tp={tp}")
+            mine = None
+            for tp_ranks in self.mesh.mesh.reshape(-1, tp).tolist():  # tp is the innermost mesh dim
+                for start in range(0, tp, size):
+                    ranks = tp_ranks[start:start + size]
+                    g = dist.new_group(ranks)
+                    if dist.get_rank() in ranks:
+                        mine = g
+            self._subgroups[key] = mine
+        return self._subgroups[key]
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> nccl when CUDA is present, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"parallel.backend must be auto|nccl|gloo, got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU")
+    return backend

@@ -1,0 +1,59 @@
+"""Global gradient norm and clipping over TP-local shards and FSDP-sharded gradients.
+
+`torch.nn.utils.clip_grad_norm_` sees only this rank's tensors: under TP it would miss the other
+shards and count replicated parameters once per rank. Here every rank sums the squares of its local
+gradient pieces, each divided by how many ranks hold an identical copy of it, and one all-reduce over
+the whole world gives the norm of the full, unsharded gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from megaqwen.parallel.dims import ParallelMesh
+
+
+def _copies(p: nn.Parameter, g: torch.Tensor, mesh: ParallelMesh) -> int:
+    """Ranks holding the same values as this rank's piece of `p`'s gradient."""
+    d = mesh.dims
+    tp_copies = getattr(p, "tp_replicas", d.tp if d.tp > 1 else 1)
+    # FSDP2 gradients are already split over dp (x cp); DDP/ZeRO-1 gradients are replicated there.
+    dp_copies = 1 if isinstance(g, DTensor) else d.dp * d.cp
+    return tp_copies * dp_copies
+
+
+def grad_norm(params: Iterable[nn.Parameter], mesh: ParallelMesh | None) -> torch.Tensor:
+    """L2 norm of the full gradient (fp32 scalar, same on every rank)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    device = params[0].grad.device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        g = p.grad
+        local = g.to_local() if isinstance(g, DTensor) else g
+        copies = _copies(p, g, mesh) if mesh is not None else 1
+        sq += local.detach().double().pow(2).sum() / copies
+    if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt().float()
+
+
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float,
+                    mesh: ParallelMesh | None) -> torch.Tensor:
+    """Scale gradients in place so their global norm is at most `max_norm`; returns the norm before."""
+    params = list(params)
+    norm = grad_norm(params, mesh)
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # shares storage
+                g.mul_(coef.to(g.device, g.dtype))
+    return norm

@@ -1,0 +1,43 @@
+"""Loss and learning-rate curves of a run folder as a PNG (rank 0, at the end of training).
+
+    python -m megaqwen.train.plot runs/demo        # writes runs/demo/loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_run(out_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows: dict[int, dict] = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # a resumed run may rewrite steps after its checkpoint: keep the last
+    steps = sorted(rows)
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    ax_loss.plot(steps, [rows[s]["loss"] for s in steps], lw=1.5)
+    ax_loss.set_ylabel("training loss (nats/token)")
+    ax_loss.set_title(f"{out_dir.name}: {len(steps)} steps")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [rows[s]["lr"] for s in steps], color="tab:orange", lw=1.2)
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    print(plot_run(sys.argv[1]))
