@@ -1,13 +1,28 @@
-"""Causal self-attention, with optional per-document masking for packed sequences.
+"""Causal self-attention backends, with optional per-document masking for packed sequences.
 
-Layout (B, T, H, D) in and out. Only the PyTorch SDPA path lives here for now; it handles GQA by
-repeating KV heads and packed documents with an explicit block-diagonal causal mask.
+Layout (B, T, H, D) in and out; k/v may have fewer heads than q (GQA). All backends share the call
+`(q, k, v, document_ids=None, scale=None)`; `document_ids` (B, T) marks packed documents, and a
+token attends only to earlier tokens of its own document (a new document also starts every row).
+
+- `sdpa_attention`: PyTorch SDPA; packed documents through an explicit block-diagonal causal mask
+  (B, 1, T, T) -- memory O(T^2), which is why the varlen backends exist.
+- `flash_attention`: flash-attn 2 (`flash_attn_func`, or `flash_attn_varlen_func` over `cu_seqlens`
+  when documents are packed, so no mask is ever built).
+- `te_attention`: Transformer Engine `DotProductAttention` (bshd causal, or thd + cu_seqlens).
+- `varlen_attention_torch`: a slow per-document SDPA loop with flash-attn's varlen signature; the
+  reference the varlen plumbing is tested against on CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -16,6 +31,31 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
     return (same_doc & causal)[:, None]
+
+
+def document_ids_to_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """document_ids (B, T) -> cu_seqlens (S + 1,) int32 over the flattened B*T tokens, max_seqlen.
+
+    A segment starts at every row start and wherever the id changes from the previous token, so
+    segments never cross rows even when two rows reuse an id. Non-contiguous repeats of an id
+    within a row count as separate documents (packing never produces them).
+    """
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
+    b, t = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = starts.flatten().nonzero().squeeze(1)  # (S,) flat token index of each start
+    total = torch.tensor([b * t], device=document_ids.device, dtype=start_idx.dtype)
+    cu_seqlens = torch.cat([start_idx, total]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return cu_seqlens, max_seqlen
+
+
+def _repeat_kv(k_: torch.Tensor, v_: torch.Tensor, groups: int, dim: int):
+    if groups == 1:
+        return k_, v_
+    return k_.repeat_interleave(groups, dim=dim), v_.repeat_interleave(groups, dim=dim)
 
 
 def sdpa_attention(
@@ -28,12 +68,86 @@ def sdpa_attention(
     """q (B, T, Hq, D), k/v (B, T, Hk, D) -> (B, T, Hq, D)."""
     groups = q.shape[2] // k.shape[2]
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if groups > 1:
-        k_ = k_.repeat_interleave(groups, dim=1)
-        v_ = v_.repeat_interleave(groups, dim=1)
+    k_, v_ = _repeat_kv(k_, v_, groups, dim=1)
     if document_ids is None:
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
     else:
         mask = document_causal_mask(document_ids)
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=None, causal=True):
+    """flash_attn_varlen_func's contract in plain PyTorch: q (total, Hq, D), k/v (total, Hk, D)."""
+    if not causal or not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError("varlen_attention_torch supports causal self-attention only")
+    bounds = cu_seqlens_q.tolist()
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q_, k_, v_ = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, len, D)
+        k_, v_ = _repeat_kv(k_, v_, groups, dim=0)
+        out[s:e] = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True,
+                                                  scale=softmax_scale).transpose(0, 1)
+    return out
+
+
+def varlen_attention(q, k, v, document_ids, scale, varlen_fn: Callable):
+    """Packed documents through a flash-attn-style varlen kernel: (B, T, H, D) -> (B, T, Hq, D)."""
+    b, t = q.shape[:2]
+    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids)
+    q_, k_, v_ = (x.reshape(b * t, x.shape[2], x.shape[3]) for x in (q, k, v))  # (B*T, H, D)
+    out = varlen_fn(q_, k_, v_, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                    softmax_scale=scale, causal=True)
+    return out.view(b, t, q.shape[2], q.shape[3])
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    log.warning(msg)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def flash_attention(q, k, v, document_ids=None, scale=None):
+    """flash-attn 2 on CUDA fp16/bf16 tensors; other dtypes fall back to SDPA (logged once)."""
+    if q.dtype not in _HALF or not q.is_cuda:
+        _log_once(f"attention: flash-attn needs CUDA fp16/bf16 tensors, got {q.device.type} "
+                  f"{q.dtype}; using sdpa for these calls")
+        return sdpa_attention(q, k, v, document_ids, scale)
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if document_ids is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+    return varlen_attention(q, k, v, document_ids, scale, flash_attn_varlen_func)
+
+
+@functools.lru_cache(maxsize=32)
+def _te_attention_module(hq: int, hk: int, d: int, scale: float | None, qkv_format: str,
+                         mask_type: str):
+    import transformer_engine.pytorch as te
+
+    return te.DotProductAttention(hq, d, num_gqa_groups=hk, attention_dropout=0.0,
+                                  qkv_format=qkv_format, attn_mask_type=mask_type,
+                                  softmax_scale=scale)
+
+
+def te_attention(q, k, v, document_ids=None, scale=None):
+    """Transformer Engine DotProductAttention (picks cuDNN / flash / unfused internally)."""
+    if q.dtype not in _HALF or not q.is_cuda:
+        _log_once(f"attention: Transformer Engine needs CUDA fp16/bf16 tensors, got "
+                  f"{q.device.type} {q.dtype}; using sdpa for these calls")
+        return sdpa_attention(q, k, v, document_ids, scale)
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    if document_ids is None:
+        module = _te_attention_module(hq, hk, d, scale, "bshd", "causal")
+        return module(q, k, v).view(b, t, hq, d)
+    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids)
+    module = _te_attention_module(hq, hk, d, scale, "thd", "padding_causal")
+    q_, k_, v_ = (x.reshape(b * t, x.shape[2], d) for x in (q, k, v))  # (B*T, H, D)
+    out = module(q_, k_, v_, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    return out.view(b, t, hq, d)

@@ -149,9 +149,9 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
                          f"micro_batch_size ({t.micro_batch_size}) x dp ({rt.dp_size})")
 
     torch.manual_seed(t.seed)
-    ops = resolve_ops(cfg.kernels)
+    ops = resolve_ops(cfg.kernels, device=rt.device.type)
     model = build_model(cfg.model, ops, device=rt.device)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, impl=cfg.kernels.adam, device=rt.device.type)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters on %s; kernels: %s", cfg.model.name, n_params / 1e6,
              rt.device, ops.describe())

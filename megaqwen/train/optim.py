@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from megaqwen.kernels.registry import build_adamw
 from megaqwen.train.config import TrainConfig
 
 
@@ -19,9 +20,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, impl: str = "auto",
+                    device: str | None = None) -> torch.optim.Optimizer:
+    """AdamW over decay/no-decay groups; `impl` is `kernels.adam` (auto | apex | torch)."""
+    return build_adamw(param_groups(model, cfg.weight_decay), impl=impl, device=device, lr=cfg.lr,
+                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,141 @@
+"""Heuristic filters + MinHash dedup throughput: megaqwen's pipeline vs DataTrove, same data, same run.
+
+    python benchmarks/bench_data_pipeline.py [--size-mb 100] [--workers 2] [--files 4]
+
+The sample corpus is replicated to ~SIZE MB (each copy has one word changed per document, so the
+copies are near- but not exact duplicates and every document goes through MinHash), split into
+FILES jsonl files. Both frameworks run Gopher repetition + Gopher quality + C4 (no terminal-punct
+line rule, no curly-bracket rule) + FineWeb filters, then MinHash signatures (5-grams, 14 bands x
+8 rows) and clustering; DataTrove with its LocalPipelineExecutor (signature, buckets, cluster
+stages), megaqwen with its filter + dedup stages. Prints docs/s per core and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data_pipeline" / "samples" / "corpus.jsonl"
+FILTERS = [{"name": "normalize"}, {"name": "gopher_repetition"}, {"name": "gopher_quality"},
+           {"name": "c4", "filter_no_terminal_punct": False, "filter_curly_bracket": False}, {"name": "fineweb"}]
+
+
+def make_input(folder: Path, size_mb: float, files: int) -> tuple[int, int]:
+    lines = CORPUS.read_text(encoding="utf-8").splitlines()
+    good = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("text"), str):
+            good.append(r)
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    outs = [open(folder / f"part-{i:03d}.jsonl", "w", encoding="utf-8") for i in range(files)]
+    n = written = copy = 0
+    while written < size_mb * 1e6:
+        for r in good:
+            words = r["text"].split(" ")
+            words[rng.randrange(len(words))] = f"variant{copy}"
+            line = json.dumps({"id": f"{r['id']}-c{copy}", "text": " ".join(words)}) + "\n"
+            outs[n % files].write(line)
+            written += len(line.encode())
+            n += 1
+        copy += 1
+    for f in outs:
+        f.close()
+    return n, written
+
+
+def run_megaqwen(inp: Path, out: Path, workers: int) -> dict:
+    from megaqwen.data_pipeline.config import PipelineConfig
+    from megaqwen.data_pipeline.executor import load_markers
+    from megaqwen.data_pipeline.pipeline import run_stage
+
+    cfg = PipelineConfig()
+    cfg.input.paths = [str(inp / "*.jsonl")]
+    cfg.output_dir, cfg.workers, cfg.keep_removed, cfg.steps = str(out), workers, False, FILTERS
+    t0 = time.perf_counter()
+    run_stage(cfg, "filter", progress=False)
+    t1 = time.perf_counter()
+    run_stage(cfg, "dedup", progress=False)
+    t2 = time.perf_counter()
+    kept = sum(m["kept"] for m in load_markers(cfg.out, "filter"))
+    dd = load_markers(cfg.out, "dedup")[0]
+    return {"filter_s": t1 - t0, "dedup_s": t2 - t1, "seconds": t2 - t0, "after_filters": kept,
+            "after_dedup": kept - dd["removed"]}
+
+
+def run_datatrove(inp: Path, out: Path, workers: int, files: int) -> dict:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    mh = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+    t0 = time.perf_counter()
+    LocalPipelineExecutor(pipeline=[
+        JsonlReader(str(inp)), GopherRepetitionFilter(), GopherQualityFilter(),
+        C4QualityFilter(filter_no_terminal_punct=False, filter_curly_bracket=False), FineWebQualityFilter(),
+        JsonlWriter(str(out / "filtered")), MinhashDedupSignature(str(out / "sigs"), config=mh),
+    ], tasks=files, workers=workers, logging_dir=str(out / "logs1")).run()
+    t1 = time.perf_counter()
+    LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(str(out / "sigs"), str(out / "buckets"), config=mh)],
+                          tasks=mh.num_buckets, workers=workers, logging_dir=str(out / "logs2")).run()
+    LocalPipelineExecutor(pipeline=[MinhashDedupCluster(str(out / "buckets"), str(out / "remove"), config=mh)],
+                          tasks=1, workers=1, logging_dir=str(out / "logs3")).run()
+    t2 = time.perf_counter()
+    kept = sum(sum(1 for _ in open(p, "rb")) for p in (out / "filtered").glob("*.jsonl*")
+               if not str(p).endswith(".gz")) if False else None
+    stats = json.loads((out / "logs1" / "stats.json").read_text())
+    return {"filter_s": t1 - t0, "dedup_s": t2 - t1, "seconds": t2 - t0, "pipeline_stats": stats[-1] if stats else None,
+            "kept": kept}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mb", type=float, default=100)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--files", type=int, default=4)
+    p.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    root = Path(args.tmp or tempfile.mkdtemp(prefix="bench_dp_"))
+    try:
+        n, size = make_input(root / "input", args.size_mb, args.files)
+        print(f"input: {n} documents, {size / 1e6:.1f} MB in {args.files} files; {args.workers} workers")
+        ours = run_megaqwen(root / "input", root / "megaqwen", args.workers)
+        dt = run_datatrove(root / "input", root / "datatrove", args.workers, args.files)
+        res = {"documents": n, "mb": round(size / 1e6, 1), "workers": args.workers, "megaqwen": ours, "datatrove": dt}
+        for name, r in (("megaqwen", ours), ("datatrove", dt)):
+            r["docs_per_s_per_core"] = n / r["seconds"] / args.workers
+            print(f"{name:10s} filter {r['filter_s']:7.1f} s  dedup {r['dedup_s']:6.1f} s  total {r['seconds']:7.1f} s"
+                  f"  {r['docs_per_s_per_core']:8.0f} docs/s/core")
+        res["ratio_megaqwen_over_datatrove"] = ours["docs_per_s_per_core"] / dt["docs_per_s_per_core"]
+        print(f"megaqwen / datatrove throughput: {res['ratio_megaqwen_over_datatrove']:.2f}x; megaqwen kept "
+              f"{ours['after_filters']} after filters, {ours['after_dedup']} after dedup")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    finally:
+        if not args.tmp:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
