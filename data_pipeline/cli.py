@@ -12,7 +12,7 @@ import logging
 import sys
 
 # module (relative to megaqwen.data_pipeline) for each subcommand, in help order
-SUBCOMMANDS = ["tokenize"]
+SUBCOMMANDS = ["tokenize", "pipeline_cli", "tiny_judge"]
 
 
 def main(argv: list[str] | None = None) -> int:

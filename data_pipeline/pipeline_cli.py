@@ -1,0 +1,76 @@
+"""`megaqwen-data pipeline`: run the curation pipeline from a YAML config, locally or as a SLURM task.
+
+    megaqwen-data pipeline --config conf/data/pipeline_sample.yaml            # every stage, locally
+    megaqwen-data pipeline --config C --stage filter --rank 3 --world 16      # one SLURM array task
+    megaqwen-data pipeline --config C --stage filter --rank slurm             # rank/world from SLURM_ARRAY_*
+
+Reruns skip finished tasks (markers under OUTPUT_DIR/markers/). Stages: filter, dedup, judge,
+train_scorer, annotate, shards, recipes, report (judge and train_scorer only with a judge backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _rank_world(args) -> tuple[int, int]:
+    if args.rank == "slurm":
+        try:
+            rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        except KeyError as e:
+            raise ValueError(
+                f"--rank slurm needs {e.args[0]} in the environment (run inside an sbatch --array job)"
+            ) from e
+        return rank, world
+    return int(args.rank), args.world
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaqwen.data_pipeline.config import load_config
+    from megaqwen.data_pipeline.pipeline import enabled_stages, run_pipeline, run_stage
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.input:
+            cfg.input.paths = args.input
+        if args.stage:
+            rank, world = _rank_world(args)
+            ran = {
+                args.stage: run_stage(
+                    cfg, args.stage, rank, world, args.workers, progress=not args.no_progress
+                )
+            }
+        else:
+            if args.world != 1:
+                raise ValueError("--rank/--world need --stage (SLURM runs one stage per array job)")
+            if args.workers is not None:
+                cfg.workers = args.workers
+            ran = run_pipeline(cfg, enabled_stages(cfg), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"megaqwen-data pipeline: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output_dir": cfg.output_dir, "ran_tasks": ran}))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline",
+        help="filter, dedup, judge, classify and re-mix a corpus",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="pipeline YAML (conf/data/pipeline_*.yaml)")
+    p.add_argument("--stage", help="run only this stage (default: all enabled stages in order)")
+    p.add_argument("--rank", default="0", help="this task's rank among --world, or 'slurm'")
+    p.add_argument("--world", type=int, default=1, help="number of ranks sharing the stage's tasks")
+    p.add_argument("--workers", type=int, default=None, help="local processes (overrides the config)")
+    p.add_argument("--output-dir", help="overrides output_dir of the config")
+    p.add_argument("--input", nargs="+", help="overrides input.paths of the config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (batch logs)")
+    p.set_defaults(func=run)

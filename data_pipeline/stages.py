@@ -1,0 +1,322 @@
+"""The pipeline's stages as task functions: filter -> dedup -> judge -> train_scorer -> annotate.
+
+Layout under `output_dir`:
+    filtered/<task>.jsonl.zst      documents that passed the per-document steps
+    removed/<task>.jsonl.zst       removed documents with `metadata.removed_by` (keep_removed)
+    signatures/<task>.npz          exact keys + MinHash signatures of the filtered documents
+    dedup/duplicates.json          {task: [positions in filtered/<task>]} to drop, with what they duplicate
+    judge/<task>.jsonl             judge labels of a sample (text, per-dimension scores, domain probs)
+    scorer/                        distilled heads (quality.npz, domain.npz) and agreement metrics
+    annotated/<domain>/<task>.jsonl.zst   deduplicated, scored, domain-labelled documents
+    markers/<stage>/<task>.json    completion markers holding each task's stats
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from megaqwen.data_pipeline.config import PipelineConfig
+from megaqwen.data_pipeline.document import StepStats
+from megaqwen.data_pipeline.executor import load_markers, report_progress, require_complete
+from megaqwen.data_pipeline.io import Reader, expand_inputs, open_writer, read_documents, write_documents
+from megaqwen.data_pipeline.steps import build_steps
+from megaqwen.data_pipeline.steps.dedup import Signer, exact_key, find_duplicates
+
+log = logging.getLogger("megaqwen.data_pipeline")
+PROGRESS_EVERY = 200  # documents between progress reports
+
+
+def n_input_tasks(cfg: PipelineConfig) -> int:
+    return len(expand_inputs(cfg.input.paths, cfg.input.parts_per_file))
+
+
+def input_bytes(cfg: PipelineConfig) -> int:
+    return sum(
+        os.path.getsize(p.path) // p.parts
+        for p in expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
+        if os.path.isfile(p.path)
+    )
+
+
+def _atomic_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- filter (one task per input part)
+def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    part = expand_inputs(cfg.input.paths, cfg.input.parts_per_file)[task]
+    out = cfg.out
+    reader = Reader(cfg.input.text_key, cfg.input.id_key)
+    steps = build_steps(cfg.steps)
+    signer = Signer(cfg.dedup) if cfg.dedup.minhash else None
+    ids, exact, sigs = [], [], []
+    removed_path = out / "removed" / f"{task:05d}.jsonl.zst"
+    removed_f = open_writer(removed_path.with_name(removed_path.name + ".tmp")) if cfg.keep_removed else None
+    last_bytes = 0
+
+    def kept_docs():
+        nonlocal last_bytes
+        for n, doc in enumerate(reader.read(part), start=1):
+            for step in steps:
+                before = doc.text
+                if step(doc) is None:
+                    if removed_f is not None:
+                        doc.text = before
+                        doc.metadata["removed_by"] = step.last_reason
+                        removed_f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
+                    break
+            else:
+                ids.append(doc.id)
+                if cfg.dedup.exact or cfg.dedup.minhash:
+                    exact.append(exact_key(doc.text))
+                if signer is not None:
+                    sigs.append(signer.signature(doc.text))
+                yield doc
+            if n % PROGRESS_EVERY == 0:
+                report_progress(PROGRESS_EVERY, 0, reader.bytes_read - last_bytes)
+                last_bytes = reader.bytes_read
+
+    kept = write_documents(out / "filtered" / f"{task:05d}.jsonl.zst", kept_docs())
+    if removed_f is not None:
+        removed_f.close()
+        os.replace(removed_path.with_name(removed_path.name + ".tmp"), removed_path)
+    nperm = cfg.dedup.num_perm
+    _atomic_npz(
+        out / "signatures" / f"{task:05d}.npz",
+        exact=np.asarray(exact, np.uint64),
+        sig=np.asarray(sigs, np.uint64).reshape(len(sigs), nperm if sigs else 0),
+    )
+    report_progress(reader.stats.seen % PROGRESS_EVERY, 0, reader.bytes_read - last_bytes)
+    return {
+        "task": task,
+        "input": part.name,
+        "kept": kept,
+        "steps": [reader.stats.to_json()] + [s.stats.to_json() for s in steps],
+    }
+
+
+# ---------------------------------------------------------------- dedup (one task)
+def dedup_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    out = cfg.out
+    n = n_input_tasks(cfg)
+    require_complete(out, "filter", n)
+    exact_parts, sig_parts, owner = [], [], []
+    for t in range(n):
+        z = np.load(out / "signatures" / f"{t:05d}.npz")
+        exact_parts.append(z["exact"])
+        sig_parts.append(
+            z["sig"] if z["sig"].size else np.zeros((len(z["exact"]), cfg.dedup.num_perm), np.uint64)
+        )
+        owner += [(t, i) for i in range(len(z["exact"]))]
+    exact = np.concatenate(exact_parts) if exact_parts else np.zeros(0, np.uint64)
+    sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.dedup.num_perm), np.uint64)
+    removed, stats = find_duplicates(exact, sigs, cfg.dedup)
+    by_task: dict[str, list[list]] = {}
+    for i, (j, kind) in sorted(removed.items()):
+        t, pos = owner[i]
+        by_task.setdefault(str(t), []).append([pos, list(owner[j]), kind])
+    _atomic_json(out / "dedup" / "duplicates.json", by_task)
+    return {
+        "task": task,
+        "documents": len(exact),
+        "removed": len(removed),
+        "steps": [s.to_json() for s in stats],
+    }
+
+
+def _duplicates(cfg: PipelineConfig, task: int) -> set[int]:
+    p = cfg.out / "dedup" / "duplicates.json"
+    if not p.is_file():
+        raise RuntimeError(f"{p} is missing: run the dedup stage first")
+    return {pos for pos, _, _ in json.loads(p.read_text()).get(str(task), [])}
+
+
+def _deduped(cfg: PipelineConfig, task: int, stats: StepStats | None = None):
+    dups = _duplicates(cfg, task)
+    for pos, doc in enumerate(read_documents(cfg.out / "filtered" / f"{task:05d}.jsonl.zst")):
+        if stats is not None:
+            stats.seen += 1
+        if pos in dups:
+            if stats is not None:
+                stats.remove("dedup:duplicate")
+            continue
+        if stats is not None:
+            stats.kept += 1
+        yield doc
+
+
+# ---------------------------------------------------------------- judge (one task per input part)
+def _sample_key(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+
+
+def judge_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    from megaqwen.data_pipeline.judge.judge import Judge, build_backend
+
+    n = n_input_tasks(cfg)
+    per_task = -(-cfg.judge.sample_size // n)
+    docs = sorted(_deduped(cfg, task), key=lambda d: _sample_key(d.id))[:per_task]
+    judge = Judge(build_backend(cfg.judge), cfg.judge.dimensions, cfg.judge.max_doc_chars)
+    want_domains = cfg.domains.backend in ("judge", "distilled")
+    path = cfg.out / "judge" / f"{task:05d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    bs = cfg.judge.batch_size
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(0, len(docs), bs):
+            batch = docs[i : i + bs]
+            texts = [d.text for d in batch]
+            judged = judge.score(texts)
+            doms = judge.domains(texts, cfg.domains.taxonomy) if want_domains else [None] * len(batch)
+            for d, j, dom in zip(batch, judged, doms):
+                rec = {"id": d.id, "text": d.text, "scores": j.scores, "mass": j.mass}
+                if dom is not None:
+                    rec["domain_probs"] = dom
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            report_progress(len(batch), 0, 0)
+    os.replace(tmp, path)
+    return {"task": task, "judged": len(docs)}
+
+
+def read_judge_labels(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    n = n_input_tasks(cfg)
+    require_complete(cfg.out, "judge", n)
+    recs = []
+    for t in range(n):
+        with open(cfg.out / "judge" / f"{t:05d}.jsonl", encoding="utf-8") as f:
+            recs += [json.loads(line) for line in f if line.strip()]
+    return recs
+
+
+# ---------------------------------------------------------------- train_scorer (one task)
+def train_scorer_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    from megaqwen.data_pipeline.embed import get_encoder
+    from megaqwen.data_pipeline.scorer import RidgeScorer, SoftmaxClassifier, agreement, split_indices
+
+    recs = [
+        r for r in read_judge_labels(cfg) if all(np.isfinite(r["scores"][d]) for d in cfg.judge.dimensions)
+    ]
+    if len(recs) < 4:
+        raise ValueError(
+            f"only {len(recs)} usable judge labels in {cfg.out / 'judge'}; need at least 4 "
+            f"(raise judge.sample_size)"
+        )
+    enc = get_encoder(cfg.scorer.encoder, cfg.scorer.max_length, cfg.scorer.batch_size)
+    x_ND = enc.encode([r["text"] for r in recs])
+    dims = list(cfg.judge.dimensions) + ["overall"]
+    y_NK = np.array([[r["scores"][d] for d in dims] for r in recs])
+    tr, ho = split_indices(len(recs), cfg.scorer.heldout_fraction, cfg.scorer.seed)
+    held = RidgeScorer.fit(x_ND[tr], y_NK[tr], dims, cfg.scorer.ridge_alpha)
+    metrics: dict[str, Any] = {
+        "train": len(tr),
+        "heldout": len(ho),
+        "quality": agreement(held.predict(x_ND[ho]), y_NK[ho], dims),
+    }
+    out = cfg.out / "scorer"
+    out.mkdir(parents=True, exist_ok=True)
+    # the shipped head is refit on all labels once agreement has been measured on the held-out split
+    RidgeScorer.fit(x_ND, y_NK, dims, cfg.scorer.ridge_alpha).save(out / "quality.npz")
+    if cfg.domains.backend == "distilled":
+        names = list(cfg.domains.taxonomy)
+        y = np.array([int(np.argmax([r["domain_probs"][n] for n in names])) for r in recs])
+        clf = SoftmaxClassifier.fit(x_ND[tr], y[tr], names)
+        metrics["domain_accuracy_vs_judge"] = float(np.mean(clf.predict_proba(x_ND[ho]).argmax(1) == y[ho]))
+        SoftmaxClassifier.fit(x_ND, y, names).save(out / "domain.npz")
+    _atomic_json(out / "metrics.json", metrics)
+    return {"task": task, **metrics}
+
+
+# ---------------------------------------------------------------- annotate (one task per input part)
+def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    from megaqwen.data_pipeline.domains import ZeroShotDomains
+    from megaqwen.data_pipeline.embed import get_encoder
+    from megaqwen.data_pipeline.scorer import RidgeScorer, SoftmaxClassifier
+
+    from megaqwen.tokenizer import load_tokenizer
+
+    dedup_stats, quality_stats = StepStats("dedup"), StepStats("quality")
+    docs = list(_deduped(cfg, task, dedup_stats))
+    enc = get_encoder(cfg.scorer.encoder, cfg.scorer.max_length, cfg.scorer.batch_size)
+    scorer = RidgeScorer.load(cfg.out / "scorer" / "quality.npz") if cfg.judge.backend != "none" else None
+    names = list(cfg.domains.taxonomy)
+    if cfg.domains.backend == "embedding":
+        zero_shot = ZeroShotDomains(enc, cfg.domains.taxonomy, cfg.domains.min_similarity)
+    elif cfg.domains.backend == "distilled":
+        clf = SoftmaxClassifier.load(cfg.out / "scorer" / "domain.npz")
+    else:
+        from megaqwen.data_pipeline.judge.judge import Judge, build_backend
+
+        judge = Judge(build_backend(cfg.judge), cfg.judge.dimensions, cfg.judge.max_doc_chars)
+    tok = load_tokenizer(cfg.remix.tokenizer).backend_tokenizer
+    writers: dict[str, Any] = {}
+    domain_tokens: Counter = Counter()
+    bs = max(cfg.scorer.batch_size, 1)
+    for i in range(0, len(docs), bs):
+        batch = docs[i : i + bs]
+        texts = [d.text for d in batch]
+        x_ND = enc.encode(texts)
+        if cfg.domains.backend == "embedding":
+            doms = zero_shot.classify(x_ND)
+        elif cfg.domains.backend == "distilled":
+            p = clf.predict_proba(x_ND)
+            doms = [(names[j], round(float(p[k, j]), 4)) for k, j in enumerate(p.argmax(1))]
+        else:
+            probs = judge.domains(texts, cfg.domains.taxonomy)
+            doms = [(max(pr, key=pr.get), round(max(pr.values()), 4)) for pr in probs]
+        scores = scorer.predict(x_ND) if scorer is not None else None
+        ntok = [len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        for k, d in enumerate(batch):
+            quality_stats.seen += 1
+            d.metadata["domain"], d.metadata["domain_score"] = doms[k]
+            d.metadata["tokens"] = ntok[k]
+            if scores is not None:
+                d.metadata["quality"] = {n: round(float(v), 4) for n, v in zip(scorer.dims, scores[k])}
+                q = d.metadata["quality"].get(cfg.quality.dimension)
+                if q is None:
+                    raise ValueError(
+                        f"quality.dimension {cfg.quality.dimension!r} is not one of {scorer.dims}"
+                    )
+                if cfg.quality.min_score is not None and q < cfg.quality.min_score:
+                    quality_stats.remove(f"quality:below_{cfg.quality.min_score}")
+                    continue
+            quality_stats.kept += 1
+            dom = d.metadata["domain"]
+            if dom not in writers:
+                p = cfg.out / "annotated" / dom / f"{task:05d}.jsonl.zst"
+                writers[dom] = (p, open_writer(p.with_name(p.name + ".tmp")))
+            writers[dom][1].write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
+            domain_tokens[dom] += ntok[k]
+        report_progress(len(batch), sum(ntok), 0)
+    for p, f in writers.values():
+        f.close()
+        os.replace(p.with_name(p.name + ".tmp"), p)
+    return {
+        "task": task,
+        "steps": [dedup_stats.to_json(), quality_stats.to_json()],
+        "domain_tokens": dict(domain_tokens),
+        "domain_docs": dict(Counter(d.metadata.get("domain") for d in docs if "domain" in d.metadata)),
+    }
+
+
+def annotated_domain_tokens(cfg: PipelineConfig) -> dict[str, int]:
+    total: Counter = Counter()
+    for m in load_markers(cfg.out, "annotate"):
+        total.update(m["domain_tokens"])
+    return dict(total)
