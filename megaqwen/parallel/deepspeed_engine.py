@@ -124,5 +124,6 @@ def full_grad_deepspeed(param: nn.Parameter, engine) -> torch.Tensor:
 
     g = safe_get_full_grad(param)
     if g is None:
-        raise RuntimeError("DeepSpeed holds no gradient for this parameter (call after backward, before step)")
+        raise RuntimeError("DeepSpeed holds no gradient for this parameter "
+                           "(call after backward, before step)")
     return g

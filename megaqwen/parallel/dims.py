@@ -154,20 +154,22 @@ class ParallelMesh:
     def tp_mesh(self) -> DeviceMesh:
         return self.mesh["tp"]
 
-    def tp_subgroup(self, size: int) -> dist.ProcessGroup | None:
-        """Group of the `size` consecutive TP ranks that include this rank (e.g. KV-head replicas).
+    def tp_subgroup(self, size: int, strided: bool = False) -> dist.ProcessGroup | None:
+        """This rank's group among its TP ranks cut into blocks of `size` consecutive ranks (KV-head
+        replicas), or with `strided`, the ranks at the same position in every block.
 
         Collective: every rank creates every such group in the same order, as `new_group` requires.
         """
-        key = ("tp", size)
+        key = ("tp_strided" if strided else "tp", size)
         if key not in self._subgroups:
             tp = self.dims.tp
             if tp % size:
                 raise ValueError(f"TP subgroup size {size} does not divide tp={tp}")
             mine = None
             for tp_ranks in self.mesh.mesh.reshape(-1, tp).tolist():  # tp is the innermost mesh dim
-                for start in range(0, tp, size):
-                    ranks = tp_ranks[start:start + size]
+                blocks = ([tp_ranks[j::size] for j in range(size)] if strided
+                          else [tp_ranks[i:i + size] for i in range(0, tp, size)])
+                for ranks in blocks:
                     g = dist.new_group(ranks)
                     if dist.get_rank() in ranks:
                         mine = g

@@ -231,7 +231,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh, sequence_paralle
         _tag(model.lm_head.weight, 0, 1)
 
     old_ops = model.ops
-    ops = dataclasses.replace(old_ops, linear_cross_entropy=_with_tp_group(old_ops.linear_cross_entropy, group))
+    ce = _with_tp_group(old_ops.linear_cross_entropy, group)
+    ops = dataclasses.replace(old_ops, linear_cross_entropy=ce)
     _set_ops(model, old_ops, ops)
     model.ops = ops
     for p in model.parameters():

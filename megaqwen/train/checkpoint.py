@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+import torch.distributed.checkpoint as dcp  # noqa: F401  (the writer behind parallel_ckpt; tests patch it)
+
+from megaqwen.parallel import checkpoint as parallel_ckpt
+from megaqwen.parallel.dims import ParallelMesh
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, mesh: ParallelMesh | None = None) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     ckpt_root = Path(ckpt_root)
     final = step_dir(ckpt_root, step)
@@ -89,8 +91,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
         if partial.exists():
             shutil.rmtree(partial)
     _barrier()
-    state = _state(model, optimizer)
-    dcp.save(state, checkpoint_id=str(partial))
+    parallel_ckpt.save(str(partial), model, optimizer, mesh)  # TP shards / ZeRO-1 / DeepSpeed aware
     _barrier()
     if _rank() == 0:
         meta = {"format": FORMAT, "step": step, **meta}
@@ -108,26 +109,13 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    mesh: ParallelMesh | None = None) -> dict[str, Any]:
     """Load model (and optimizer) state in place; returns meta.json's contents."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    if optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+    parallel_ckpt.load(str(path), model, optimizer, mesh)
     return meta
-
-
-def _state(model, optimizer) -> dict[str, Any]:
-    if optimizer is None:
-        model_sd, _ = get_state_dict(model, [])
-        return {"model": model_sd}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:

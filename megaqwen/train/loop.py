@@ -19,10 +19,13 @@ import torch
 
 from megaqwen.kernels.registry import resolve_ops
 from megaqwen.models.qwen2 import build_model
+from megaqwen.parallel import setup as par
+from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.grad_norm import clip_grad_norm_
 from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger, peak_memory_gib
-from megaqwen.train.optim import build_optimizer, lr_at, set_lr
+from megaqwen.train.optim import build_optimizer, lr_at, param_groups, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class Runtime:
     world_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    mesh: ParallelMesh | None = None
+    """Named device mesh and groups (megaqwen.parallel); None in a single process."""
+    engine: str = "native"
+    """native | deepspeed (then `model` is the DeepSpeed engine)."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -109,19 +116,25 @@ def train_step(model, optimizer, batches, cfg: Config, rt: Runtime, step: int,
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
     loss_sum = torch.zeros((), device=rt.device)
-    for _ in range(accum_steps):
+    for i in range(accum_steps):
         batch = next(batches)
         with autocast_ctx(cfg.train.dtype, rt.device):
             loss = forward_loss(model, batch, cfg, rt.device)
-        (loss / accum_steps).backward()
+        if rt.engine == "deepspeed":  # it divides by accumulation and steps at the boundary itself
+            model.backward(loss)
+            model.step()
+        else:
+            with par.grad_sync(model, sync=i == accum_steps - 1):
+                (loss / accum_steps).backward()
         loss_sum += loss.detach().float()
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_sum / accum_steps
-    if rt.dp_size > 1:
-        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+    if rt.engine == "deepspeed":
+        grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
+    else:
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm, rt.mesh)  # TP/FSDP-aware global norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss = par.dp_mean(loss_sum / accum_steps, rt.mesh)
     return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
 
@@ -141,7 +154,13 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
     """Run (or resume) training to cfg.train.steps; returns a summary of the run."""
     cfg.validate()
     t = cfg.train
-    rt = rt or Runtime(device=pick_device(t.device))
+    if rt is None:
+        env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
+        rt = Runtime(device=env.device, rank=env.rank, world_size=env.world_size, dp_rank=env.dp_rank,
+                     dp_size=env.dp_size, mesh=env.mesh, engine=t.engine)
+        par.check_layout(cfg.parallel, env, cfg.model, t.seq_len)  # before any model is built
+    else:
+        env = None
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * rt.dp_size)
     if rem or accum_steps == 0:
@@ -151,25 +170,35 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     ops = resolve_ops(cfg.kernels, device=rt.device.type)
     model = build_model(cfg.model, ops, device=rt.device)
-    optimizer = build_optimizer(model, t, impl=cfg.kernels.adam, device=rt.device.type)
+    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
+    if latest is None and t.init_from:
+        init_weights_from(model, t.init_from, cfg)  # full weights, before the plans shard them
+    if env is not None:  # TP/SP plan, then DDP / ZeRO-1 / FSDP2 or the DeepSpeed engine
+        model = par.parallelize(model, cfg.parallel, env, wrap_dp=t.engine == "native")
+        model, optimizer = par.build_optimizer_or_engine(
+            model, cfg.parallel, env, t.engine,
+            native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=rt.device.type),
+            param_groups=lambda m: param_groups(m, t.weight_decay),
+            adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
+            micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip)
+    else:
+        optimizer = build_optimizer(model, t, impl=cfg.kernels.adam, device=rt.device.type)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters on %s; kernels: %s", cfg.model.name, n_params / 1e6,
-             rt.device, ops.describe())
+    log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
+             n_params / 1e6, rt.device, ops.describe())
 
     start_step, consumed = 0, 0
-    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
     if latest is not None:
-        meta = ckpt.load_checkpoint(latest, model, optimizer)
+        meta = ckpt.load_checkpoint(latest, model, optimizer, mesh=rt.mesh)
         start_step, consumed = meta["step"], meta["consumed_samples"]
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
-    elif t.init_from:
-        init_weights_from(model, t.init_from, cfg)
     batches = build_batches(cfg, rt, consumed)
 
     config_dict = asdict(cfg)
     logger = MetricsLogger(out_dir, config_dict, cfg.logger.wandb, total_steps=t.steps,
                            enabled=rt.is_logging_rank, log_every=t.log_every)
     tokens_per_step = t.global_batch_size * t.seq_len
+    flops_per_token = cfg.model.flops_per_token(t.seq_len)
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step, t.steps):
@@ -179,6 +208,8 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=peak_memory_gib(rt.device),
                            consumed_samples=batches.consumed_samples)
+            metrics.update(par.throughput_metrics(rt.device, rt.world_size, metrics["tokens_per_s"],
+                                                  flops_per_token, t.peak_flops))
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
             logger.log(step + 1, metrics)
@@ -188,7 +219,7 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict}, keep_last=t.keep_last)
+                     "config": config_dict}, keep_last=t.keep_last, mesh=rt.mesh)
             if exiting:
                 log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
                 break

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,14 +22,21 @@ register_configs()
 
 @hydra.main(config_path="pkg://megaqwen.conf", config_name="config", version_base="1.3")
 def _app(dcfg: DictConfig) -> None:
+    from megaqwen.parallel.setup import destroy
     from megaqwen.train.loop import train
 
     cfg: Config = OmegaConf.to_object(dcfg)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    finally:
+        destroy()  # leave the torchrun job cleanly (no-op in a single process)
     log.info("done: %s", summary["final"])
 
 
 def main() -> None:
+    if os.environ.get("RANK", "0") != "0":
+        # under torchrun only rank 0 writes Hydra's config copy and log file into the run folder
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     _app()
 
 

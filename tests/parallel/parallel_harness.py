@@ -1,0 +1,175 @@
+"""Multi-process CPU (gloo) harness: run layouts of the debug model and compare with one process.
+
+Every rank first trains the unsharded model on the whole global batch (the single-process
+reference, same seed), then the same steps under each layout, and reports on rank 0 the relative
+loss differences and the worst gradient error after the first backward (shards gathered back to
+full tensors). Several layouts share one spawn to pay process start-up once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from megaqwen.models.config import get_config
+from megaqwen.models.qwen2 import build_model
+from megaqwen.parallel.collectives import _all_gather
+from megaqwen.parallel.data_parallel import apply_data_parallel, build_optimizer, unwrap
+from megaqwen.parallel.dims import ParallelDims, ParallelMesh
+from megaqwen.parallel.grad_norm import grad_norm
+from megaqwen.parallel.tensor_parallel import apply_tensor_parallel
+
+# debug model with a smaller vocabulary (divisible by 4) so 4 oversubscribed ranks stay ~1 s/layout
+CFG = dict(vocab_size=1024)
+STEPS, GLOBAL_B, T, LR = 3, 4, 16, 3e-3
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    dp: int = 1
+    sp: bool = False
+    mode: str = "ddp"
+    """ddp | zero1 | fsdp | ds1 | ds2 | ds3 (DeepSpeed ZeRO stage)."""
+
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}-dp{self.dp}-{self.mode}" + ("-sp" if self.sp else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            torch.save(result, out)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args: Any) -> Any:
+    """Run fn(rank, world, *args) on `world` gloo ranks; returns rank 0's result."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.pt")
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world,
+                           start_method="fork")
+        return torch.load(out, weights_only=False)
+
+
+def batches(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(STEPS, GLOBAL_B, T) inputs and shifted labels, fixed by seed."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, cfg.vocab_size, (STEPS, GLOBAL_B, T + 1), generator=g)
+    return ids[..., :-1], ids[..., 1:]
+
+
+def reference(cfg) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    tokens, labels = batches(cfg)
+    losses, grads = [], {}
+    for s in range(STEPS):
+        loss = model(tokens[s], labels[s])
+        loss.backward()
+        if s == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            norm = grad_norm(model.parameters(), None).item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "grads": grads, "grad_norm": norm}
+
+
+def full_grad(p: torch.nn.Parameter, mesh: ParallelMesh, g: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather this parameter's gradient (default p.grad) from its dp (FSDP) and tp shards."""
+    g = p.grad if g is None else g
+    if isinstance(g, DTensor):
+        g = g.full_tensor()
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is None or mesh.dims.tp == 1:
+        return g
+    full = _all_gather(g, mesh.tp_group, dim)
+    reps = getattr(p, "tp_replicas", 1)
+    if reps > 1:  # replicated KV heads: keep one copy of each
+        full = torch.cat(full.chunk(mesh.dims.tp, dim=dim)[::reps], dim=dim)
+    return full
+
+
+def build_parallel(cfg, layout: Layout, world: int):
+    dims = ParallelDims(world_size=world, tp=layout.tp, dp=layout.dp)
+    mesh = dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    apply_tensor_parallel(model, mesh, sequence_parallel=layout.sp)
+    if layout.mode.startswith("ds"):
+        from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig, build_deepspeed_engine
+
+        ds_cfg = DeepSpeedConfig(stage=int(layout.mode[2:]))
+        engine = build_deepspeed_engine(model, mesh, ds_cfg, micro_batch_size=GLOBAL_B // layout.dp,
+                                        lr=LR, weight_decay=0.1)
+        return mesh, engine, engine, engine.module
+    wrapped = apply_data_parallel(model, mesh, layout.mode)
+    opt = build_optimizer(wrapped.parameters(), mesh, layout.mode, lr=LR, weight_decay=0.1)
+    return mesh, wrapped, opt, unwrap(wrapped)
+
+
+def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str, Any]:
+    mesh, model, opt, plain = build_parallel(cfg, layout, world)
+    tokens, labels = batches(cfg)
+    b = GLOBAL_B // layout.dp
+    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
+    losses, grad_err, norm_rel = [], {}, 0.0
+    ds = layout.mode.startswith("ds")
+    for s in range(STEPS):
+        loss = model(tokens[s, sl], labels[s, sl])
+        model.backward(loss) if ds else loss.backward()
+        if s == 0:
+            for n, p in plain.named_parameters():
+                if ds:
+                    from megaqwen.parallel.deepspeed_engine import full_grad_deepspeed
+
+                    g = full_grad(p, mesh, full_grad_deepspeed(p, model))
+                else:
+                    g = full_grad(p, mesh)
+                r = ref["grads"][n]
+                grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
+            if not ds:
+                norm_rel = abs(grad_norm(plain.parameters(), mesh).item() / ref["grad_norm"] - 1)
+        model.step() if ds else (opt.step(), opt.zero_grad())
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=mesh.dp_group)
+        losses.append(loss.item() / layout.dp)
+    rel = [abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])]
+    return {"losses": losses, "loss_rel": max(rel), "grad_err": max(grad_err.values()),
+            "worst_grad": max(grad_err, key=grad_err.get), "grad_norm_rel": norm_rel}
+
+
+def parity_worker(rank: int, world: int, layouts: list[Layout], cfg_overrides: dict) -> dict:
+    cfg = get_config("debug", **cfg_overrides)
+    ref = reference(cfg)
+    out = {"ref_losses": ref["losses"]}
+    for layout in layouts:
+        out[layout.name] = run_layout(cfg, layout, world, ref)
+    return out

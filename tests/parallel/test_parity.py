@@ -1,0 +1,52 @@
+"""Every layout of the debug model == one process, same seed and global batch (fp32, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from parallel_harness import Layout, parity_worker, spawn
+
+LOSS_RTOL = 1e-5  # the issue's bar for fp32 losses over the first steps
+GRAD_RTOL = 1e-5  # max |g - g_ref| / max |g_ref| per parameter after the first backward
+
+pytestmark = pytest.mark.distributed
+
+
+def _check(results: dict, layouts: list[Layout]) -> None:
+    for layout in layouts:
+        r = results[layout.name]
+        assert r["loss_rel"] <= LOSS_RTOL, (layout.name, r["losses"], results["ref_losses"])
+        assert r["grad_err"] <= GRAD_RTOL, (layout.name, r["worst_grad"], r["grad_err"])
+        assert r["grad_norm_rel"] <= GRAD_RTOL, (layout.name, "global grad norm", r["grad_norm_rel"])
+
+
+def test_two_ranks_tp_sp_ddp_zero1_fsdp():
+    layouts = [Layout(tp=2), Layout(tp=2, sp=True), Layout(dp=2), Layout(dp=2, mode="zero1"),
+               Layout(dp=2, mode="fsdp")]
+    _check(spawn(parity_worker, 2, layouts, {}), layouts)  # the debug model as shipped
+
+
+def test_four_ranks_tp4_kv_replicated_and_tp2_dp2():
+    # debug has 2 KV heads: tp=4 replicates each on 2 ranks
+    layouts = [Layout(tp=4), Layout(tp=4, sp=True), Layout(tp=2, dp=2), Layout(tp=2, dp=2, sp=True),
+               Layout(tp=2, dp=2, mode="zero1"), Layout(tp=2, dp=2, mode="fsdp"),
+               Layout(tp=2, dp=2, mode="fsdp", sp=True)]
+    _check(spawn(parity_worker, 4, layouts, {"vocab_size": 1024}), layouts)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_1_2_3():
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'megaqwen[deepspeed]')")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    layouts = [Layout(dp=2, mode="ds1"), Layout(dp=2, mode="ds2"), Layout(dp=2, mode="ds3")]
+    _check(spawn(parity_worker, 2, layouts, {"vocab_size": 1024}), layouts)
+
+
+@pytest.mark.slow
+def test_deepspeed_with_tensor_parallel():
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'megaqwen[deepspeed]')")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    layouts = [Layout(tp=2, dp=2, mode="ds1"), Layout(tp=2, dp=2, mode="ds2", sp=True),
+               Layout(tp=2, dp=2, mode="ds3", sp=True)]
+    _check(spawn(parity_worker, 4, layouts, {"vocab_size": 1024}), layouts)
