@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from megaqwen.kernels.registry import KernelConfig, resolve_ops
 from megaqwen.models import build_model, get_config
 from megaqwen.train.config import TrainConfig
 from megaqwen.train.optim import build_optimizer
@@ -38,10 +39,11 @@ def timed(fn, device, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, mode: str, batch: int, seq: int, device, dtype, warmup, repeat) -> dict:
+def bench(name: str, mode: str, batch: int, seq: int, device, dtype, warmup, repeat, ce: str) -> dict:
     cfg = get_config(name)
     torch.manual_seed(0)
-    model = build_model(cfg, device=device)
+    ops = resolve_ops(KernelConfig(cross_entropy=ce), device=device.type)  # as the trainer does
+    model = build_model(cfg, ops, device=device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
@@ -54,7 +56,7 @@ def bench(name: str, mode: str, batch: int, seq: int, device, dtype, warmup, rep
             with ctx:
                 model(x, labels=y)
     else:
-        opt = build_optimizer(model, TrainConfig())
+        opt = build_optimizer(model, TrainConfig(), device=device.type)
 
         def fn():
             with ctx:
@@ -64,7 +66,8 @@ def bench(name: str, mode: str, batch: int, seq: int, device, dtype, warmup, rep
             opt.zero_grad(set_to_none=True)
 
     sec = timed(fn, device, warmup, repeat)
-    return {"model": name, "mode": mode, "batch x seq": f"{batch}x{seq}", "dtype": dtype,
+    return {"model": name, "mode": mode, "loss kernel": ops.choices["cross_entropy"],
+            "batch x seq": f"{batch}x{seq}", "dtype": dtype,
             "params (M)": f"{cfg.num_params() / 1e6:.1f}", "time (ms)": f"{sec * 1e3:.1f}",
             "tokens/s": f"{batch * seq / sec:,.0f}"}
 
@@ -78,6 +81,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--ce", nargs="+", default=["auto", "torch"],
+                   help="kernels.cross_entropy settings to compare (auto: chunked on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     args = p.parse_args()
     if args.threads:
@@ -86,8 +91,9 @@ def main() -> None:
     rows = []
     for name in args.models:
         for mode in (("train_step", "forward") if name == "debug" else ("forward",)):
-            rows.append(bench(name, mode, args.batch, args.seq, device, args.dtype, args.warmup,
-                              args.repeat))
+            for ce in args.ce:
+                rows.append(bench(name, mode, args.batch, args.seq, device, args.dtype, args.warmup,
+                                  args.repeat, ce))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {where}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     cols = list(rows[0])

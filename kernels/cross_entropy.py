@@ -22,8 +22,6 @@ PyTorch (`backend="torch"`); the matmuls are always cuBLAS/ATen.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -298,10 +296,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None
 
 
+# fp32 logits held per chunk. Liger's "about ceil(V/H) chunks" gives 1-2 rows per chunk at
+# V = 151,936 and H = 64..896, and every chunk re-reads the (V, H) weight and its fp32 gradient:
+# 6-7x slower than full logits on CPU at 256 tokens (benchmarks/RESULTS.md). A byte budget keeps
+# chunks a few hundred rows long (220 rows at V = 151,936) while still never allocating more than
+# this per chunk.
+CHUNK_LOGITS_BYTES = 128 * 2**20
+
+
 def default_chunk_rows(n: int, hidden: int, vocab_local: int) -> int:
-    """Liger's heuristic: about ceil(V/H) chunks, so one chunk of logits is ~ the size of hidden."""
-    chunks = max(1, math.ceil(vocab_local / hidden))
-    return max(1, min(n, next_pow2(math.ceil(n / chunks))))
+    """Rows per chunk so that one chunk of fp32 logits stays within CHUNK_LOGITS_BYTES."""
+    del hidden  # the budget is on the vocabulary-sized buffer alone
+    return max(1, min(n, CHUNK_LOGITS_BYTES // (4 * vocab_local)))
 
 
 def linear_cross_entropy_chunked(
@@ -321,6 +327,14 @@ def linear_cross_entropy_chunked(
         raise ValueError(f"linear_cross_entropy_chunked: backend must be one of {list(_BACKENDS)}, "
                          f"got {backend!r}")
     rows = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        # evaluation: the loss alone (the autograd path computes gradients during its forward)
+        loss, _, _ = _chunked_pass(hidden, weight, labels, ignore_index, tp_group, float(z_loss), rows,
+                                   backend, None, False, False)
+        valid = labels != ignore_index
+        if reduction == "none":
+            return loss
+        return loss.sum() / valid.sum().clamp(min=1) if reduction == "mean" else loss.sum()
     return _ChunkedLinearCE.apply(hidden.contiguous(), weight, labels.contiguous(), ignore_index,
                                   reduction, tp_group, float(z_loss), rows, backend)
 

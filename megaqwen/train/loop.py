@@ -1,7 +1,8 @@
 """The training loop: build model, optimizer and data; resume; step; log; checkpoint.
 
-Single-process here; `megaqwen.parallel` plugs the process mesh, model sharding and data-parallel
-wrappers in through `Runtime` (rank, dp coordinates, device) without changing the step logic.
+One code path for one process and for torchrun: `megaqwen.parallel` plugs the process mesh, model
+sharding and data-parallel wrappers (or the DeepSpeed engine) in through `Runtime` (rank, dp
+coordinates, device, mesh) without changing the step logic.
 """
 
 from __future__ import annotations

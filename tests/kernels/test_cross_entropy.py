@@ -95,3 +95,27 @@ def test_bad_inputs_raise():
         linear_cross_entropy_chunked(hidden, weight, labels, reduction="avg")
     with pytest.raises(ValueError, match="backend"):
         linear_cross_entropy_chunked(hidden, weight, labels, backend="cuda")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_under_no_grad_matches_reference(reduction):
+    """Evaluation path (no autograd): the loss alone, equal to the reference."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 24, generator=g, requires_grad=True)
+    weight = torch.randn(301, 24, generator=g, requires_grad=True)
+    labels = torch.randint(0, 301, (37,), generator=g)
+    labels[::5] = -100
+    with torch.no_grad():
+        got = linear_cross_entropy_chunked(hidden, weight, labels, reduction=reduction, chunk_rows=8)
+        ref = linear_cross_entropy_ref(hidden, weight, labels, reduction=reduction)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_chunk_rows_bounds_the_logits_buffer():
+    from megaqwen.kernels.cross_entropy import CHUNK_LOGITS_BYTES, default_chunk_rows
+
+    rows = default_chunk_rows(8192, 896, 151_936)
+    assert rows * 151_936 * 4 <= CHUNK_LOGITS_BYTES < (rows + 1) * 151_936 * 4
+    assert default_chunk_rows(5, 896, 151_936) == 5  # never more rows than tokens
+    assert default_chunk_rows(100, 8, 10**9) == 1
