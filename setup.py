@@ -28,7 +28,7 @@ for src, dst in (("kernels", "megaqwen.kernels"), ("data_pipeline", "megaqwen.da
 
 EXTRAS = {
     # Test and lint tooling; triton runs the kernels on CPU under TRITON_INTERPRET=1.
-    "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton>=3.2", "matplotlib>=3.8"],
+    "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton>=3.2", "datasets>=3.0"],
     # GPU-only, built against CUDA: never installed on CPU machines, imported lazily.
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=1.11"],
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).

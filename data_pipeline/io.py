@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,7 @@ class Reader:
                     f.readline()  # finish the line that started before `start`
             pos = f.tell()
             lineno = 0  # within the part (global line numbers would need a scan of earlier parts)
-            for line in f:
+            for line in self._lines(f, part.name):
                 if end is not None and pos >= end:
                     break
                 pos += len(line)
@@ -141,6 +142,20 @@ class Reader:
                 doc = self._record(rec, where, f"{Path(part.path).name}/{part.part}/{lineno}")
                 if doc is not None:
                     yield doc
+
+    def _lines(self, f: io.BufferedIOBase, name: str) -> Iterator[bytes]:
+        """Lines of `f`; a compressed file cut short (an interrupted copy) ends the part, counted once
+        as `malformed:truncated_file`, instead of failing the task: the lines before the cut are kept."""
+        try:
+            yield from f
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            # (zstandard's stream reader just stops at a cut; a partial last line is then invalid JSON)
+            self._truncated(name, e)
+
+    def _truncated(self, name: str, err: Exception) -> None:
+        self.stats.seen += 1
+        self.stats.remove("malformed:truncated_file")
+        log.warning("%s: compressed stream is damaged or cut short (%s); kept the lines before it", name, err)
 
     def _read_parquet(self, path: str) -> Iterator[Document]:
         import pyarrow.parquet as pq

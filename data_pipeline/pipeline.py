@@ -12,10 +12,13 @@ from typing import Any
 
 from megaqwen.data_pipeline import stages as st
 from megaqwen.data_pipeline.config import PipelineConfig
+from megaqwen.data_pipeline.document import StepStats
 from megaqwen.data_pipeline.executor import load_markers, require_complete, run_tasks
 
 log = logging.getLogger("megaqwen.data_pipeline")
 
+# stages whose markers hold per-step kept/removed stats, summed into stats.json["steps"]
+SUMMARY_STAGES = ("filter", "dedup", "annotate", "shards")
 STAGES = ["filter", "dedup", "judge", "train_scorer", "annotate", "shards", "recipes", "report"]
 
 
@@ -31,7 +34,18 @@ def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     domain = _domains_with_data(cfg)[task]
     files = sorted((cfg.out / "annotated" / domain).glob("*.jsonl.zst"))
     stats = tokenize_files(files, str(cfg.out / "shards" / domain), log_every_s=60.0)
-    return {"task": task, "domain": domain, "documents": stats.documents, "tokens": stats.tokens}
+    # as a step: documents in, documents written to the shard, and why any were not
+    step = StepStats("shards", seen=stats.documents + stats.empty + stats.malformed, kept=stats.documents)
+    for reason, n in (("shards:empty_text", stats.empty), ("shards:malformed", stats.malformed)):
+        for _ in range(n):
+            step.remove(reason)
+    return {
+        "task": task,
+        "domain": domain,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "steps": [step.to_json()],
+    }
 
 
 def recipes_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
@@ -126,8 +140,14 @@ def summary(cfg: PipelineConfig) -> dict[str, Any]:
     from megaqwen.data_pipeline.document import merge_stats
 
     out: dict[str, Any] = {}
-    for stage in ("filter", "dedup", "annotate"):
-        out[stage] = merge_stats([m["steps"] for m in load_markers(cfg.out, stage)])
+    for stage in SUMMARY_STAGES:
+        out[stage] = merge_stats([m["steps"] for m in load_markers(cfg.out, stage) if "steps" in m])
+    judged = load_markers(cfg.out, "judge")
+    if judged:  # the judge labels a sample and removes nothing: how many, of how many candidates
+        out["judge"] = {
+            "labelled": sum(m["judged"] for m in judged),
+            "candidates": sum(m.get("candidates", 0) for m in judged),
+        }
     domain_docs: Counter = Counter()
     for m in load_markers(cfg.out, "annotate"):
         domain_docs.update(m.get("domain_docs", {}))

@@ -1,24 +1,27 @@
-"""Re-mixing: per-domain shards, a sampling plan per training stage, and Megatron-style blending.
+"""Re-mixing: the sampling plan of each training stage, and blend recipes the trainer reads.
 
 Plan: start from target token shares (explicit `weights`, or the natural shares times `factors`),
 then cap every domain at `max_epochs * tokens_d / token_budget` and hand what the capped domains
 cannot supply to the others in proportion to their targets (water-filling), so no domain repeats
 more than `max_epochs` times in the stage.
 
-Blending (Megatron-LM `build_blending_indices`): sample i goes to the dataset whose weight is
-furthest ahead of what it has received, argmax_d (w_d * (i + 1) - count_d). Deterministic, and
-after n samples every dataset is within one sample of w_d * n.
+Everything else is the trainer's own code (`megaqwen.data.blend`): recipes are written in its
+format and read back with `load_blend_recipe` before they are kept, and `measure_blend` draws from
+`build_dataset` (Megatron-style deficit-greedy `BlendedDataset` over packed `GPTDataset`s), so the
+measured mix is exactly what a training run on the recipe will see.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from megaqwen.data_pipeline.config import StageMix
+
+log = logging.getLogger("megaqwen.data_pipeline.remix")
 
 
 def target_shares(tokens: dict[str, int], stage: StageMix) -> dict[str, float]:
@@ -29,20 +32,37 @@ def target_shares(tokens: dict[str, int], stage: StageMix) -> dict[str, float]:
     total = sum(have.values())
     if stage.weights:
         raw = {d: float(stage.weights.get(d, 0.0)) for d in have}
-        missing = sorted(d for d, w in stage.weights.items() if w > 0 and d not in have)
-        if missing:
-            raise ValueError(f"stage {stage.name!r}: weights name domains with no documents: {missing}")
     else:
         raw = {d: t / total * float(stage.factors.get(d, 1.0)) for d, t in have.items()}
     z = sum(raw.values())
     if z <= 0:
-        raise ValueError(f"stage {stage.name!r}: all target weights are 0")
+        raise ValueError(
+            f"stage {stage.name!r}: all target weights are 0 over the domains with tokens {sorted(have)} "
+            f"(weighted domains with no documents: {missing_domains(tokens, stage)})"
+        )
     return {d: w / z for d, w in raw.items()}
 
 
+def missing_domains(tokens: dict[str, int], stage: StageMix) -> list[str]:
+    """Domains the stage's explicit weights ask for that ended up with no tokens (all filtered out)."""
+    return sorted(d for d, w in stage.weights.items() if w > 0 and tokens.get(d, 0) <= 0)
+
+
 def plan_stage(tokens: dict[str, int], stage: StageMix) -> dict[str, Any]:
-    """Final shares after the epoch cap, with the expected epochs of every domain."""
+    """Final shares after the epoch cap, with the expected epochs of every domain.
+
+    A weighted domain left with no documents cannot be drawn: its weight goes to the others in
+    proportion (renormalisation), with a warning, and is listed under "missing" in the plan (and so
+    in the recipe's meta, stats.json and the report) rather than failing the run at its last stage.
+    """
     target = target_shares(tokens, stage)
+    missing = missing_domains(tokens, stage)
+    if missing:
+        lost = sum(stage.weights[d] for d in missing) / sum(stage.weights.values())
+        log.warning(
+            "stage %r: weighted domains %s have no documents; their %.1f%% of the weight is spread over "
+            "the others", stage.name, missing, 100 * lost,
+        )  # fmt: skip
     shares = dict(target)
     capped: set[str] = set()
     if stage.token_budget > 0:
@@ -64,87 +84,103 @@ def plan_stage(tokens: dict[str, int], stage: StageMix) -> dict[str, Any]:
                 )
             shares = {d: cap[d] if d in capped else free * target[d] / z for d in target}
     epochs = {d: shares[d] * stage.token_budget / tokens[d] if stage.token_budget else None for d in shares}
-    return {"target": target, "weights": shares, "capped": sorted(capped), "epochs": epochs}
+    return {
+        "target": target,
+        "weights": shares,
+        "capped": sorted(capped),
+        "epochs": epochs,
+        "missing": missing,
+    }
 
 
-def blend_indices(weights: list[float], n: int) -> np.ndarray:
-    """(n,) dataset index of each sample, Megatron's greedy 'furthest behind its target' rule."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    counts = np.zeros(len(w))
-    out = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        d = int(np.argmax(w * (i + 1) - counts))
-        out[i] = d
-        counts[d] += 1
-    return out
+def meta_path(recipe_path: Path) -> Path:
+    """Sidecar of a recipe (`<name>.meta.json`): the plan behind it, which recipes have no room for."""
+    return Path(recipe_path).with_name(Path(recipe_path).name.removesuffix(".json") + ".meta.json")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_recipe(
     path: Path, stage: StageMix, plan: dict[str, Any], prefixes: dict[str, str], tokens: dict[str, int]
 ) -> dict[str, Any]:
-    """Write `{"name", "datasets": [{"prefix", "weight"}], "meta": {...}}`.
+    """Write the trainer's recipe `{"name", "description", "datasets": [{"prefix", "weight"}]}` and,
+    beside it, `<name>.meta.json` with the stage's plan (seq_length, rope_base, caps, epochs).
 
-    Prefixes are relative to the recipe file's folder.
+    Prefixes are relative to the recipe file's folder. The recipe is loaded back with the trainer's
+    `load_blend_recipe` before it replaces an older one, so a recipe the trainer rejects is never kept.
     """
+    from megaqwen.data.blend import load_blend_recipe
+
     datasets = [
         {"prefix": prefixes[d], "weight": round(w, 8)} for d, w in sorted(plan["weights"].items()) if w > 0
     ]
     recipe = {
         "name": stage.name,
+        "description": (
+            f"data pipeline stage {stage.name}: seq_length {stage.seq_length}, rope_base {stage.rope_base}, "
+            f"token_budget {stage.token_budget}, max_epochs {stage.max_epochs} (plan: {meta_path(path).name})"
+        ),
         "datasets": datasets,
-        "meta": {
-            "seq_length": stage.seq_length,
-            "rope_base": stage.rope_base,
-            "token_budget": stage.token_budget,
-            "max_epochs": stage.max_epochs,
-            "domain_tokens": tokens,
-            "target_weights": plan["target"],
-            "capped": plan["capped"],
-            "expected_epochs": plan["epochs"],
-            "blending": "megatron: sample i -> argmax_d(weight_d * (i + 1) - count_d)",
-        },
+    }
+    meta = {
+        "name": stage.name,
+        "seq_length": stage.seq_length,
+        "rope_base": stage.rope_base,
+        "token_budget": stage.token_budget,
+        "max_epochs": stage.max_epochs,
+        "domain_tokens": tokens,
+        "target_weights": plan["target"],
+        "weights": plan["weights"],
+        "capped": plan["capped"],
+        "missing": plan["missing"],
+        "expected_epochs": plan["epochs"],
+        "blending": "megaqwen.data.blend.BlendedDataset: sample i -> argmax_d(W_d * (i + 1) - Q * count_d)",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".check.json")
     tmp.write_text(json.dumps(recipe, indent=1))
+    try:
+        load_blend_recipe(tmp)  # the trainer's own validation
+    except ValueError as e:
+        tmp.unlink()
+        raise ValueError(
+            f"stage {stage.name!r}: the recipe for {path} is not loadable by the trainer: {e}"
+        ) from e
+    _atomic_write(meta_path(path), json.dumps(meta, indent=1))
     os.replace(tmp, path)
     return recipe
 
 
-def load_recipe(path: Path) -> list[tuple[Path, float]]:
-    """(absolute prefix, weight) pairs of a recipe file."""
-    rec = json.loads(Path(path).read_text())
-    if "datasets" not in rec or not rec["datasets"]:
-        raise ValueError(f"{path}: a blend recipe needs a non-empty 'datasets' list")
-    out = []
-    for d in rec["datasets"]:
-        p = Path(d["prefix"])
-        out.append((p if p.is_absolute() else Path(path).parent / p, float(d["weight"])))
-    return out
-
-
 def measure_blend(recipe_path: Path, n_samples: int, seq_length: int) -> dict[str, dict[str, float]]:
-    """Blend `n_samples` sequences of `seq_length` tokens from the recipe's shards and count the tokens
-    actually read from each shard (cycling a shard when exhausted), as the trainer's sampler does."""
-    from megaqwen.data.indexed import IndexedDataset
+    """What a training run on the recipe draws in its first `n_samples` sequences of `seq_length`.
 
-    parts = load_recipe(recipe_path)
-    data = [IndexedDataset(p) for p, _ in parts]
-    flat = [
-        np.concatenate([ds[i] for i in range(len(ds))]) if len(ds) else np.zeros(0, np.int32) for ds in data
-    ]
-    pos = [0] * len(parts)
-    got = np.zeros(len(parts))
-    for d in blend_indices([w for _, w in parts], n_samples):
-        need = seq_length
-        while need:  # read `need` tokens, wrapping around at the end of the shard
-            take = min(need, len(flat[d]) - pos[d] % len(flat[d]))
-            got[d] += take
-            pos[d] += take
-            need -= take
-    total = got.sum()
+    Built with the trainer's `build_dataset`, so the blend order (`BlendedDataset`, weights as exact
+    integers over a common denominator) and the packing (`GPTDataset`, repeating epochs) are the
+    trainer's. Per shard (by prefix name): its recipe weight, the measured share of tokens, and the
+    epochs read (tokens drawn / tokens in the shard).
+    """
+    from megaqwen.data.blend import BlendedDataset, build_dataset, load_blend_recipe
+
+    recipe = load_blend_recipe(recipe_path)
+    ds = build_dataset(recipe, seq_len=seq_length, num_samples=n_samples)
+    draws = [0] * len(recipe.prefixes)
+    if isinstance(ds, BlendedDataset):
+        for i in range(n_samples):
+            draws[ds.locate(i)[0]] += 1  # the (dataset, sample) pair `ds[i]` reads
+        shards = [g.indexed for g in ds.datasets]
+    else:  # a one-shard recipe: build_dataset returns the shard's GPTDataset itself
+        draws[0] = n_samples
+        shards = [ds.indexed]
+    total = sum(draws) * seq_length
     return {
-        p.name: {"weight": w, "measured": float(got[i] / total), "epochs": float(pos[i] / len(flat[i]))}
-        for i, (p, w) in enumerate(parts)
+        Path(p).name: {
+            "weight": w,
+            "measured": draws[d] * seq_length / total,
+            "epochs": draws[d] * seq_length / shards[d].num_tokens,
+        }
+        for d, (p, w) in enumerate(zip(recipe.prefixes, recipe.weights))
     }

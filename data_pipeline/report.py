@@ -24,7 +24,9 @@ def _plt():
 
 def _reasons(summary: dict[str, Any]) -> Counter:
     c: Counter = Counter()
-    for stage in ("filter", "dedup", "annotate"):
+    from megaqwen.data_pipeline.pipeline import SUMMARY_STAGES
+
+    for stage in SUMMARY_STAGES:
         for s in summary.get(stage, []):
             if stage == "annotate" and s["name"] == "dedup":
                 continue  # applying the dedup stage's decisions: already counted there
@@ -140,7 +142,9 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _markdown(s: dict[str, Any]) -> str:
     lines = ["# Data pipeline report", ""]
-    for stage in ("filter", "dedup", "annotate"):
+    from megaqwen.data_pipeline.pipeline import SUMMARY_STAGES
+
+    for stage in SUMMARY_STAGES:
         rows = s["steps"].get(stage) or []
         if not rows:
             continue
@@ -156,6 +160,9 @@ def _markdown(s: dict[str, Any]) -> str:
                 f"| {r['name']} | {r['seen']} | {r['kept']} | {r['removed']} | {r['modified']} | {top} |"
             )
         lines.append("")
+    if "judge" in s["steps"]:
+        j = s["steps"]["judge"]
+        lines += [f"The LLM judge labelled {j['labelled']} of {j['candidates']} deduplicated documents.", ""]
     if s["scorer_agreement"]:
         m = s["scorer_agreement"]
         lines += [
@@ -199,6 +206,13 @@ def _markdown(s: dict[str, Any]) -> str:
                 cells.append(f"{100 * w:.1f}%" + (f" ({e:.2f} ep)" if e is not None else ""))
             lines.append(f"| {d} | {t} | {100 * t / total:.1f}% | " + " | ".join(cells) + " |")
         lines.append("")
+        for n in names:
+            if s["plans"][n].get("missing"):
+                lines += [
+                    f"Stage {n}: weighted domains with no documents, weight spread over the others: "
+                    f"{', '.join(s['plans'][n]['missing'])}.",
+                    "",
+                ]
     for title, f in s["plots"].items():
         lines += [f"![{title}]({f})", ""]
     return "\n".join(lines)

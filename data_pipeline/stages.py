@@ -13,6 +13,8 @@ Layout under `output_dir`:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +45,30 @@ def input_bytes(cfg: PipelineConfig) -> int:
         for p in expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
         if os.path.isfile(p.path)
     )
+
+
+# A process runs many tasks of a stage (local workers, or one SLURM rank's share): the judge model and
+# the tokenizer are loaded once per process, not once per task (a Qwen tokenizer takes ~1 s, a judge
+# model far longer).
+@functools.lru_cache(maxsize=1)
+def _judge_for(judge_json: str):
+    from megaqwen.data_pipeline.config import JudgeConfig
+    from megaqwen.data_pipeline.judge.judge import Judge, build_backend
+
+    jc = JudgeConfig(**json.loads(judge_json))
+    return Judge(build_backend(jc), jc.dimensions, jc.max_doc_chars)
+
+
+def get_judge(cfg: PipelineConfig):
+    return _judge_for(json.dumps(dataclasses.asdict(cfg.judge), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def get_fast_tokenizer(path: str | None):
+    """The `tokenizers.Tokenizer` used to count tokens per document (the remix tokenizer)."""
+    from megaqwen.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).backend_tokenizer
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
@@ -168,12 +194,11 @@ def _sample_key(doc_id: str) -> int:
 
 
 def judge_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
-    from megaqwen.data_pipeline.judge.judge import Judge, build_backend
-
     n = n_input_tasks(cfg)
     per_task = -(-cfg.judge.sample_size // n)
-    docs = sorted(_deduped(cfg, task), key=lambda d: _sample_key(d.id))[:per_task]
-    judge = Judge(build_backend(cfg.judge), cfg.judge.dimensions, cfg.judge.max_doc_chars)
+    candidates = sorted(_deduped(cfg, task), key=lambda d: _sample_key(d.id))
+    docs = candidates[:per_task]
+    judge = get_judge(cfg)
     want_domains = cfg.domains.backend in ("judge", "distilled")
     path = cfg.out / "judge" / f"{task:05d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +217,7 @@ def judge_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             report_progress(len(batch), 0, 0)
     os.replace(tmp, path)
-    return {"task": task, "judged": len(docs)}
+    return {"task": task, "judged": len(docs), "candidates": len(candidates)}
 
 
 def read_judge_labels(cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -249,9 +274,10 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     from megaqwen.data_pipeline.embed import get_encoder
     from megaqwen.data_pipeline.scorer import RidgeScorer, SoftmaxClassifier
 
-    from megaqwen.tokenizer import load_tokenizer
-
     dedup_stats, quality_stats = StepStats("dedup"), StepStats("quality")
+    # a document with no tokens (empty text, when no step removed it) would be a lone EOD in the
+    # shard, and a domain of only such documents would have no shard at all: dropped here, counted
+    token_stats = StepStats("tokens")
     docs = list(_deduped(cfg, task, dedup_stats))
     enc = get_encoder(cfg.scorer.encoder, cfg.scorer.max_length, cfg.scorer.batch_size)
     scorer = RidgeScorer.load(cfg.out / "scorer" / "quality.npz") if cfg.judge.backend != "none" else None
@@ -261,10 +287,8 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     elif cfg.domains.backend == "distilled":
         clf = SoftmaxClassifier.load(cfg.out / "scorer" / "domain.npz")
     else:
-        from megaqwen.data_pipeline.judge.judge import Judge, build_backend
-
-        judge = Judge(build_backend(cfg.judge), cfg.judge.dimensions, cfg.judge.max_doc_chars)
-    tok = load_tokenizer(cfg.remix.tokenizer).backend_tokenizer
+        judge = get_judge(cfg)
+    tok = get_fast_tokenizer(cfg.remix.tokenizer)
     writers: dict[str, Any] = {}
     domain_tokens: Counter = Counter()
     bs = max(cfg.scorer.batch_size, 1)
@@ -283,6 +307,11 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         scores = scorer.predict(x_ND) if scorer is not None else None
         ntok = [len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
         for k, d in enumerate(batch):
+            token_stats.seen += 1
+            if ntok[k] == 0:
+                token_stats.remove("tokens:empty")
+                continue
+            token_stats.kept += 1
             quality_stats.seen += 1
             d.metadata["domain"], d.metadata["domain_score"] = doms[k]
             d.metadata["tokens"] = ntok[k]
@@ -309,7 +338,7 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         os.replace(p.with_name(p.name + ".tmp"), p)
     return {
         "task": task,
-        "steps": [dedup_stats.to_json(), quality_stats.to_json()],
+        "steps": [dedup_stats.to_json(), token_stats.to_json(), quality_stats.to_json()],
         "domain_tokens": dict(domain_tokens),
         "domain_docs": dict(Counter(d.metadata.get("domain") for d in docs if "domain" in d.metadata)),
     }

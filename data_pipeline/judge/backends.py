@@ -106,8 +106,12 @@ class LocalBackend:
             # positions count real tokens only, so a left-padded prompt sees the same RoPE phases as alone
             pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
+                # logits_to_keep=1: only the last position's (B, 1, V) logits; all T of them would be
+                # B * T * 152k floats (GBs for long prompts) of which only the last column is used
                 logits_BV = (
-                    self.model(input_ids=tokens_BT, attention_mask=mask_BT, position_ids=pos_BT)
+                    self.model(
+                        input_ids=tokens_BT, attention_mask=mask_BT, position_ids=pos_BT, logits_to_keep=1
+                    )
                     .logits[:, -1]
                     .float()
                 )

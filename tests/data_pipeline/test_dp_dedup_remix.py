@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from megaqwen.data_pipeline.config import StageMix
-from megaqwen.data_pipeline.remix import blend_indices, plan_stage
+from megaqwen.data_pipeline.remix import plan_stage
 from megaqwen.data_pipeline.samples.make_corpus import make_records
 from megaqwen.data_pipeline.steps.dedup import DedupConfig, Signer, exact_key, find_duplicates
 
@@ -72,32 +72,73 @@ def test_plan_factors_and_epoch_cap():
     assert max(capped["epochs"].values()) <= 2 + 1e-9
     # e-commerce and news keep their target ratio after redistribution
     assert capped["weights"]["e-commerce"] / capped["weights"]["news"] == pytest.approx(0.25 / 0.4)
+    # explicit weights naming a domain that has no documents: its weight is spread, and reported
+    w = plan_stage(tokens, StageMix(weights={"e-commerce": 0.2, "technology": 0.2, "news": 0.4, "law": 0.2}))
+    assert w["missing"] == ["law"] and w["weights"] == pytest.approx(
+        {"e-commerce": 0.25, "technology": 0.25, "news": 0.5}
+    )
+    with pytest.raises(ValueError, match=r"no documents: \['law'\]"):
+        plan_stage(tokens, StageMix(weights={"law": 1.0}))
     with pytest.raises(ValueError, match="max_epochs"):
         plan_stage(tokens, StageMix(token_budget=10_000, max_epochs=2))
 
 
-def test_megatron_blending_is_deterministic_and_tracks_weights():
-    w = [0.5, 0.3, 0.2]
-    idx = blend_indices(w, 1000)
-    assert (idx == blend_indices(w, 1000)).all()
-    for n in (10, 100, 1000):
-        counts = np.bincount(idx[:n], minlength=3)
-        assert np.all(np.abs(counts - np.array(w) * n) <= 1)
+def _shards(root: Path, tokens: dict[str, int]) -> dict[str, str]:
+    """One tiny shard per domain holding `tokens[d]` tokens in documents of 50; returns recipe prefixes."""
+    from megaqwen.data.indexed import IndexedDatasetBuilder
+
+    for d, n in tokens.items():
+        with IndexedDatasetBuilder(root / "shards" / d) as b:
+            for k in range(0, n, 50):
+                b.add_document(np.arange(k, min(k + 50, n), dtype=np.int32))
+    return {d: f"../shards/{d}" for d in tokens}
 
 
-def test_recipe_weights_written_relative(tmp_path: Path):
-    from megaqwen.data_pipeline.remix import load_recipe, write_recipe
+def test_recipe_is_the_trainers_format_with_plan_beside_it(tmp_path: Path):
+    from megaqwen.data_pipeline.remix import meta_path, write_recipe
 
-    stage = StageMix(name="stage-4k")
-    plan = plan_stage({"a": 10, "b": 30}, stage)
-    write_recipe(
-        tmp_path / "recipes" / "stage-4k.json",
-        stage,
-        plan,
-        {"a": "../shards/a", "b": "../shards/b"},
-        {"a": 10, "b": 30},
+    from megaqwen.data.blend import load_blend_recipe
+
+    stage = StageMix(name="stage-4k", seq_length=64, rope_base=1e6, token_budget=0)
+    tokens = {"a": 1000, "b": 3000}
+    plan = plan_stage(tokens, stage)
+    path = tmp_path / "recipes" / "stage-4k.json"
+    write_recipe(path, stage, plan, {"a": "../shards/a", "b": "../shards/b"}, tokens)
+    recipe = load_blend_recipe(path)  # what `megaqwen-train data.path=...json` does
+    assert recipe.name == "stage-4k" and recipe.weights == pytest.approx((0.25, 0.75))
+    assert recipe.prefixes == (
+        str(tmp_path / "recipes" / "../shards/a"),
+        str(tmp_path / "recipes" / "../shards/b"),
     )
-    rec = json.loads((tmp_path / "recipes" / "stage-4k.json").read_text())
-    assert rec["name"] == "stage-4k" and set(rec) == {"name", "datasets", "meta"}
-    assert [d["weight"] for d in rec["datasets"]] == pytest.approx([0.25, 0.75])
-    assert load_recipe(tmp_path / "recipes" / "stage-4k.json")[0][0] == tmp_path / "recipes" / "../shards/a"
+    meta = json.loads(meta_path(path).read_text())
+    assert meta["rope_base"] == 1e6 and meta["seq_length"] == 64 and meta["weights"] == plan["weights"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["stage-4k.json", "stage-4k.meta.json"]
+
+
+def test_measured_blend_tracks_plan_and_catches_a_wrong_recipe(tmp_path: Path):
+    """measure_blend draws through the trainer's build_dataset: the plan's weights within 1%, and a
+    recipe whose weights differ from the plan is measured as different (the check can fail)."""
+    from megaqwen.data_pipeline.remix import measure_blend, write_recipe
+
+    tokens = {"e-commerce": 5000, "technology": 1000, "news": 4000}
+    stage = StageMix(
+        seq_length=32, token_budget=10_000, max_epochs=2, factors={"e-commerce": 0.5, "technology": 2.0}
+    )
+    plan = plan_stage(tokens, stage)
+    path = tmp_path / "recipes" / "s.json"
+    write_recipe(path, stage, plan, _shards(tmp_path, tokens), tokens)
+    got = measure_blend(path, n_samples=1000, seq_length=32)
+    assert set(got) == set(tokens)
+    for d, m in got.items():
+        assert abs(m["measured"] - plan["weights"][d]) < 0.01, (d, m)
+    at_budget = measure_blend(path, n_samples=10_000 // 32, seq_length=32)
+    assert max(m["epochs"] for m in at_budget.values()) <= 2 + 32 / 1000
+    # technology is capped at 2 epochs of its 1000 tokens: it really is read ~2 times at the budget
+    assert at_budget["technology"]["epochs"] == pytest.approx(2.0, abs=32 / 1000)
+
+    rec = json.loads(path.read_text())
+    for e in rec["datasets"]:
+        e["weight"] = 1.0  # equal weights: no longer the plan
+    path.write_text(json.dumps(rec))
+    wrong = measure_blend(path, n_samples=1000, seq_length=32)
+    assert max(abs(wrong[d]["measured"] - plan["weights"][d]) for d in tokens) > 0.05

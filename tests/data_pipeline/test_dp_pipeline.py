@@ -17,8 +17,10 @@ import yaml
 from megaqwen.data_pipeline.config import PipelineConfig, StageMix, load_config
 from megaqwen.data_pipeline.io import read_documents
 from megaqwen.data_pipeline.pipeline import run_pipeline, run_stage
-from megaqwen.data_pipeline.remix import measure_blend
+from megaqwen.data_pipeline.remix import measure_blend, meta_path
 from megaqwen.data_pipeline.samples.make_corpus import make_records
+
+from megaqwen.data.blend import load_blend_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = yaml.safe_load((REPO / "conf/data/pipeline_sample.yaml").read_text())["steps"]
@@ -95,8 +97,8 @@ def test_end_to_end_sample_slice(tmp_path: Path):
     # re-mixing: the Megatron blend over the emitted shards hits every stage's planned weights within 1%
     for stage in cfg.remix.stages:
         recipe = out / "recipes" / f"{stage.name}.json"
-        planned = json.loads(recipe.read_text())
-        assert planned["meta"]["rope_base"] == stage.rope_base
+        assert load_blend_recipe(recipe).name == stage.name  # the trainer accepts the recipe
+        assert json.loads(meta_path(recipe).read_text())["rope_base"] == stage.rope_base
         measured = measure_blend(recipe, n_samples=2000, seq_length=stage.seq_length)
         plan = stats["plans"][stage.name]
         for dom, m in measured.items():
@@ -194,3 +196,33 @@ def test_judge_labels_train_distilled_scorer(tmp_path: Path):
         set(d.metadata["quality"]) == {"educational_value", "safety", "overall"} for d in docs
     )
     assert all(d.metadata["domain"] in cfg.domains.taxonomy for d in docs)
+
+
+def test_document_without_tokens_is_counted_not_fatal(tmp_path: Path):
+    """A document that reaches annotation with no tokens (empty text, no step to stop it) is dropped
+    and counted there: it would be a lone EOD, and a domain holding only such documents would have
+    no shard (tokenize refuses to write an empty one) and fail the run."""
+    docs = [
+        {"id": "a", "text": "A short note about rivers, hills and the town between them."},
+        {"id": "e", "text": ""},
+        {"id": "b", "text": "Bread needs flour, water, salt and yeast, and an hour to rise."},
+    ]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    cfg = _cfg(tmp_path, [str(corpus)], parts=1)
+    cfg.steps = []  # normalize would drop it first ("normalize:empty")
+    cfg.remix.stages = [StageMix(name="s", seq_length=8, token_budget=0)]
+    run_pipeline(cfg, progress=False)
+    steps = json.loads((cfg.out / "stats.json").read_text())["steps"]
+    tokens = next(r for r in steps["annotate"] if r["name"] == "tokens")
+    assert tokens == {
+        "name": "tokens",
+        "seen": 3,
+        "kept": 2,
+        "removed": 1,
+        "modified": 0,
+        "reasons": {"tokens:empty": 1},
+    }
+    assert steps["shards"][0]["seen"] == steps["shards"][0]["kept"] == 2
+    ids = {d.id for p in (cfg.out / "annotated").rglob("*.jsonl.zst") for d in read_documents(p)}
+    assert ids == {"a", "b"}
