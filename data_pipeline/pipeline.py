@@ -33,7 +33,9 @@ def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 
     domain = _domains_with_data(cfg)[task]
     files = sorted((cfg.out / "annotated" / domain).glob("*.jsonl.zst"))
-    stats = tokenize_files(files, str(cfg.out / "shards" / domain), log_every_s=60.0)
+    stats = tokenize_files(
+        files, str(cfg.out / "shards" / domain), log_every_s=60.0, tokenizer=cfg.remix.tokenizer
+    )
     # as a step: documents in, documents written to the shard, and why any were not
     step = StepStats("shards", seen=stats.documents + stats.empty + stats.malformed, kept=stats.documents)
     for reason, n in (("shards:empty_text", stats.empty), ("shards:malformed", stats.malformed)):

@@ -30,6 +30,7 @@ from megaqwen.data_pipeline.executor import load_markers, report_progress, requi
 from megaqwen.data_pipeline.io import Reader, expand_inputs, open_writer, read_documents, write_documents
 from megaqwen.data_pipeline.steps import build_steps
 from megaqwen.data_pipeline.steps.dedup import Signer, exact_key, find_duplicates
+from megaqwen.data_pipeline.tokenize import text_tokenizer
 
 log = logging.getLogger("megaqwen.data_pipeline")
 PROGRESS_EVERY = 200  # documents between progress reports
@@ -40,11 +41,7 @@ def n_input_tasks(cfg: PipelineConfig) -> int:
 
 
 def input_bytes(cfg: PipelineConfig) -> int:
-    return sum(
-        os.path.getsize(p.path) // p.parts
-        for p in expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
-        if os.path.isfile(p.path)
-    )
+    return sum(p.nbytes for p in expand_inputs(cfg.input.paths, cfg.input.parts_per_file))
 
 
 # A process runs many tasks of a stage (local workers, or one SLURM rank's share): the judge model and
@@ -61,14 +58,6 @@ def _judge_for(judge_json: str):
 
 def get_judge(cfg: PipelineConfig):
     return _judge_for(json.dumps(dataclasses.asdict(cfg.judge), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=2)
-def get_fast_tokenizer(path: str | None):
-    """The `tokenizers.Tokenizer` used to count tokens per document (the remix tokenizer)."""
-    from megaqwen.tokenizer import load_tokenizer
-
-    return load_tokenizer(path).backend_tokenizer
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
@@ -92,7 +81,7 @@ def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     reader = Reader(cfg.input.text_key, cfg.input.id_key)
     steps = build_steps(cfg.steps)
     signer = Signer(cfg.dedup) if cfg.dedup.minhash else None
-    ids, exact, sigs = [], [], []
+    exact, sigs = [], []
     removed_path = out / "removed" / f"{task:05d}.jsonl.zst"
     removed_f = open_writer(removed_path.with_name(removed_path.name + ".tmp")) if cfg.keep_removed else None
     last_bytes = 0
@@ -109,7 +98,6 @@ def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
                         removed_f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                     break
             else:
-                ids.append(doc.id)
                 if cfg.dedup.exact or cfg.dedup.minhash:
                     exact.append(exact_key(doc.text))
                 if signer is not None:
@@ -288,9 +276,11 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         clf = SoftmaxClassifier.load(cfg.out / "scorer" / "domain.npz")
     else:
         judge = get_judge(cfg)
-    tok = get_fast_tokenizer(cfg.remix.tokenizer)
+    # the shards stage tokenises with the same tokenizer, so these counts are the shards' (less EODs)
+    tok = text_tokenizer(cfg.remix.tokenizer)
     writers: dict[str, Any] = {}
     domain_tokens: Counter = Counter()
+    domain_docs: Counter = Counter()
     bs = max(cfg.scorer.batch_size, 1)
     for i in range(0, len(docs), bs):
         batch = docs[i : i + bs]
@@ -332,6 +322,7 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
                 writers[dom] = (p, open_writer(p.with_name(p.name + ".tmp")))
             writers[dom][1].write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
             domain_tokens[dom] += ntok[k]
+            domain_docs[dom] += 1
         report_progress(len(batch), sum(ntok), 0)
     for p, f in writers.values():
         f.close()
@@ -340,7 +331,7 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         "task": task,
         "steps": [dedup_stats.to_json(), token_stats.to_json(), quality_stats.to_json()],
         "domain_tokens": dict(domain_tokens),
-        "domain_docs": dict(Counter(d.metadata.get("domain") for d in docs if "domain" in d.metadata)),
+        "domain_docs": dict(domain_docs),
     }
 
 

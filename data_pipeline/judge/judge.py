@@ -24,18 +24,21 @@ from megaqwen.data_pipeline.judge.rubric import (
 )
 
 
+def option_probs(logprobs_NK: np.ndarray) -> np.ndarray:
+    """Option probabilities renormalised over the K options (N, K); NaN rows where no option has mass."""
+    lp = np.asarray(logprobs_NK, dtype=np.float64)
+    m = np.max(lp, axis=1, keepdims=True)
+    p = np.exp(lp - np.where(np.isfinite(m), m, 0.0))  # rescaled: all-tiny probabilities do not give 0/0
+    z = p.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(z > 0, p / z, np.nan)
+
+
 def expected_scores(logprobs_NK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(expected score (N,), probability mass on the score tokens (N,)) from option log-probs (N, K)."""
     lp = np.asarray(logprobs_NK, dtype=np.float64)
-    m = np.max(lp, axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(lp - m)  # rescaled so all-tiny probabilities do not underflow to 0/0
-    z = p.sum(axis=1)
-    k = np.arange(lp.shape[1], dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = (p * k).sum(axis=1) / z
-    mass = np.exp(lp).sum(axis=1)
-    return np.where(z > 0, score, np.nan), mass
+    score = option_probs(lp) @ np.arange(lp.shape[1], dtype=np.float64)
+    return score, np.exp(lp).sum(axis=1)
 
 
 @dataclass
@@ -67,9 +70,7 @@ class Judge:
         lp = self.backend.option_logprobs(
             [domain_messages(t, taxonomy, self.max_doc_chars) for t in texts], letters
         )
-        p = np.exp(lp - lp.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        return [dict(zip(taxonomy, map(float, row))) for row in p]
+        return [dict(zip(taxonomy, map(float, row))) for row in option_probs(lp)]
 
 
 def build_backend(cfg):

@@ -132,3 +132,38 @@ def test_parquet_without_text_column_names_file_and_columns(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist([{"id": "a", "content": "hello"}]), p)
     with pytest.raises(ValueError, match=r"x\.parquet.*'text'.*content"):
         _read_step(tmp_path, [str(p)])
+
+
+def test_damaged_zstd_frame_is_counted_not_fatal(tmp_path: Path):
+    """A .zst with damaged bytes in the middle (not just cut short) ends that file, not the task."""
+    zstandard = pytest.importorskip("zstandard")
+    data = bytearray(zstandard.ZstdCompressor().compress((json.dumps(GOOD[0]) + "\n").encode() * 5000))
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    p = tmp_path / "bad.jsonl.zst"
+    p.write_bytes(bytes(data))
+    _, markers = _read_step(tmp_path, [str(p)])
+    assert markers[0]["steps"][0]["reasons"].get("malformed:truncated_file") == 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_reader_progress_counts_input_bytes(tmp_path: Path, suffix: str):
+    """Progress is in bytes of the file as stored (compressed), so it ends at the file's size."""
+    from megaqwen.data_pipeline.io import Reader, expand_inputs
+
+    raw = ("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(3000)) + "\n").encode()
+    p = tmp_path / f"in{suffix}"
+    if suffix.endswith(".gz"):
+        raw = gzip.compress(raw)
+    elif suffix.endswith(".zst"):
+        raw = pytest.importorskip("zstandard").ZstdCompressor().compress(raw)
+    p.write_bytes(raw)
+    parts = expand_inputs([str(p)], parts_per_file=3)
+    reader = Reader()
+    seen = []
+    for part in parts:
+        for i, _ in enumerate(reader.read(part)):
+            if i % 500 == 0:
+                seen.append(reader.bytes_read)
+    assert seen == sorted(seen) and all(0 <= b <= len(raw) for b in seen)
+    assert reader.bytes_read == len(raw) == sum(part.nbytes for part in parts)
+    assert reader.stats.kept == 3000
