@@ -17,16 +17,21 @@ import sys
 
 
 def _rank_world(args) -> tuple[int, int]:
-    if args.rank == "slurm":
-        try:
-            rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-        except KeyError as e:
-            raise ValueError(
-                f"--rank slurm needs {e.args[0]} in the environment (run inside an sbatch --array job)"
-            ) from e
-        return rank, world
-    return int(args.rank), args.world
+    """`--rank slurm`: rank = SLURM_ARRAY_TASK_ID itself and world = --world when given, else
+    SLURM_ARRAY_TASK_MAX + 1, so a sparse resubmission of failed tasks (`--array=3,7 ... --world 16`)
+    keeps each task's original share of the inputs."""
+    if args.rank != "slurm":
+        return int(args.rank), args.world
+    try:
+        rank = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        world = args.world if args.world != 1 else int(os.environ["SLURM_ARRAY_TASK_MAX"]) + 1
+    except KeyError as e:
+        raise ValueError(
+            f"--rank slurm needs {e.args[0]} in the environment (run inside an sbatch --array job)"
+        ) from e
+    if not 0 <= rank < world:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={rank} is outside a world of {world} tasks; pass --world")
+    return rank, world
 
 
 def run(args: argparse.Namespace) -> int:

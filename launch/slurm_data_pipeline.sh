@@ -41,7 +41,7 @@ for stage in $STAGES; do
   jid=$(sbatch --parsable --job-name="mq-data-$stage" --array=0-$((n - 1)) $args ${dep:+--dependency=afterok:$dep} \
         --output="$LOGS/$stage-%A_%a.out" \
         --wrap="OMP_NUM_THREADS=\${SLURM_CPUS_PER_TASK:-1} megaqwen-data pipeline --config $CONFIG --stage $stage \
-                --rank slurm --workers 1 --no-progress")
+                --rank slurm --world $n --workers 1 --no-progress")
   echo "stage $stage: job $jid (array of $n)"
   dep=$jid
 done
