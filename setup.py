@@ -47,7 +47,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"megaqwen.conf": ["*.yaml", "*/*.yaml"],
-                  "megaqwen.data_pipeline": ["samples/*.jsonl"]},
+                  "megaqwen.data_pipeline": ["samples/*.jsonl", "samples/*.json"]},
     include_package_data=True,
     install_requires=[
         TORCH,

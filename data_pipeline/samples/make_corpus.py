@@ -2,7 +2,7 @@
 
     python -m megaqwen.data_pipeline.samples.make_corpus [--out PATH] [--seed 0]
 
-Every text is composed from the hand-written banks in `domain_text.py` with a fixed seed, so the
+Every text is composed from the hand-written banks in `domain_text.json` with a fixed seed, so the
 file is byte-for-byte reproducible. Besides ~340 decent multi-domain documents it plants records
 whose fate is known: low-quality ones (id `lowq-<kind>-<i>`), exact and near duplicates
 (`dup-exact-<i>`, `dup-near-<i>`, with `duplicate_of`), non-English (`lang-<code>`), documents with
@@ -17,7 +17,11 @@ import random
 import re
 from pathlib import Path
 
-from megaqwen.data_pipeline.samples.domain_text import BANKS, GENERIC, NON_ENGLISH
+# Hand-written sentence banks, one block per domain: slot values (`{product}`, `{city}` ...) and
+# sentences that use them. Every word was written for this repository (free to redistribute).
+_TEXT = json.loads((Path(__file__).with_name("domain_text.json")).read_text(encoding="utf-8"))
+BANKS, GENERIC, NON_ENGLISH = _TEXT["BANKS"], _TEXT["GENERIC"], _TEXT["NON_ENGLISH"]
+
 
 # documents per domain: the first three are deliberately over-represented (as on the web)
 DOMAIN_COUNTS = {
