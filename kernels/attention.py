@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,27 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+# document_ids -> (its version counter, (cu_seqlens, max_seqlen)); entries die with the tensor.
+_CU_SEQLENS_CACHE = WeakTensorKeyDictionary()
+
+
 def document_ids_to_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """document_ids (B, T) -> cu_seqlens (S + 1,) int32 over the flattened B*T tokens, max_seqlen.
 
     A segment starts at every row start and wherever the id changes from the previous token, so
     segments never cross rows even when two rows reuse an id. Non-contiguous repeats of an id
     within a row count as separate documents (packing never produces them).
+
+    Every layer of a forward passes the same tensor, and this costs two host syncs (nonzero,
+    .item()), so the result is reused while that tensor lives unmodified.
     """
     if document_ids.dim() != 2:
         raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
+    cacheable = not document_ids.is_inference()  # inference tensors have no version counter
+    if cacheable:
+        hit = _CU_SEQLENS_CACHE.get(document_ids)
+        if hit is not None and hit[0] == document_ids._version:
+            return hit[1]
     b, t = document_ids.shape
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
@@ -49,6 +62,8 @@ def document_ids_to_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor
     total = torch.tensor([b * t], device=document_ids.device, dtype=start_idx.dtype)
     cu_seqlens = torch.cat([start_idx, total]).to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    if cacheable:
+        _CU_SEQLENS_CACHE[document_ids] = (document_ids._version, (cu_seqlens, max_seqlen))
     return cu_seqlens, max_seqlen
 
 

@@ -5,9 +5,10 @@ holding rows [rank * V_local, (rank + 1) * V_local) when `tp_group` is given; la
 ids, `ignore_index` rows contribute nothing. Optional z-loss adds `z_loss * lse^2` per token
 (PaLM), keeping the softmax normaliser near 1. Label smoothing is not supported.
 
-`linear_cross_entropy_ref` materialises the (N, V) logits in fp32. With `tp_group` the loss is
-computed Megatron-style without gathering logits: the row max, the target logit and the sum of
-exponentials are all-reduced over the group. The returned loss and every gradient equal the
+`linear_cross_entropy_ref` materialises the (N, V) logits in fp32. With `tp_group` every version
+computes the loss Megatron-style without gathering logits: the row max, the target logit and the
+sum of exponentials are all-reduced over the group (the reference is then the chunked pass below
+with a single chunk of (N, V_local) logits). The returned loss and every gradient equal the
 unsharded version; the gradient of `hidden` is all-reduced over the group inside, so callers need
 no extra region.
 
@@ -28,63 +29,6 @@ import torch.nn.functional as F
 from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
 
 IGNORE_INDEX = -100
-
-
-class _AllReduceBackward(torch.autograd.Function):
-    """Identity forward, all-reduce (sum) backward: replicated input feeding a sharded matmul."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token loss from vocab-sharded fp32 logits (N, V_local); labels are global ids (N,)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group, ignore_index, z_loss=0.0):
-        vocab_end = vocab_start + logits.shape[-1]
-        row_max = logits.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max[:, None]
-        local = (labels >= vocab_start) & (labels < vocab_end)
-        local_idx = (labels - vocab_start).clamp(0, logits.shape[-1] - 1)
-        target = shifted.gather(1, local_idx[:, None]).squeeze(1) * local
-        dist.all_reduce(target, group=group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        valid = labels != ignore_index
-        log_sum = sum_exp.log()
-        lse = log_sum + row_max
-        loss = (log_sum - target + z_loss * lse * lse) * valid
-        ctx.save_for_backward(exp / sum_exp[:, None], local, local_idx, valid, lse)
-        ctx.z_loss = z_loss
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local, local_idx, valid, lse = ctx.saved_tensors
-        grad = softmax
-        if ctx.z_loss:  # d(z lse^2)/dlogit = 2 z lse softmax
-            grad.mul_((1.0 + 2.0 * ctx.z_loss * lse)[:, None])
-        grad.scatter_add_(1, local_idx[:, None], -local[:, None].to(grad.dtype))
-        grad.mul_((grad_loss * valid)[:, None])
-        return grad, None, None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits_local, labels, group, ignore_index=IGNORE_INDEX, z_loss=0.0):
-    """Per-token losses (N,) from this rank's (N, V_local) logits; zero where ignored."""
-    vocab_start = dist.get_rank(group) * logits_local.shape[-1]
-    return _VocabParallelCrossEntropy.apply(logits_local.float(), labels, vocab_start, group,
-                                            ignore_index, z_loss)
 
 
 def _reduce(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
@@ -119,16 +63,16 @@ def linear_cross_entropy_ref(
 ) -> torch.Tensor:
     """hidden (N, H), weight (V or V_local, H), labels (N,) -> loss (fp32)."""
     _check_inputs(hidden, weight, labels, reduction)
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        logits = (hidden @ weight.t()).float()
-        if not z_loss:
-            return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
-        per_token = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
-        lse = torch.logsumexp(logits, dim=-1)
-        per_token = per_token + z_loss * lse.square() * (labels != ignore_index)
-        return _reduce(per_token, labels, ignore_index, reduction)
-    hidden = _AllReduceBackward.apply(hidden, tp_group)
-    per_token = vocab_parallel_cross_entropy(hidden @ weight.t(), labels, tp_group, ignore_index, z_loss)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        # Megatron's vocab-parallel CE is the chunked pass with a single chunk: full local logits
+        return linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, reduction, tp_group,
+                                            z_loss, chunk_rows=max(1, hidden.shape[0]))
+    logits = (hidden @ weight.t()).float()
+    if not z_loss:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    per_token = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    lse = torch.logsumexp(logits, dim=-1)
+    per_token = per_token + z_loss * lse.square() * (labels != ignore_index)
     return _reduce(per_token, labels, ignore_index, reduction)
 
 
@@ -139,7 +83,7 @@ def linear_cross_entropy_ref(
 def _ce_stats_kernel(LOGITS, LABELS, MAX, SUMEXP, TARGET, stride, V, vocab_start,
                      BLOCK: tl.constexpr):
     """Per row of fp32 logits (n, V): running max, sum exp(x - max), and the target logit if local."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 for large chunks
     base = LOGITS + row * stride
     m = float("-inf")
     s = 0.0
@@ -161,7 +105,7 @@ def _ce_stats_kernel(LOGITS, LABELS, MAX, SUMEXP, TARGET, stride, V, vocab_start
 def _ce_grad_kernel(LOGITS, LABELS, LSE, SCALE, stride, V, vocab_start, z_loss,
                     BLOCK: tl.constexpr):
     """Overwrite fp32 logits (n, V) with dloss/dlogits = scale * ((1 + 2 z lse) softmax - onehot)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 for large chunks
     base = LOGITS + row * stride
     lse = tl.load(LSE + row)
     scale = tl.load(SCALE + row)
@@ -276,10 +220,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         loss, dh, dw = _chunked_pass(hidden, weight, labels, *ctx.args, grad_scale, need_dh, need_dw)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, labels)
-            return loss
-        ctx.save_for_backward(dh, dw)
-        total = loss.sum()
-        return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+        else:
+            ctx.save_for_backward(dh, dw)
+        return _reduce(loss, labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -326,15 +269,14 @@ def linear_cross_entropy_chunked(
     if backend not in _BACKENDS:
         raise ValueError(f"linear_cross_entropy_chunked: backend must be one of {list(_BACKENDS)}, "
                          f"got {backend!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy_chunked: chunk_rows must be >= 1, got {chunk_rows}")
     rows = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         # evaluation: the loss alone (the autograd path computes gradients during its forward)
         loss, _, _ = _chunked_pass(hidden, weight, labels, ignore_index, tp_group, float(z_loss), rows,
                                    backend, None, False, False)
-        valid = labels != ignore_index
-        if reduction == "none":
-            return loss
-        return loss.sum() / valid.sum().clamp(min=1) if reduction == "mean" else loss.sum()
+        return _reduce(loss, labels, ignore_index, reduction)
     return _ChunkedLinearCE.apply(hidden.contiguous(), weight, labels.contiguous(), ignore_index,
                                   reduction, tp_group, float(z_loss), rows, backend)
 

@@ -44,7 +44,7 @@ def rms_norm_residual_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch
 @triton_kernel
 def _rms_fwd_kernel(X, R, H, Y, W, RSTD, stride, N, eps,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride may pass 2^31 at long context
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -63,7 +63,7 @@ def _rms_fwd_kernel(X, R, H, Y, W, RSTD, stride, N, eps,
 @triton_kernel
 def _rms_bwd_kernel(DY, X, W, RSTD, DX, DRES, DW, stride, M, N, rows_per_prog,
                     HAS_DRES: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)

@@ -92,7 +92,7 @@ def _rope_kernel(X, COS, SIN, sxb, sxt, sxh, scb, sct, T, n_heads, half,
     out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (c1/c2 the two halves of cos). The backward pass is
     the transposed rotation: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1.
     """
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)  # b * sxb may pass 2^31 at long context
     b = tok // T
     t = tok % T
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -151,7 +151,8 @@ class _RoPEInplaceFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx):
         cos32, sin32 = ctx.saved_tensors
-        dx = dx.contiguous().clone()  # the incoming gradient may be shared: rotate a private copy
+        # the incoming gradient may be shared: rotate a private (contiguous) copy, made in one pass
+        dx = dx.clone(memory_format=torch.contiguous_format)
         _rope_inplace(dx, cos32, sin32, backward=True)
         return dx, None, None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megaqwen.kernels._triton import next_pow2, tl, triton, triton_kernel
+from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def swiglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton_kernel
 def _swiglu_fwd_kernel(G, U, Y, in_stride, out_stride, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (M, I) may hold more than 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(G + row * in_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -39,7 +39,7 @@ def _swiglu_fwd_kernel(G, U, Y, in_stride, out_stride, n_cols, BLOCK: tl.constex
 
 @triton_kernel
 def _swiglu_bwd_kernel(DY, G, U, DG, DU, in_stride, out_stride, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (M, I) may hold more than 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     dy = tl.load(DY + row * out_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -54,25 +54,24 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, in_stride, out_stride, n_cols, BLOCK: t
     tl.store(DU + row * in_stride + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _block(n_cols: int) -> int:
-    return min(1024, next_pow2(n_cols))
+def _grid(m: int, n_cols: int) -> tuple[tuple[int, int], int]:
+    """One program per (row, 1024-column block): the launch grid and the block width."""
+    block = min(1024, next_pow2(n_cols))
+    return (m, -(-n_cols // block)), block
 
 
 def _launch_fwd(g2: torch.Tensor, u2: torch.Tensor, n_cols: int) -> torch.Tensor:
     """g2/u2 are (M, I) views sharing a row stride (I, or 2I for the fused input)."""
     m = g2.shape[0]
     y = torch.empty(m, n_cols, dtype=g2.dtype, device=g2.device)
-    block = _block(n_cols)
-    _swiglu_fwd_kernel[(m, triton.cdiv(n_cols, block))](g2, u2, y, g2.stride(0), n_cols, n_cols,
-                                                         BLOCK=block)
+    grid, block = _grid(m, n_cols)
+    _swiglu_fwd_kernel[grid](g2, u2, y, g2.stride(0), n_cols, n_cols, BLOCK=block)
     return y
 
 
 def _launch_bwd(dy2, g2, u2, dg2, du2, n_cols):
-    m = g2.shape[0]
-    block = _block(n_cols)
-    _swiglu_bwd_kernel[(m, triton.cdiv(n_cols, block))](dy2, g2, u2, dg2, du2, g2.stride(0), n_cols,
-                                                         n_cols, BLOCK=block)
+    grid, block = _grid(g2.shape[0], n_cols)
+    _swiglu_bwd_kernel[grid](dy2, g2, u2, dg2, du2, g2.stride(0), n_cols, n_cols, BLOCK=block)
 
 
 class _SwiGLUFn(torch.autograd.Function):

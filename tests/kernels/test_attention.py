@@ -35,6 +35,18 @@ def test_cu_seqlens_from_document_ids():
         document_ids_to_cu_seqlens(torch.zeros(6))
 
 
+def test_cu_seqlens_reused_per_tensor_until_modified():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    first = document_ids_to_cu_seqlens(ids)
+    assert document_ids_to_cu_seqlens(ids)[0] is first[0]  # every layer of a forward: computed once
+    ids[0, 1] = 1  # modified in place: recomputed
+    cu, max_len = document_ids_to_cu_seqlens(ids)
+    assert cu.tolist() == [0, 1, 5, 6] and max_len == 4
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        inf_ids = torch.tensor([[3, 3, 4]])
+        assert document_ids_to_cu_seqlens(inf_ids)[0].tolist() == [0, 2, 3]
+
+
 @pytest.mark.parametrize("path", ["sdpa-mask", "varlen"])
 def test_packed_documents_equal_separate_runs(path):
     docs = _docs()

@@ -95,6 +95,8 @@ def test_bad_inputs_raise():
         linear_cross_entropy_chunked(hidden, weight, labels, reduction="avg")
     with pytest.raises(ValueError, match="backend"):
         linear_cross_entropy_chunked(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got -8"):
+        linear_cross_entropy_chunked(hidden, weight, labels, chunk_rows=-8)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -43,7 +43,7 @@ def _worker(rank, port, cases):
         hidden, weight, labels = _inputs()
         shard = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
         for name, fn, kw in cases:
-            for reduction in ("mean", "none"):
+            for reduction in ("mean", "sum", "none"):
                 want = _grads(linear_cross_entropy_ref, hidden, weight, labels, reduction, z_loss=1e-3)
                 loss, dh, dw = _grads(fn, hidden, weight[shard], labels, reduction,
                                       tp_group=dist.group.WORLD, z_loss=1e-3, **kw)

@@ -45,6 +45,35 @@ def test_rope_matches_reference(dtype, yarn, assert_close):
     assert_close(grads[1], k0.grad, dtype, "dk")
 
 
+@pytest.mark.parametrize("layout", ["fused-qkv-views", "head-dim-strided"])
+def test_rope_non_contiguous_inputs_match_reference(layout, assert_close):
+    """q/k as the model can hand them over: views of one fused projection (unit stride on D, row
+    strides of the whole qkv row), or tensors without unit stride on D (copied, then rotated)."""
+    b, t, hq, hk, d = 3, 7, 3, 1, 10
+    cos, sin = rope_cos_sin(POSITIONS, rope_inv_freq(d, 10_000.0))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, t, 11, generator=g, requires_grad=True)
+    w = torch.randn(11, (hq + 2 * hk) * d, generator=g, requires_grad=True)
+
+    def run(fn):
+        if layout == "fused-qkv-views":
+            qkv = x @ w  # (B, T, (Hq + 2 Hk) D)
+            q = qkv[..., : hq * d].view(b, t, hq, d)
+            k = qkv[..., hq * d : (hq + hk) * d].view(b, t, hk, d)
+            v = qkv[..., (hq + hk) * d :].view(b, t, hk, d)
+        else:
+            qkv = (x @ w).view(b, t, hq + 2 * hk, d).transpose(-1, -2).contiguous().transpose(-1, -2)
+            q, k, v = qkv[:, :, :hq], qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
+            assert q.stride(-1) != 1
+        q, k = fn(q, k, cos, sin)
+        out = (q * q.flip(-1)).sum() + (k * v).sum() + q.sum(2, keepdim=True).mul(k).sum()
+        return (q, k, *torch.autograd.grad(out, (x, w)))
+
+    got, want = run(apply_rope_triton), run(apply_rope_ref)
+    for name, a, e in zip(("q", "k", "dx", "dw"), got, want):
+        assert_close(a, e, torch.float32, name)
+
+
 def test_rope_triton_is_in_place():
     cos, sin = rope_cos_sin(POSITIONS[:1], rope_inv_freq(8, 10_000.0))
     q, k = torch.randn(1, 7, 2, 8), torch.randn(1, 7, 1, 8)
