@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }
       NPROC=$2; shift 2 ;;
     --nproc-per-node=*|--nproc_per_node=*) NPROC=${1#*=}; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '/^set -e/q; 2,$p' "$0"; exit 0 ;;
     *) OVERRIDES+=("$1"); shift ;;
   esac
 done

@@ -76,48 +76,24 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
+def _paired(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """Autograd function of (x, group, dim): `forward(x, group, dim)`, then `backward` on the grad."""
+
+    def fwd(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return forward(x, group, dim)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group, ctx.dim), None, None
 
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+    methods = {"forward": staticmethod(fwd), "backward": staticmethod(bwd)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
-class _GatherFromSPSplitGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, ctx.group, ctx.dim), None, None
-
-
-class _SplitToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+_GatherFromSP = _paired("_GatherFromSP", _all_gather, _reduce_scatter)
+_ReduceScatterToSP = _paired("_ReduceScatterToSP", _reduce_scatter, _all_gather)
+_GatherFromSPSplitGrad = _paired("_GatherFromSPSplitGrad", _all_gather, _split)
+_SplitToSP = _paired("_SplitToSP", _split, _all_gather)
 
 
 def _trivial(group: dist.ProcessGroup | None) -> bool:

@@ -78,19 +78,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 def build_optimizer(params: Iterable[Any], mesh: ParallelMesh, mode: str,
                     optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
                     **kwargs: Any) -> torch.optim.Optimizer:
-    """`optimizer_class(params, **kwargs)`, or its ZeRO-1 sharded form when mode == "zero1"."""
-    if mode == "zero1" and dp_reduce_mesh(mesh).size() > 1:
+    """`optimizer_class(params, **kwargs)`, or its ZeRO-1 sharded form when mode == "zero1".
+    `params` are tensors or param-group dicts, as for any torch optimizer."""
+    dp_mesh = dp_reduce_mesh(mesh)
+    if mode == "zero1" and dp_mesh.size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        params = list(params)
-        if params and isinstance(params[0], dict):
-            first, rest = params[0], params[1:]
-            opt = ZeroRedundancyOptimizer(first["params"], optimizer_class=optimizer_class,
-                                          process_group=dp_reduce_mesh(mesh).get_group(),
-                                          **{**kwargs, **{k: v for k, v in first.items() if k != "params"}})
-            for g in rest:
-                opt.add_param_group(g)
-            return opt
         return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,
-                                       process_group=dp_reduce_mesh(mesh).get_group(), **kwargs)
+                                       process_group=dp_mesh.get_group(), **kwargs)
     return optimizer_class(params, **kwargs)

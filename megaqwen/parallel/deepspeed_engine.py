@@ -36,6 +36,12 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config keys merged on top (for anything not modelled here)."""
 
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage (parallel.zero_stage) must be 1, 2 or 3, got {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"parallel.offload_params needs ZeRO stage 3, got stage {self.stage}")
+
 
 class MegatronStyleMPU:
     """The `mpu` interface DeepSpeed queries for model-/data-parallel groups, over our mesh."""
@@ -71,10 +77,6 @@ class MegatronStyleMPU:
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int = 1) -> dict[str, Any]:
-    if cfg.stage not in (1, 2, 3):
-        raise ValueError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {cfg.stage}")
-    if cfg.offload_params and cfg.stage != 3:
-        raise ValueError(f"offload_params needs ZeRO stage 3, got stage {cfg.stage}")
     zero: dict[str, Any] = {"stage": cfg.stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}

@@ -33,13 +33,14 @@ def grad_norm(params: Iterable[nn.Parameter], mesh: ParallelMesh | None) -> torc
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    device = params[0].grad.device
-    sq = torch.zeros((), dtype=torch.float64, device=device)
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].grad.device)
     for p in params:
         g = p.grad
         local = g.to_local() if isinstance(g, DTensor) else g
         copies = _copies(p, g, mesh) if mesh is not None else 1
-        sq += local.detach().double().pow(2).sum() / copies
+        # fp32 norm per tensor (as torch's clip_grad_norm_), summed in fp64: a `.double()` copy of
+        # each gradient would cost 2x its size in fp64 temporaries (GBs for a 150k-row embedding)
+        sq += torch.linalg.vector_norm(local.detach(), dtype=torch.float32).double().square() / copies
     if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
     return sq.sqrt().float()

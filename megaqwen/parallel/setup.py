@@ -1,9 +1,9 @@
 """What the trainer calls to go distributed: process group from torchrun's env, the mesh, the plans.
 
-    env = init_distributed(cfg.parallel, cfg.train.device)        # before anything else
-    check_layout(cfg.parallel, env, cfg.model, cfg.train.seq_len)  # fails before any work starts
-    model = parallelize(build_model(...), cfg.parallel, env)       # TP/SP, then DDP/FSDP2
-    optimizer = build_optimizer(...)  or  engine = build_engine(...)  (train.engine=deepspeed)
+    env = init_distributed(cfg.parallel, cfg.train.device)            # before anything else
+    check_layout(cfg.parallel, env, cfg.model, seq_len, engine)        # fails before any work starts
+    model = parallelize(build_model(...), cfg.parallel, env)           # TP/SP, then DDP/FSDP2
+    model, optimizer = build_optimizer_or_engine(model, ...)           # or the DeepSpeed engine
 
 A single process (no WORLD_SIZE, or 1) gets no process group and `mesh=None`; every helper then
 returns its input unchanged, so the single-device path stays the plain model.
@@ -95,10 +95,24 @@ def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv
     return DistEnv(rank, world, local_rank, device, dims, mesh)
 
 
-def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int) -> None:
-    """Validate the layout against the model before the model is built."""
+def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0):
+    """The DeepSpeed engine's settings from `parallel.*` (validated on construction)."""
+    from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig
+
+    return DeepSpeedConfig(stage=pcfg.zero_stage, offload_optimizer=pcfg.offload_optimizer,
+                           offload_params=pcfg.offload_params, gradient_clipping=grad_clip)
+
+
+def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
+                 engine: str = "native") -> None:
+    """Validate the layout (and the DeepSpeed settings with engine=deepspeed) against the model,
+    before the model is built."""
     env.dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
     check_linear_backend(pcfg.tp_linear_backend)
+    if engine == "deepspeed":
+        _deepspeed_config(pcfg)
+        if env.mesh is None:
+            raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
     if pcfg.sequence_parallel and env.dims.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1")
     if env.dims.pp > 1 or env.dims.cp > 1 or env.dims.ep > 1:
@@ -126,14 +140,12 @@ def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistE
     is replaced by ZeRO-1 over `param_groups(model)`; with engine=deepspeed the model becomes the
     DeepSpeed engine (AdamW with `adamw` kwargs, clipping at grad_clip) and the optimizer its own."""
     if engine == "deepspeed":
-        from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig, build_deepspeed_engine
+        from megaqwen.parallel.deepspeed_engine import build_deepspeed_engine
 
-        if env.mesh is None:
+        if env.mesh is None:  # check_layout says so before the model is built
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
-        ds = DeepSpeedConfig(stage=pcfg.zero_stage, offload_optimizer=pcfg.offload_optimizer,
-                             offload_params=pcfg.offload_params, gradient_clipping=grad_clip)
-        eng = build_deepspeed_engine(model, env.mesh, ds, micro_batch_size, accum_steps,
-                                     param_groups=param_groups(model), **adamw)
+        eng = build_deepspeed_engine(model, env.mesh, _deepspeed_config(pcfg, grad_clip), micro_batch_size,
+                                     accum_steps, param_groups=param_groups(model), **adamw)
         return eng, eng.optimizer
     if pcfg.dp_mode == "zero1" and env.mesh is not None and env.dims.dp > 1:
         from megaqwen.parallel.data_parallel import build_optimizer

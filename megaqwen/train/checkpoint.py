@@ -88,8 +88,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
     partial = final.with_name(final.name + ".partial")
     if _rank() == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)
+        for stale in ckpt_root.glob("step_*.partial"):  # left by a crashed save (this step or another)
+            shutil.rmtree(stale)
     _barrier()
     parallel_ckpt.save(str(partial), model, optimizer, mesh)  # TP shards / ZeRO-1 / DeepSpeed aware
     _barrier()

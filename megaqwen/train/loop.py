@@ -1,7 +1,7 @@
 """The training loop: build model, optimizer and data; resume; step; log; checkpoint.
 
 One code path for one process and for torchrun: `megaqwen.parallel` plugs the process mesh, model
-sharding and data-parallel wrappers (or the DeepSpeed engine) in through `Runtime` (rank, dp
+sharding and data-parallel wrappers (or the DeepSpeed engine) in through its `DistEnv` (rank, dp
 coordinates, device, mesh) without changing the step logic.
 """
 
@@ -12,7 +12,7 @@ import importlib.resources
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +21,14 @@ import torch
 from megaqwen.kernels.registry import resolve_ops
 from megaqwen.models.qwen2 import build_model
 from megaqwen.parallel import setup as par
-from megaqwen.parallel.dims import ParallelMesh
 from megaqwen.parallel.grad_norm import clip_grad_norm_
+from megaqwen.parallel.metrics import local_peak_memory_gib
 from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
-from megaqwen.train.metrics import MetricsLogger, peak_memory_gib
+from megaqwen.train.metrics import MetricsLogger
 from megaqwen.train.optim import build_optimizer, lr_at, param_groups, set_lr
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    mesh: ParallelMesh | None = None
-    """Named device mesh and groups (megaqwen.parallel); None in a single process."""
-    engine: str = "native"
-    """native | deepspeed (then `model` is the DeepSpeed engine)."""
-
-    @property
-    def is_logging_rank(self) -> bool:
-        return self.rank == 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,12 +56,12 @@ def sample_corpus() -> Path:
     return path
 
 
-def resolve_data_path(path: str, out_dir: Path, rt: Runtime) -> str:
+def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
     """`sample` -> the shipped corpus tokenised once into out_dir/data/sample (rank 0 writes)."""
     if path != "sample":
         return path
     prefix = out_dir / "data" / "sample"
-    if rt.is_logging_rank and not prefix.with_suffix(".idx").exists():
+    if env.rank == 0 and not prefix.with_suffix(".idx").exists():
         from megaqwen.data_pipeline.cli import main as data_main
 
         log.info("tokenising the shipped sample corpus into %s", prefix)
@@ -90,16 +73,16 @@ def resolve_data_path(path: str, out_dir: Path, rt: Runtime) -> str:
     return str(prefix)
 
 
-def build_batches(cfg: Config, rt: Runtime, consumed_samples: int):
+def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int):
     from megaqwen.data.blend import build_dataset
     from megaqwen.data.sampler import BatchIterator
 
     t = cfg.train
-    data_path = resolve_data_path(cfg.data.path, Path(t.out_dir), rt)
+    data_path = resolve_data_path(cfg.data.path, Path(t.out_dir), env)
     dataset = build_dataset(data_path, seq_len=t.seq_len, num_samples=t.steps * t.global_batch_size,
                             seed=t.seed)
     return BatchIterator(dataset, global_batch_size=t.global_batch_size,
-                         micro_batch_size=t.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                         micro_batch_size=t.micro_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
                          consumed_samples=consumed_samples)
 
 
@@ -111,31 +94,31 @@ def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
         document_ids=batch["document_ids"] if cfg.data.document_mask else None)
 
 
-def train_step(model, optimizer, batches, cfg: Config, rt: Runtime, step: int,
+def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
                accum_steps: int) -> dict[str, float]:
     """One optimizer step over `accum_steps` micro-batches; returns the step's metrics."""
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
-    loss_sum = torch.zeros((), device=rt.device)
+    loss_sum = torch.zeros((), device=env.device)
     for i in range(accum_steps):
         batch = next(batches)
-        with autocast_ctx(cfg.train.dtype, rt.device):
-            loss = forward_loss(model, batch, cfg, rt.device)
-        if rt.engine == "deepspeed":  # it divides by accumulation and steps at the boundary itself
+        with autocast_ctx(cfg.train.dtype, env.device):
+            loss = forward_loss(model, batch, cfg, env.device)
+        if cfg.train.engine == "deepspeed":  # it divides by accumulation and steps at the boundary itself
             model.backward(loss)
             model.step()
         else:
             with par.grad_sync(model, sync=i == accum_steps - 1):
                 (loss / accum_steps).backward()
         loss_sum += loss.detach().float()
-    if rt.engine == "deepspeed":
+    if cfg.train.engine == "deepspeed":
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
     else:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(model.parameters(), max_norm, rt.mesh)  # TP/FSDP-aware global norm
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm, env.mesh)  # TP/FSDP-aware global norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = par.dp_mean(loss_sum / accum_steps, rt.mesh)
+    loss = par.dp_mean(loss_sum / accum_steps, env.mesh)
     return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
 
@@ -151,65 +134,58 @@ def init_weights_from(model, path: str, cfg: Config) -> None:
     log.info("initialised weights from %s", path)
 
 
-def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
+def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training to cfg.train.steps; returns a summary of the run."""
     cfg.validate()
     t = cfg.train
-    if rt is None:
-        env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
-        rt = Runtime(device=env.device, rank=env.rank, world_size=env.world_size, dp_rank=env.dp_rank,
-                     dp_size=env.dp_size, mesh=env.mesh, engine=t.engine)
-        par.check_layout(cfg.parallel, env, cfg.model, t.seq_len)  # before any model is built
-    else:
-        env = None
+    env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
+    par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine)  # before any model is built
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
-    accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * rt.dp_size)
+    accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * env.dp_size)
     if rem or accum_steps == 0:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"micro_batch_size ({t.micro_batch_size}) x dp ({rt.dp_size})")
+                         f"micro_batch_size ({t.micro_batch_size}) x dp ({env.dp_size})")
 
     torch.manual_seed(t.seed)
-    ops = resolve_ops(cfg.kernels, device=rt.device.type)
-    model = build_model(cfg.model, ops, device=rt.device)
+    ops = resolve_ops(cfg.kernels, device=env.device.type)
+    model = build_model(cfg.model, ops, device=env.device)
     latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
     if latest is None and t.init_from:
         init_weights_from(model, t.init_from, cfg)  # full weights, before the plans shard them
-    if env is not None:  # TP/SP plan, then DDP / ZeRO-1 / FSDP2 or the DeepSpeed engine
-        model = par.parallelize(model, cfg.parallel, env, wrap_dp=t.engine == "native")
-        model, optimizer = par.build_optimizer_or_engine(
-            model, cfg.parallel, env, t.engine,
-            native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=rt.device.type),
-            param_groups=lambda m: param_groups(m, t.weight_decay),
-            adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
-            micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip)
-    else:
-        optimizer = build_optimizer(model, t, impl=cfg.kernels.adam, device=rt.device.type)
+    # TP/SP plan, then DDP / ZeRO-1 / FSDP2 or the DeepSpeed engine (all no-ops in one process)
+    model = par.parallelize(model, cfg.parallel, env, wrap_dp=t.engine == "native")
+    model, optimizer = par.build_optimizer_or_engine(
+        model, cfg.parallel, env, t.engine,
+        native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
+        param_groups=lambda m: param_groups(m, t.weight_decay),
+        adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
+        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
-             n_params / 1e6, rt.device, ops.describe())
+             n_params / 1e6, env.device, ops.describe())
 
     start_step, consumed = 0, 0
     if latest is not None:
-        meta = ckpt.load_checkpoint(latest, model, optimizer, mesh=rt.mesh)
+        meta = ckpt.load_checkpoint(latest, model, optimizer, mesh=env.mesh)
         start_step, consumed = meta["step"], meta["consumed_samples"]
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
-    batches = build_batches(cfg, rt, consumed)
+    batches = build_batches(cfg, env, consumed)
 
     config_dict = asdict(cfg)
     logger = MetricsLogger(out_dir, config_dict, cfg.logger.wandb, total_steps=t.steps,
-                           enabled=rt.is_logging_rank, log_every=t.log_every)
+                           enabled=env.rank == 0, log_every=t.log_every)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
-            metrics = train_step(model, optimizer, batches, cfg, rt, step, accum_steps)
+            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps)
             dt = time.perf_counter() - t0
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                           peak_mem_gib=peak_memory_gib(rt.device),
+                           peak_mem_gib=local_peak_memory_gib(env.device),
                            consumed_samples=batches.consumed_samples)
-            metrics.update(par.throughput_metrics(rt.device, rt.world_size, metrics["tokens_per_s"],
+            metrics.update(par.throughput_metrics(env.device, env.world_size, metrics["tokens_per_s"],
                                                   flops_per_token, t.peak_flops))
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
@@ -220,13 +196,13 @@ def train(cfg: Config, rt: Runtime | None = None) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict}, keep_last=t.keep_last, mesh=rt.mesh)
+                     "config": config_dict}, keep_last=t.keep_last, mesh=env.mesh)
             if exiting:
                 log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
                 break
     finally:
         logger.close()
-    if rt.is_logging_rank and metrics:
+    if env.rank == 0 and metrics:
         from megaqwen.train.plot import plot_run
 
         log.info("loss curve: %s", plot_run(out_dir))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -17,17 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this rank: CUDA allocator peak, or the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 2**20
 
 
 def git_revision() -> str | None:

@@ -3,7 +3,8 @@
 Every rank first trains the unsharded model on the whole global batch (the single-process
 reference, same seed), then the same steps under each layout, and reports on rank 0 the relative
 loss differences and the worst gradient error after the first backward (shards gathered back to
-full tensors). Several layouts share one spawn to pay process start-up once.
+full tensors), and the global gradient norm before and after clipping. Several layouts share one
+spawn to pay process start-up once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from megaqwen.models.qwen2 import build_model
 from megaqwen.parallel.collectives import _all_gather
 from megaqwen.parallel.data_parallel import apply_data_parallel, build_optimizer, unwrap
 from megaqwen.parallel.dims import ParallelDims, ParallelMesh
-from megaqwen.parallel.grad_norm import grad_norm
+from megaqwen.parallel.grad_norm import clip_grad_norm_, grad_norm
 from megaqwen.parallel.tensor_parallel import apply_tensor_parallel
 
 # debug model with a smaller vocabulary (divisible by 4) so 4 oversubscribed ranks stay ~1 s/layout
@@ -96,10 +97,11 @@ def reference(cfg) -> dict[str, Any]:
         if s == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             norm = grad_norm(model.parameters(), None).item()
+            torch_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "grads": grads, "grad_norm": norm}
+    return {"losses": losses, "grads": grads, "grad_norm": norm, "torch_grad_norm": torch_norm}
 
 
 def full_grad(p: torch.nn.Parameter, mesh: ParallelMesh, g: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,7 +142,7 @@ def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str
     tokens, labels = batches(cfg)
     b = GLOBAL_B // layout.dp
     sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    losses, grad_err, norm_rel = [], {}, 0.0
+    losses, grad_err, norm_rel, clipped_rel = [], {}, 0.0, 0.0
     ds = layout.mode.startswith("ds")
     for s in range(STEPS):
         loss = model(tokens[s, sl], labels[s, sl])
@@ -157,19 +159,27 @@ def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str
                 grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
             if not ds:
                 norm_rel = abs(grad_norm(plain.parameters(), mesh).item() / ref["grad_norm"] - 1)
+                # clip to half the norm, measure again, then put the unclipped gradients back
+                unclipped = [p.grad.clone() for p in plain.parameters()]
+                clip_grad_norm_(plain.parameters(), ref["grad_norm"] / 2, mesh)
+                clipped_rel = abs(grad_norm(plain.parameters(), mesh).item() / (ref["grad_norm"] / 2) - 1)
+                for p, g in zip(plain.parameters(), unclipped):
+                    p.grad = g
         model.step() if ds else (opt.step(), opt.zero_grad())
         loss = loss.detach().clone()
         dist.all_reduce(loss, group=mesh.dp_group)
         losses.append(loss.item() / layout.dp)
     rel = [abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])]
     return {"losses": losses, "loss_rel": max(rel), "grad_err": max(grad_err.values()),
-            "worst_grad": max(grad_err, key=grad_err.get), "grad_norm_rel": norm_rel}
+            "worst_grad": max(grad_err, key=grad_err.get), "grad_norm_rel": norm_rel,
+            "clipped_norm_rel": clipped_rel}
 
 
 def parity_worker(rank: int, world: int, layouts: list[Layout], cfg_overrides: dict) -> dict:
     cfg = get_config("debug", **cfg_overrides)
     ref = reference(cfg)
-    out = {"ref_losses": ref["losses"]}
+    out = {"ref_losses": ref["losses"], "ref_grad_norm": ref["grad_norm"],
+           "ref_torch_grad_norm": ref["torch_grad_norm"]}
     for layout in layouts:
         out[layout.name] = run_layout(cfg, layout, world, ref)
     return out

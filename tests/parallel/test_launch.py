@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["model.vocab_size=512", "train.steps=4", "train.seq_len=16", "train.global_batch_size=4",
           "train.micro_batch_size=1", "train.save_every=2", "train.warmup_steps=1", "train.lr=3e-3",
           "logger.wandb.enabled=false"]
+MODEL_BUILT = "parameters (this rank's shards)"  # the trainer's log line once the model exists
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,10 @@ def test_torchrun_tp2_sp_equals_one_process(tmp_path, shard):
     assert all(r["tokens_per_s"] > 0 for r in rows)
     # rank 0 alone wrote the run folder: one metrics file, one Hydra config copy
     assert len(rows) == 4 and (out / ".hydra" / "config.yaml").exists()
+    # ... and alone logs at INFO: one model line and one progress line per step, not one per rank
+    console = run.stdout + run.stderr
+    assert console.count(MODEL_BUILT) == 1, console[-4000:]
+    assert console.count("step 4/4 |") == 1, console[-4000:]
 
 
 @pytest.mark.slow
@@ -97,4 +102,5 @@ def test_layout_that_does_not_fit_fails_before_work(tmp_path, shard):
                  "model.hidden_size=96")
     assert run.returncode != 0
     assert "num_heads=3 is not divisible by tp=2" in run.stderr
+    assert MODEL_BUILT not in run.stdout + run.stderr  # it failed before the model was built
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

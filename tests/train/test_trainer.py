@@ -92,10 +92,11 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, shard, monkeypatch, m
     assert ckpt.latest_checkpoint(root).name == "step_00000003"
     assert (root / "step_00000006.partial").exists() and not (root / "step_00000006").exists()
     monkeypatch.undo()
+    (root / "step_00000001.partial").mkdir()  # a crashed save of a step the resumed run never saves
     summary = train(make_config(tmp_path, shard, "train.steps=6", "train.save_every=3"))
     assert summary["start_step"] == 3
     assert ckpt.latest_checkpoint(root).name == "step_00000006"
-    assert not (root / "step_00000006.partial").exists()
+    assert not list(root.glob("*.partial"))  # every stale partial folder is gone
 
 
 def test_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path):
@@ -140,15 +141,25 @@ def test_weight_decay_skips_biases_and_norms(tmp_path, shard):
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
 
 
-@pytest.mark.parametrize("override, match", [
-    ("train.global_batch_size=5", "global_batch_size=5 is not divisible by train.micro_batch_size=2"),
-    ("train.schedule=linear", "train.schedule='linear'"),
-    ("train.min_lr=1.0", "min_lr"),
-    ("model.num_kv_heads=3", "num_heads=4 is not divisible by num_kv_heads=3"),
+@pytest.mark.parametrize("overrides, match", [
+    (["train.global_batch_size=5"], "global_batch_size=5 is not divisible by train.micro_batch_size=2"),
+    (["train.schedule=linear"], "train.schedule='linear'"),
+    (["train.min_lr=1.0"], "min_lr"),
+    (["model.num_kv_heads=3"], "num_heads=4 is not divisible by num_kv_heads=3"),
+    (["train.engine=deepspeed"], "train.engine=deepspeed needs a distributed launch"),
+    (["train.engine=deepspeed", "parallel.zero_stage=4"], r"parallel.zero_stage\) must be 1, 2 or 3, got 4"),
+    (["train.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"],
+     "parallel.offload_params needs ZeRO stage 3, got stage 2"),
 ])
-def test_bad_config_fails_before_work(tmp_path, shard, override, match, make_config):
+def test_bad_config_fails_before_work(tmp_path, shard, overrides, match, make_config, monkeypatch):
+    from megaqwen.train import loop
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
     with pytest.raises(ValueError, match=match):
-        train(make_config(tmp_path, shard, override))
+        train(make_config(tmp_path, shard, *overrides))
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
