@@ -28,6 +28,7 @@ def _rss_mb() -> float:
 
 def run_one(variant: str, tokens: int, hidden: int, vocab: int, threads: int) -> dict:
     import torch
+
     from megaqwen.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref
 
     torch.set_num_threads(threads)

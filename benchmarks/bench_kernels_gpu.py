@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from megaqwen.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref
 from megaqwen.kernels.registry import KernelConfig, resolve_ops
 from megaqwen.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
 from megaqwen.kernels.rope import apply_rope_ref, apply_rope_triton, rope_cos_sin, rope_inv_freq
 from megaqwen.kernels.swiglu import swiglu_ref, swiglu_triton
-
 from megaqwen.models import get_config
 from megaqwen.models.qwen2 import build_model
 

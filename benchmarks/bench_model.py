@@ -14,8 +14,8 @@ import statistics
 import time
 
 import torch
-from megaqwen.kernels.registry import KernelConfig, resolve_ops
 
+from megaqwen.kernels.registry import KernelConfig, resolve_ops
 from megaqwen.models import build_model, get_config
 from megaqwen.train.config import TrainConfig
 from megaqwen.train.optim import build_optimizer

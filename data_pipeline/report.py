@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.executor import load_markers
 from megaqwen.data_pipeline.io import read_documents

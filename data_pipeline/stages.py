@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
 from megaqwen.data_pipeline.executor import load_markers, report_progress, require_complete

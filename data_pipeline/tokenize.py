@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from megaqwen.data_pipeline.io import InputPart, Reader, expand_inputs
 
 from megaqwen.data.indexed import IndexedDatasetBuilder
+from megaqwen.data_pipeline.io import InputPart, Reader, expand_inputs
 from megaqwen.tokenizer import EOD_ID
 
 log = logging.getLogger("megaqwen.tokenize")

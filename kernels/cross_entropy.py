@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
 
 IGNORE_INDEX = -100

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from megaqwen.kernels._triton import triton_unavailable_reason
 from megaqwen.kernels.attention import flash_attention, sdpa_attention, te_attention
 from megaqwen.kernels.cross_entropy import (

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
 
 # ----------------------------------------------------------------------------- references

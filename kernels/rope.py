@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
 
 # ----------------------------------------------------------------------------- frequency tables

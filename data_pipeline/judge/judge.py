@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from megaqwen.data_pipeline.judge.rubric import (
     SCORE_TOKENS,
     check_dimensions,

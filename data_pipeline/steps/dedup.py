@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+
 from megaqwen.data_pipeline.document import StepStats
 
 _WORD = re.compile(r"\w+")

@@ -3,9 +3,9 @@ import json
 import logging
 
 import pytest
-from megaqwen.data_pipeline.cli import main
 
 from megaqwen.data.indexed import IndexedDataset
+from megaqwen.data_pipeline.cli import main
 from megaqwen.tokenizer import EOD_ID, load_tokenizer
 
 GOOD = ["Hello world.", "你好，世界！", "def f(x):\n    return x + 1\n", "quoting <|endoftext|> literally"]

@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 
 import yaml
-from megaqwen.data_pipeline.cli import main
-from megaqwen.data_pipeline.io import read_documents
 
 from megaqwen.data.blend import load_blend_recipe
+from megaqwen.data_pipeline.cli import main
+from megaqwen.data_pipeline.io import read_documents
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "conf/data/pipeline_sample_judge.yaml"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from megaqwen.data_pipeline.config import StageMix
 from megaqwen.data_pipeline.remix import plan_stage
 from megaqwen.data_pipeline.samples.make_corpus import make_records
@@ -95,9 +96,8 @@ def _shards(root: Path, tokens: dict[str, int]) -> dict[str, str]:
 
 
 def test_recipe_is_the_trainers_format_with_plan_beside_it(tmp_path: Path):
-    from megaqwen.data_pipeline.remix import meta_path, write_recipe
-
     from megaqwen.data.blend import load_blend_recipe
+    from megaqwen.data_pipeline.remix import meta_path, write_recipe
 
     stage = StageMix(name="stage-4k", seq_length=64, rope_base=1e6, token_budget=0)
     tokens = {"a": 1000, "b": 3000}

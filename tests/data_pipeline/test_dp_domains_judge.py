@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.io import read_documents
 from megaqwen.data_pipeline.judge.rubric import domain_letters, domain_messages
@@ -63,7 +64,6 @@ def _content_sensitive_judge(out: Path, texts: list[str], taxonomy: dict[str, st
     along the document-specific part of those hidden states, so different documents get different
     domains, and save it with the Qwen2.5 tokenizer like `megaqwen-data tiny-judge` does."""
     from megaqwen.data_pipeline.tiny_judge import build_tiny_qwen2
-
     from megaqwen.tokenizer import load_tokenizer
 
     tok, m = load_tokenizer(), build_tiny_qwen2(seed=0)

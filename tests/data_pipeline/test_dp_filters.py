@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from megaqwen.data_pipeline.document import Document
 from megaqwen.data_pipeline.steps.filters import C4Filter, FineWebFilter, GopherQuality, GopherRepetition
 from megaqwen.data_pipeline.steps.langid import LanguageId

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from megaqwen.data_pipeline.judge.backends import LocalBackend, OpenAIBackend
 from megaqwen.data_pipeline.judge.judge import Judge, expected_scores
 from megaqwen.data_pipeline.judge.rubric import SCORE_TOKENS, quality_messages
 from megaqwen.data_pipeline.tiny_judge import build_tiny_qwen2
-
 from megaqwen.tokenizer import load_tokenizer
 
 DOCS = [

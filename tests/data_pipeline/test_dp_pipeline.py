@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from megaqwen.data.blend import load_blend_recipe
 from megaqwen.data_pipeline.config import PipelineConfig, StageMix, load_config
 from megaqwen.data_pipeline.io import read_documents
 from megaqwen.data_pipeline.pipeline import run_pipeline, run_stage
 from megaqwen.data_pipeline.remix import measure_blend, meta_path
 from megaqwen.data_pipeline.samples.make_corpus import make_records
-
-from megaqwen.data.blend import load_blend_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = yaml.safe_load((REPO / "conf/data/pipeline_sample.yaml").read_text())["steps"]

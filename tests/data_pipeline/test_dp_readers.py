@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.executor import load_markers
 from megaqwen.data_pipeline.io import read_documents

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from megaqwen.data_pipeline.scorer import RidgeScorer, SoftmaxClassifier, agreement, split_indices
 
 

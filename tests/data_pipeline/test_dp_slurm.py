@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from megaqwen.data_pipeline.pipeline_cli import _rank_world
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from megaqwen.kernels import attention
 from megaqwen.kernels.attention import (
     document_ids_to_cu_seqlens,

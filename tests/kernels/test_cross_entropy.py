@@ -1,7 +1,8 @@
 import pytest
 import torch
-from megaqwen.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from megaqwen.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref
 
 N, H, V = 37, 24, 301  # tokens, width, vocabulary: none a power of two
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from megaqwen.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref
 
 N, H, V, WORLD = 29, 24, 302, 2

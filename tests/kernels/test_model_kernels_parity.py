@@ -1,8 +1,8 @@
 """A few AdamW steps of the debug model with every kernel on equal the run with all references."""
 
 import torch
-from megaqwen.kernels.registry import KernelConfig, resolve_ops
 
+from megaqwen.kernels.registry import KernelConfig, resolve_ops
 from megaqwen.models import get_config
 from megaqwen.models.qwen2 import build_model
 

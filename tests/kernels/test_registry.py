@@ -2,6 +2,7 @@ import logging
 
 import pytest
 import torch
+
 from megaqwen.kernels import registry
 from megaqwen.kernels.registry import IMPLS, KernelConfig, build_adamw, resolve_ops
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from megaqwen.kernels.rmsnorm import (
     rms_norm_ref,
     rms_norm_residual_ref,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from megaqwen.kernels.rope import (
     apply_rope_ref,
     apply_rope_triton,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from megaqwen.kernels.swiglu import swiglu_fused_ref, swiglu_fused_triton, swiglu_ref, swiglu_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
