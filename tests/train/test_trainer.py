@@ -185,3 +185,20 @@ def test_cli_entry_point_runs_with_overrides(tmp_path, shard):
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     meta = json.loads((ckpt.latest_checkpoint(tmp_path / "checkpoints") / "meta.json").read_text())
     assert meta["step"] == 2 and meta["config"]["train"]["lr"] == 3e-4
+
+
+def test_embedded_default_data_is_the_shipped_sample(tmp_path):
+    """data.path=sample (the default) tokenises the corpus shipped in the package, then trains on it."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("megaqwen.conf", version_base="1.3"):
+        dcfg = compose("config", overrides=[f"train.out_dir={tmp_path}", "train.steps=2",
+                                            "train.seq_len=32", "train.global_batch_size=2",
+                                            "logger.wandb.enabled=false"])
+    cfg = OmegaConf.to_object(dcfg)
+    assert cfg.data.path == "sample" and cfg.model.vocab_size == 151_936
+    train(cfg)
+    stats = json.loads((tmp_path / "data" / "sample.stats.json").read_text())
+    assert stats["documents"] > 300 and stats["malformed"] > 0  # the corpus plants malformed lines
+    assert len(losses(tmp_path)) == 2
