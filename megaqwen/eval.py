@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from megaqwen.convert.hf import load_pretrained
+    from megaqwen.parallel.setup import resolve_device
     from megaqwen.tokenizer import load_tokenizer
-    from megaqwen.train.loop import pick_device
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     data = Path(args.data)
     if not data.exists():
         print(f"megaqwen-eval: error: data file {data} not found", file=sys.stderr)

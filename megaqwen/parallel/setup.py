@@ -55,7 +55,8 @@ class DistEnv:
         return self.dims.dp
 
 
-def _device(name: str, backend: str | None, local_rank: int) -> torch.device:
+def resolve_device(name: str, backend: str | None = None, local_rank: int = 0) -> torch.device:
+    """`train.device` (auto | cpu | cuda) -> this rank's device; auto takes CUDA when present."""
     want_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but torch.cuda.is_available() is False")
@@ -79,10 +80,10 @@ def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv
     if pcfg.dp_mode not in DP_MODES:
         raise ValueError(f"parallel.dp_mode={pcfg.dp_mode!r}; choose from {DP_MODES}")
     if world == 1:
-        return DistEnv(0, 1, 0, _device(device_name, None, 0), dims, None)
+        return DistEnv(0, 1, 0, resolve_device(device_name), dims, None)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = resolve_backend(pcfg.backend)
-    device = _device(device_name, backend, local_rank)
+    device = resolve_device(device_name, backend, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -31,14 +31,6 @@ from megaqwen.train.optim import build_optimizer, lr_at, param_groups, set_lr
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
 def autocast_ctx(dtype: str, device: torch.device):
     """bf16 autocast where asked (or `auto` on a bf16-capable GPU); fp32 otherwise."""
     use_bf16 = dtype == "bf16" or (
