@@ -81,6 +81,18 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
+def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of an HF folder; a tied checkpoint's redundant lm_head is dropped."""
+    config_path = hf_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found")
+    cfg = config_from_hf(json.loads(config_path.read_text()), name=hf_dir.name)
+    weights = read_hf_weights(hf_dir)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return cfg, weights
+
+
 def expected_keys(cfg: ModelConfig) -> set[str]:
     from megaqwen.models.qwen2 import build_model
 
@@ -90,13 +102,7 @@ def expected_keys(cfg: ModelConfig) -> set[str]:
 def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """HF Qwen2 folder -> megaqwen checkpoint folder (DCP + meta.json, step 0)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    config_path = hf_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    cfg = config_from_hf(json.loads(config_path.read_text()), name=hf_dir.name)
-    weights = read_hf_weights(hf_dir)
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+    cfg, weights = read_hf(hf_dir)
     want = expected_keys(cfg)
     missing, extra = want - set(weights), set(weights) - want
     if missing or extra:
@@ -131,13 +137,7 @@ def read_model_weights(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, tor
 def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and model tensors from a native checkpoint folder or an HF folder."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        return read_model_weights(path)
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
-    weights = read_hf_weights(path)
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    return cfg, weights
+    return read_hf(path) if (path / "config.json").exists() else read_model_weights(path)
 
 
 def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cpu",
