@@ -1,4 +1,4 @@
-"""Typed configuration of the data pipeline (YAML in `conf/data/pipeline_*.yaml`)."""
+"""Typed configuration of the data pipeline (YAML in `data_pipeline/configs/pipeline_*.yaml`)."""
 
 from __future__ import annotations
 

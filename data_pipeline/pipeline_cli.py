@@ -1,6 +1,6 @@
 """`megaqwen-data pipeline`: run the curation pipeline from a YAML config, locally or as a SLURM task.
 
-    megaqwen-data pipeline --config conf/data/pipeline_sample.yaml            # every stage, locally
+    megaqwen-data pipeline --config data_pipeline/configs/pipeline_sample.yaml  # every stage, locally
     megaqwen-data pipeline --config C --stage filter --rank 3 --world 16      # one SLURM array task
     megaqwen-data pipeline --config C --stage filter --rank slurm             # rank/world from SLURM_ARRAY_*
 
@@ -70,7 +70,7 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="pipeline YAML (conf/data/pipeline_*.yaml)")
+    p.add_argument("--config", required=True, help="pipeline YAML (data_pipeline/configs/pipeline_*.yaml)")
     p.add_argument("--stage", help="run only this stage (default: all enabled stages in order)")
     p.add_argument("--rank", default="0", help="this task's rank among --world, or 'slurm'")
     p.add_argument("--world", type=int, default=1, help="number of ranks sharing the stage's tasks")

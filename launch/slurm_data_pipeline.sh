@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The data pipeline on a SLURM cluster: one array job per stage, chained with afterok dependencies.
 #
-#   launch/slurm_data_pipeline.sh conf/data/pipeline_cluster.yaml [ARRAY_SIZE]
+#   launch/slurm_data_pipeline.sh data_pipeline/configs/pipeline_cluster.yaml [ARRAY_SIZE]
 #
 # Each array task runs `megaqwen-data pipeline --stage S --rank slurm`, i.e. tasks r, r+N, r+2N ...
 # of the stage (N = array size). Completed tasks leave markers, so resubmitting the script after a

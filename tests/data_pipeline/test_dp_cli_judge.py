@@ -18,7 +18,7 @@ from megaqwen.data_pipeline.cli import main
 from megaqwen.data_pipeline.io import read_documents
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "conf/data/pipeline_sample_judge.yaml"
+CONFIG = REPO / "data_pipeline/configs/pipeline_sample_judge.yaml"
 N_DOCS = 31  # 30 lines of the sample corpus and one exact duplicate
 
 

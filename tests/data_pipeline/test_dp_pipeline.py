@@ -23,7 +23,7 @@ from megaqwen.data_pipeline.remix import measure_blend, meta_path
 from megaqwen.data_pipeline.samples.make_corpus import make_records
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = yaml.safe_load((REPO / "conf/data/pipeline_sample.yaml").read_text())["steps"]
+STEPS = yaml.safe_load((REPO / "data_pipeline/configs/pipeline_sample.yaml").read_text())["steps"]
 
 
 def _slice(path: Path, n_good: int) -> tuple[int, int]:

@@ -46,7 +46,7 @@ def test_submission_script_chains_stages_with_a_fake_sbatch(tmp_path):
     env = {**os.environ, "PATH": f"{fake.parent}:{bindir}:{os.environ['PATH']}",
            "LOG_DIR": str(tmp_path / "logs")}
     out = subprocess.run(["bash", str(ROOT / "launch/slurm_data_pipeline.sh"),
-                          str(ROOT / "conf/data/pipeline_sample.yaml"), "8"],
+                          str(ROOT / "data_pipeline/configs/pipeline_sample.yaml"), "8"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     calls = log.read_text().splitlines()
