@@ -1,8 +1,9 @@
 """Causal self-attention backends, with optional per-document masking for packed sequences.
 
 Layout (B, T, H, D) in and out; k/v may have fewer heads than q (GQA). All backends share the call
-`(q, k, v, document_ids=None, scale=None)`; `document_ids` (B, T) marks packed documents, and a
-token attends only to earlier tokens of its own document (a new document also starts every row).
+`(q, k, v, attn=None, scale=None)`; `attn` is the batch's `AttentionMeta` (or its document ids
+(B, T)) for packed documents, and a token attends only to earlier tokens of its own document (a new
+document also starts every row); None is plain causal attention.
 
 - `sdpa_attention`: PyTorch SDPA; packed documents through an explicit block-diagonal causal mask
   (B, 1, T, T) -- memory O(T^2), which is why the varlen backends exist.
@@ -21,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakTensorKeyDictionary
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +34,16 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
-# document_ids -> (its version counter, (cu_seqlens, max_seqlen)); entries die with the tensor.
-_CU_SEQLENS_CACHE = WeakTensorKeyDictionary()
-
-
 def document_ids_to_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """document_ids (B, T) -> cu_seqlens (S + 1,) int32 over the flattened B*T tokens, max_seqlen.
 
     A segment starts at every row start and wherever the id changes from the previous token, so
     segments never cross rows even when two rows reuse an id. Non-contiguous repeats of an id
-    within a row count as separate documents (packing never produces them).
-
-    Every layer of a forward passes the same tensor, and this costs two host syncs (nonzero,
-    .item()), so the result is reused while that tensor lives unmodified.
+    within a row count as separate documents (packing never produces them). Costs two host syncs
+    (nonzero, .item()): build it once per batch through `AttentionMeta`, not once per layer.
     """
     if document_ids.dim() != 2:
         raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
-    cacheable = not document_ids.is_inference()  # inference tensors have no version counter
-    if cacheable:
-        hit = _CU_SEQLENS_CACHE.get(document_ids)
-        if hit is not None and hit[0] == document_ids._version:
-            return hit[1]
     b, t = document_ids.shape
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
@@ -62,9 +51,43 @@ def document_ids_to_cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor
     total = torch.tensor([b * t], device=document_ids.device, dtype=start_idx.dtype)
     cu_seqlens = torch.cat([start_idx, total]).to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    if cacheable:
-        _CU_SEQLENS_CACHE[document_ids] = (document_ids._version, (cu_seqlens, max_seqlen))
     return cu_seqlens, max_seqlen
+
+
+class AttentionMeta:
+    """Per-batch attention metadata, built once by the model's forward and handed to every layer.
+
+    Holds the packed documents' ids (B, T) and derives, on first use and only then, what a backend
+    needs: `cu_seqlens`/`max_seqlen` for varlen kernels, the dense (B, 1, T, T) mask for SDPA. Each
+    derived value is computed once per batch however many layers ask for it; nothing is cached
+    beyond the batch's lifetime.
+    """
+
+    def __init__(self, document_ids: torch.Tensor):
+        if document_ids.dim() != 2:
+            raise ValueError(f"document_ids must be (B, T), got shape {tuple(document_ids.shape)}")
+        self.document_ids = document_ids
+        self._varlen: tuple[torch.Tensor, int] | None = None
+        self._mask: torch.Tensor | None = None
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens (S + 1,) int32 over the flattened B*T tokens, max_seqlen)."""
+        if self._varlen is None:
+            self._varlen = document_ids_to_cu_seqlens(self.document_ids)
+        return self._varlen
+
+    def dense_mask(self) -> torch.Tensor:
+        """bool (B, 1, T, T): True where query i may attend key j (O(T^2) memory)."""
+        if self._mask is None:
+            self._mask = document_causal_mask(self.document_ids)
+        return self._mask
+
+
+def as_attention_meta(attn: AttentionMeta | torch.Tensor | None) -> AttentionMeta | None:
+    """Backends accept the per-batch `AttentionMeta`, raw document ids (B, T), or None (causal)."""
+    if attn is None or isinstance(attn, AttentionMeta):
+        return attn
+    return AttentionMeta(attn)
 
 
 def _repeat_kv(k_: torch.Tensor, v_: torch.Tensor, groups: int, dim: int):
@@ -77,18 +100,18 @@ def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    document_ids: torch.Tensor | None = None,
+    attn: AttentionMeta | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """q (B, T, Hq, D), k/v (B, T, Hk, D) -> (B, T, Hq, D)."""
+    attn = as_attention_meta(attn)
     groups = q.shape[2] // k.shape[2]
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     k_, v_ = _repeat_kv(k_, v_, groups, dim=1)
-    if document_ids is None:
+    if attn is None:
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
     else:
-        mask = document_causal_mask(document_ids)
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=attn.dense_mask(), scale=scale)
     return out.transpose(1, 2)
 
 
@@ -108,10 +131,10 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out
 
 
-def varlen_attention(q, k, v, document_ids, scale, varlen_fn: Callable):
+def varlen_attention(q, k, v, attn, scale, varlen_fn: Callable):
     """Packed documents through a flash-attn-style varlen kernel: (B, T, H, D) -> (B, T, Hq, D)."""
     b, t = q.shape[:2]
-    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids)
+    cu_seqlens, max_seqlen = as_attention_meta(attn).varlen()
     q_, k_, v_ = (x.reshape(b * t, x.shape[2], x.shape[3]) for x in (q, k, v))  # (B*T, H, D)
     out = varlen_fn(q_, k_, v_, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                     softmax_scale=scale, causal=True)
@@ -126,17 +149,17 @@ def _log_once(msg: str) -> None:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def flash_attention(q, k, v, document_ids=None, scale=None):
+def flash_attention(q, k, v, attn=None, scale=None):
     """flash-attn 2 on CUDA fp16/bf16 tensors; other dtypes fall back to SDPA (logged once)."""
     if q.dtype not in _HALF or not q.is_cuda:
         _log_once(f"attention: flash-attn needs CUDA fp16/bf16 tensors, got {q.device.type} "
                   f"{q.dtype}; using sdpa for these calls")
-        return sdpa_attention(q, k, v, document_ids, scale)
+        return sdpa_attention(q, k, v, attn, scale)
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    if document_ids is None:
+    if attn is None:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
-    return varlen_attention(q, k, v, document_ids, scale, flash_attn_varlen_func)
+    return varlen_attention(q, k, v, attn, scale, flash_attn_varlen_func)
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,18 +172,18 @@ def _te_attention_module(hq: int, hk: int, d: int, scale: float | None, qkv_form
                                   softmax_scale=scale)
 
 
-def te_attention(q, k, v, document_ids=None, scale=None):
+def te_attention(q, k, v, attn=None, scale=None):
     """Transformer Engine DotProductAttention (picks cuDNN / flash / unfused internally)."""
     if q.dtype not in _HALF or not q.is_cuda:
         _log_once(f"attention: Transformer Engine needs CUDA fp16/bf16 tensors, got "
                   f"{q.device.type} {q.dtype}; using sdpa for these calls")
-        return sdpa_attention(q, k, v, document_ids, scale)
+        return sdpa_attention(q, k, v, attn, scale)
     b, t, hq, d = q.shape
     hk = k.shape[2]
-    if document_ids is None:
+    if attn is None:
         module = _te_attention_module(hq, hk, d, scale, "bshd", "causal")
         return module(q, k, v).view(b, t, hq, d)
-    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids)
+    cu_seqlens, max_seqlen = as_attention_meta(attn).varlen()
     module = _te_attention_module(hq, hk, d, scale, "thd", "padding_causal")
     q_, k_, v_ = (x.reshape(b * t, x.shape[2], d) for x in (q, k, v))  # (B*T, H, D)
     out = module(q_, k_, v_, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,

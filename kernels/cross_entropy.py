@@ -23,8 +23,12 @@ PyTorch (`backend="torch"`); the matmuls are always cuBLAS/ATen.
 
 from __future__ import annotations
 
+import inspect
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from megaqwen.kernels._triton import next_pow2, tl, triton_kernel
@@ -287,3 +291,43 @@ def linear_cross_entropy_triton(hidden, weight, labels, ignore_index=IGNORE_INDE
     """Chunked linear + CE with the per-chunk softmax and gradient in Triton."""
     return linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, reduction, tp_group,
                                         z_loss, chunk_rows, backend="triton")
+
+
+class LossParts(NamedTuple):
+    """A loss as the pieces any split reduces exactly: summed over valid tokens, and their count.
+
+    Micro-batches, data-parallel ranks, pipeline stages and sequence shards each add their `sum` and
+    `count`; the mean is taken once, at the end, over everything (ignored and padding tokens never
+    weigh in). `mean()` is that division for a single piece.
+    """
+
+    sum: torch.Tensor
+    """fp32 scalar: per-token cross-entropy summed over tokens whose label is not ignored."""
+    count: torch.Tensor
+    """int64 scalar: number of such tokens."""
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+
+class LMLoss(nn.Module):
+    """LM head + cross-entropy as a module (no parameters): (N, H) hidden, (V, H) head -> LossParts.
+
+    `ce` is a `linear_cross_entropy_*` implementation. With `tp_group` the head is this rank's
+    vocabulary shard and the loss is vocab-parallel (logits never gathered); a plan installs that
+    version by replacing the model's loss module, so the model itself never names a group.
+    """
+
+    def __init__(self, ce, tp_group: dist.ProcessGroup | None = None, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        if tp_group is not None and "tp_group" not in inspect.signature(ce).parameters:
+            raise ValueError(f"cross-entropy kernel {getattr(ce, '__name__', ce)!r} takes no tp_group; "
+                             "tensor parallelism needs a vocab-parallel loss")
+        self.ce = ce
+        self.tp_group = tp_group
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor) -> LossParts:
+        kw = {"tp_group": self.tp_group} if self.tp_group is not None else {}
+        total = self.ce(hidden_NH, weight_VH, labels_N, ignore_index=self.ignore_index, reduction="sum", **kw)
+        return LossParts(total, (labels_N != self.ignore_index).sum())

@@ -9,6 +9,7 @@ cannot run raises a `ValueError` saying why. `resolve_ops` logs every choice wit
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -134,8 +135,13 @@ def _pick(op: str, want: str, device: str) -> tuple[str, Callable, str]:
 
 
 def resolve_ops(cfg: KernelConfig | None = None, device: str | None = None) -> KernelOps:
-    """Pick one implementation per op for `device` (default cfg.device, else cuda if available)."""
+    """Pick one implementation per op for `device` (the run's device type). `cfg.device`, when set,
+    must agree with it: a config that says cuda for a CPU run is an error, not silently ignored."""
     cfg = cfg or KernelConfig()
+    if device is not None and cfg.device is not None and \
+            torch.device(cfg.device).type != torch.device(device).type:
+        raise ValueError(f"kernels.device={cfg.device!r} but the model runs on {device!r}; "
+                         "unset kernels.device (it follows train.device) or make them agree")
     device = torch.device(device or cfg.device or _default_device()).type
     picked = {op: _pick(op, getattr(cfg, op), device) for op in IMPLS}
     ops = KernelOps(
@@ -152,12 +158,12 @@ def resolve_ops(cfg: KernelConfig | None = None, device: str | None = None) -> K
     return ops
 
 
-def build_adamw(params, impl: str = "auto", device: str | None = None, **kwargs) -> torch.optim.Optimizer:
-    """AdamW: Apex `FusedAdam(adam_w_mode=True)` or `torch.optim.AdamW` (fused kernel on CUDA).
-
-    kwargs are AdamW's (lr, betas, eps, weight_decay). `auto` takes torch's own fused AdamW on CUDA,
-    which matches Apex's speed without the extra package; name `apex` to use Apex.
-    """
+def adamw_factory(impl: str = "auto", device: str | None = None):
+    """The AdamW constructor `kernels.adam` names, as `factory(params, **adamw_kwargs)`: Apex
+    `FusedAdam(adam_w_mode=True)` or `torch.optim.AdamW` (its fused kernel on CUDA). Every optimizer
+    path (plain, ZeRO-1's inner optimizer, DeepSpeed's client optimizer) builds through this, so the
+    setting is never silently ignored. `auto` takes torch's own fused AdamW on CUDA, which matches
+    Apex's speed without the extra package; name `apex` to use Apex."""
     device = torch.device(device or _default_device()).type
     if impl not in ("auto", "apex", "torch"):
         raise ValueError(f"kernels.adam={impl!r} is unknown; choose from ['auto', 'apex', 'torch']")
@@ -168,7 +174,12 @@ def build_adamw(params, impl: str = "auto", device: str | None = None, **kwargs)
         from apex.optimizers import FusedAdam
 
         log.info("kernels.adam = apex FusedAdam (selected in config)")
-        return FusedAdam(params, adam_w_mode=True, **kwargs)
+        return functools.partial(FusedAdam, adam_w_mode=True)
     fused = device == "cuda"
     log.info("kernels.adam = torch AdamW (%s, fused=%s)", "auto" if impl == "auto" else "selected", fused)
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
+    return functools.partial(torch.optim.AdamW, fused=fused)
+
+
+def build_adamw(params, impl: str = "auto", device: str | None = None, **kwargs) -> torch.optim.Optimizer:
+    """AdamW from `adamw_factory(impl, device)`; kwargs are AdamW's (lr, betas, eps, weight_decay)."""
+    return adamw_factory(impl, device)(params, **kwargs)

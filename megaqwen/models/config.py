@@ -14,6 +14,8 @@ from typing import Any
 class ModelConfig:
     name: str = "debug"
     """Flavour name, for logs and checkpoint metadata."""
+    arch: str = "qwen2"
+    """Architecture: the registered model spec that builds, parallelises and converts it."""
     vocab_size: int = 151_936
     """Rows of the embedding table (the tokenizer's 151,665 ids padded up, as in the official config)."""
     hidden_size: int = 64

@@ -12,8 +12,10 @@ Every TP-sharded tensor is thus stored as the full, unsharded tensor: a checkpoi
 single-process model too (DCP reshards on load), e.g. for HF export or eval.
 ZeRO-1's optimizer state lives only on its owning dp rank, under a per-rank key.
 
+Where each piece sits comes from the run's `ShardMap` (declared once by the plans).
 `sharded_state` builds the dict to pass to `dcp.save`/`dcp.load`; after `dcp.load`,
-`load_sharded_state` puts the values back into the model and optimizer.
+`load_sharded_state` puts the values back into the model and optimizer. `load_model` reads only
+the model's pieces this rank holds (`train.init_from` a native checkpoint, under any layout).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap
 
 ZERO1_KEY = "optim_zero1"
 
@@ -58,12 +61,11 @@ def _shard_mesh(mesh: ParallelMesh, reps: int, fsdp: bool) -> DeviceMesh:
     return DeviceMesh.from_group(groups, mesh.mesh.device_type, mesh=ranks, mesh_dim_names=tuple(names))
 
 
-def _param_tags(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """FQN -> (tp_shard_dim, tp_replicas) of every TP-sharded parameter."""
-    from megaqwen.parallel.data_parallel import unwrap
-
-    return {n: (p.tp_shard_dim, getattr(p, "tp_replicas", 1)) for n, p in unwrap(model).named_parameters()
-            if getattr(p, "tp_shard_dim", None) is not None}
+def _param_tags(shards: ShardMap | None) -> dict[str, tuple[int, int]]:
+    """FQN -> (sharded dim, replicas) of every TP-sharded parameter (none without TP)."""
+    if shards is None or shards.tp == 1:
+        return {}
+    return {fqn: (sh.dim, sh.replicas) for fqn, sh in shards}
 
 
 class _Wrapper:
@@ -95,14 +97,15 @@ def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                  mesh: ParallelMesh | None) -> dict[str, Any]:
+                  shards: ShardMap | None) -> dict[str, Any]:
     """{"model": ..., "optim": ...} ready for dcp.save / dcp.load (values share memory with the model)."""
     zero1 = optimizer is not None and _is_zero1(optimizer)
     opts = [] if optimizer is None or zero1 else optimizer
     model_sd, optim_sd = get_state_dict(model, opts)
-    if mesh is not None and mesh.dims.tp > 1:
-        wrap = _Wrapper(mesh)
-        for fqn, (dim, reps) in _param_tags(model).items():
+    tags = _param_tags(shards)
+    if tags:
+        wrap = _Wrapper(shards.mesh)
+        for fqn, (dim, reps) in tags.items():
             if fqn in model_sd:
                 model_sd[fqn] = wrap(model_sd[fqn], dim, reps)
             st = optim_sd.get("state", {}).get(fqn)
@@ -122,9 +125,10 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
 
 def load_sharded_state(state: dict[str, Any], model: nn.Module,
-                       optimizer: torch.optim.Optimizer | None, mesh: ParallelMesh | None) -> None:
+                       optimizer: torch.optim.Optimizer | None, shards: ShardMap | None) -> None:
     """After `dcp.load(state, ...)`: copy the loaded values into model and optimizer."""
-    tags = _param_tags(model) if mesh is not None and mesh.dims.tp > 1 else {}
+    tags = _param_tags(shards)
+    mesh = shards.mesh if shards is not None else None
 
     def back(fqn: str, v: Any) -> Any:
         if fqn not in tags or not isinstance(v, DTensor):
@@ -157,7 +161,7 @@ def _is_deepspeed(model: nn.Module) -> bool:
 
 
 def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         mesh: ParallelMesh | None) -> None:
+         shards: ShardMap | None) -> None:
     """Collective: write this layout's model/optimizer state into folder `path` (DCP, or DeepSpeed's
     own format for a DeepSpeed engine, whose ZeRO partitions only it can describe)."""
     import torch.distributed.checkpoint as dcp
@@ -165,11 +169,11 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
     if _is_deepspeed(model):
         model.save_checkpoint(path, tag="deepspeed")
         return
-    dcp.save(sharded_state(model, optimizer, mesh), checkpoint_id=path)
+    dcp.save(sharded_state(model, optimizer, shards), checkpoint_id=path)
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         mesh: ParallelMesh | None) -> None:
+         shards: ShardMap | None) -> None:
     """Collective: load what `save` wrote under the same layout, in place."""
     import torch.distributed.checkpoint as dcp
 
@@ -179,6 +183,16 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from; "
                                     "was it saved with train.engine=native?")
         return
-    state = sharded_state(model, optimizer, mesh)
+    state = sharded_state(model, optimizer, shards)
     dcp.load(state, checkpoint_id=path)
-    load_sharded_state(state, model, optimizer, mesh)
+    load_sharded_state(state, model, optimizer, shards)
+
+
+def load_model(path: str, model: nn.Module, shards: ShardMap | None) -> None:
+    """Collective: only the model's weights from a native checkpoint saved under any layout; each
+    rank reads just the pieces it holds (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = sharded_state(model, None, shards)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state(state, model, None, shards)

@@ -29,6 +29,10 @@ class ParallelConfig:
     """DDP gradient bucket size in MiB (all-reduces overlap backward bucket by bucket)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered layer weights after forward (ZeRO-3) instead of keeping them (ZeRO-2-like)."""
+    recompute: str = "none"
+    """Activation recomputation per layer: none | selective (attention core) | full (whole layer)."""
+    compile: bool = False
+    """torch.compile each decoder layer (after recomputation, before data-parallel wrapping)."""
     zero_stage: int = 1
     """DeepSpeed engine only (train.engine=deepspeed): ZeRO stage 1, 2 or 3."""
     offload_optimizer: bool = False

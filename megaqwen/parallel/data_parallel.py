@@ -1,4 +1,4 @@
-"""Data-parallel wrappers, applied last (after TP/SP): DDP, ZeRO-1 and FSDP2 over the mesh's dp dim.
+"""Data parallelism, applied last (after TP/SP, recompute, compile): DDP, ZeRO-1 and FSDP2 over dp.
 
   ddp    DistributedDataParallel over the dp group, gradients all-reduced in buckets during backward.
   zero1  DDP for gradients + `ZeroRedundancyOptimizer`: each dp rank keeps the optimizer state of
@@ -26,7 +26,6 @@ from megaqwen.parallel.dims import ParallelMesh
 log = logging.getLogger(__name__)
 
 DP_MODES = ("ddp", "zero1", "fsdp")
-TP_TAGS = ("tp_shard_dim", "tp_replicas", "tensor_model_parallel")
 
 
 def dp_reduce_mesh(mesh: ParallelMesh) -> DeviceMesh:
@@ -36,38 +35,39 @@ def dp_reduce_mesh(mesh: ParallelMesh) -> DeviceMesh:
     return mesh.mesh["dp", "cp"]._flatten("dp_cp")
 
 
-def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, mode: str = "ddp",
-                        bucket_cap_mb: float = 25.0, reshard_after_forward: bool = True,
-                        mp_param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Wrap `model` for data parallelism; returns the module to call (DDP returns a wrapper)."""
-    if mode not in DP_MODES:
-        raise ValueError(f"parallel.dp_mode must be one of {DP_MODES}, got {mode!r}")
-    dp_mesh = dp_reduce_mesh(mesh)
-    if dp_mesh.size() == 1:
-        log.info("dp=1: no data-parallel wrapper")
-        return model
-    if mode in ("ddp", "zero1"):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        device_ids = [torch.cuda.current_device()] if dp_mesh.device_type == "cuda" else None
-        return DDP(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_cap_mb,
-                   device_ids=device_ids, broadcast_buffers=False)
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, layers: nn.ModuleDict,
+               reshard_after_forward: bool = True, mp_param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 in place: every block in `layers`, then the root. Works on the meta device (apply it
+    before materialising). `mp_param_dtype` (e.g. bf16) is the dtype parameters are all-gathered
+    and computed in; gradients are reduced in fp32 and the sharded fp32 parameters stay the
+    optimizer's master weights."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=mp_param_dtype, reduce_dtype=torch.float32) \
-        if mp_param_dtype is not None else MixedPrecisionPolicy()
-    # fully_shard swaps every parameter for a new DTensor Parameter: carry the TP tags over
-    tags = {n: {k: getattr(p, k) for k in TP_TAGS if hasattr(p, k)} for n, p in model.named_parameters()}
-    layers = list(model.model.layers.values())
-    for i, layer in enumerate(layers):
+    dp_mesh = dp_reduce_mesh(mesh)
+    if dp_mesh.size() == 1:
+        log.info("dp=1: no FSDP sharding")
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=mp_param_dtype, reduce_dtype=torch.float32)
+    blocks = list(layers.values())
+    for i, layer in enumerate(blocks):
         # the last layer is resharded by the root right after anyway
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp,
-                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for n, p in model.named_parameters():
-        for k, v in tags.get(n, {}).items():
-            setattr(p, k, v)
     return model
+
+
+def wrap_ddp(model: nn.Module, mesh: ParallelMesh, bucket_cap_mb: float = 25.0) -> nn.Module:
+    """DistributedDataParallel over the dp (x cp) group, for materialised weights (DDP broadcasts
+    rank 0's values on construction, so it is the one wrapper applied after initialisation)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dp_mesh = dp_reduce_mesh(mesh)
+    if dp_mesh.size() == 1:
+        return model
+    device_ids = [torch.cuda.current_device()] if dp_mesh.device_type == "cuda" else None
+    return DDP(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_cap_mb,
+               device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -2,8 +2,9 @@
 
 TP/SP are applied by our plan first; DeepSpeed then receives the TP-local model and our groups
 through a Megatron-style `mpu` object, so it shards optimizer state / gradients / parameters over
-the dp group only and counts TP-sharded parameters (tagged `tensor_model_parallel`) correctly in
-its gradient norm. The optimizer is `torch.optim.AdamW` handed in as a client optimizer: it needs no
+the dp group only and counts TP-sharded parameters correctly in its gradient norm: DeepSpeed reads
+Megatron's `tensor_model_parallel` attribute, which is set here, and only here, from the ShardMap.
+The optimizer (`kernels.adam`'s AdamW) is handed in as a client optimizer: torch's needs no
 compiled op, so the engine runs on CPU (`DS_ACCELERATOR=cpu`, gloo) and matches the DDP path.
 """
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from megaqwen.parallel.data_parallel import dp_reduce_mesh
 from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap
 
 
 @dataclass
@@ -97,9 +99,16 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: in
     return {**out, **cfg.extra}
 
 
+def mark_tensor_parallel(model: nn.Module, shards: ShardMap | None) -> None:
+    """DeepSpeed's (Megatron's) per-parameter flag: True for TP-sharded parameters."""
+    for fqn, p in model.named_parameters():
+        p.tensor_model_parallel = shards is not None and shards.get(fqn) is not None
+
+
 def build_deepspeed_engine(model: nn.Module, mesh: ParallelMesh, cfg: DeepSpeedConfig,
                            micro_batch_size: int, grad_accum: int = 1, param_groups: Any = None,
-                           **adamw: Any):
+                           shards: ShardMap | None = None,
+                           optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, **adamw: Any):
     """`deepspeed.initialize` over our groups; returns the engine (call it, `.backward`, `.step`)."""
     if not torch.cuda.is_available():
         # must be set before deepspeed is imported: its accelerator is chosen at import time
@@ -112,8 +121,9 @@ def build_deepspeed_engine(model: nn.Module, mesh: ParallelMesh, cfg: DeepSpeedC
     if not dist.is_initialized():
         raise RuntimeError("initialise torch.distributed before building the DeepSpeed engine")
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    mark_tensor_parallel(model, shards)
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, **adamw)
+    optimizer = optimizer_class(params, **adamw)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch_size, grad_accum),
         mpu=MegatronStyleMPU(mesh), dist_init_required=False)

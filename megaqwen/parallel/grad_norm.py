@@ -16,44 +16,46 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap
+
+NamedParams = Iterable[tuple[str, nn.Parameter]]
 
 
-def _copies(p: nn.Parameter, g: torch.Tensor, mesh: ParallelMesh) -> int:
-    """Ranks holding the same values as this rank's piece of `p`'s gradient."""
-    d = mesh.dims
-    tp_copies = getattr(p, "tp_replicas", d.tp if d.tp > 1 else 1)
+def _copies(fqn: str, g: torch.Tensor, shards: ShardMap) -> int:
+    """Ranks holding the same values as this rank's piece of `fqn`'s gradient."""
+    d = shards.mesh.dims
     # FSDP2 gradients are already split over dp (x cp); DDP/ZeRO-1 gradients are replicated there.
     dp_copies = 1 if isinstance(g, DTensor) else d.dp * d.cp
-    return tp_copies * dp_copies
+    return shards.tp_copies(fqn) * dp_copies
 
 
-def grad_norm(params: Iterable[nn.Parameter], mesh: ParallelMesh | None) -> torch.Tensor:
-    """L2 norm of the full gradient (fp32 scalar, same on every rank)."""
-    params = [p for p in params if p.grad is not None]
+def grad_norm(named_params: NamedParams, shards: ShardMap | None) -> torch.Tensor:
+    """L2 norm of the full gradient (fp32 scalar, same on every rank). `named_params` are the plain
+    model's (FQNs as in the ShardMap: unwrap DDP first)."""
+    params = [(n, p) for n, p in named_params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    sq = torch.zeros((), dtype=torch.float64, device=params[0].grad.device)
-    for p in params:
+    distributed = shards is not None and shards.mesh is not None
+    sq = torch.zeros((), dtype=torch.float64, device=params[0][1].grad.device)
+    for fqn, p in params:
         g = p.grad
         local = g.to_local() if isinstance(g, DTensor) else g
-        copies = _copies(p, g, mesh) if mesh is not None else 1
+        copies = _copies(fqn, g, shards) if distributed else 1
         # fp32 norm per tensor (as torch's clip_grad_norm_), summed in fp64: a `.double()` copy of
         # each gradient would cost 2x its size in fp64 temporaries (GBs for a 150k-row embedding)
         sq += torch.linalg.vector_norm(local.detach(), dtype=torch.float32).double().square() / copies
-    if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
     return sq.sqrt().float()
 
 
-def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float,
-                    mesh: ParallelMesh | None) -> torch.Tensor:
+def clip_grad_norm_(named_params: NamedParams, max_norm: float, shards: ShardMap | None) -> torch.Tensor:
     """Scale gradients in place so their global norm is at most `max_norm`; returns the norm before."""
-    params = list(params)
-    norm = grad_norm(params, mesh)
+    named_params = list(named_params)
+    norm = grad_norm(named_params, shards)
     if max_norm > 0 and math.isfinite(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
+        for _, p in named_params:
             if p.grad is not None:
                 g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # shares storage
                 g.mul_(coef.to(g.device, g.dtype))

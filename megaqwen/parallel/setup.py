@@ -1,8 +1,12 @@
 """What the trainer calls to go distributed: process group from torchrun's env, the mesh, the plans.
 
     env = init_distributed(cfg.parallel, cfg.train.device)            # before anything else
-    check_layout(cfg.parallel, env, cfg.model, seq_len, engine)        # fails before any work starts
-    model = parallelize(build_model(...), cfg.parallel, env)           # TP/SP, then DDP/FSDP2
+    check_layout(cfg.parallel, env, cfg.model, seq_len, engine)        # the one validation, before work
+    model = spec.build(cfg.model, ops, device="meta")                  # nothing allocated
+    shards = parallelize(model, spec, cfg.parallel, env)               # TP/SP -> recompute -> compile
+                                                                       # -> FSDP2, all on meta
+    materialize(model, shards, env.device, seed) / load_hf_sharded(...) / load_model(...)
+    model = wrap_data_parallel(model, cfg.parallel, env)               # DDP (needs real weights)
     model, optimizer = build_optimizer_or_engine(model, ...)           # or the DeepSpeed engine
 
 A single process (no WORLD_SIZE, or 1) gets no process group and `mesh=None`; every helper then
@@ -22,11 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megaqwen.parallel.activation import RECOMPUTE_MODES, apply_compile, apply_recompute
 from megaqwen.parallel.config import ParallelConfig
-from megaqwen.parallel.data_parallel import DP_MODES, apply_data_parallel
+from megaqwen.parallel.data_parallel import DP_MODES, apply_fsdp, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims, ParallelMesh, resolve_backend
 from megaqwen.parallel.metrics import device_peak_flops, mfu, peak_memory_per_rank
-from megaqwen.parallel.tensor_parallel import apply_tensor_parallel, check_linear_backend
+from megaqwen.parallel.shards import ShardMap
+from megaqwen.parallel.tensor_parallel import check_linear_backend
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +102,29 @@ def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv
     return DistEnv(rank, world, local_rank, device, dims, mesh)
 
 
-def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0):
+def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool = False):
     """The DeepSpeed engine's settings from `parallel.*` (validated on construction)."""
     from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig
 
     return DeepSpeedConfig(stage=pcfg.zero_stage, offload_optimizer=pcfg.offload_optimizer,
-                           offload_params=pcfg.offload_params, gradient_clipping=grad_clip)
+                           offload_params=pcfg.offload_params, gradient_clipping=grad_clip, bf16=bf16)
 
 
 def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
                  engine: str = "native") -> None:
-    """Validate the layout (and the DeepSpeed settings with engine=deepspeed) against the model,
-    before the model is built."""
+    """The one validation of the layout (and of the DeepSpeed settings with engine=deepspeed)
+    against the model, before anything is built; the plans rely on it."""
     env.dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
     check_linear_backend(pcfg.tp_linear_backend)
+    if pcfg.recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"parallel.recompute={pcfg.recompute!r}; choose from {RECOMPUTE_MODES}")
     if engine == "deepspeed":
         _deepspeed_config(pcfg)
         if env.mesh is None:
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
+        if pcfg.compile:
+            raise ValueError("parallel.compile=true is not supported with train.engine=deepspeed "
+                             "(DeepSpeed wraps the model itself); use train.engine=native")
     if pcfg.sequence_parallel and env.dims.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1")
     if env.dims.pp > 1 or env.dims.cp > 1 or env.dims.ep > 1:
@@ -121,37 +132,56 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
                          "expert parallelism are not implemented yet; use tp and dp")
 
 
-def parallelize(model: nn.Module, pcfg: ParallelConfig, env: DistEnv, wrap_dp: bool = True) -> nn.Module:
-    """TP/SP plan, then (unless wrap_dp is False, as for DeepSpeed) the data-parallel wrapper."""
-    if env.mesh is None:
+def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
+                fsdp: bool = True, mp_param_dtype: torch.dtype | None = None) -> ShardMap:
+    """Apply the plans in place, in the design's order: TP/SP (the spec's plan) -> [EP -> CP, not
+    yet] -> activation recomputation -> compile -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the
+    meta-device model, then materialise or load; DDP comes after that (`wrap_data_parallel`).
+    Returns where every sharded parameter's piece sits."""
+    shards = spec.parallelize_tp(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
+                                 linear_backend=pcfg.tp_linear_backend)
+    layers = spec.layers(model)
+    apply_recompute(layers, pcfg.recompute, spec.selective_recompute)
+    if pcfg.compile:
+        apply_compile(layers)
+    if fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp":
+        apply_fsdp(model, env.mesh, layers, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
+                   mp_param_dtype=mp_param_dtype)
+    return shards
+
+
+def wrap_data_parallel(model: nn.Module, pcfg: ParallelConfig, env: DistEnv) -> nn.Module:
+    """DDP around the materialised model for dp_mode ddp / zero1 (FSDP2 was applied by
+    `parallelize`); the model itself otherwise."""
+    if env.mesh is None or pcfg.dp_mode == "fsdp":
         return model
-    apply_tensor_parallel(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
-                          linear_backend=pcfg.tp_linear_backend)
-    if not wrap_dp:
-        return model
-    return apply_data_parallel(model, env.mesh, pcfg.dp_mode, bucket_cap_mb=pcfg.ddp_bucket_cap_mb,
-                               reshard_after_forward=pcfg.fsdp_reshard_after_forward)
+    return wrap_ddp(model, env.mesh, bucket_cap_mb=pcfg.ddp_bucket_cap_mb)
 
 
 def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistEnv, engine: str,
                               native: Callable[[nn.Module], torch.optim.Optimizer],
                               param_groups: Callable[[nn.Module], list[dict]], adamw: dict[str, Any],
-                              micro_batch_size: int, accum_steps: int, grad_clip: float):
+                              micro_batch_size: int, accum_steps: int, grad_clip: float,
+                              shards: ShardMap | None = None, bf16: bool = False,
+                              optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW):
     """(model to call, optimizer). `native(model)` builds the usual optimizer; with dp_mode=zero1 it
-    is replaced by ZeRO-1 over `param_groups(model)`; with engine=deepspeed the model becomes the
-    DeepSpeed engine (AdamW with `adamw` kwargs, clipping at grad_clip) and the optimizer its own."""
+    is replaced by ZeRO-1 of `optimizer_class` over `param_groups(model)`; with engine=deepspeed the
+    model becomes the DeepSpeed engine (`optimizer_class` with `adamw` kwargs as its client
+    optimizer, bf16 with fp32 master weights when `bf16`, clipping at grad_clip)."""
     if engine == "deepspeed":
         from megaqwen.parallel.deepspeed_engine import build_deepspeed_engine
 
         if env.mesh is None:  # check_layout says so before the model is built
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
-        eng = build_deepspeed_engine(model, env.mesh, _deepspeed_config(pcfg, grad_clip), micro_batch_size,
-                                     accum_steps, param_groups=param_groups(model), **adamw)
+        eng = build_deepspeed_engine(model, env.mesh, _deepspeed_config(pcfg, grad_clip, bf16),
+                                     micro_batch_size, accum_steps, param_groups=param_groups(model),
+                                     shards=shards, optimizer_class=optimizer_class, **adamw)
         return eng, eng.optimizer
     if pcfg.dp_mode == "zero1" and env.mesh is not None and env.dims.dp > 1:
         from megaqwen.parallel.data_parallel import build_optimizer
 
-        return model, build_optimizer(param_groups(model), env.mesh, "zero1", **adamw)
+        return model, build_optimizer(param_groups(model), env.mesh, "zero1",
+                                      optimizer_class=optimizer_class, **adamw)
     return model, native(model)
 
 
@@ -166,13 +196,12 @@ def grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def dp_mean(x: torch.Tensor, env_mesh: ParallelMesh | None) -> torch.Tensor:
-    """Mean of a scalar over the dp group (TP ranks already agree). gloo has no ReduceOp.AVG."""
-    if env_mesh is None or env_mesh.dims.dp == 1:
-        return x
+def dp_sum(x: torch.Tensor, env_mesh: ParallelMesh | None) -> torch.Tensor:
+    """Sum of a scalar over the dp group (TP ranks already agree); a copy, never in place."""
     x = x.detach().clone()
-    dist.all_reduce(x, group=env_mesh.dp_group)
-    return x / env_mesh.dims.dp
+    if env_mesh is not None and env_mesh.dims.dp > 1:
+        dist.all_reduce(x, group=env_mesh.dp_group)
+    return x
 
 
 def throughput_metrics(device: torch.device, world_size: int, tokens_per_s: float,

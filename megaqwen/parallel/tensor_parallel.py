@@ -1,33 +1,25 @@
-"""Megatron-style tensor (+ sequence) parallel plan for the plain Qwen2 model, applied in place.
+"""Megatron-style tensor (+ sequence) parallel building blocks over plain local-shard tensors.
 
-What the plan does to each decoder layer (tp ranks, r = this rank's TP index):
-  q/k/v/gate/up  column-parallel: keep output rows [r*out/tp, (r+1)*out/tp) (and bias rows)
-  o/down         row-parallel:    keep input columns [r*in/tp, (r+1)*in/tp)
-  self_attn, mlp are the parallel regions: a pre-hook puts the input through copy_to_tp
-                 (SP: gather_from_sp) and a post-hook sums the partial output with reduce_from_tp
-                 (SP: reduce_scatter_to_sp), so q/k/v share one backward all-reduce.
-  KV heads       split over ranks when tp <= num_kv_heads; when tp > num_kv_heads each rank keeps
-                 the KV head its query heads use, and the tp/num_kv_heads replicas all-reduce that
-                 weight's grad among themselves.
-And to the ends of the model:
-  embed_tokens   vocab-parallel: rows [r*V/tp, ...); ids outside are masked, the partial embeddings
-                 are summed (SP: reduce-scattered onto sequence shards).
-  lm_head        column-parallel over the vocabulary (tied models reuse the embedding shard).
-  loss           ops.linear_cross_entropy gets `tp_group`: vocab-parallel CE, logits never gathered.
-  SP             norms run on (B, T/tp, H) shards; their weight grads are all-reduced over TP; the
-                 final norm output is all-gathered for the head.
+A model's plan (e.g. `megaqwen/models/qwen2/parallelize.py`) uses these to rewrite the model in
+place; nothing here names a model's modules. Each replacement keeps the parameter's name (FQN) and
+records where the local piece sits in the full tensor in the run's `ShardMap`:
 
-Parameter names (FQNs) are unchanged; parameters are plain local shards tagged with `tp_shard_dim`
-(0 rows, 1 columns, None replicated) and `tp_replicas` (ranks holding identical copies), which the
-grad-norm and checkpoint helpers read. The model code never sees torch.distributed.
+  column_parallel   nn.Linear -> LocalLinear keeping output rows [start, start + length) (+ bias)
+  row_parallel      nn.Linear -> LocalLinear keeping input columns [start, start + length)
+  VocabParallelEmbedding  rows [vocab_start, ...) of the table; lookups outside are zero and the
+                    partial embeddings are summed over TP (SP: reduce-scattered onto sequence shards)
+  SequenceParallelRMSNorm norm on (B, T/tp, H) shards; weight grads all-reduced over TP; optionally
+                    all-gathers its output for a consumer that needs the full sequence (the LM head)
+  tp_region         hooks making a module a TP region: its input enters through copy_to_tp (SP:
+                    gather_from_sp) and its output leaves through reduce_from_tp (SP:
+                    reduce_scatter_to_sp), so q/k/v (gate/up) share one backward all-reduce.
+
+Plans run on the meta device as well as on real tensors: slicing a meta weight allocates nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,7 +33,7 @@ from megaqwen.parallel.collectives import (
     reduce_from_tp,
     reduce_scatter_to_sp,
 )
-from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap, TensorShard
 
 
 class LocalLinear(nn.Linear):
@@ -90,37 +82,46 @@ class VocabParallelEmbedding(nn.Embedding):
         return reduce_from_tp(partial, self.group)
 
 
-def _tag(p: nn.Parameter, shard_dim: int | None, replicas: int) -> None:
-    p.tp_shard_dim = shard_dim
-    p.tp_replicas = replicas
-    # Megatron/DeepSpeed convention: grad-norm code counts these once per TP rank, not once total.
-    p.tensor_model_parallel = shard_dim is not None
+class SequenceParallelRMSNorm(nn.Module):
+    """RMSNorm over sequence shards (B, T/tp, H). Each rank's weight grad covers its T/tp tokens, so
+    the weight enters through copy_to_tp (all-reduce in backward). With `gather_output` the output
+    is all-gathered to (B, T, H) and backward keeps this rank's slice (for a consumer that
+    all-reduces its input grad itself, as the vocab-parallel loss does)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, rms_norm, group: dist.ProcessGroup,
+                 gather_output: bool = False):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+        self.rms_norm = rms_norm
+        self.group = group
+        self.gather_output = gather_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rms_norm(x, copy_to_tp(self.weight, self.group), self.eps)
+        return gather_from_sp_split_grad(out, self.group, dim=1) if self.gather_output else out
 
 
-def _make_linear(src: nn.Linear, rows: slice | None, cols: slice | None, backend: str,
-                 grad_group: dist.ProcessGroup | None) -> nn.Module:
-    w = src.weight.detach()
-    w = w[rows] if rows is not None else w[:, cols]
-    b = src.bias.detach()[rows] if (src.bias is not None and rows is not None) else None
-    if src.bias is not None and rows is None:
-        raise ValueError("row-parallel linear with a bias is not supported (o_proj/down_proj have none)")
-    if backend == "te" and grad_group is None:
-        import transformer_engine.pytorch as te  # optional GPU extra; see make_linear_backend
+def tp_region(module: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+    """Make `module` a TP region: its first positional input enters, its output leaves, through
+    paired collectives (module-level hooks: parameter names unchanged)."""
+    enter = functools.partial(gather_from_sp, dim=1) if sequence_parallel else copy_to_tp
+    leave = functools.partial(reduce_scatter_to_sp, dim=1) if sequence_parallel else reduce_from_tp
 
-        mod = te.Linear(w.shape[1], w.shape[0], bias=b is not None, params_dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            mod.weight.copy_(w)
-            if b is not None:
-                mod.bias.copy_(b)
-    else:
-        mod = LocalLinear(w.clone(), b.clone() if b is not None else None, grad_group)
-    return mod
+    def pre(mod, args):
+        if not args:
+            raise TypeError(f"{type(mod).__name__}: a TP region takes its activation as the first "
+                            "positional argument")
+        return (enter(args[0], group), *args[1:])
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(lambda _mod, _args, out: leave(out, group))
 
 
 def check_linear_backend(backend: str) -> str:
     """`torch` (ours) | `te` (Transformer Engine's Linear as the local GEMM, our collectives around it)."""
     if backend not in ("torch", "te"):
-        raise ValueError(f"tensor-parallel linear backend must be torch|te, got {backend!r}")
+        raise ValueError(f"parallel.tp_linear_backend must be torch|te, got {backend!r}")
     if backend == "te":
         try:
             import transformer_engine.pytorch  # noqa: F401
@@ -130,144 +131,53 @@ def check_linear_backend(backend: str) -> str:
     return backend
 
 
-def _region_hooks(module: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
-    """Make `module` a TP region: input (args[0]) enters, output leaves through paired collectives."""
-    enter = functools.partial(gather_from_sp, dim=1) if sequence_parallel else copy_to_tp
-    leave = functools.partial(reduce_scatter_to_sp, dim=1) if sequence_parallel else reduce_from_tp
+def _local_linear(w: torch.Tensor, b: torch.Tensor | None, backend: str,
+                  grad_group: dist.ProcessGroup | None) -> nn.Module:
+    if backend == "te" and grad_group is None:
+        import transformer_engine.pytorch as te  # optional GPU extra; see check_linear_backend
 
-    def pre(_mod, args, kwargs):
-        if not args:
-            raise TypeError(f"{type(_mod).__name__}: TP region expects the activation as the first "
-                            "positional argument")
-        return (enter(args[0], group), *args[1:]), kwargs
-
-    def post(_mod, _args, out):
-        return leave(out, group)
-
-    module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post)
+        mod = te.Linear(w.shape[1], w.shape[0], bias=b is not None, params_dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            if b is not None:
+                mod.bias.copy_(b)
+        return mod
+    return LocalLinear(w.clone(), b.clone() if b is not None else None, grad_group)
 
 
-def _with_tp_group(ce: Callable, group: dist.ProcessGroup) -> Callable:
-    if "tp_group" not in inspect.signature(ce).parameters:
-        raise ValueError(f"cross-entropy kernel {getattr(ce, '__name__', ce)!r} takes no tp_group; "
-                         "tensor parallelism needs a vocab-parallel loss")
-    return functools.partial(ce, tp_group=group)
+def column_parallel(parent: nn.Module, name: str, fqn: str, shards: ShardMap, start: int, length: int,
+                    replicas: int = 1, grad_group: dist.ProcessGroup | None = None,
+                    backend: str = "torch") -> None:
+    """Replace `parent.<name>` (an nn.Linear at `fqn`) by output rows [start, start + length)."""
+    src: nn.Linear = getattr(parent, name)
+    rows = slice(start, start + length)
+    w = src.weight.detach()[rows]
+    b = src.bias.detach()[rows] if src.bias is not None else None
+    setattr(parent, name, _local_linear(w, b, backend, grad_group))
+    shards.add(f"{fqn}.weight", TensorShard(tuple(src.weight.shape), 0, start, length, replicas))
+    if src.bias is not None:
+        shards.add(f"{fqn}.bias", TensorShard(tuple(src.bias.shape), 0, start, length, replicas))
 
 
-def _norm_with_grad_reduce(rms_norm: Callable, group: dist.ProcessGroup) -> Callable:
-    """RMSNorm whose weight grad (partial: each rank saw T/tp tokens) is summed over TP."""
-
-    def norm(x, weight, eps):
-        return rms_norm(x, copy_to_tp(weight, group), eps)
-
-    return norm
-
-
-def _set_ops(root: nn.Module, old, new) -> None:
-    for m in root.modules():
-        if getattr(m, "ops", None) is old:
-            m.ops = new
+def row_parallel(parent: nn.Module, name: str, fqn: str, shards: ShardMap, start: int, length: int,
+                 backend: str = "torch") -> None:
+    """Replace `parent.<name>` (an nn.Linear at `fqn`, no bias) by input columns [start, start + length)."""
+    src: nn.Linear = getattr(parent, name)
+    if src.bias is not None:
+        raise ValueError(f"{fqn}: row-parallel linear with a bias is not supported")
+    w = src.weight.detach()[:, start:start + length]
+    setattr(parent, name, _local_linear(w, None, backend, None))
+    shards.add(f"{fqn}.weight", TensorShard(tuple(src.weight.shape), 1, start, length))
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = False,
-                          linear_backend: str = "torch") -> nn.Module:
-    """Shard a (full, unsharded) `Qwen2ForCausalLM` in place over mesh's "tp" dim; returns it.
-
-    Call on every rank with identical full weights (same seed, or built on "meta" followed by
-    `to_empty` + `init_weights()` per shard). tp == 1 leaves the model untouched.
-    """
-    dims = mesh.dims
-    tp = dims.tp
-    if tp == 1:
-        return model
-    cfg = model.cfg
-    dims.validate_model(cfg)
-    linear_backend = check_linear_backend(linear_backend)
-    group, r = mesh.tp_group, mesh.tp_rank
-    hd = cfg.head_dim_
-    reps = dims.kv_replicas(cfg.num_kv_heads)
-    kv_group = mesh.tp_subgroup(reps) if reps > 1 else None
-
-    def cols_out(n: int) -> slice:  # this rank's block of n outputs (or inputs)
-        return slice(r * n // tp, (r + 1) * n // tp)
-
-    q_rows = cols_out(cfg.num_heads * hd)
-    if reps == 1:
-        kv_rows = cols_out(cfg.kv_dim)
-    else:
-        kv_head = r // reps
-        kv_rows = slice(kv_head * hd, (kv_head + 1) * hd)
-    ff_rows = cols_out(cfg.intermediate_size)
-
-    for layer in model.model.layers.values():
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj = _make_linear(attn.q_proj, q_rows, None, linear_backend, None)
-        attn.k_proj = _make_linear(attn.k_proj, kv_rows, None, linear_backend, kv_group)
-        attn.v_proj = _make_linear(attn.v_proj, kv_rows, None, linear_backend, kv_group)
-        attn.o_proj = _make_linear(attn.o_proj, None, q_rows, linear_backend, None)
-        mlp.gate_proj = _make_linear(mlp.gate_proj, ff_rows, None, linear_backend, None)
-        mlp.up_proj = _make_linear(mlp.up_proj, ff_rows, None, linear_backend, None)
-        mlp.down_proj = _make_linear(mlp.down_proj, None, ff_rows, linear_backend, None)
-        for lin in (attn.q_proj, mlp.gate_proj, mlp.up_proj):
-            for p in lin.parameters():
-                _tag(p, 0, 1)
-        for lin in (attn.k_proj, attn.v_proj):
-            for p in lin.parameters():
-                _tag(p, 0, reps)
-        for lin in (attn.o_proj, mlp.down_proj):
-            _tag(lin.weight, 1, 1)
-        _region_hooks(attn, group, sequence_parallel)
-        _region_hooks(mlp, group, sequence_parallel)
-
-    vocab_rows = cols_out(cfg.vocab_size)
-    emb = model.model.embed_tokens
-    if emb is not None:
-        model.model.embed_tokens = VocabParallelEmbedding(
-            emb.weight.detach()[vocab_rows].clone(), vocab_rows.start, group, sequence_parallel)
-        _tag(model.model.embed_tokens.weight, 0, 1)
-    if model.lm_head is not None:
-        model.lm_head = _make_linear(model.lm_head, vocab_rows, None, "torch", None)
-        _tag(model.lm_head.weight, 0, 1)
-
-    old_ops = model.ops
-    ce = _with_tp_group(old_ops.linear_cross_entropy, group)
-    ops = dataclasses.replace(old_ops, linear_cross_entropy=ce)
-    _set_ops(model, old_ops, ops)
-    model.ops = ops
-    for p in model.parameters():
-        if not hasattr(p, "tp_shard_dim"):
-            _tag(p, None, tp)
-
-    if sequence_parallel:
-        sp_ops = dataclasses.replace(ops, rms_norm=_norm_with_grad_reduce(ops.rms_norm, group))
-        for layer in model.model.layers.values():
-            layer.input_layernorm.ops = sp_ops
-            layer.post_attention_layernorm.ops = sp_ops
-        if model.model.norm is not None:
-            model.model.norm.ops = sp_ops
-            # the CE all-reduces its input grad itself, so backward keeps only this rank's slice
-            model.model.norm.register_forward_hook(
-                lambda _m, _a, out: gather_from_sp_split_grad(out, group, dim=1))
-        model.register_forward_pre_hook(_full_position_ids, with_kwargs=True)
-    model.tp_group = group
-    model.sequence_parallel = sequence_parallel
-    return model
+def vocab_parallel_embedding(parent: nn.Module, name: str, fqn: str, shards: ShardMap, start: int,
+                             length: int, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+    src: nn.Embedding = getattr(parent, name)
+    w = src.weight.detach()[start:start + length].clone()
+    setattr(parent, name, VocabParallelEmbedding(w, start, group, sequence_parallel))
+    shards.add(f"{fqn}.weight", TensorShard(tuple(src.weight.shape), 0, start, length))
 
 
-def _full_position_ids(model, args, kwargs):
-    """SP shards activations right after the embedding, so RoPE positions must come from the ids."""
-    if len(args) < 3 and kwargs.get("position_ids") is None:
-        tokens = args[0] if args else kwargs["tokens"]
-        b, t = tokens.shape[:2]
-        kwargs["position_ids"] = torch.arange(t, device=tokens.device).expand(b, t)
-    return args, kwargs
-
-
-def local_param_bytes(model: nn.Module) -> int:
-    """Bytes of parameters this rank holds (local shards; FSDP DTensors count their local part)."""
-    total = 0
-    for p in model.parameters():
-        t = p.to_local() if hasattr(p, "to_local") else p
-        total += t.numel() * t.element_size()
-    return total
+def even_block(n: int, tp: int, rank: int) -> tuple[int, int]:
+    """(start, length) of rank's contiguous 1/tp block of n items (n divisible by tp)."""
+    return rank * n // tp, n // tp

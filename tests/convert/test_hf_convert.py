@@ -99,7 +99,7 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path):
     cfg = get_config("debug", vocab_size=97)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters())
-    model(torch.randint(0, 97, (1, 8)), labels=torch.randint(0, 97, (1, 8))).backward()
+    model(torch.randint(0, 97, (1, 8)), labels=torch.randint(0, 97, (1, 8))).mean().backward()
     opt.step()
     save_checkpoint(tmp_path / "run" / "checkpoints", 7, model, opt,
                     {"consumed_samples": 0, "model_config": cfg.to_dict()})

@@ -3,6 +3,8 @@ import torch
 
 from megaqwen.kernels import attention
 from megaqwen.kernels.attention import (
+    AttentionMeta,
+    as_attention_meta,
     document_ids_to_cu_seqlens,
     flash_attention,
     sdpa_attention,
@@ -36,16 +38,18 @@ def test_cu_seqlens_from_document_ids():
         document_ids_to_cu_seqlens(torch.zeros(6))
 
 
-def test_cu_seqlens_reused_per_tensor_until_modified():
+def test_attention_meta_derives_each_view_once_per_batch():
     ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
-    first = document_ids_to_cu_seqlens(ids)
-    assert document_ids_to_cu_seqlens(ids)[0] is first[0]  # every layer of a forward: computed once
-    ids[0, 1] = 1  # modified in place: recomputed
-    cu, max_len = document_ids_to_cu_seqlens(ids)
-    assert cu.tolist() == [0, 1, 5, 6] and max_len == 4
-    with torch.inference_mode():  # inference tensors have no version counter: never cached
-        inf_ids = torch.tensor([[3, 3, 4]])
-        assert document_ids_to_cu_seqlens(inf_ids)[0].tolist() == [0, 2, 3]
+    meta = AttentionMeta(ids)
+    cu, max_len = meta.varlen()
+    assert meta.varlen()[0] is cu  # every layer of a forward shares one computation
+    assert cu.tolist() == [0, 2, 5, 6] and max_len == 3
+    assert meta.dense_mask() is meta.dense_mask()
+    torch.testing.assert_close(meta.dense_mask(), attention.document_causal_mask(ids))
+    assert as_attention_meta(meta) is meta and as_attention_meta(None) is None
+    assert as_attention_meta(ids).document_ids is ids
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        AttentionMeta(torch.zeros(6))
 
 
 @pytest.mark.parametrize("path", ["sdpa-mask", "varlen"])
@@ -53,7 +57,7 @@ def test_packed_documents_equal_separate_runs(path):
     docs = _docs()
     q, k, v, ids = _packed(docs)
     if path == "sdpa-mask":
-        out = sdpa_attention(q, k, v, document_ids=ids, scale=D**-0.5)
+        out = sdpa_attention(q, k, v, attn=ids, scale=D**-0.5)
     else:
         out = varlen_attention(q, k, v, ids, D**-0.5, varlen_attention_torch)
     separate = torch.cat([sdpa_attention(*d, scale=D**-0.5) for d in docs], dim=1)
@@ -66,7 +70,7 @@ def test_packed_gradients_equal_separate_runs():
     docs = [tuple(t.requires_grad_() for t in d) for d in _docs(1)]
     q, k, v, ids = _packed(docs)
     dout = torch.randn(q.shape)
-    sdpa_attention(q, k, v, document_ids=ids).backward(dout)
+    sdpa_attention(q, k, v, attn=ids).backward(dout)
     got = [t.grad.clone() for d in docs for t in d]
     for d in docs:
         for t in d:
@@ -79,10 +83,10 @@ def test_packed_gradients_equal_separate_runs():
 def test_vendor_backends_fall_back_to_sdpa_on_cpu(caplog):
     attention._log_once.cache_clear()  # the fallback is logged once per process
     q, k, v, ids = _packed(_docs())
-    want = sdpa_attention(q, k, v, document_ids=ids)
+    want = sdpa_attention(q, k, v, attn=ids)
     with caplog.at_level("WARNING"):
         for fn in (flash_attention, te_attention):
-            torch.testing.assert_close(fn(q, k, v, document_ids=ids), want)
+            torch.testing.assert_close(fn(q, k, v, attn=ids), want)
     assert "using sdpa" in caplog.text
 
 
@@ -98,6 +102,6 @@ def test_vendor_backend_packed_matches_sdpa_gpu(backend):
     docs = _cuda_docs()
     q, k, v, ids = _packed(docs)
     ids = ids.cuda()
-    want = sdpa_attention(q, k, v, document_ids=ids)
-    torch.testing.assert_close(backend(q, k, v, document_ids=ids), want, rtol=2e-2, atol=2e-2)
+    want = sdpa_attention(q, k, v, attn=ids)
+    torch.testing.assert_close(backend(q, k, v, attn=ids), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(backend(q, k, v), sdpa_attention(q, k, v), rtol=2e-2, atol=2e-2)

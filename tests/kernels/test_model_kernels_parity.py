@@ -28,7 +28,7 @@ def _train(kernels: KernelConfig, steps: int = 3) -> tuple[list[float], dict[str
     losses, first_grads = [], {}
     for step in range(steps):
         opt.zero_grad()
-        loss = model(tokens, labels=labels, position_ids=position_ids, document_ids=document_ids)
+        loss = model(tokens, labels=labels, position_ids=position_ids, document_ids=document_ids).mean()
         loss.backward()
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}

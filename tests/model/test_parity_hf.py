@@ -53,7 +53,7 @@ def test_loss_and_grads_match_transformers():
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
     ref_loss = hf(tokens, labels=tokens).loss  # HF shifts internally
     ref_loss.backward()
-    loss = ours(tokens[:, :-1], labels=tokens[:, 1:])
+    loss = ours(tokens[:, :-1], labels=tokens[:, 1:]).mean()
     loss.backward()
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     hf_params = dict(hf.named_parameters())

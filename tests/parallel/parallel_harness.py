@@ -23,15 +23,19 @@ from torch.distributed.tensor import DTensor
 
 from megaqwen.models.config import get_config
 from megaqwen.models.qwen2 import build_model
+from megaqwen.models.spec import get_spec
 from megaqwen.parallel.collectives import _all_gather
-from megaqwen.parallel.data_parallel import apply_data_parallel, build_optimizer, unwrap
+from megaqwen.parallel.config import ParallelConfig
+from megaqwen.parallel.data_parallel import apply_fsdp, build_optimizer, unwrap, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims, ParallelMesh
 from megaqwen.parallel.grad_norm import clip_grad_norm_, grad_norm
-from megaqwen.parallel.tensor_parallel import apply_tensor_parallel
+from megaqwen.parallel.materialize import materialize
+from megaqwen.parallel.shards import ShardMap
 
 # debug model with a smaller vocabulary (divisible by 4) so 4 oversubscribed ranks stay ~1 s/layout
 CFG = dict(vocab_size=1024)
 STEPS, GLOBAL_B, T, LR = 3, 4, 16, 3e-3
+SEED = 1234  # init seed: every layout draws the same full weights from it
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,15 @@ class Layout:
     sp: bool = False
     mode: str = "ddp"
     """ddp | zero1 | fsdp | ds1 | ds2 | ds3 (DeepSpeed ZeRO stage)."""
+    recompute: str = "none"
+    """none | selective | full."""
+    compile: bool = False
+    """torch.compile every decoder layer."""
 
     @property
     def name(self) -> str:
-        return f"tp{self.tp}-dp{self.dp}-{self.mode}" + ("-sp" if self.sp else "")
+        extra = ("-sp" if self.sp else "") + ("" if self.recompute == "none" else f"-rc{self.recompute}")
+        return f"tp{self.tp}-dp{self.dp}-{self.mode}" + extra + ("-compile" if self.compile else "")
 
 
 def free_port() -> int:
@@ -86,83 +95,96 @@ def batches(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(cfg) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, seed=SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     tokens, labels = batches(cfg)
     losses, grads = [], {}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     for s in range(STEPS):
-        loss = model(tokens[s], labels[s])
+        loss = model(tokens[s], labels[s]).mean()
         loss.backward()
         if s == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            norm = grad_norm(model.parameters(), None).item()
+            norm = grad_norm(model.named_parameters(), None).item()
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "grads": grads, "grad_norm": norm, "torch_grad_norm": torch_norm}
+    return {"losses": losses, "grads": grads, "grad_norm": norm, "torch_grad_norm": torch_norm,
+            "weights": weights}
 
 
-def full_grad(p: torch.nn.Parameter, mesh: ParallelMesh, g: torch.Tensor | None = None) -> torch.Tensor:
-    """Gather this parameter's gradient (default p.grad) from its dp (FSDP) and tp shards."""
-    g = p.grad if g is None else g
-    if isinstance(g, DTensor):
-        g = g.full_tensor()
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is None or mesh.dims.tp == 1:
-        return g
-    full = _all_gather(g, mesh.tp_group, dim)
-    reps = getattr(p, "tp_replicas", 1)
-    if reps > 1:  # replicated KV heads: keep one copy of each
-        full = torch.cat(full.chunk(mesh.dims.tp, dim=dim)[::reps], dim=dim)
+def gather_full(t: torch.Tensor, fqn: str, shards: ShardMap) -> torch.Tensor:
+    """The full tensor of parameter `fqn` (or its gradient) from its dp (FSDP) and tp pieces."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    shard = shards.get(fqn)
+    if shard is None:
+        return t
+    full = _all_gather(t.contiguous(), shards.mesh.tp_group, shard.dim)
+    if shard.replicas > 1:  # replicated KV heads: keep one copy of each
+        full = torch.cat(full.chunk(shards.mesh.dims.tp, dim=shard.dim)[::shard.replicas], dim=shard.dim)
     return full
 
 
 def build_parallel(cfg, layout: Layout, world: int):
+    """The production assembly: meta build -> plans -> materialise local pieces -> DDP/engine."""
     dims = ParallelDims(world_size=world, tp=layout.tp, dp=layout.dp)
     mesh = dims.build_mesh("cpu")
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    apply_tensor_parallel(model, mesh, sequence_parallel=layout.sp)
+    spec = get_spec(cfg)
+    model = spec.build(cfg, device="meta")
+    shards = spec.parallelize_tp(model, mesh, sequence_parallel=layout.sp)
+    pcfg = ParallelConfig(tp=layout.tp, sequence_parallel=layout.sp, recompute=layout.recompute,
+                          compile=layout.compile)
+    from megaqwen.parallel.activation import apply_compile, apply_recompute
+
+    apply_recompute(spec.layers(model), pcfg.recompute, spec.selective_recompute)
+    if layout.compile:
+        apply_compile(spec.layers(model))
+    if layout.mode == "fsdp":
+        apply_fsdp(model, mesh, spec.layers(model))
+    materialize(model, shards, "cpu", seed=SEED)
+    weights = {n: gather_full(p.detach(), n, shards) for n, p in model.named_parameters()}
     if layout.mode.startswith("ds"):
         from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig, build_deepspeed_engine
 
         ds_cfg = DeepSpeedConfig(stage=int(layout.mode[2:]))
         engine = build_deepspeed_engine(model, mesh, ds_cfg, micro_batch_size=GLOBAL_B // layout.dp,
-                                        lr=LR, weight_decay=0.1)
-        return mesh, engine, engine, engine.module
-    wrapped = apply_data_parallel(model, mesh, layout.mode)
+                                        shards=shards, lr=LR, weight_decay=0.1)
+        return mesh, engine, engine, engine.module, shards, weights
+    wrapped = model if layout.mode == "fsdp" else wrap_ddp(model, mesh)
     opt = build_optimizer(wrapped.parameters(), mesh, layout.mode, lr=LR, weight_decay=0.1)
-    return mesh, wrapped, opt, unwrap(wrapped)
+    return mesh, wrapped, opt, unwrap(wrapped), shards, weights
 
 
 def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str, Any]:
-    mesh, model, opt, plain = build_parallel(cfg, layout, world)
+    mesh, model, opt, plain, shards, weights = build_parallel(cfg, layout, world)
+    init_equal = all(torch.equal(w, ref["weights"][n]) for n, w in weights.items()) and \
+        set(weights) == set(ref["weights"])
     tokens, labels = batches(cfg)
     b = GLOBAL_B // layout.dp
     sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
     losses, grad_err, norm_rel, clipped_rel = [], {}, 0.0, 0.0
     ds = layout.mode.startswith("ds")
     for s in range(STEPS):
-        loss = model(tokens[s, sl], labels[s, sl])
+        loss = model(tokens[s, sl], labels[s, sl]).mean()
         model.backward(loss) if ds else loss.backward()
         if s == 0:
             for n, p in plain.named_parameters():
                 if ds:
                     from megaqwen.parallel.deepspeed_engine import full_grad_deepspeed
 
-                    g = full_grad(p, mesh, full_grad_deepspeed(p, model))
+                    g = gather_full(full_grad_deepspeed(p, model), n, shards)
                 else:
-                    g = full_grad(p, mesh)
+                    g = gather_full(p.grad, n, shards)
                 r = ref["grads"][n]
                 grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
             if not ds:
-                norm_rel = abs(grad_norm(plain.parameters(), mesh).item() / ref["grad_norm"] - 1)
+                norm_rel = abs(grad_norm(plain.named_parameters(), shards).item() / ref["grad_norm"] - 1)
                 # clip to half the norm, measure again, then put the unclipped gradients back
                 unclipped = [p.grad.clone() for p in plain.parameters()]
-                clip_grad_norm_(plain.parameters(), ref["grad_norm"] / 2, mesh)
-                clipped_rel = abs(grad_norm(plain.parameters(), mesh).item() / (ref["grad_norm"] / 2) - 1)
+                clip_grad_norm_(plain.named_parameters(), ref["grad_norm"] / 2, shards)
+                clipped_rel = abs(grad_norm(plain.named_parameters(), shards).item() / (ref["grad_norm"] / 2) - 1)
                 for p, g in zip(plain.parameters(), unclipped):
                     p.grad = g
         model.step() if ds else (opt.step(), opt.zero_grad())
@@ -172,7 +194,7 @@ def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str
     rel = [abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])]
     return {"losses": losses, "loss_rel": max(rel), "grad_err": max(grad_err.values()),
             "worst_grad": max(grad_err, key=grad_err.get), "grad_norm_rel": norm_rel,
-            "clipped_norm_rel": clipped_rel}
+            "clipped_norm_rel": clipped_rel, "init_equal": init_equal}
 
 
 def parity_worker(rank: int, world: int, layouts: list[Layout], cfg_overrides: dict) -> dict:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from parallel_harness import Layout, batches, build_parallel, spawn
-from torch.distributed.tensor import DTensor
+from parallel_harness import Layout, batches, build_parallel, gather_full, spawn
 
 from megaqwen.models.config import get_config
 from megaqwen.models.qwen2 import build_model
 from megaqwen.parallel.checkpoint import load_sharded_state, sharded_state
-from megaqwen.parallel.collectives import _all_gather
 
 pytestmark = pytest.mark.distributed
 KV1 = {"vocab_size": 1024, "num_kv_heads": 1}  # one KV head: replicated on both ranks at tp=2
@@ -29,48 +27,37 @@ def _step(model, opt, cfg, mesh, layout, s):
     tokens, labels = batches(cfg)
     b = tokens.shape[1] // layout.dp
     sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    loss = model(tokens[s, sl], labels[s, sl])
+    loss = model(tokens[s, sl], labels[s, sl]).mean()
     loss.backward()
     opt.step()
     opt.zero_grad()
     return loss.item()
 
 
-def _full_params(plain, mesh) -> dict[str, torch.Tensor]:
+def _full_params(plain, shards) -> dict[str, torch.Tensor]:
     """Unsharded parameters gathered from FSDP and TP shards (one copy of replicated KV heads)."""
-    out = {}
-    for n, p in plain.named_parameters():
-        t = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
-        dim = getattr(p, "tp_shard_dim", None)
-        if dim is not None and mesh.dims.tp > 1:
-            t = _all_gather(t, mesh.tp_group, dim)
-            reps = getattr(p, "tp_replicas", 1)
-            if reps > 1:
-                t = torch.cat(t.chunk(mesh.dims.tp, dim=dim)[::reps], dim=dim)
-        out[n] = t.clone()
-    return out
+    return {n: gather_full(p.detach(), n, shards).clone() for n, p in plain.named_parameters()}
 
 
 def resume_worker(rank: int, world: int, cases, root: str) -> dict:
     out = {}
     for layout, overrides in cases:
         cfg = _cfg(overrides)
-        mesh, model, opt, plain = build_parallel(cfg, layout, world)
+        mesh, model, opt, plain, shards, _ = build_parallel(cfg, layout, world)
         for s in range(2):
             _step(model, opt, cfg, mesh, layout, s)
         path = f"{root}/{layout.name}"
-        dcp.save(sharded_state(model, opt, mesh), checkpoint_id=path)
-        full = _full_params(plain, mesh)
+        dcp.save(sharded_state(model, opt, shards), checkpoint_id=path)
+        full = _full_params(plain, shards)
         uninterrupted = _step(model, opt, cfg, mesh, layout, 2)
 
-        torch.manual_seed(99)  # a different init: only the checkpoint can make the losses agree
-        mesh, model, opt, _ = build_parallel(cfg, layout, world)
-        with torch.no_grad():
+        mesh, model, opt, _, shards, _ = build_parallel(cfg, layout, world)
+        with torch.no_grad():  # a different start: only the checkpoint can make the losses agree
             for p in model.parameters():
                 p.mul_(0.5)
-        state = sharded_state(model, opt, mesh)
+        state = sharded_state(model, opt, shards)
         dcp.load(state, checkpoint_id=path)
-        load_sharded_state(state, model, opt, mesh)
+        load_sharded_state(state, model, opt, shards)
         resumed = _step(model, opt, cfg, mesh, layout, 2)
         out[layout.name] = (uninterrupted, resumed, full, path, overrides)
     return out

@@ -7,8 +7,9 @@ from parallel_harness import spawn
 
 from megaqwen.models.config import get_config
 from megaqwen.models.qwen2 import build_model
+from megaqwen.models.spec import get_spec
 from megaqwen.parallel.dims import ParallelDims
-from megaqwen.parallel.tensor_parallel import apply_tensor_parallel, local_param_bytes
+from megaqwen.parallel.shards import local_param_bytes
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +29,8 @@ def memory_worker(rank: int, world: int, cases: list[tuple[str, int]]) -> dict:
     for name, tp in cases:
         cfg = get_config(name)
         mesh = ParallelDims(world_size=world, tp=tp).build_mesh("cpu")
-        model = apply_tensor_parallel(build_model(cfg, device="meta"), mesh)
+        model = build_model(cfg, device="meta")
+        get_spec(cfg).parallelize_tp(model, mesh)
         out[(name, tp)] = local_param_bytes(model)
     return out
 

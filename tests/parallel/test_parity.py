@@ -16,6 +16,8 @@ pytestmark = pytest.mark.distributed
 def _check(results: dict, layouts: list[Layout]) -> None:
     for layout in layouts:
         r = results[layout.name]
+        # meta build + per-rank materialisation: the gathered full weights are the single process's
+        assert r["init_equal"], (layout.name, "initial weights differ from the single-process ones")
         assert r["loss_rel"] <= LOSS_RTOL, (layout.name, r["losses"], results["ref_losses"])
         assert r["grad_err"] <= GRAD_RTOL, (layout.name, r["worst_grad"], r["grad_err"])
         assert r["grad_norm_rel"] <= GRAD_RTOL, (layout.name, "global grad norm", r["grad_norm_rel"])
@@ -27,7 +29,8 @@ def _check(results: dict, layouts: list[Layout]) -> None:
 
 def test_two_ranks_tp_sp_ddp_zero1_fsdp():
     layouts = [Layout(tp=2), Layout(tp=2, sp=True), Layout(dp=2), Layout(dp=2, mode="zero1"),
-               Layout(dp=2, mode="fsdp")]
+               Layout(dp=2, mode="fsdp"), Layout(tp=2, sp=True, recompute="full"),
+               Layout(dp=2, mode="fsdp", recompute="selective")]
     _check(spawn(parity_worker, 2, layouts, {}), layouts)  # the debug model as shipped
 
 
@@ -35,7 +38,7 @@ def test_four_ranks_tp4_kv_replicated_and_tp2_dp2():
     # debug has 2 KV heads: tp=4 replicates each on 2 ranks
     layouts = [Layout(tp=4), Layout(tp=4, sp=True), Layout(tp=2, dp=2), Layout(tp=2, dp=2, sp=True),
                Layout(tp=2, dp=2, mode="zero1"), Layout(tp=2, dp=2, mode="fsdp"),
-               Layout(tp=2, dp=2, mode="fsdp", sp=True)]
+               Layout(tp=2, dp=2, mode="fsdp", sp=True), Layout(tp=2, dp=2, mode="fsdp", recompute="full")]
     _check(spawn(parity_worker, 4, layouts, {"vocab_size": 1024}), layouts)
 
 

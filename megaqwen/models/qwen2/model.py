@@ -1,0 +1,201 @@
+"""Qwen2.5 dense decoder as plain single-device PyTorch, with Hugging Face parameter names.
+
+Legend for shapes: B batch, T tokens (this rank's shard under sequence parallelism), H hidden,
+Hq/Hk query/KV heads (local to this rank once a tensor-parallel plan has sharded the projections),
+D head_dim, V vocabulary (or this rank's slice), I intermediate, N = B*T.
+
+The forward is three separate steps, so pipeline stages, sequence shards and micro-batches can each
+run the part they own and reduce the loss exactly:
+    hidden_states(tokens | activations, positions, attention metadata) -> (B, T, H)
+    logits(h)                                                           -> (B, T, V)
+    loss(h, labels)                                                     -> LossParts(sum, count)
+Positions and the attention metadata (`AttentionMeta`: packed-document boundaries) are built once
+per batch and handed to every layer. Any of embedding, final norm and head may be None (a pipeline
+stage deletes what it does not own).
+
+No `torch.distributed` here: parallel plans (see `parallelize.py`) replace modules in place
+(projections by local shards, the loss by its vocab-parallel version) and add region hooks; the
+forward infers head counts from the projection widths, so sharded layers need no special case.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from megaqwen.kernels.attention import AttentionMeta
+from megaqwen.kernels.cross_entropy import LMLoss, LossParts
+from megaqwen.kernels.registry import KernelOps
+from megaqwen.kernels.rope import rope_cos_sin, rope_inv_freq
+from megaqwen.models.config import ModelConfig
+
+
+class ParamInit(NamedTuple):
+    """How a parameter starts: `kind` normal | zeros | ones, with `std` for normal."""
+
+    kind: str
+    std: float = 0.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: KernelOps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.head_dim = cfg.head_dim_
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.ops = ops
+
+    def forward(self, x_BTH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMeta | None = None) -> torch.Tensor:
+        b, t, _ = x_BTH.shape
+        q = self.q_proj(x_BTH).view(b, t, -1, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x_BTH).view(b, t, -1, self.head_dim)  # (B, T, Hk, D)
+        v = self.v_proj(x_BTH).view(b, t, -1, self.head_dim)
+        q, k = self.ops.apply_rope(q, k, *rope)
+        out = self.core(q, k, v, attn)  # (B, T, Hq, D)
+        return self.o_proj(out.reshape(b, t, -1))
+
+    def core(self, q, k, v, attn: AttentionMeta | None) -> torch.Tensor:
+        """softmax(q k^T) v: the part selective recomputation re-runs in backward."""
+        return self.ops.attention(q, k, v, attn, scale=self.head_dim**-0.5)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.ops = ops
+
+    def forward(self, x):
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMeta | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """`model.*` in HF naming: embedding, layers, final norm. Any part may be None (PP stages)."""
+
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ops) for i in range(cfg.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops or KernelOps()
+        self.model = Decoder(cfg, self.ops)
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        self.criterion = LMLoss(self.ops.linear_cross_entropy)
+
+    def param_init(self, name: str) -> ParamInit:
+        """Initial values of parameter `name`: Normal(0, init_std) for matrices and embeddings,
+        zeros for biases, ones for norms. The materialiser draws them per parameter name and seed,
+        so every layout starts from the same full tensors."""
+        if name.endswith("norm.weight"):
+            return ParamInit("ones")
+        if name.endswith(".bias"):
+            return ParamInit("zeros")
+        return ParamInit("normal", self.cfg.init_std)
+
+    def head_weight(self) -> torch.Tensor:
+        """(V, H) output projection: lm_head, or the input embedding when tied."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        if self.model.embed_tokens is None:
+            raise RuntimeError("tied LM head needs the embedding on this stage")
+        return self.model.embed_tokens.weight
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> RoPE (cos, sin), each (B, T, D) fp32, shared by every layer."""
+        inv_freq = rope_inv_freq(self.cfg.head_dim_, self.cfg.rope_theta, device=position_ids.device)
+        return rope_cos_sin(position_ids, inv_freq)
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                      attn: AttentionMeta | None = None) -> torch.Tensor:
+        """tokens (B, T) ids, or (B, T, H) activations when this stage has no embedding ->
+        (B, T, H), after the final norm when this stage has it. position_ids (B, T) are the full
+        sequence's, whatever shard of it the activations are."""
+        h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
+        rope = self.rope(position_ids)
+        for layer in self.model.layers.values():
+            h = layer(h, rope, attn)
+        if self.model.norm is not None:
+            h = self.model.norm(h)
+        return h
+
+    def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
+        return h_BTH @ self.head_weight().t()  # (B, T, V)
+
+    def loss(self, h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> LossParts:
+        """labels already shifted (labels[:, i] is the target of position i); -100 is ignored."""
+        return self.criterion(h_BTH.reshape(-1, h_BTH.shape[-1]), self.head_weight(), labels_BT.reshape(-1))
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | AttentionMeta | None = None):
+        """The whole model in one call: LossParts with labels, else logits (B, T, V); a stage
+        without the final norm returns its hidden states.
+
+        position_ids default to 0..T-1 per row and may be omitted only when `tokens` are ids (the
+        full sequence); document_ids (B, T) (or a prebuilt `AttentionMeta`) mask packed documents.
+        """
+        if position_ids is None:
+            if tokens.dim() != 2:
+                raise ValueError("position_ids are required when the input is activations (B, T, H)")
+            b, t = tokens.shape
+            position_ids = torch.arange(t, device=tokens.device).expand(b, t)
+        attn = document_ids if document_ids is None or isinstance(document_ids, AttentionMeta) \
+            else AttentionMeta(document_ids)
+        h = self.hidden_states(tokens, position_ids, attn)
+        if self.model.norm is None:
+            return h
+        return self.logits(h) if labels is None else self.loss(h, labels)
+
+
+def build_model(cfg: ModelConfig, ops: KernelOps | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int | None = None) -> Qwen2ForCausalLM:
+    """Build on `device` and initialise (see `param_init`) from `seed` (default: drawn from torch's
+    global RNG, so `torch.manual_seed` fixes it). On "meta" no memory is touched: parallel plans
+    are then applied and only this rank's shards materialised (`megaqwen.parallel.materialize`).
+    """
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg, ops)
+    model.to(dtype)
+    if torch.device(device).type == "meta":
+        return model
+    from megaqwen.models.init import materialize_single  # local import: keeps the module tiny
+
+    return materialize_single(model, device, seed)

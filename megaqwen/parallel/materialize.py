@@ -1,0 +1,86 @@
+"""From a planned meta-device model to this rank's real shards: fresh init or sharded loading.
+
+    materialize(model, shards, device, seed)        # allocate local pieces, draw their init values
+    load_hf_sharded(model, shards, hf_dir, hf_key)  # or read them from HF safetensors, slice by slice
+
+Every parameter's local piece is a box of its full tensor (`ShardMap.box`: the TP piece, then
+FSDP2's chunk of it). Init values come from `megaqwen.models.init` (seeded per parameter name and
+tile), so any layout assembles the same full tensors; loading reads only the box from each
+safetensors file, opening and closing the file per tensor so a rank never maps more than one full
+tensor's pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from megaqwen.models.init import default_seed, fill_box
+from megaqwen.parallel.shards import ShardMap, local_tensor
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, shards: ShardMap, device: str | torch.device, seed: int | None = None,
+                param_init: Callable | None = None) -> nn.Module:
+    """Allocate this rank's pieces of a meta-device model on `device` and initialise them; the
+    same `seed` gives the same full tensors under every layout."""
+    seed = default_seed() if seed is None else seed
+    param_init = param_init or model.param_init
+    model.to_empty(device=device)
+    for fqn, p in model.named_parameters():
+        fill_box(local_tensor(p), param_init(fqn), seed, fqn, shards.full_shape(fqn, p), shards.box(fqn, p))
+    return model
+
+
+def hf_weight_files(hf_dir: Path) -> dict[str, Path]:
+    """safetensors key -> the file holding it, for a single-file or index-sharded HF folder."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: hf_dir / f for k, f in weight_map.items()}
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+@torch.no_grad()
+def load_hf_sharded(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
+                    hf_key: Callable[[str], str] = lambda fqn: fqn,
+                    optional: set[str] = frozenset()) -> nn.Module:
+    """Fill every parameter's local piece (already allocated, e.g. by `materialize` or to_empty)
+    from an HF folder's safetensors, reading only that piece. Keys in `optional` may be present in
+    the files without a parameter (a tied head's copy); any other mismatch is an error."""
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    files = hf_weight_files(hf_dir)
+    params = dict(model.named_parameters())
+    wanted = {hf_key(fqn): fqn for fqn in params}
+    missing = sorted(set(wanted) - set(files))
+    extra = sorted(set(files) - set(wanted) - set(optional))
+    if missing or extra:
+        raise ValueError(f"{hf_dir}: weights do not match the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                         f"{'...' if len(extra) > 5 else ''}")
+    for key, fqn in wanted.items():
+        p = params[fqn]
+        full, box = shards.full_shape(fqn, p), shards.box(fqn, p)
+        with safe_open(files[key], "pt") as f:  # closed per tensor: mapped pages are released
+            sl = f.get_slice(key)
+            if tuple(sl.get_shape()) != tuple(full):
+                raise ValueError(f"{files[key]}: {key} has shape {tuple(sl.get_shape())}, the model "
+                                 f"expects {tuple(full)}")
+            piece = sl[tuple(slice(a, b) for a, b in box)]
+        local_tensor(p).copy_(piece)
+    log.info("loaded %d tensors from %s (this rank's slices only)", len(wanted), hf_dir)
+    return model
