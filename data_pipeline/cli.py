@@ -11,12 +11,15 @@ import importlib
 import logging
 import sys
 
+from megaqwen.cli_common import add_version_flag
+
 # module (relative to megaqwen.data_pipeline) for each subcommand, in help order
 SUBCOMMANDS = ["tokenize", "pipeline_cli", "tiny_judge"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megaqwen-data", description=__doc__)
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"megaqwen.data_pipeline.{name}").add_parser(sub)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from megaqwen.cli_common import add_version_flag, silence_known_warnings
+
 log = logging.getLogger("megaqwen.eval")
 
 
@@ -69,14 +71,18 @@ def document_loss(model, docs: list[list[int]], max_len: int, device: torch.devi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megaqwen-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("loss", help="mean next-token loss on a jsonl file")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="native checkpoint (step folder, checkpoints/ or run folder) or HF folder")
+    p.add_argument("--data", required=True, help='jsonl, one document per row: {"text": ...} or '
+                   '{"input_ids": [...]}')
     p.add_argument("--max-len", type=int, default=2048, help="tokens per scoring window")
     p.add_argument("--max-docs", type=int, default=0, help="score only the first N documents (0: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
     args = parser.parse_args(argv)
+    silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from megaqwen.convert.hf import load_pretrained

@@ -10,22 +10,26 @@ import argparse
 import logging
 import sys
 
+from megaqwen.cli_common import add_version_flag, silence_known_warnings
 from megaqwen.convert.hf import from_hf, to_hf
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megaqwen-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("from-hf", help="HF Qwen2 folder -> megaqwen checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
+    p.add_argument("hf_dir", help="folder with config.json and model.safetensors (or an index + shards)")
+    p.add_argument("out_dir", help="megaqwen checkpoint folder to write (DCP + meta.json, step 0)")
     p = sub.add_parser("to-hf", help="megaqwen checkpoint -> HF Qwen2 folder")
-    p.add_argument("ckpt_dir")
-    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir", help="step folder, checkpoints/ folder or run folder (its latest checkpoint)")
+    p.add_argument("hf_dir", help="HF folder to write: config.json, generation_config.json, safetensors, "
+                   "tokenizer")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GiB)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
     args = parser.parse_args(argv)
+    silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "from-hf":

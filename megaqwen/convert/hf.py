@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,15 @@ def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cp
 
 def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
           tokenizer: bool = True) -> Path:
-    """megaqwen checkpoint -> HF folder (config.json, safetensors shards, tokenizer files)."""
+    """megaqwen checkpoint -> HF folder (config.json, generation_config.json, safetensors shards,
+    tokenizer files), every file with the same permissions."""
     cfg, state = read_model_weights(ckpt_dir)
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
-    (hf_dir / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    hf_config = config_to_hf(cfg, dtype)
+    (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_generation_config(hf_dir, hf_config)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(state):
@@ -183,5 +187,24 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2
         from megaqwen.tokenizer import load_tokenizer
 
         load_tokenizer().save_pretrained(str(hf_dir))
+    uniform_file_modes(hf_dir)
     log.info("wrote HF checkpoint %s (%d tensors, %d file(s))", hf_dir, len(state), len(shards))
     return hf_dir
+
+
+def write_generation_config(hf_dir: Path, hf_config: dict[str, Any]) -> None:
+    """generation_config.json as the Qwen2.5 base models ship it: greedy, stop at <|endoftext|>."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=hf_config["bos_token_id"], eos_token_id=hf_config["eos_token_id"],
+                     do_sample=False, max_new_tokens=2048).save_pretrained(str(hf_dir))
+
+
+def uniform_file_modes(folder: Path) -> None:
+    """Give every file the mode a plain open() would (0644 under the usual umask 022): safetensors
+    writes its files 0600, which breaks sharing the export with other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)

@@ -1,6 +1,8 @@
 """megaqwen-convert: HF -> megaqwen -> HF is bit-exact, logits agree, bad input is named."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +91,22 @@ def test_sharded_export_and_tokenizer(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_export_writes_generation_config_and_uniform_file_modes(tmp_path):
+    from transformers import GenerationConfig
+
+    src = tmp_path / "hf"
+    save_random_hf(src, tied=True)
+    convert_main(["from-hf", str(src), str(tmp_path / "native")])
+    out = to_hf(tmp_path / "native", tmp_path / "export", max_shard_bytes=20_000)
+    gen = GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.do_sample) == (151643, 151643, False)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert any(n.endswith(".safetensors") for n in modes) and "tokenizer.json" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone would write 0600
 
 
 def test_trained_checkpoint_exports_and_reloads(tmp_path):
