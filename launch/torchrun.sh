@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N processes of `megaqwen-train` under torchrun. Everything after the options is passed
-# to the trainer as Hydra overrides.
+# to the trainer as Hydra overrides (`megaqwen-train --help` lists them all).
 #
 #   launch/torchrun.sh --nproc-per-node 4 model=qwen2.5-0.5b parallel.tp=2 parallel.dp=2
 #   launch/torchrun.sh --nproc-per-node=8 model=qwen2.5-7b parallel=tp4_zero1 train.global_batch_size=64
@@ -10,12 +10,15 @@
 # and gloo otherwise (a parallel.backend=... override wins). On CPU each rank gets
 # OMP_NUM_THREADS = cores / N unless set, and DeepSpeed is told to use its CPU accelerator.
 # Only rank 0 writes the run folder (metrics.jsonl, run.json, W&B, Hydra config and log).
+# Relative paths (train.out_dir, data.path, ...) are relative to the folder you call this from.
+# Before any rank starts, `megaqwen-train --check` checks the overrides, data, layout and run folder
+# once, so a mistake is one message rather than one traceback per rank.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  if [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
 fi
 BIN_DIR=$(dirname "$(command -v "$PY")")
 TRAIN=${TRAIN:-$BIN_DIR/megaqwen-train}
@@ -67,6 +70,7 @@ for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
   case "$o" in parallel.backend=*) BACKEND=${o#parallel.backend=}; EXTRA=() ;; esac
 done
 
+WORLD_SIZE=$NPROC "$TRAIN" --check "${EXTRA[@]+"${EXTRA[@]}"}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" || exit $?
 echo "torchrun.sh: $NPROC process(es), backend $BACKEND, trainer $TRAIN" >&2
 exec "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
   --no-python "$TRAIN" "${EXTRA[@]+"${EXTRA[@]}"}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"

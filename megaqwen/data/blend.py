@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -198,13 +200,19 @@ def max_draws(weights: list[float], num_samples: int) -> list[int]:
 
 
 def build_dataset(
-    source: str | Path | list[str] | BlendRecipe, seq_len: int, num_samples: int, seed: int = 1234, **packing
+    source: str | Path | list[str] | BlendRecipe,
+    seq_len: int,
+    num_samples: int,
+    seed: int = 1234,
+    documents: Callable[[IndexedDataset], Any] | None = None,
+    **packing,
 ) -> torch.utils.data.Dataset:
     """The training dataset: `num_samples` packed samples of `seq_len` tokens.
 
     `source` is a recipe file (`*.json`), a `BlendRecipe`, one shard prefix, or a list of prefixes
-    (equal weights). `packing` goes to `GPTDataset` (shuffle, eod_id, reset_position_ids,
-    reset_attention_mask, eod_mask_loss). Items are dicts of (seq_len,) int64 tensors.
+    (equal weights). `documents` maps each shard to the documents to draw from (e.g. one side of
+    `holdout.split_documents`); None: all of them. `packing` goes to `GPTDataset` (shuffle, eod_id,
+    reset_position_ids, reset_attention_mask, eod_mask_loss). Items are dicts of (seq_len,) int64 tensors.
     """
     if isinstance(source, BlendRecipe):
         recipe = source
@@ -215,9 +223,10 @@ def build_dataset(
     else:
         recipe = make_recipe(list(source))
     draws = max_draws(list(recipe.weights), num_samples)
-    datasets = [
-        GPTDataset(IndexedDataset(p), seq_len, n, seed, **packing) for p, n in zip(recipe.prefixes, draws)
-    ]
+    shards = [IndexedDataset(p) for p in recipe.prefixes]
+    if documents is not None:
+        shards = [documents(s) for s in shards]
+    datasets = [GPTDataset(s, seq_len, n, seed, **packing) for s, n in zip(shards, draws)]
     if len(datasets) == 1:
         return datasets[0]
     return BlendedDataset(datasets, list(recipe.weights), num_samples, name=recipe.name)

@@ -15,9 +15,17 @@ from megaqwen.kernels.registry import KernelConfig
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.config import ParallelConfig
 
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("native", "deepspeed")
+WANDB_MODES = ("offline", "online", "disabled")
+
 
 @dataclass
 class TrainConfig:
+    """Optimizer, schedule, precision, checkpoints, validation and the run folder."""
+
     steps: int = 30
     """Optimizer steps to run in total (a resumed run continues up to this number)."""
     seq_len: int = 128
@@ -72,10 +80,25 @@ class TrainConfig:
     """native (our optimizer + DP wrappers) | deepspeed."""
     peak_flops: float = 0.0
     """Device peak FLOP/s for MFU; 0 looks the device up in a table (no MFU on CPU)."""
+    eval_every: int = 0
+    """Validation loss every N steps and at the last step, on data.valid_path or the held-out split
+    (data.valid_fraction); 0 disables."""
+    eval_iters: int = 4
+    """Global batches (global_batch_size samples each) per validation; the same samples every time."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Resume-contract keys this run may change from the checkpoint it resumes, e.g.
+    [train.seq_len,model.rope_theta,data.path] for a context-extension stage; a section name
+    (data, model, parallel) allows all of its keys. Any other difference stops the run."""
+    lock_timeout_min: float = 60.0
+    """A run-folder lock whose holder runs on another host counts as abandoned after this many
+    minutes without a refresh (the holder refreshes it every step); same-host holders are checked
+    by process id."""
 
 
 @dataclass
 class DataConfig:
+    """Training and held-out data: shards or a blend recipe, and how samples are packed."""
+
     path: str = "sample"
     """A shard prefix (.bin/.idx without extension), a blend recipe (.json), or `sample`: the
     corpus shipped in data_pipeline/samples, tokenised into out_dir/data on first use."""
@@ -83,10 +106,30 @@ class DataConfig:
     """Restart RoPE positions at each document boundary inside a packed sample."""
     document_mask: bool = True
     """Mask attention across document boundaries inside a packed sample."""
+    valid_path: str | None = None
+    """Held-out shard prefix or blend recipe for the validation loss; None uses the held-out split."""
+    valid_fraction: float = 0.0
+    """Fraction of each shard's documents held out of training for validation (whole documents, by a
+    fixed hash: train.seed does not move them); 0 holds out nothing."""
+
+
+@dataclass
+class ProfileConfig:
+    """A torch.profiler trace of chosen steps and a CUDA memory snapshot, on request."""
+
+    start_step: int = 0
+    """First step (1-based) traced with torch.profiler into out_dir/profile/; 0 disables."""
+    num_steps: int = 2
+    """Steps traced from start_step on."""
+    memory_snapshot: bool = False
+    """CUDA only: record allocator history over the traced steps and dump a snapshot pickle
+    (view it at pytorch.org/memory_viz)."""
 
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
     enabled: bool = True
     """Log to Weights & Biases (rank 0 only)."""
     mode: str = "offline"
@@ -101,17 +144,22 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
+    """Where metrics go besides metrics.jsonl."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class Config:
+    """A whole training run: one section per component."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         t = self.train
@@ -122,19 +170,43 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                              f"train.micro_batch_size={t.micro_batch_size}")
-        if t.schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"train.schedule={t.schedule!r}; choose cosine | wsd | constant")
+        if t.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={t.schedule!r}; choose {' | '.join(SCHEDULES)}")
         if not 0 <= t.min_lr <= t.lr:
             raise ValueError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr})")
         if not 0 < t.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
-        if t.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"train.dtype={t.dtype!r}; choose auto | fp32 | bf16")
-        if t.engine not in ("native", "deepspeed"):
-            raise ValueError(f"train.engine={t.engine!r}; choose native | deepspeed")
-        if self.logger.wandb.mode not in ("offline", "online", "disabled"):
+        if t.dtype not in DTYPES:
+            raise ValueError(f"train.dtype={t.dtype!r}; choose {' | '.join(DTYPES)}")
+        if t.device not in DEVICES:
+            raise ValueError(f"train.device={t.device!r}; choose {' | '.join(DEVICES)}")
+        if t.engine not in ENGINES:
+            raise ValueError(f"train.engine={t.engine!r}; choose {' | '.join(ENGINES)}")
+        if self.logger.wandb.mode not in WANDB_MODES:
             raise ValueError(f"logger.wandb.mode={self.logger.wandb.mode!r}; "
-                             "choose offline | online | disabled")
+                             f"choose {' | '.join(WANDB_MODES)}")
+        if t.seq_len > self.model.max_position_embeddings:
+            # an error, not a warning: the HF export writes max_position_embeddings into config.json,
+            # so a model trained on longer samples would be published as unable to use them
+            raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                             f"{self.model.max_position_embeddings}; raise model.max_position_embeddings "
+                             "(a context-extension stage) or shorten train.seq_len")
+        for name in ("eval_every", "eval_iters"):
+            if getattr(t, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.eval_every and t.eval_iters == 0:
+            raise ValueError(f"train.eval_every={t.eval_every} needs train.eval_iters >= 1")
+        if not 0 <= self.data.valid_fraction < 1:
+            raise ValueError(f"data.valid_fraction must be in [0, 1), got {self.data.valid_fraction}")
+        if t.eval_every and self.data.valid_path is None and self.data.valid_fraction == 0:
+            raise ValueError(f"train.eval_every={t.eval_every} needs held-out data: set data.valid_path "
+                             "(a shard prefix or recipe) or data.valid_fraction (e.g. 0.01)")
+        p = self.profile
+        if p.start_step < 0 or p.num_steps < 1:
+            raise ValueError(f"need profile.start_step >= 0 and profile.num_steps >= 1, got "
+                             f"{p.start_step} and {p.num_steps}")
+        if t.lock_timeout_min <= 0:
+            raise ValueError(f"train.lock_timeout_min must be positive, got {t.lock_timeout_min}")
 
 
 def register_configs() -> None:

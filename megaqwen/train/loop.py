@@ -27,6 +27,9 @@ from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger
 from megaqwen.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from megaqwen.train.profiling import StepProfiler
+from megaqwen.train.run_folder import RunFolder
+from megaqwen.train.validation import build_validator, training_documents
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,17 @@ def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
     return str(prefix)
 
 
-def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int):
+def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_left: int | None = None):
     from megaqwen.data.blend import build_dataset
     from megaqwen.data.sampler import BatchIterator
 
     t = cfg.train
     data_path = resolve_data_path(cfg.data.path, Path(t.out_dir), env)
-    dataset = build_dataset(data_path, seq_len=t.seq_len, num_samples=t.steps * t.global_batch_size,
-                            seed=t.seed)
+    if steps_left is None:  # the stream position counts the steps done
+        steps_left = t.steps - consumed_samples // t.global_batch_size
+    dataset = build_dataset(data_path, seq_len=t.seq_len,
+                            num_samples=consumed_samples + steps_left * t.global_batch_size, seed=t.seed,
+                            documents=training_documents(cfg))
     return BatchIterator(dataset, global_batch_size=t.global_batch_size,
                          micro_batch_size=t.micro_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
                          consumed_samples=consumed_samples)
@@ -138,6 +144,8 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                          f"micro_batch_size ({t.micro_batch_size}) x dp ({env.dp_size})")
 
+    run = RunFolder(cfg, env.world_size)
+    run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
     torch.manual_seed(t.seed)
     ops = resolve_ops(cfg.kernels, device=env.device.type)
     model = build_model(cfg.model, ops, device=env.device)
@@ -160,8 +168,13 @@ def train(cfg: Config) -> dict[str, Any]:
     if latest is not None:
         meta = ckpt.load_checkpoint(latest, model, optimizer, mesh=env.mesh)
         start_step, consumed = meta["step"], meta["consumed_samples"]
+        consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
-    batches = build_batches(cfg, env, consumed)
+    batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
+    validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env),
+                                lambda m, b: forward_loss(m, b, cfg, env.device),
+                                lambda: autocast_ctx(t.dtype, env.device))
+    profiler = StepProfiler(cfg.profile, out_dir, env.rank, env.device, start_step)
 
     config_dict = asdict(cfg)
     logger = MetricsLogger(out_dir, config_dict, cfg.logger.wandb, total_steps=t.steps,
@@ -171,9 +184,11 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step, t.steps):
+            profiler.before_step(step + 1)
             t0 = time.perf_counter()
             metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps)
             dt = time.perf_counter() - t0
+            profiler.after_step(step + 1)
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=local_peak_memory_gib(env.device),
                            consumed_samples=batches.consumed_samples)
@@ -181,21 +196,27 @@ def train(cfg: Config) -> dict[str, Any]:
                                                   flops_per_token, t.peak_flops))
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
+            if validator is not None and validator.due(step + 1):
+                metrics.update(validator.run(model, step + 1))
             logger.log(step + 1, metrics)
+            run.heartbeat()
             done = step + 1
             exiting = done == t.exit_at_step
             if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict}, keep_last=t.keep_last, mesh=env.mesh)
+                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, mesh=env.mesh)
             if exiting:
                 log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
                 break
     finally:
         logger.close()
+        profiler.close()
+        run.close()
     if env.rank == 0 and metrics:
         from megaqwen.train.plot import plot_run
 
         log.info("loss curve: %s", plot_run(out_dir))
-    return {"steps": t.steps, "start_step": start_step, "final": metrics, "out_dir": str(out_dir)}
+    return {"steps": t.steps, "start_step": start_step, "last_step": logger.last_step, "final": metrics,
+            "out_dir": str(out_dir)}

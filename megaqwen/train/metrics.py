@@ -38,6 +38,8 @@ class MetricsLogger:
         self.wandb_run = None
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
+        self.last_step: int | None = None
+        """The last step logged (on every rank, enabled or not)."""
         if not enabled:
             return
         out = Path(out_dir)
@@ -50,6 +52,7 @@ class MetricsLogger:
             self.wandb_run = _init_wandb(out, config, wandb_cfg)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.last_step = step
         if not self.enabled:
             return
         row = {"step": step, **metrics}
@@ -106,3 +109,29 @@ def _fmt_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def format_summary(summary: dict[str, Any], seconds: float) -> str:
+    """The end-of-run lines: what was trained, the last numbers, and what the run folder holds."""
+    out, m = Path(summary["out_dir"]), summary["final"]
+    start, steps = summary["start_step"], summary["steps"]
+    if not m:
+        head = f"nothing trained: {out} was already at step {start} of train.steps={steps}"
+    else:
+        done = summary["last_step"]
+        val = f" (validation {m['val_loss']:.4f})" if "val_loss" in m else ""
+        head = (f"done: steps {start + 1}-{done} of {steps} in {_fmt_eta(seconds)} | loss {m['loss']:.4f}"
+                f"{val} | {m['tokens_per_s']:,.0f} tok/s | peak mem {m['peak_mem_gib']:.2f} GiB")
+    return head + "\n" + describe_run_folder(out)
+
+
+def describe_run_folder(out: Path) -> str:
+    """One line naming the files a run leaves, e.g. for the end of the console output."""
+    names = ("metrics.jsonl", "run.json", "loss.png", "main.log", ".hydra/")
+    items = [n for n in names if (out / n.rstrip("/")).exists()]
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():
+        items.append(f"checkpoints/{latest.read_text().strip()} (latest)")
+    items += [f"wandb/{p.name}" for p in sorted((out / "wandb").glob("offline-run-*"))[-1:]]
+    items += [f"profile/{p.name}/" for p in sorted((out / "profile").glob("steps_*"))]
+    return f"run folder {out}: " + ", ".join(items)

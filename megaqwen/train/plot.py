@@ -1,4 +1,5 @@
-"""Loss and learning-rate curves of a run folder as a PNG (rank 0, at the end of training).
+"""Loss (training, and validation when logged) and learning-rate curves of a run folder as a PNG
+(rank 0, at the end of training).
 
     python -m megaqwen.train.plot runs/demo        # writes runs/demo/loss.png
 """
@@ -24,8 +25,13 @@ def plot_run(out_dir: str | Path) -> Path:
     steps = sorted(rows)
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
-    ax_loss.plot(steps, [rows[s]["loss"] for s in steps], lw=1.5)
-    ax_loss.set_ylabel("training loss (nats/token)")
+    ax_loss.plot(steps, [rows[s]["loss"] for s in steps], lw=1.5, label="training")
+    val = [s for s in steps if "val_loss" in rows[s]]
+    if val:
+        ax_loss.plot(val, [rows[s]["val_loss"] for s in val], "o-", color="tab:green", lw=1.5, ms=4,
+                     label="validation")
+        ax_loss.legend()
+    ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{out_dir.name}: {len(steps)} steps")
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [rows[s]["lr"] for s in steps], color="tab:orange", lw=1.2)

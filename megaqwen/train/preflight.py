@@ -1,0 +1,63 @@
+"""Everything about a run that can be checked without building a model, in one process.
+
+`megaqwen-train` runs this before Hydra starts the job (and `launch/torchrun.sh` runs it once, as
+`megaqwen-train --check`, before it starts any rank), so a mistake is one message and costs seconds:
+
+  1. overrides: keys and presets exist (with "did you mean"), values parse and type-check;
+  2. fixed-choice values (train.schedule, kernels.*, ...) are valid, then `Config.validate()`;
+  3. the parallel layout fits the world size and the model;
+  4. data.path / data.valid_path name shards; the resume contract holds; the run folder is free.
+"""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megaqwen.parallel.dims import ParallelDims
+from megaqwen.train.config import Config
+from megaqwen.train.errors import UsageError
+from megaqwen.train.overrides import check_choices, check_overrides, hydra_message, is_hydra_override
+from megaqwen.train.run_folder import RunFolder
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The Config that `megaqwen-train OVERRIDES` runs with; UsageError for any mistake in them."""
+    check_overrides(overrides)
+    try:
+        with initialize_config_module("megaqwen.conf", version_base="1.3"):
+            dcfg = compose("config", overrides=[o for o in overrides if not is_hydra_override(o)])
+        return OmegaConf.to_object(dcfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(hydra_message(e)) from e
+
+
+def check_config(cfg: Config, world_size: int) -> RunFolder:
+    """Steps 2-4 for `world_size` processes; returns the inspected run folder."""
+    check_choices(cfg)
+    cfg.validate()
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, world_size)
+    except ValueError as e:
+        if world_size == 1:
+            raise UsageError(f"{e} (a single process was started: launch several with "
+                             "launch/torchrun.sh --nproc-per-node N)") from e
+        raise
+    dims.validate_model(cfg.model, seq_len=cfg.train.seq_len,
+                        sequence_parallel=cfg.parallel.sequence_parallel)
+    run = RunFolder(cfg, world_size)
+    run.check()
+    return run
+
+
+def preflight(overrides: list[str], world_size: int) -> RunFolder:
+    """All model-free checks of `megaqwen-train OVERRIDES`; any failure is a UsageError."""
+    cfg = compose_config(overrides)
+    try:
+        return check_config(cfg, world_size)
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # Config.validate / layout checks: the user's values
+        raise UsageError(str(e)) from e

@@ -1,0 +1,160 @@
+"""megaqwen-train as a user meets it: one-line errors with suggestions, --help, --version, --check."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megaqwen import __version__
+from megaqwen.train import main as train_main
+from megaqwen.train.errors import UsageError
+from megaqwen.train.help import field_docs, help_text
+from megaqwen.train.overrides import schema_fields
+from megaqwen.train.preflight import compose_config, preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MODEL_BUILT = "parameters (this rank's shards)"
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`megaqwen-train ARGS` in this process; (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["megaqwen-train", *args])
+    code = 0
+    try:
+        train_main.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.stpes=5", "did you mean train.steps?"),
+    ("steps=5", "did you mean train.steps?"),
+    ("train.lr_min=1e-5", "did you mean train.min_lr?"),
+    ("model=qwen2.5-0.5", "did you mean qwen2.5-0.5b?"),
+    ("parallel=tp3", "did you mean tp2?"),
+    ("train.schedule=cosin", "did you mean cosine?"),
+    ("kernels.attention=spda", "did you mean sdpa?"),
+    ("parallel.dp_mode=zero", "did you mean zero1?"),
+    ("logger.wandb.mode=ofline", "did you mean offline?"),
+])
+def test_typo_gets_the_right_suggestion_in_one_line(monkeypatch, capsys, tmp_path, override, suggestion):
+    code, out, err = run_cli(monkeypatch, capsys, f"train.out_dir={tmp_path}", override)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("megaqwen-train: error: ")
+    assert suggestion in err
+    assert "To append" not in err and "+train" not in err  # Hydra's advice is wrong for a typed schema
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.seq_len=8192", "train.seq_len=8192 exceeds model.max_position_embeddings=4096"),
+    ("train.steps=abc", "'abc' of type 'str' could not be converted to Integer"),
+    ("train=5", "train is a section, set its fields"),
+    ("train.eval_every=5", "needs held-out data: set data.valid_path"),
+    ("parallel.tp=2", "launch several with launch/torchrun.sh"),
+    ("train.device=gpu", "train.device='gpu' is not one of auto | cpu | cuda"),
+])
+def test_config_errors_name_the_value(tmp_path, override, match):
+    with pytest.raises(UsageError, match=match):
+        preflight([f"train.out_dir={tmp_path}", override], world_size=1)
+
+
+def test_missing_data_path_is_reported_before_the_model_with_the_fix(tmp_path):
+    with pytest.raises(UsageError) as e:
+        preflight([f"train.out_dir={tmp_path}", f"data.path={tmp_path}/shards/web"], world_size=1)
+    assert "no shard" in str(e.value) and "megaqwen-data tokenize" in str(e.value)
+    (tmp_path / "web.bin").write_bytes(b"")
+    (tmp_path / "web.idx").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"without extension: data.path=.*/web$"):
+        preflight([f"train.out_dir={tmp_path}", f"data.path={tmp_path}/web.idx"], world_size=1)
+    with pytest.raises(UsageError, match="raw data, the trainer reads tokenised shards"):
+        preflight([f"train.out_dir={tmp_path}", "data.path=corpus.jsonl"], world_size=1)
+
+
+def test_console_script_prints_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    """The real entry point: no traceback, no Hydra advice, exit status 2; MEGAQWEN_DEBUG=1 raises."""
+    args = [f"train.out_dir={tmp_path}", f"data.path={tmp_path}/nope"]
+    out = subprocess.run([str(BIN / "megaqwen-train"), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "megaqwen-data tokenize" in out.stderr
+    assert "Traceback" not in out.stderr and MODEL_BUILT not in out.stdout + out.stderr
+    assert not (tmp_path / ".hydra").exists()  # stopped before Hydra wrote anything
+    monkeypatch.setenv("MEGAQWEN_DEBUG", "1")
+    with pytest.raises(UsageError, match="no shard"):
+        run_cli(monkeypatch, capsys, *args)
+    monkeypatch.setenv("MEGAQWEN_DEBUG", "0")  # --debug sets it to 1; monkeypatch undoes that afterwards
+    with pytest.raises(UsageError, match="no shard"):
+        run_cli(monkeypatch, capsys, "--debug", *args)
+
+
+def test_help_lists_every_field_with_its_doc_and_default(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    fields = list(schema_fields())
+    assert len(fields) > 60
+    for key, owner, f in fields:
+        doc = field_docs(owner).get(f.name)
+        assert doc, f"{owner.__name__}.{f.name} has no docstring"
+        assert doc in flat, key
+        assert f"{key}=" in out, key
+    assert "train.steps=30" in flat
+    assert "pipeline_" not in out  # the data-pipeline YAMLs are not trainer presets
+    for group, preset in (("model", "qwen2.5-72b"), ("parallel", "tp4_zero1"), ("kernels", "triton")):
+        assert preset in out, group
+    assert "MEGAQWEN_DEBUG=1" in out
+
+
+def test_help_text_shows_the_composed_defaults(tmp_path):
+    cfg = compose_config(["model=qwen2.5-7b", "train.allow_changes=[data.path]"])
+    text = help_text(cfg, width=105)
+    assert "model.hidden_size=3584" in text and "train.allow_changes=[data.path]" in text
+    assert max(len(line) for line in text.splitlines()) <= 105
+
+
+@pytest.mark.parametrize("prog", ["megaqwen-train", "megaqwen-data", "megaqwen-eval", "megaqwen-convert"])
+def test_version_on_every_cli(prog):
+    out = subprocess.run([str(BIN / prog), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"megaqwen {__version__}"
+
+
+def test_check_flag_and_nothing_to_do(monkeypatch, capsys, tmp_path, shard, make_config):
+    from megaqwen.train.loop import train
+
+    args = [f"train.out_dir={tmp_path}", f"data.path={shard}", "model.vocab_size=512", "train.seq_len=32",
+            "train.global_batch_size=4", "train.steps=2", "logger.wandb.enabled=false"]
+    code, _, err = run_cli(monkeypatch, capsys, "--check", *args)
+    assert code == 0 and "ready to train" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+    train(compose_config(args))
+    code, _, err = run_cli(monkeypatch, capsys, *args)  # finished: says so, starts nothing
+    assert code == 0 and "nothing to train" in err and "step_00000002" in err
+
+
+def test_torchrun_launcher_reports_a_bad_key_once_before_starting_ranks(tmp_path):
+    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", f"train.out_dir={tmp_path}",
+           "train.stpes=5"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2
+    assert run.stderr.count("did you mean train.steps?") == 1, run.stderr
+    assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_ranks_print_a_bad_key_once(tmp_path):
+    """Started by torchrun directly (no launcher pre-check): rank 0 alone prints the error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--no-python", str(BIN / "megaqwen-train"), f"train.out_dir={tmp_path}", "train.stpes=5"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert out.count("did you mean train.steps?") == 1, out[-3000:]
+    # what remains is torchrun's own ChildFailedError report, not a traceback per rank
+    assert "UsageError" not in out and "To append" not in out and out.count("Traceback") <= 1
