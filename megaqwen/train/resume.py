@@ -28,6 +28,8 @@ ENGINE_KEY = "train.engine"
 MODEL_FREE = ("name", "init_std")  # labels and init-only settings: free to change on resume
 # keys whose change starts a new sample stream (the checkpoint's consumed_samples is meaningless)
 STREAM_KEYS = ("data.path", "data.shards", "data.valid_fraction", "train.seq_len", "train.seed")
+# allowing a key allows these too: new data at a new path has new shards
+IMPLIED = {"data.path": ("data.shards",)}
 
 
 def data_fingerprint(path: str, out_dir: str | Path) -> str | None:
@@ -94,6 +96,7 @@ def check_allow_changes(allowed: list[str], keys: list[str]) -> None:
 
 
 def _allowed(key: str, allowed: list[str]) -> bool:
+    allowed = allowed + [k for a in allowed for k in IMPLIED.get(a, ())]
     return key != ENGINE_KEY and any(key == a or key.startswith(a + ".") for a in allowed)
 
 

@@ -57,8 +57,9 @@ class RunFolder:
     def nothing_to_do(self) -> bool:
         return self.resume_step >= self.cfg.train.steps
 
-    def check(self) -> None:
-        """Model-free checks of inputs and folder; UsageError with what to change."""
+    def check(self, lock: bool = True) -> None:
+        """Model-free checks of inputs and folder (and, with `lock`, that no other job holds it);
+        UsageError with what to change."""
         t, d = self.cfg.train, self.cfg.data
         check_data_path("data.path", d.path, t.out_dir)
         if d.valid_path is not None:
@@ -76,23 +77,25 @@ class RunFolder:
             meta = ckpt.read_meta(latest)
             self.changes = resume.compare(latest, meta, self._contract, list(t.allow_changes))
             self.latest, self.resume_step = latest, int(meta["step"])
-        self.lock.check()
+        if lock:
+            self.lock.check()
 
     def open(self, rank: int) -> None:
-        """Collective: check(); rank 0 takes the lock and truncates metrics; every rank raises the
-        same UsageError when any of that fails."""
-        self.check()
+        """Collective: check() on every rank, then rank 0 takes the lock and truncates metrics. When
+        any of that fails on any rank, every rank raises the same UsageError (so rank 0 reports it)."""
         error = ""
-        if rank == 0:
-            try:
+        try:
+            self.check(lock=False)  # (the lock: rank 0 alone, or the others would see rank 0's)
+            if rank == 0:
                 self.lock.acquire()
-            except UsageError as e:
-                error = str(e)
+        except UsageError as e:
+            error = str(e)
         if dist.is_available() and dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            errors: list[str] = [""] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), "")
         if error:
+            self.lock.release()
             raise UsageError(error)
         if rank != 0:
             return

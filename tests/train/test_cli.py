@@ -1,5 +1,6 @@
 """megaqwen-train as a user meets it: one-line errors with suggestions, --help, --version, --check."""
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,35 @@ def test_torchrun_ranks_print_a_bad_key_once(tmp_path):
     assert out.count("did you mean train.steps?") == 1, out[-3000:]
     # what remains is torchrun's own ChildFailedError report, not a traceback per rank
     assert "UsageError" not in out and "To append" not in out and out.count("Traceback") <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_launcher_paths_are_the_callers_and_dp_validation_matches_one_process(tmp_path, shard):
+    """launch/torchrun.sh from another folder: relative out_dir/data.path resolve there; the validation
+    loss of 2 data-parallel ranks equals one process's (token-weighted sum over the dp group)."""
+    import shutil
+
+    from megaqwen.train.loop import train
+
+    (tmp_path / "shards").mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(shard + ext, tmp_path / "shards" / f"docs{ext}")
+    common = ["model.vocab_size=512", "train.steps=4", "train.seq_len=32", "train.global_batch_size=4",
+              "train.micro_batch_size=1", "train.save_every=0", "train.eval_every=2", "train.eval_iters=2",
+              "data.valid_fraction=0.2", "logger.wandb.enabled=false", "data.path=shards/docs"]
+    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", "train.out_dir=run", *common]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert not (ROOT / "run").exists()
+    dist_rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train(compose_config([f"train.out_dir={tmp_path / 'single'}", *common[:-1],
+                          f"data.path={tmp_path / 'shards' / 'docs'}"]))
+    one = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in dist_rows if "val_loss" in r] == [2, 4]
+    for a, b in zip(dist_rows, one):
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in a:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+            assert a["val_tokens"] == b["val_tokens"]

@@ -58,6 +58,25 @@ def test_section_in_allow_changes_and_unknown_entries(tmp_path, shard, make_conf
     assert summary["start_step"] == 2
 
 
+def test_new_data_stage_needs_only_data_path_allowed(tmp_path, shard, make_config):
+    """A stage switch to other shards: data.path allowed implies their new fingerprint."""
+    import numpy as np
+
+    from megaqwen.data.indexed import IndexedDatasetBuilder
+
+    train(make_config(tmp_path / "run", shard, "train.steps=2"))
+    stage2 = tmp_path / "stage2"
+    with IndexedDatasetBuilder(stage2) as b:
+        for i in range(60):
+            b.add_document(np.arange(4, 80 + i, dtype=np.int64) % 512)
+    with pytest.raises(UsageError, match="data.path") as e:
+        train(make_config(tmp_path / "run", str(stage2), "train.steps=4"))
+    assert "data.shards" in str(e.value)  # other files too, not only another name
+    summary = train(make_config(tmp_path / "run", str(stage2), "train.steps=4",
+                                "train.allow_changes=[data.path]"))
+    assert summary["start_step"] == 2 and summary["last_step"] == 4
+
+
 def test_engine_mismatch_is_one_sentence(tmp_path):
     step = tmp_path / "step_00000004"
     (step / "deepspeed").mkdir(parents=True)
