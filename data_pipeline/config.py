@@ -1,7 +1,15 @@
-"""Typed configuration of the data pipeline (YAML in `data_pipeline/configs/pipeline_*.yaml`)."""
+"""Typed configuration of the data pipeline (YAML in `data_pipeline/configs/pipeline_*.yaml`).
+
+`load_config` takes a path or the bare name of a shipped config (`sample` or `pipeline_sample` for
+`configs/pipeline_sample.yaml`). Relative input paths are read from the working directory, or, when
+nothing matches there, beside the config file (so the shipped configs find the shipped sample corpus
+from any directory).
+"""
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +91,22 @@ class ScorerConfig:
     batch_size: int = 32
     """documents per encoder batch."""
     max_length: int = 256
-    """encoder input tokens (MiniLM was trained on 256)."""
+    """encoder input tokens (MiniLM was trained on 256); longer documents are cut."""
+    encoder_kind: str = "transformer"
+    """features of the quality scorer: "transformer" (MiniLM, ~15 docs/s/core) or "static" (its
+    static distillation, hundreds of docs/s/core, less accurate); see data_pipeline/embed.py."""
+    threads: int = 0
+    """torch intra-op threads per process for the encoders (0: torch's default; local workers set 1)."""
     seed: int = 0
     """seed of the held-out split."""
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"
+    """"local" (spawned processes, `workers` of them) or "ray" (one Ray task per pipeline task)."""
+    ray_address: str = ""
+    """ray: "" starts a local instance with `workers` CPUs; "auto" or "ray://host:10001" joins a cluster."""
 
 
 @dataclass
@@ -96,6 +117,16 @@ class DomainConfig:
     """domain name -> description (the description is what gets embedded / shown to the judge)."""
     min_similarity: float = 0.0
     """embedding backend: below this best cosine the document goes to "other"."""
+    student: bool = True
+    """embedding backend: zero-shot MiniLM labels `teacher_sample` documents (train_domains stage) and
+    a linear classifier on static embeddings labels the corpus; false: MiniLM on every document."""
+    teacher_sample: int = 400
+    """documents the zero-shot teacher labels for the student (picked by hash of the id)."""
+    student_l2: float = 1e-5
+    """L2 penalty of the student (its features are unit vectors: a small penalty fits best)."""
+    content_first: bool = True
+    """documents the content-type pass calls code / math go to the "code" / "math" domains directly
+    (when the taxonomy has them); the classifier above labels the rest."""
 
 
 @dataclass
@@ -139,7 +170,9 @@ class PipelineConfig:
     output_dir: str = "outputs/data_pipeline"
     """everything (intermediate files, markers, shards, recipes, report) goes under here."""
     workers: int = 1
-    """local processes per stage (SLURM: 1 per array task, use the array size instead)."""
+    """local processes per stage (SLURM: 1 per array task, use the array size instead; ray: CPUs)."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """what runs the tasks of a stage (markers are shared, so a run can move between executors)."""
     keep_removed: bool = True
     """also write removed documents with their reason (removed/<task>.jsonl.zst) for inspection."""
     steps: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "normalize"}])
@@ -160,6 +193,10 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.input.paths:
             raise ValueError("input.paths is empty: name at least one input file or glob")
+        if self.executor.kind not in ("local", "ray"):
+            raise ValueError(f"executor.kind must be local or ray, got {self.executor.kind!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.judge.backend not in ("none", "local", "openai"):
             raise ValueError(f"judge.backend must be none, local or openai, got {self.judge.backend!r}")
         if self.judge.backend == "openai" and not self.judge.base_url:
@@ -170,6 +207,12 @@ class PipelineConfig:
             raise ValueError(
                 f"domains.backend must be embedding, judge or distilled, got {self.domains.backend!r}"
             )
+        if self.scorer.encoder_kind not in ("transformer", "static"):
+            raise ValueError(
+                f"scorer.encoder_kind must be transformer or static, got {self.scorer.encoder_kind!r}"
+            )
+        if self.domains.teacher_sample < 1:
+            raise ValueError(f"domains.teacher_sample must be >= 1, got {self.domains.teacher_sample}")
         if self.domains.backend != "embedding" and self.judge.backend == "none":
             raise ValueError(
                 f"domains.backend {self.domains.backend!r} needs a judge (judge.backend is none)"
@@ -200,11 +243,45 @@ class PipelineConfig:
         return Path(self.output_dir)
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the shipped config named `name` (`sample` -> configs/pipeline_sample.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    name = str(name_or_path)
+    if "/" not in name and os.sep not in name:
+        stem = name.removesuffix(".yaml")
+        for cand in (CONFIG_DIR / f"{stem}.yaml", CONFIG_DIR / f"pipeline_{stem}.yaml"):
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(
+        f"config {name!r} is neither a file nor a shipped config name; shipped: {shipped_configs()}"
+    )
+
+
+def _beside_config(pattern: str, config_dir: Path) -> str:
+    """`pattern` when it matches from the working directory; else the same pattern beside the config."""
+    if os.path.isabs(pattern) or glob.glob(pattern, recursive=True) or os.path.exists(pattern):
+        return pattern
+    alt = os.path.normpath(str(config_dir / pattern))
+    return alt if glob.glob(alt, recursive=True) or os.path.exists(alt) else pattern
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML; relative input paths and output_dir stay relative to the working dir."""
+    """Read a pipeline YAML (a path or a shipped config's name); output_dir stays relative to the
+    working directory, relative input paths fall back to the config's folder (see the module doc)."""
+    path = resolve_config_path(path)
     data = load_yaml(path)
     for k, v in (overrides or {}).items():
         data[k] = v
     cfg = from_dict(PipelineConfig, data, str(path))
+    cfg.input.paths = [_beside_config(p, path.resolve().parent) for p in cfg.input.paths]
     cfg.validate()
     return cfg

@@ -14,6 +14,8 @@ class Document:
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)
+    """where the document was read (`file:line`), for error messages; not written out."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, **({"metadata": self.metadata} if self.metadata else {})}
@@ -33,6 +35,7 @@ class StepStats:
     removed: int = 0
     modified: int = 0  # kept documents whose text the step changed (normalise, PII masking, line filters)
     reasons: Counter = field(default_factory=Counter)  # removal reason -> documents
+    changes: Counter = field(default_factory=Counter)  # what the step did to kept documents -> count
 
     def remove(self, reason: str) -> None:
         self.removed += 1
@@ -44,6 +47,7 @@ class StepStats:
         self.removed += other.removed
         self.modified += other.modified
         self.reasons.update(other.reasons)
+        self.changes.update(other.changes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,11 +57,20 @@ class StepStats:
             "removed": self.removed,
             "modified": self.modified,
             "reasons": dict(sorted(self.reasons.items())),
+            "changes": dict(sorted(self.changes.items())),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StepStats:
-        return cls(d["name"], d["seen"], d["kept"], d["removed"], d.get("modified", 0), Counter(d["reasons"]))
+        return cls(
+            d["name"],
+            d["seen"],
+            d["kept"],
+            d["removed"],
+            d.get("modified", 0),
+            Counter(d["reasons"]),
+            Counter(d.get("changes", {})),
+        )
 
 
 def merge_stats(per_task: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

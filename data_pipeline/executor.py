@@ -1,20 +1,19 @@
-"""Run a stage's tasks locally (processes) or as one rank of a SLURM array, resumably.
+"""Run a stage's tasks locally (processes), on Ray, or as one rank of a SLURM array, resumably.
 
 A task is one unit of a stage (an input shard for the filter stage, one domain for sharding...).
 When a task finishes it writes `markers/<stage>/<task>.json` holding its stats; its outputs were
 already renamed into place, so a marker means "done and complete". A rerun skips tasks that have
 a marker and redoes the rest from scratch (a killed task left only temporary files, which are
 overwritten). Rank r of a world of w processes (SLURM: array index / array size) runs tasks
-r, r + w, r + 2w, ...
+r, r + w, r + 2w, ... The markers are the same whatever ran the task (in-process, local worker
+processes, a Ray task, a SLURM array task), so a run can move between executors and resume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,26 +21,25 @@ from typing import Any
 
 from tqdm import tqdm
 
+from megaqwen.data_pipeline.process_pool import run_in_processes
+
 log = logging.getLogger("megaqwen.data_pipeline")
 
-# set in each worker: progress(docs, tokens, bytes) increments the shared progress bar
-_PROGRESS_QUEUE: Any = None
+# set in each worker process: progress(docs, tokens, bytes) goes to the parent's progress bar
+_PROGRESS_SINK: Any = None
+
+
+def set_progress_sink(sink) -> None:
+    global _PROGRESS_SINK
+    _PROGRESS_SINK = sink
 
 
 def report_progress(docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
     """Called by task functions every few hundred documents; cheap and safe without a bar."""
-    if _PROGRESS_QUEUE is not None:
-        _PROGRESS_QUEUE.put((docs, tokens, nbytes))
+    if _PROGRESS_SINK is not None:
+        _PROGRESS_SINK(docs, tokens, nbytes)
     elif _LOCAL_BAR is not None:
         _LOCAL_BAR.add(docs, tokens, nbytes)
-
-
-def _init_worker(q) -> None:
-    global _PROGRESS_QUEUE
-    _PROGRESS_QUEUE = q
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # N workers x N threads would oversubscribe cores
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class _Bar:
@@ -118,15 +116,24 @@ def run_tasks(
     world: int = 1,
     total_bytes: int | None = None,
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str = "",
+    describe: Callable[[int], str] | None = None,
 ) -> list[int]:
     """Run the unfinished tasks of `stage` owned by this rank; returns the task ids it ran.
 
     `fn(task)` must write its outputs atomically and return a JSON-able stats dict, which becomes the
-    task's marker. With `workers > 1` tasks run in spawned processes, so `fn` must be picklable.
+    task's marker. With `workers > 1` tasks run in spawned processes (`executor="local"`) or as Ray
+    tasks (`executor="ray"`, `workers` CPUs on a local instance or the cluster at `ray_address`), so
+    `fn` must be picklable. Markers are the same for every executor, so a run can move between them.
+    Raises `TaskError` naming every task that failed (raised, or whose worker died).
     """
     global _LOCAL_BAR
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside a world of {world}")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be local or ray, got {executor!r}")
+    describe = describe or (lambda t: f"task {t}")
     mine = [t for t in range(rank, n_tasks, world)]
     finished = done_tasks(out_dir, stage)
     todo = [t for t in mine if t not in finished]
@@ -141,29 +148,28 @@ def run_tasks(
     if not todo:
         return []
     bar = _Bar(stage, total_bytes, disable=not progress)
+
+    def done(task: int, result: dict[str, Any]) -> None:
+        _write_marker(out_dir, stage, task, result)
+        if executor == "ray":  # Ray tasks report no progress on the way: count the task's docs here
+            bar.add(0, 0, 0)
+
     try:
-        if workers <= 1 or len(todo) == 1:
+        if executor == "ray":
+            from megaqwen.data_pipeline.ray_executor import run_on_ray
+
+            run_on_ray(stage, todo, fn, max(workers, 1), done, describe, ray_address)
+        elif workers <= 1 or len(todo) == 1:
             _LOCAL_BAR = bar
             for t in todo:
-                task, result = _run_one(fn, t)
-                _write_marker(out_dir, stage, task, result)
+                try:
+                    done(*_run_one(fn, t))
+                except Exception as e:  # the error keeps its type; the note names the task
+                    e.add_note(f"in task {t} of stage {stage!r} ({describe(t)}); finished tasks kept "
+                               "their markers, a rerun resumes")
+                    raise
         else:
-            ctx = mp.get_context("spawn")
-            q = ctx.Manager().Queue()
-            with ctx.Pool(min(workers, len(todo)), _init_worker, (q,)) as pool:
-                pending = [pool.apply_async(_run_one, (fn, t)) for t in todo]
-                while pending:
-                    try:
-                        while True:
-                            bar.add(*q.get(timeout=0.2))
-                    except queue.Empty:
-                        pass
-                    for r in [r for r in pending if r.ready()]:
-                        task, result = r.get()  # re-raises a worker's exception
-                        _write_marker(out_dir, stage, task, result)
-                        pending.remove(r)
-                while not q.empty():
-                    bar.add(*q.get())
+            run_in_processes(stage, todo, fn, workers, done, bar.add, describe, set_progress_sink)
     finally:
         _LOCAL_BAR = None
         bar.close()

@@ -13,13 +13,15 @@ from typing import Any
 from megaqwen.data_pipeline import stages as st
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
+from megaqwen.data_pipeline.domain_student import train_domains_task
 from megaqwen.data_pipeline.executor import load_markers, require_complete, run_tasks
 
 log = logging.getLogger("megaqwen.data_pipeline")
 
 # stages whose markers hold per-step kept/removed stats, summed into stats.json["steps"]
 SUMMARY_STAGES = ("filter", "dedup", "annotate", "shards")
-STAGES = ["filter", "dedup", "judge", "train_scorer", "annotate", "shards", "recipes", "report"]
+STAGES = ["filter", "dedup", "judge", "train_scorer", "train_domains", "annotate", "shards", "recipes",
+          "report"]
 
 
 def _domains_with_data(cfg: PipelineConfig) -> list[str]:
@@ -29,7 +31,7 @@ def _domains_with_data(cfg: PipelineConfig) -> list[str]:
 
 def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     """Tokenise one domain's annotated documents into `shards/<domain>.bin/.idx`."""
-    from megaqwen.data_pipeline.tokenize import tokenize_files
+    from megaqwen.data.tokenize import tokenize_files
 
     domain = _domains_with_data(cfg)[task]
     files = sorted((cfg.out / "annotated" / domain).glob("*.jsonl.zst"))
@@ -37,8 +39,14 @@ def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         files, str(cfg.out / "shards" / domain), log_every_s=60.0, tokenizer=cfg.remix.tokenizer
     )
     # as a step: documents in, documents written to the shard, and why any were not
-    step = StepStats("shards", seen=stats.documents + stats.empty + stats.malformed, kept=stats.documents)
-    for reason, n in (("shards:empty_text", stats.empty), ("shards:malformed", stats.malformed)):
+    step = StepStats(
+        "shards", seen=stats.documents + stats.empty + stats.malformed + stats.failed, kept=stats.documents
+    )
+    for reason, n in (
+        ("shards:empty_text", stats.empty),
+        ("shards:malformed", stats.malformed),
+        ("shards:tokenizer_failed", stats.failed),
+    ):
         for _ in range(n):
             step.remove(reason)
     return {
@@ -78,12 +86,24 @@ def n_tasks(cfg: PipelineConfig, stage: str) -> int:
     return 1
 
 
+def describe_task(cfg: PipelineConfig, stage: str, task: int) -> str:
+    """What a task works on, for error messages: its input part, or its domain."""
+    if stage in ("filter", "judge", "annotate"):
+        parts = st.expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
+        return f"input {parts[task].name}" if task < len(parts) else f"task {task}"
+    if stage == "shards":
+        doms = _domains_with_data(cfg)
+        return f"domain {doms[task]!r}" if task < len(doms) else f"task {task}"
+    return f"task {task}"
+
+
 def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
     return {
         "filter": st.filter_task,
         "dedup": st.dedup_task,
         "judge": st.judge_task,
         "train_scorer": st.train_scorer_task,
+        "train_domains": train_domains_task,
         "annotate": st.annotate_task,
         "shards": shards_task,
         "recipes": recipes_task,
@@ -93,6 +113,8 @@ def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
 
 def enabled_stages(cfg: PipelineConfig) -> list[str]:
     skip = {"judge", "train_scorer"} if cfg.judge.backend == "none" else set()
+    if not (cfg.domains.backend == "embedding" and cfg.domains.student):
+        skip.add("train_domains")
     return [s for s in STAGES if s not in skip]
 
 
@@ -124,6 +146,9 @@ def run_stage(
         world,
         total_bytes=total,
         progress=progress,
+        executor=cfg.executor.kind,
+        ray_address=cfg.executor.ray_address,
+        describe=functools.partial(describe_task, cfg, stage),
     )
     log.info("%s: ran %d task(s) of %d", stage, len(ran), n)
     return ran

@@ -1,11 +1,14 @@
 """`megaqwen-data pipeline`: run the curation pipeline from a YAML config, locally or as a SLURM task.
 
-    megaqwen-data pipeline --config data_pipeline/configs/pipeline_sample.yaml  # every stage, locally
+    megaqwen-data pipeline --config sample                                    # every stage, locally
+    megaqwen-data pipeline --config data_pipeline/configs/pipeline_sample.yaml  # the same, by path
+    megaqwen-data pipeline --config C --executor ray [--ray-address auto]     # every stage on Ray
     megaqwen-data pipeline --config C --stage filter --rank 3 --world 16      # one SLURM array task
     megaqwen-data pipeline --config C --stage filter --rank slurm             # rank/world from SLURM_ARRAY_*
 
 Reruns skip finished tasks (markers under OUTPUT_DIR/markers/). Stages: filter, dedup, judge,
-train_scorer, annotate, shards, recipes, report (judge and train_scorer only with a judge backend).
+train_scorer, train_domains, annotate, shards, recipes, report (judge and train_scorer only with a
+judge backend; train_domains only for the embedding backend's student).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         if args.input:
             cfg.input.paths = args.input
+        if args.executor:
+            cfg.executor.kind = args.executor
+        if args.ray_address is not None:
+            cfg.executor.ray_address = args.ray_address
+        cfg.validate()
         if args.stage:
             rank, world = _rank_world(args)
             ran = {
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 cfg.workers = args.workers
             ran = run_pipeline(cfg, enabled_stages(cfg), progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"megaqwen-data pipeline: {e}", file=sys.stderr)
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
+        print(f"megaqwen-data pipeline: {e}{notes}", file=sys.stderr)
         return 1
     print(json.dumps({"output_dir": cfg.output_dir, "ran_tasks": ran}))
     return 0
@@ -70,7 +79,14 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="pipeline YAML (data_pipeline/configs/pipeline_*.yaml)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="pipeline YAML path, or a shipped config's name: sample, sample_judge, cluster "
+        "(data_pipeline/configs/pipeline_<name>.yaml)",
+    )
+    p.add_argument("--executor", choices=["local", "ray"], help="overrides executor.kind of the config")
+    p.add_argument("--ray-address", help="overrides executor.ray_address ('' local instance, 'auto')")
     p.add_argument("--stage", help="run only this stage (default: all enabled stages in order)")
     p.add_argument("--rank", default="0", help="this task's rank among --world, or 'slurm'")
     p.add_argument("--world", type=int, default=1, help="number of ranks sharing the stage's tasks")

@@ -31,6 +31,8 @@ def _reasons(summary: dict[str, Any]) -> Counter:
         for s in summary.get(stage, []):
             if stage == "annotate" and s["name"] == "dedup":
                 continue  # applying the dedup stage's decisions: already counted there
+            if "/" in s["name"]:
+                continue  # a routed sub-step: its removals are in the router's row
             c.update(s["reasons"])
     return c
 

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from megaqwen.data.tokenize import text_tokenizer
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
 from megaqwen.data_pipeline.executor import load_markers, report_progress, require_complete
-from megaqwen.data_pipeline.io import Reader, expand_inputs, open_writer, read_documents, write_documents
+from megaqwen.data_pipeline.io import Reader, expand_inputs, open_writer, read_documents, write_lines
 from megaqwen.data_pipeline.steps import build_steps
 from megaqwen.data_pipeline.steps.dedup import Signer, exact_key, find_duplicates
-from megaqwen.data_pipeline.tokenize import text_tokenizer
 
 log = logging.getLogger("megaqwen.data_pipeline")
 PROGRESS_EVERY = 200  # documents between progress reports
@@ -76,39 +76,68 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 
 # ---------------------------------------------------------------- filter (one task per input part)
+MAX_ERRORS_LOGGED = 20  # per task; the rest are counted
+
+
 def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    """Read one input part, run the per-document steps, write kept (and removed) documents.
+
+    A document on which a step raises is removed, counted under `errors` as `<step>:error_<Type>`
+    and logged with its file, line and id; it never ends the task.
+    """
     part = expand_inputs(cfg.input.paths, cfg.input.parts_per_file)[task]
     out = cfg.out
     reader = Reader(cfg.input.text_key, cfg.input.id_key)
     steps = build_steps(cfg.steps)
+    errors = StepStats("errors")
     signer = Signer(cfg.dedup) if cfg.dedup.minhash else None
     exact, sigs = [], []
     removed_path = out / "removed" / f"{task:05d}.jsonl.zst"
     removed_f = open_writer(removed_path.with_name(removed_path.name + ".tmp")) if cfg.keep_removed else None
     last_bytes = 0
 
+    def failed(doc, where: str, e: Exception) -> None:
+        errors.seen += 1
+        errors.remove(f"{where}:error_{type(e).__name__}")
+        if errors.removed <= MAX_ERRORS_LOGGED:
+            log.warning("%s (id %s): %s failed, document removed: %s: %s", doc.source, doc.id, where,
+                        type(e).__name__, e)
+
     def kept_docs():
         nonlocal last_bytes
         for n, doc in enumerate(reader.read(part), start=1):
+            original = doc.text
             for step in steps:
-                before = doc.text
-                if step(doc) is None:
+                try:
+                    ok = step(doc) is not None
+                except Exception as e:  # noqa: BLE001 - one document's failure is counted, not fatal
+                    failed(doc, step.name, e)
+                    ok, step.last_reason = False, f"{step.name}:error_{type(e).__name__}"
+                if not ok:
                     if removed_f is not None:
-                        doc.text = before
+                        doc.text = original
                         doc.metadata["removed_by"] = step.last_reason
                         removed_f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                     break
             else:
-                if cfg.dedup.exact or cfg.dedup.minhash:
-                    exact.append(exact_key(doc.text))
-                if signer is not None:
-                    sigs.append(signer.signature(doc.text))
-                yield doc
+                try:
+                    line = json.dumps(doc.to_json(), ensure_ascii=False)
+                    line.encode("utf-8")  # fails here, on this document, rather than in the writer
+                    key = exact_key(doc.text) if (cfg.dedup.exact or cfg.dedup.minhash) else None
+                    sig = signer.signature(doc.text) if signer is not None else None
+                except Exception as e:  # noqa: BLE001 - e.g. an unencodable metadata value
+                    failed(doc, "write", e)
+                    continue
+                if key is not None:
+                    exact.append(key)
+                if sig is not None:
+                    sigs.append(sig)
+                yield line
             if n % PROGRESS_EVERY == 0:
                 report_progress(PROGRESS_EVERY, 0, reader.bytes_read - last_bytes)
                 last_bytes = reader.bytes_read
 
-    kept = write_documents(out / "filtered" / f"{task:05d}.jsonl.zst", kept_docs())
+    kept = write_lines(out / "filtered" / f"{task:05d}.jsonl.zst", kept_docs())
     if removed_f is not None:
         removed_f.close()
         os.replace(removed_path.with_name(removed_path.name + ".tmp"), removed_path)
@@ -119,12 +148,10 @@ def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         sig=np.asarray(sigs, np.uint64).reshape(len(sigs), nperm if sigs else 0),
     )
     report_progress(reader.stats.seen % PROGRESS_EVERY, 0, reader.bytes_read - last_bytes)
-    return {
-        "task": task,
-        "input": part.name,
-        "kept": kept,
-        "steps": [reader.stats.to_json()] + [s.stats.to_json() for s in steps],
-    }
+    step_stats = [reader.stats.to_json()] + [st.to_json() for s in steps for st in s.all_stats()]
+    if errors.seen:
+        step_stats.append(errors.to_json())
+    return {"task": task, "input": part.name, "kept": kept, "steps": step_stats}
 
 
 # ---------------------------------------------------------------- dedup (one task)
@@ -232,7 +259,8 @@ def train_scorer_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
             f"only {len(recs)} usable judge labels in {cfg.out / 'judge'}; need at least 4 "
             f"(raise judge.sample_size)"
         )
-    enc = get_encoder(cfg.scorer.encoder, cfg.scorer.max_length, cfg.scorer.batch_size)
+    s = cfg.scorer
+    enc = get_encoder(s.encoder, s.max_length, s.batch_size, s.encoder_kind, s.threads)
     x_ND = enc.encode([r["text"] for r in recs])
     dims = list(cfg.judge.dimensions) + ["overall"]
     y_NK = np.array([[r["scores"][d] for d in dims] for r in recs])
@@ -242,7 +270,11 @@ def train_scorer_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         "train": len(tr),
         "heldout": len(ho),
         "quality": agreement(held.predict(x_ND[ho]), y_NK[ho], dims),
+        # the trivial predictor: every held-out document gets the training labels' mean
+        "baseline": agreement(np.tile(y_NK[tr].mean(0), (len(ho), 1)), y_NK[ho], dims),
+        "judge_score_std": {d: round(float(np.std(y_NK[:, j])), 4) for j, d in enumerate(dims)},
     }
+    metrics["warnings"] = scorer_warnings(metrics, dims)
     out = cfg.out / "scorer"
     out.mkdir(parents=True, exist_ok=True)
     # the shipped head is refit on all labels once agreement has been measured on the held-out split
@@ -252,49 +284,73 @@ def train_scorer_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         y = np.array([int(np.argmax([r["domain_probs"][n] for n in names])) for r in recs])
         clf = SoftmaxClassifier.fit(x_ND[tr], y[tr], names)
         metrics["domain_accuracy_vs_judge"] = float(np.mean(clf.predict_proba(x_ND[ho]).argmax(1) == y[ho]))
+        majority = float(np.mean(y[ho] == np.bincount(y[tr], minlength=len(names)).argmax()))
+        metrics["domain_majority_baseline"] = majority
+        if metrics["domain_accuracy_vs_judge"] <= majority + 0.05:
+            metrics["warnings"].append(
+                f"distilled domain classifier: {metrics['domain_accuracy_vs_judge']:.0%} agreement with "
+                "the judge on held-out documents, not clearly above the majority-domain baseline "
+                f"({majority:.0%})"
+            )
         SoftmaxClassifier.fit(x_ND, y, names).save(out / "domain.npz")
+    for w in metrics["warnings"]:
+        log.warning("train_scorer: %s", w)
     _atomic_json(out / "metrics.json", metrics)
     return {"task": task, **metrics}
 
 
+MIN_JUDGE_STD = 0.1  # points on the 0-5 scale: below this the judge tells documents apart by noise
+
+
+def scorer_warnings(metrics: dict[str, Any], dims: list[str]) -> list[str]:
+    """Why the scorer's agreement numbers may mean nothing: a flat judge, or no gain over the mean."""
+    out = []
+    for d in dims:
+        std = metrics["judge_score_std"][d]
+        q, b = metrics["quality"][d], metrics["baseline"][d]
+        if std < MIN_JUDGE_STD:
+            out.append(
+                f"{d}: judge scores have near-zero variance (std {std:.3f} on a 0-5 scale): the judge "
+                "does not tell documents apart, so the distilled scorer's Pearson / agreement are "
+                "meaningless (is the judge a real instruction-tuned model?)"
+            )
+        elif not q["mae"] < 0.95 * b["mae"]:
+            out.append(
+                f"{d}: distilled scorer MAE {q['mae']:.3f} is not below the predict-the-mean baseline's "
+                f"{b['mae']:.3f} on held-out labels: it has learned nothing usable (more judge labels?)"
+            )
+    return out
+
+
 # ---------------------------------------------------------------- annotate (one task per input part)
 def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
-    from megaqwen.data_pipeline.domains import ZeroShotDomains
+    """Apply dedup, score quality (with a judge), label domains (domains.py), count tokens, write."""
+    from megaqwen.data_pipeline.domains import DomainLabeler
     from megaqwen.data_pipeline.embed import get_encoder
-    from megaqwen.data_pipeline.scorer import RidgeScorer, SoftmaxClassifier
+    from megaqwen.data_pipeline.scorer import RidgeScorer
 
     dedup_stats, quality_stats = StepStats("dedup"), StepStats("quality")
     # a document with no tokens (empty text, when no step removed it) would be a lone EOD in the
     # shard, and a domain of only such documents would have no shard at all: dropped here, counted
     token_stats = StepStats("tokens")
     docs = list(_deduped(cfg, task, dedup_stats))
-    enc = get_encoder(cfg.scorer.encoder, cfg.scorer.max_length, cfg.scorer.batch_size)
-    scorer = RidgeScorer.load(cfg.out / "scorer" / "quality.npz") if cfg.judge.backend != "none" else None
-    names = list(cfg.domains.taxonomy)
-    if cfg.domains.backend == "embedding":
-        zero_shot = ZeroShotDomains(enc, cfg.domains.taxonomy, cfg.domains.min_similarity)
-    elif cfg.domains.backend == "distilled":
-        clf = SoftmaxClassifier.load(cfg.out / "scorer" / "domain.npz")
-    else:
-        judge = get_judge(cfg)
+    s = cfg.scorer
+    scorer, enc = None, None
+    if cfg.judge.backend != "none":
+        scorer = RidgeScorer.load(cfg.out / "scorer" / "quality.npz")
+        enc = get_encoder(s.encoder, s.max_length, s.batch_size, s.encoder_kind, s.threads)
+    labeler = DomainLabeler(cfg, enc)
     # the shards stage tokenises with the same tokenizer, so these counts are the shards' (less EODs)
     tok = text_tokenizer(cfg.remix.tokenizer)
     writers: dict[str, Any] = {}
     domain_tokens: Counter = Counter()
     domain_docs: Counter = Counter()
-    bs = max(cfg.scorer.batch_size, 1)
+    bs = max(cfg.scorer.batch_size, 1) * 8  # the encoders batch internally
     for i in range(0, len(docs), bs):
         batch = docs[i : i + bs]
         texts = [d.text for d in batch]
-        x_ND = enc.encode(texts)
-        if cfg.domains.backend == "embedding":
-            doms = zero_shot.classify(x_ND)
-        elif cfg.domains.backend == "distilled":
-            p = clf.predict_proba(x_ND)
-            doms = [(names[j], round(float(p[k, j]), 4)) for k, j in enumerate(p.argmax(1))]
-        else:
-            probs = judge.domains(texts, cfg.domains.taxonomy)
-            doms = [(max(pr, key=pr.get), round(max(pr.values()), 4)) for pr in probs]
+        x_ND = enc.encode(texts) if enc is not None else None
+        doms = labeler.label(batch, x_ND)
         scores = scorer.predict(x_ND) if scorer is not None else None
         ntok = [len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
         for k, d in enumerate(batch):
@@ -328,6 +384,7 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     for p, f in writers.values():
         f.close()
         os.replace(p.with_name(p.name + ".tmp"), p)
+    labeler.close()
     return {
         "task": task,
         "steps": [dedup_stats.to_json(), token_stats.to_json(), quality_stats.to_json()],

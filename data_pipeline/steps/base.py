@@ -19,6 +19,11 @@ class Step:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.Config()
         self.stats = StepStats(self.name)
+        self.last_reason = ""
+
+    def all_stats(self) -> list[StepStats]:
+        """The stats to report for this step (a router reports its sub-steps')."""
+        return [self.stats]
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -34,7 +39,7 @@ class Step:
         before = doc.text
         reason = self.process(doc)
         if reason is not None:
-            self.last_reason = f"{self.name}:{reason}"
+            self.last_reason = f"{self.stats.name}:{reason}"
             self.stats.remove(self.last_reason)
             return None
         self.stats.kept += 1
@@ -46,7 +51,16 @@ class Step:
 def build_steps(specs: list[dict[str, Any]]) -> list[Step]:
     """Steps from config entries such as `{"name": "gopher_quality", "min_doc_words": 50}`."""
     # importing the modules registers their steps
-    from megaqwen.data_pipeline.steps import filters, langid, normalize, pii  # noqa: F401
+    from megaqwen.data_pipeline.steps import (  # noqa: F401
+        code_filters,
+        content,
+        filters,
+        langid,
+        math_filters,
+        normalize,
+        pii,
+        route,
+    )
 
     steps = []
     for i, spec in enumerate(specs):

@@ -5,8 +5,10 @@
 - C4 rules: Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", section 2.2.
 - FineWeb rules: Penedo et al. 2024, "The FineWeb Datasets", section 3.5 (custom filters).
 
-Words are whitespace-separated tokens; "characters" are those of the words (no whitespace), as in
-the Gopher definitions.
+Words and sentences follow the document's language (`metadata.language`, from the langid step):
+its stop words, its segmentation (whitespace, or one word per Han/kana character) and its word-length
+bounds come from `steps/text.py` (FineWeb-2's approach). Without a language the English rules apply
+as published. "Characters" are those of the words (no whitespace), as in the Gopher definitions.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from dataclasses import dataclass, field
 
 from megaqwen.data_pipeline.document import Document
 from megaqwen.data_pipeline.steps.base import Step
+from megaqwen.data_pipeline.steps.text import (
+    PROFILES,
+    SENTENCE_END,
+    TERMINAL_PUNCT,
+    LanguageProfile,
+    profile_for,
+    words,
+)
 
-STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "◦", "-", "*", "‣", "⁃", "–")
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”", "’", "…", ":", ";")
 _ALPHA = re.compile(r"[^\W\d_]")
-_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 _CITATION = re.compile(r"\[\d+\]|\[citation needed\]|\[edit\]", re.IGNORECASE)
-_PUNCT_STRIP = "\"'()[]{}<>.,;:!?…“”‘’*#"
+
+
+def _profile(doc: Document) -> LanguageProfile:
+    return profile_for(doc.metadata.get("language"), doc.text)
 
 
 @dataclass
@@ -46,7 +56,9 @@ class GopherQualityConfig:
     min_alpha_words_ratio: float = 0.8
     """fraction of words containing a letter below this."""
     min_stop_words: int = 2
-    """fewer distinct English stop words (the, be, to, of, and, that, have, with) than this."""
+    """fewer distinct stop words of the document's language than this (steps/text.py lists them)."""
+    max_replacement_fraction: float = 0.01
+    """share of U+FFFD replacement characters (undecodable bytes) above this."""
 
 
 class GopherQuality(Step):
@@ -55,17 +67,24 @@ class GopherQuality(Step):
 
     def process(self, doc: Document) -> str | None:
         c = self.cfg
-        words = doc.text.split()
-        n = len(words)
+        prof = _profile(doc)
+        ws = words(doc.text, prof.cjk)
+        n = len(ws)
         if n < c.min_doc_words:
             return "too_few_words"
         if n > c.max_doc_words:
             return "too_many_words"
-        stripped = [w.strip(_PUNCT_STRIP) for w in words]
-        avg = sum(len(w) for w in stripped) / n
-        if avg < c.min_avg_word_length:
+        if doc.text.count("\ufffd") / max(len(doc.text), 1) > c.max_replacement_fraction:
+            return "replacement_chars"
+        lo, hi = (
+            (c.min_avg_word_length, c.max_avg_word_length)
+            if prof is PROFILES["en"]
+            else (prof.min_avg_word_length, prof.max_avg_word_length)
+        )
+        avg = sum(len(w) for w in ws) / n
+        if avg < lo:
             return "avg_word_too_short"
-        if avg > c.max_avg_word_length:
+        if avg > hi:
             return "avg_word_too_long"
         symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
         if symbols / n > c.max_symbol_word_ratio:
@@ -77,9 +96,9 @@ class GopherQuality(Step):
             ellipsis = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
             if ellipsis / len(lines) > c.max_ellipsis_lines_ratio:
                 return "ellipsis_lines"
-        if sum(bool(_ALPHA.search(w)) for w in words) / n < c.min_alpha_words_ratio:
+        if sum(bool(_ALPHA.search(w)) for w in ws) / n < c.min_alpha_words_ratio:
             return "alpha_words_ratio"
-        if len(STOP_WORDS.intersection(w.lower() for w in stripped)) < c.min_stop_words:
+        if prof.stop_words and len(prof.stop_words.intersection(w.lower() for w in ws)) < c.min_stop_words:
             return "stop_words"
         return None
 
@@ -116,6 +135,11 @@ def _dup_fracs(parts: list[str]) -> tuple[float, float]:
     return dup_n / len(parts), dup_chars / max(sum(len(p) for p in parts), 1)
 
 
+def _words_of(doc: Document) -> list[str]:
+    prof = _profile(doc)
+    return words(doc.text, True) if prof.cjk else doc.text.split()
+
+
 class GopherRepetition(Step):
     name = "gopher_repetition"
     Config = GopherRepetitionConfig
@@ -135,7 +159,7 @@ class GopherRepetition(Step):
             return "dup_line_frac"
         if char_frac > c.max_dup_line_char_frac:
             return "dup_line_char_frac"
-        words = text.split()
+        words = _words_of(doc)
         total = sum(len(w) for w in words)
         if not total:
             return None
@@ -208,6 +232,7 @@ class C4Filter(Step):
             return "lorem_ipsum"
         if c.filter_curly_bracket and "{" in doc.text:
             return "curly_bracket"
+        cjk = _profile(doc).cjk
         kept = []
         for line in doc.text.split("\n"):
             s = line.strip()
@@ -221,14 +246,14 @@ class C4Filter(Step):
                 c.filter_policy and any(p in lower for p in POLICY_PHRASES)
             ):
                 continue
-            words = s.split()
-            if len(words) < c.min_words_per_line or max(len(w) for w in words) > c.max_word_length:
+            ws = words(s, cjk) or s.split()
+            if len(ws) < c.min_words_per_line or max(len(w) for w in ws) > c.max_word_length:
                 continue
             if c.filter_no_terminal_punct and not s.endswith(TERMINAL_PUNCT):
                 continue
             kept.append(s if c.remove_citations else line)
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
-        if len(_SENTENCE_END.findall(text)) < c.min_num_sentences:
+        if len(SENTENCE_END.findall(text)) < c.min_num_sentences:
             return "too_few_sentences"
         doc.text = text
         return None
@@ -241,7 +266,7 @@ class FineWebConfig:
     short_line_thr: float = 0.67
     """remove if the fraction of lines of at most `short_line_length` characters is at least this."""
     short_line_length: int = 30
-    """characters: a line this long or shorter is short."""
+    """characters: a line this long or shorter is short (CJK / Korean: the language profile's length)."""
     char_duplicates_ratio: float = 0.01
     """remove if the fraction of characters in duplicated lines is at least this."""
     new_line_ratio: float = 0.3
@@ -259,13 +284,15 @@ class FineWebFilter(Step):
             return "empty"
         if sum(ln.endswith(TERMINAL_PUNCT) for ln in lines) / len(lines) <= c.line_punct_thr:
             return "line_punct_ratio"
-        if sum(len(ln) <= c.short_line_length for ln in lines) / len(lines) >= c.short_line_thr:
+        prof = _profile(doc)
+        short = c.short_line_length if prof is PROFILES["en"] else prof.short_line_chars
+        if sum(len(ln) <= short for ln in lines) / len(lines) >= c.short_line_thr:
             return "short_line_ratio"
         _, dup_chars = _dup_fracs(lines)
         # FineWeb measures duplicated characters against all non-newline characters
         if dup_chars >= c.char_duplicates_ratio:
             return "char_dup_ratio"
-        words = doc.text.split()
-        if doc.text.count("\n") / max(len(words), 1) > c.new_line_ratio:
+        ws = words(doc.text, prof.cjk)
+        if doc.text.count("\n") / max(len(ws), 1) > c.new_line_ratio:
             return "list_ratio"
         return None

@@ -57,12 +57,14 @@ def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
         return path
     prefix = out_dir / "data" / "sample"
     if env.rank == 0 and not prefix.with_suffix(".idx").exists():
-        from megaqwen.data_pipeline.cli import main as data_main
+        # megaqwen.data, not the curation pipeline: the trainer never imports megaqwen.data_pipeline
+        from megaqwen.data.tokenize import shipped_sample_corpus, tokenize_files
 
         log.info("tokenising the shipped sample corpus into %s", prefix)
-        rc = data_main(["tokenize", "--input", str(sample_corpus()), "--output-prefix", str(prefix)])
-        if rc != 0:
-            raise RuntimeError(f"tokenising the sample corpus failed (exit code {rc})")
+        try:
+            tokenize_files([shipped_sample_corpus()], str(prefix))
+        except (ValueError, OSError) as e:
+            raise RuntimeError(f"tokenising the sample corpus failed: {e}") from e
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return str(prefix)

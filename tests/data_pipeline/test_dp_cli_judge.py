@@ -63,6 +63,7 @@ def test_sample_judge_config_runs_from_cli(tmp_path: Path, capsys):
         "dedup",
         "judge",
         "train_scorer",
+        "train_domains",
         "annotate",
         "shards",
         "recipes",
@@ -107,7 +108,8 @@ def _check_step_accounting(stats: dict, cfg: dict, n_lines: int, annotated: int,
     """stats.json has every step of every stage with kept/removed/reasons, and the counts chain:
     what a step keeps is what the next one sees, from the input lines to the documents in the shards."""
     steps = stats["steps"]
-    chain = steps["filter"] + steps["dedup"] + steps["annotate"][1:] + steps["shards"]
+    top = [r for r in steps["filter"] if "/" not in r["name"]]  # routed sub-steps are detail rows
+    chain = top + steps["dedup"] + steps["annotate"][1:] + steps["shards"]
     names = [r["name"] for r in chain]
     assert names == ["read"] + [x["name"] for x in cfg["steps"]] + [
         "exact_dedup",
@@ -127,7 +129,15 @@ def _check_step_accounting(stats: dict, cfg: dict, n_lines: int, annotated: int,
     assert applied["name"] == "dedup" and applied["seen"] == steps["dedup"][0]["seen"]
     assert applied["removed"] == sum(r["removed"] for r in steps["dedup"])
     by_name = {r["name"]: r for r in chain}
-    assert by_name["read"]["reasons"] and by_name["langid"]["reasons"]  # the planted junk, with reasons
+    assert by_name["read"]["reasons"] and by_name["route"]["reasons"]  # the planted junk, with reasons
+    # the router's removals are exactly its sub-steps', reason for reason
+    sub: dict[str, int] = {}
+    for r in steps["filter"]:
+        if "/" in r["name"]:
+            assert r["seen"] == r["kept"] + r["removed"] and sum(r["reasons"].values()) == r["removed"], r
+            for k, v in r["reasons"].items():
+                sub[k] = sub.get(k, 0) + v
+    assert sub == by_name["route"]["reasons"]
     assert by_name["exact_dedup"]["reasons"] == {"exact_dedup:duplicate": 1}
     merged: dict[str, int] = {}
     for r in chain:
