@@ -154,7 +154,7 @@ def resolve_ops(cfg: KernelConfig | None = None, device: str | None = None) -> K
         reasons={op: why for op, (_, _, why) in picked.items()},
     )
     for op, (name, _, why) in picked.items():
-        log.info("kernels.%s = %s (%s)", op, name, why)
+        log.debug("kernels.%s = %s (%s)", op, name, why)  # the model line lists the choices
     return ops
 
 
@@ -173,10 +173,10 @@ def adamw_factory(impl: str = "auto", device: str | None = None):
             raise ValueError(f"kernels.adam='apex' cannot run here: {reason}")
         from apex.optimizers import FusedAdam
 
-        log.info("kernels.adam = apex FusedAdam (selected in config)")
+        log.debug("kernels.adam = apex FusedAdam (selected in config)")
         return functools.partial(FusedAdam, adam_w_mode=True)
     fused = device == "cuda"
-    log.info("kernels.adam = torch AdamW (%s, fused=%s)", "auto" if impl == "auto" else "selected", fused)
+    log.debug("kernels.adam = torch AdamW (%s, fused=%s)", "auto" if impl == "auto" else "selected", fused)
     return functools.partial(torch.optim.AdamW, fused=fused)
 
 

@@ -8,7 +8,7 @@ from megaqwen.kernels.registry import IMPLS, KernelConfig, build_adamw, resolve_
 
 
 def test_auto_on_cpu_picks_references_chunked_ce_and_logs_why(caplog):
-    with caplog.at_level(logging.INFO, logger="megaqwen.kernels.registry"):
+    with caplog.at_level(logging.DEBUG, logger="megaqwen.kernels.registry"):
         ops = resolve_ops(KernelConfig(), device="cpu")
     assert ops.choices == {"rmsnorm": "torch", "swiglu": "torch", "rope": "torch",
                            "cross_entropy": "chunked", "attention": "sdpa"}
