@@ -48,6 +48,14 @@ PROGRAMMING_LANGUAGES = frozenset(
 _FILE_KEYS = ("path", "file_path", "filepath", "filename", "file_name", "file", "url", "source")
 _LANG_KEYS = ("programming_language", "lang", "language")
 
+# definitions and imports at the start of a line: nearly never prose, and a docstring-heavy source file
+# (half its lines English) still has many of them
+_DEFINITION = re.compile(
+    r"^\s*(def \w+\s*\(|class \w+[(:]|import [\w.]+|from [\w.]+ import |#include\s*[<\"]|package [\w.]+;?$|"
+    r"func \w+\(|fn \w+|public (static |final )*(class|interface|void|int|String)\b|function \w+\s*\(|"
+    r"(export )?(const|let|var) \w+\s*=|(pub )?struct \w+|impl\b|using namespace |#!/)",
+    re.MULTILINE,
+)
 _FENCE = re.compile(r"^(\s*)(```|~~~)")
 _CODE_START = re.compile(
     r"^(def |class |import |from [\w.]+ import |return\b|if\s*\(|if .*:$|elif |else\s*[:{]|for\s*\(|"
@@ -104,8 +112,11 @@ def _extension_hint(metadata: dict[str, Any]) -> str | None:
     return None
 
 
+_TRAILING_COMMENT = re.compile(r"\s{2,}(#|//).*$")
+
+
 def is_code_line(line: str) -> bool:
-    s = line.strip()
+    s = _TRAILING_COMMENT.sub("", line.strip()) if "  " in line else line.strip()
     if not s:
         return False
     if _CODE_START.match(s) or _COMMENT.match(s) or _CLOSERS.match(s):
@@ -127,6 +138,8 @@ def is_equation_line(line: str) -> bool:
 @dataclass
 class Signals:
     code_fraction: float  # of non-blank characters: in code fences or code-like lines
+    definitions: int  # lines that define or import (def, class, import, #include, function ...)
+    lines: int  # non-blank lines
     fenced_fraction: float  # of non-blank characters: inside Markdown code fences
     math_fraction: float  # of characters: in math spans, LaTeX commands and equation lines
     latex_commands: int
@@ -162,6 +175,8 @@ def signals(text: str, metadata: dict[str, Any]) -> Signals:
     total = max(total, 1)
     return Signals(
         code_fraction=code / total,
+        definitions=len(_DEFINITION.findall(text)),
+        lines=sum(1 for ln in lines if ln.strip()),
         fenced_fraction=fenced / total,
         math_fraction=min(math_chars / max(len(text), 1), 1.0),
         latex_commands=len(cmds) + len(_LATEX_ENV.findall(text)),
@@ -174,6 +189,12 @@ def signals(text: str, metadata: dict[str, Any]) -> Signals:
 class ContentTypeConfig:
     min_code_fraction: float = 0.35
     """share of non-blank characters in code fences / code-like lines from which a document is code."""
+    min_definitions: int = 3
+    """definition / import lines (def, class, import, #include, function ...) that make a document code
+    when they are also at least 4% of its lines (docstring-heavy source files)."""
+    min_fenced_fraction: float = 0.15
+    """share of non-blank characters inside Markdown code fences from which a document is a code
+    tutorial (fences are explicit markup, so less is needed than for bare code-like lines)."""
     min_math_fraction: float = 0.08
     """share of characters in math spans, LaTeX commands and equation lines from which it is math."""
     min_latex_commands: int = 4
@@ -191,10 +212,13 @@ def classify(
         return sig.hint, sig
     dense_latex = sig.latex_commands >= cfg.min_latex_commands and sig.latex_commands * 400 >= len(text)
     is_math = sig.latex_source or sig.math_fraction >= cfg.min_math_fraction or dense_latex
-    is_code = sig.code_fraction >= cfg.min_code_fraction
+    defined = sig.definitions >= cfg.min_definitions and sig.definitions >= 0.04 * sig.lines
+    fenced = sig.fenced_fraction >= cfg.min_fenced_fraction
+    is_code = sig.code_fraction >= cfg.min_code_fraction or fenced or defined
     if is_code and is_math:
         # a LaTeX source's \commands and a code tutorial's equations both score on the other side
-        return ("math" if sig.latex_source or sig.math_fraction > sig.code_fraction else "code"), sig
+        mathy = sig.latex_source or (sig.math_fraction > sig.code_fraction and not defined)
+        return ("math" if mathy else "code"), sig
     if is_code:
         return "code", sig
     if is_math:

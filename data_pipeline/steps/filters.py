@@ -107,6 +107,9 @@ class GopherQuality(Step):
 class GopherRepetitionConfig:
     max_dup_line_frac: float = 0.30
     """fraction of lines that are duplicates of an earlier line."""
+    min_line_chars: int = 12
+    """lines shorter than this (forum / UI words: "Reply", "Quote", "Share") are left out of the line
+    and paragraph fractions; Gopher counts every line, which removed most clean forum threads."""
     max_dup_para_frac: float = 0.30
     """fraction of paragraphs (blank-line separated) that are duplicates."""
     max_dup_line_char_frac: float = 0.20
@@ -147,13 +150,14 @@ class GopherRepetition(Step):
     def process(self, doc: Document) -> str | None:
         c = self.cfg
         text = doc.text
-        paras = [p.strip() for p in re.split(r"\n{2,}", text) if p.strip()]
+        m = c.min_line_chars
+        paras = [p.strip() for p in re.split(r"\n{2,}", text) if len(p.strip()) >= max(m, 1)]
         frac, char_frac = _dup_fracs(paras)
         if frac > c.max_dup_para_frac:
             return "dup_para_frac"
         if char_frac > c.max_dup_para_char_frac:
             return "dup_para_char_frac"
-        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+        lines = [ln.strip() for ln in text.split("\n") if len(ln.strip()) >= max(m, 1)]
         frac, char_frac = _dup_fracs(lines)
         if frac > c.max_dup_line_frac:
             return "dup_line_frac"

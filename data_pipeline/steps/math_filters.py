@@ -67,12 +67,14 @@ class MathQuality(Step):
         if sum(ch.isalnum() for ch in text) / visible < c.min_alnum_fraction:
             return "alnum_fraction"
         prof = profile_for(doc.metadata.get("language"), text)
-        prose = words(prose_of(text), prof.cjk)
+        prose_text = prose_of(text)
+        prose = words(prose_text, prof.cjk)
         if len(prose) < c.min_prose_words:
             return "too_few_prose_words"
         if prof.stop_words and len(prose) >= 30:
             lowered = {w.lower() for w in prose}
             if len(prof.stop_words & lowered) < c.min_stop_words:
                 return "stop_words"
-        reason = self._repetition.process(doc)
+        # repetition of the prose: equations repeat their symbols ("= 0", "f(x)") by nature
+        reason = self._repetition.process(Document(doc.id, prose_text, doc.metadata))
         return None if reason is None else f"repetition_{reason}"
