@@ -105,7 +105,7 @@ def step_mfu(model_name: str, seq: int, batch: int, peak_tflops: float, kernels:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(tokens, labels=tokens).backward()
+        model(tokens, labels=tokens).mean().backward()
         opt.step()
 
     t = cuda_time(step, warmup=2, iters=5)

@@ -60,7 +60,7 @@ def bench(name: str, mode: str, batch: int, seq: int, device, dtype, warmup, rep
 
         def fn():
             with ctx:
-                loss = model(x, labels=y)
+                loss = model(x, labels=y).mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -24,10 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megaqwen.models.config import get_config
-from megaqwen.models.qwen2 import build_model
+from megaqwen.models.spec import get_spec
 from megaqwen.parallel.dims import ParallelDims
+from megaqwen.parallel.materialize import materialize
 from megaqwen.parallel.metrics import device_peak_flops, local_peak_memory_gib, mfu
-from megaqwen.parallel.tensor_parallel import apply_tensor_parallel, local_param_bytes
+from megaqwen.parallel.shards import local_param_bytes
 
 
 def _free_port() -> int:
@@ -47,9 +48,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_na
     try:
         cfg = get_config(model_name)
         mesh = ParallelDims(world_size=world, tp=world).build_mesh(device.type)
-        torch.manual_seed(0)
-        model = build_model(cfg, device=device)
-        apply_tensor_parallel(model, mesh, sequence_parallel=args.sp and world > 1)
+        spec = get_spec(cfg)
+        model = spec.build(cfg, device="meta")
+        shards = spec.parallelize_tp(model, mesh, sequence_parallel=args.sp and world > 1)
+        materialize(model, shards, device, seed=0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         g = torch.Generator(device=device).manual_seed(0)
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device, generator=g)
@@ -61,7 +63,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, model_na
             dist.barrier()
             t0 = time.perf_counter()
             with autocast:
-                loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

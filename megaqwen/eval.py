@@ -62,9 +62,9 @@ def document_loss(model, docs: list[list[int]], max_len: int, device: torch.devi
             window = torch.tensor(ids[start:start + max_len + 1], device=device)
             if window.numel() < 2:
                 continue
-            loss = model(window[None, :-1], labels=window[None, 1:], reduction="sum")
-            total += loss.item()
-            count += window.numel() - 1
+            parts = model(window[None, :-1], labels=window[None, 1:])
+            total += parts.sum.item()
+            count += int(parts.count)
     return total, count
 
 

@@ -18,55 +18,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from megaqwen.models.config import ModelConfig
+from megaqwen.models.qwen2.hf_adapter import CONFIG_KEYS, config_from_hf, config_to_hf  # noqa: F401
 from megaqwen.train.checkpoint import FORMAT, read_meta, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-# megaqwen ModelConfig field -> HF Qwen2Config key
-CONFIG_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps",
-    "max_position_embeddings": "max_position_embeddings",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "init_std": "initializer_range",
-}
 MODEL_PREFIX = "model."  # top-level key of the model state inside a DCP checkpoint
-
-
-def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    if hf.get("model_type") != "qwen2":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2'")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-    if hf.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported (no Qwen2.5 checkpoint uses it)")
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
-        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
-    kw = {ours: hf[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in hf}
-    kw["rope_theta"] = float(rope_theta)
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
-        kw["head_dim"] = head_dim
-    return ModelConfig(name=name, **kw)
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    from transformers import Qwen2Config
-
-    kw = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS.items()}
-    hf = Qwen2Config(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
-                     eos_token_id=151643, architectures=["Qwen2ForCausalLM"])
-    d = hf.to_dict()
-    d["torch_dtype"] = str(dtype).removeprefix("torch.")
-    d["rope_theta"] = cfg.rope_theta  # keep the flat key older transformers read
-    return d
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ of one) draws only the tiles overlapping its box and keeps its part, so the full
 from any tp/dp/FSDP split is bit-identical to the single-process one, and 72B is never drawn whole
 anywhere. Drawing on the CPU also makes the values independent of the device type.
 
-Cost: ~1 s per 100M parameters on one CPU core; a row-parallel shard (columns of a matrix) draws
+Cost: ~1.5 s per 100M parameters on one CPU core (the 0.5B config: ~7 s in one process); a row-parallel shard (columns of a matrix) draws
 whole tiles and keeps a 1/tp slice of each, so those parameters cost tp times their share.
 """
 
@@ -59,6 +59,8 @@ def fill_box(local: torch.Tensor, init, seed: int, name: str, full_shape: Sequen
     want = tuple(b - a for a, b in box)
     if tuple(local.shape) != want:
         raise ValueError(f"{name}: local shape {tuple(local.shape)} does not match its box {want}")
+    if len(box) != len(full_shape) or any(not 0 <= a <= b <= n for (a, b), n in zip(box, full_shape)):
+        raise ValueError(f"{name}: box {list(box)} is outside the full shape {tuple(full_shape)}")
     if local.numel() == 0:
         return
     if init.kind == "zeros":

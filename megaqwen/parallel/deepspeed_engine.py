@@ -110,14 +110,7 @@ def build_deepspeed_engine(model: nn.Module, mesh: ParallelMesh, cfg: DeepSpeedC
                            shards: ShardMap | None = None,
                            optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, **adamw: Any):
     """`deepspeed.initialize` over our groups; returns the engine (call it, `.backward`, `.step`)."""
-    if not torch.cuda.is_available():
-        # must be set before deepspeed is imported: its accelerator is chosen at import time
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise ImportError("train.engine=deepspeed needs the `deepspeed` package "
-                          "(pip install 'megaqwen[deepspeed]')") from e
+    deepspeed = _import_deepspeed()
     if not dist.is_initialized():
         raise RuntimeError("initialise torch.distributed before building the DeepSpeed engine")
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
@@ -139,3 +132,44 @@ def full_grad_deepspeed(param: nn.Parameter, engine) -> torch.Tensor:
         raise RuntimeError("DeepSpeed holds no gradient for this parameter "
                            "(call after backward, before step)")
     return g
+
+
+@torch.no_grad()
+def materialize_zero3(model: nn.Module, blocks: nn.ModuleDict, mesh: ParallelMesh, cfg: DeepSpeedConfig,
+                      device: torch.device, filler) -> nn.Module:
+    """ZeRO-3 through DeepSpeed's own partitioned construction, for a planned meta-device model:
+    block by block, allocate this rank's TP pieces, fill them (`filler(fqn, tensor)`: fresh init or
+    HF slices), and hand the block to `deepspeed.zero.Init(module=...)`, which keeps only this dp
+    rank's partition and frees the rest. The remaining parameters (embedding, final norm, head) go
+    last the same way. Peak: one block's TP-local parameters, never the whole model."""
+    if cfg.stage != 3:
+        raise ValueError(f"materialize_zero3 is for ZeRO stage 3, got {cfg.stage}")
+    deepspeed = _import_deepspeed()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ds_config = deepspeed_config(cfg, micro_batch_size=1)
+    mpu = MegatronStyleMPU(mesh)
+    for unit in [*blocks.values(), model]:
+        for mod in unit.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is None or p.device.type != "meta":
+                    continue
+                real = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                filler(names[id(p)], real)
+                mod._parameters[pname] = real
+        deepspeed.zero.Init(module=unit, data_parallel_group=mpu.get_data_parallel_group(),
+                            config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False,
+                            remote_device="cpu" if cfg.offload_params else None)
+    return model
+
+
+def _import_deepspeed():
+    if not torch.cuda.is_available():
+        # must be set before deepspeed is imported: its accelerator is chosen at import time
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("train.engine=deepspeed needs the `deepspeed` package "
+                          "(pip install 'megaqwen[deepspeed]')") from e
+    return deepspeed

@@ -1,13 +1,14 @@
 """From a planned meta-device model to this rank's real shards: fresh init or sharded loading.
 
-    materialize(model, shards, device, seed)        # allocate local pieces, draw their init values
-    load_hf_sharded(model, shards, hf_dir, hf_key)  # or read them from HF safetensors, slice by slice
+    materialize(model, shards, device, seed)                  # allocate local pieces, draw init values
+    materialize(model, shards, device, filler=hf_filler(...)) # or read them from HF safetensors
 
 Every parameter's local piece is a box of its full tensor (`ShardMap.box`: the TP piece, then
-FSDP2's chunk of it). Init values come from `megaqwen.models.init` (seeded per parameter name and
-tile), so any layout assembles the same full tensors; loading reads only the box from each
-safetensors file, opening and closing the file per tensor so a rank never maps more than one full
-tensor's pages.
+FSDP2's chunk of it). A *filler* writes one parameter's piece: `init_filler` draws it from
+`megaqwen.models.init` (seeded per parameter name and tile, so any layout assembles the same full
+tensors); `hf_filler` reads only the box from the safetensors file, opening and closing the file per
+tensor so a rank never maps more than one full tensor's pages. DeepSpeed ZeRO-3 uses the same
+fillers block by block inside its own partitioned construction (`deepspeed_engine.materialize_zero3`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,32 @@ from megaqwen.parallel.shards import ShardMap, local_tensor
 
 log = logging.getLogger(__name__)
 
+Filler = Callable[[str, torch.Tensor], None]
+"""filler(fqn, param): write this rank's values of parameter `fqn` into `param` (plain or FSDP2
+DTensor, already allocated)."""
+
+
+def init_filler(model: nn.Module, shards: ShardMap, seed: int | None = None,
+                param_init: Callable | None = None) -> Filler:
+    """Fresh initial values (the model's `param_init` per name), drawn for this rank's box only."""
+    seed = default_seed() if seed is None else seed
+    param_init = param_init or model.param_init
+
+    def fill(fqn: str, p: torch.Tensor) -> None:
+        fill_box(local_tensor(p), param_init(fqn), seed, fqn, shards.full_shape(fqn, p), shards.box(fqn, p))
+
+    return fill
+
 
 @torch.no_grad()
 def materialize(model: nn.Module, shards: ShardMap, device: str | torch.device, seed: int | None = None,
-                param_init: Callable | None = None) -> nn.Module:
-    """Allocate this rank's pieces of a meta-device model on `device` and initialise them; the
-    same `seed` gives the same full tensors under every layout."""
-    seed = default_seed() if seed is None else seed
-    param_init = param_init or model.param_init
+                filler: Filler | None = None) -> nn.Module:
+    """Allocate this rank's pieces of a meta-device model on `device` and fill them (default: fresh
+    init from `seed`; the same seed gives the same full tensors under every layout)."""
+    filler = filler or init_filler(model, shards, seed)
     model.to_empty(device=device)
     for fqn, p in model.named_parameters():
-        fill_box(local_tensor(p), param_init(fqn), seed, fqn, shards.full_shape(fqn, p), shards.box(fqn, p))
+        filler(fqn, p)
     return model
 
 
@@ -53,27 +69,26 @@ def hf_weight_files(hf_dir: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-@torch.no_grad()
-def load_hf_sharded(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
-                    hf_key: Callable[[str], str] = lambda fqn: fqn,
-                    optional: set[str] = frozenset()) -> nn.Module:
-    """Fill every parameter's local piece (already allocated, e.g. by `materialize` or to_empty)
-    from an HF folder's safetensors, reading only that piece. Keys in `optional` may be present in
-    the files without a parameter (a tied head's copy); any other mismatch is an error."""
+def hf_filler(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
+              hf_key: Callable[[str], str] = lambda fqn: fqn, optional: set[str] = frozenset()) -> Filler:
+    """Values read from an HF folder's safetensors, this rank's box only. Keys in `optional` may be
+    in the files without a parameter (a tied head's copy); any other mismatch fails here, before
+    anything is read."""
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
     files = hf_weight_files(hf_dir)
-    params = dict(model.named_parameters())
-    wanted = {hf_key(fqn): fqn for fqn in params}
-    missing = sorted(set(wanted) - set(files))
-    extra = sorted(set(files) - set(wanted) - set(optional))
+    wanted = {hf_key(fqn) for fqn, _ in model.named_parameters()}
+    missing = sorted(wanted - set(files))
+    extra = sorted(set(files) - wanted - set(optional))
     if missing or extra:
         raise ValueError(f"{hf_dir}: weights do not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
                          f"{'...' if len(extra) > 5 else ''}")
-    for key, fqn in wanted.items():
-        p = params[fqn]
+
+    @torch.no_grad()
+    def fill(fqn: str, p: torch.Tensor) -> None:
+        key = hf_key(fqn)
         full, box = shards.full_shape(fqn, p), shards.box(fqn, p)
         with safe_open(files[key], "pt") as f:  # closed per tensor: mapped pages are released
             sl = f.get_slice(key)
@@ -82,5 +97,19 @@ def load_hf_sharded(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
                                  f"expects {tuple(full)}")
             piece = sl[tuple(slice(a, b) for a, b in box)]
         local_tensor(p).copy_(piece)
-    log.info("loaded %d tensors from %s (this rank's slices only)", len(wanted), hf_dir)
+
+    return fill
+
+
+@torch.no_grad()
+def load_hf_sharded(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
+                    hf_key: Callable[[str], str] = lambda fqn: fqn,
+                    optional: set[str] = frozenset()) -> nn.Module:
+    """Fill every (already allocated) parameter's local piece from an HF folder, slice by slice."""
+    fill = hf_filler(model, shards, hf_dir, hf_key, optional)
+    n = 0
+    for fqn, p in model.named_parameters():
+        fill(fqn, p)
+        n += 1
+    log.info("loaded %d tensors from %s (this rank's slices only)", n, hf_dir)
     return model

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp  # noqa: F401  (the writer behind parallel_ckpt; tests patch it)
 
 from megaqwen.parallel import checkpoint as parallel_ckpt
-from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
-                    keep_last: int = 0, mesh: ParallelMesh | None = None) -> Path:
+                    keep_last: int = 0, shards: ShardMap | None = None) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     ckpt_root = Path(ckpt_root)
     final = step_dir(ckpt_root, step)
@@ -91,7 +91,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
         for stale in ckpt_root.glob("step_*.partial"):  # left by a crashed save (this step or another)
             shutil.rmtree(stale)
     _barrier()
-    parallel_ckpt.save(str(partial), model, optimizer, mesh)  # TP shards / ZeRO-1 / DeepSpeed aware
+    parallel_ckpt.save(str(partial), model, optimizer, shards)  # TP shards / ZeRO-1 / DeepSpeed aware
     _barrier()
     if _rank() == 0:
         meta = {"format": FORMAT, "step": step, **meta}
@@ -110,11 +110,11 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
-                    mesh: ParallelMesh | None = None) -> dict[str, Any]:
+                    shards: ShardMap | None = None) -> dict[str, Any]:
     """Load model (and optimizer) state in place; returns meta.json's contents."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    parallel_ckpt.load(str(path), model, optimizer, mesh)
+    parallel_ckpt.load(str(path), model, optimizer, shards)
     return meta
 
 

@@ -18,11 +18,16 @@ from typing import Any
 
 import torch
 
-from megaqwen.kernels.registry import resolve_ops
-from megaqwen.models.qwen2 import build_model
+from megaqwen.kernels.attention import AttentionMeta
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX, LossParts
+from megaqwen.kernels.registry import adamw_factory, resolve_ops
+from megaqwen.models.spec import get_spec
 from megaqwen.parallel import setup as par
+from megaqwen.parallel.data_parallel import unwrap
 from megaqwen.parallel.grad_norm import clip_grad_norm_
+from megaqwen.parallel.materialize import hf_filler, init_filler, materialize
 from megaqwen.parallel.metrics import local_peak_memory_gib
+from megaqwen.parallel.shards import ShardMap, local_tensor
 from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger
@@ -34,11 +39,14 @@ from megaqwen.train.validation import build_validator, training_documents
 log = logging.getLogger(__name__)
 
 
+def use_bf16(dtype: str, device: torch.device) -> bool:
+    """`train.dtype`: bf16, or auto on a bf16-capable GPU."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast_ctx(dtype: str, device: torch.device):
-    """bf16 autocast where asked (or `auto` on a bf16-capable GPU); fp32 otherwise."""
-    use_bf16 = dtype == "bf16" or (
-        dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use_bf16:
+    """bf16 autocast where `use_bf16` (fp32 master weights stay fp32); fp32 otherwise."""
+    if not use_bf16(dtype, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -86,52 +94,110 @@ def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_le
                          consumed_samples=consumed_samples)
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device):
+def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> LossParts:
+    """One micro-batch through the model: LossParts (sum over valid tokens, their count). Positions
+    are always explicit; the document boundaries become one AttentionMeta for every layer."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return model(
-        batch["tokens"], labels=batch["labels"],
-        position_ids=batch["position_ids"] if cfg.data.reset_position_ids else None,
-        document_ids=batch["document_ids"] if cfg.data.document_mask else None)
+    tokens = batch["tokens"]
+    if cfg.data.reset_position_ids:
+        position_ids = batch["position_ids"]
+    else:
+        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    attn = AttentionMeta(batch["document_ids"]) if cfg.data.document_mask else None
+    return model(tokens, labels=batch["labels"], position_ids=position_ids, document_ids=attn)
 
 
 def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
-               accum_steps: int) -> dict[str, float]:
-    """One optimizer step over `accum_steps` micro-batches; returns the step's metrics."""
+               accum_steps: int, shards: ShardMap | None = None) -> dict[str, float]:
+    """One optimizer step over `accum_steps` micro-batches; returns the step's metrics.
+
+    The loss is the mean over every valid token of the step, on all dp ranks and micro-batches:
+    each micro-batch backpropagates its summed loss divided by the step's global token count
+    (times dp, since DDP/FSDP/DeepSpeed average gradients over dp; times accum for DeepSpeed, which
+    divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process.
+    """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
+    micro = [next(batches) for _ in range(accum_steps)]
+    count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+    global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
+    deepspeed = cfg.train.engine == "deepspeed"
+    scale = env.dp_size * (accum_steps if deepspeed else 1) / global_count
     loss_sum = torch.zeros((), device=env.device)
-    for i in range(accum_steps):
-        batch = next(batches)
+    for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device):
-            loss = forward_loss(model, batch, cfg, env.device)
-        if cfg.train.engine == "deepspeed":  # it divides by accumulation and steps at the boundary itself
-            model.backward(loss)
+            parts = forward_loss(model, batch, cfg, env.device)
+        if deepspeed:  # it divides by accumulation and steps at the boundary itself
+            model.backward(parts.sum * scale)
             model.step()
         else:
             with par.grad_sync(model, sync=i == accum_steps - 1):
-                (loss / accum_steps).backward()
-        loss_sum += loss.detach().float()
-    if cfg.train.engine == "deepspeed":
+                (parts.sum * scale).backward()
+        loss_sum += parts.sum.detach().float()
+    if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
     else:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(model.parameters(), max_norm, env.mesh)  # TP/FSDP-aware global norm
+        grad_norm = clip_grad_norm_(unwrap(model).named_parameters(), max_norm, shards)  # TP/FSDP-aware
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = par.dp_mean(loss_sum / accum_steps, env.mesh)
+    loss = par.dp_sum(loss_sum, env.mesh) / global_count
     return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
 
-def init_weights_from(model, path: str, cfg: Config) -> None:
-    from megaqwen.convert.hf import read_weights
+def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
+    """`train.init_from` -> ("hf" | "native", folder), after checking that the source's model
+    config matches the run's (HF folder: config.json + safetensors; native: a checkpoint)."""
+    src = Path(path)
+    if (src / "config.json").exists():
+        import json
 
-    src_cfg, weights = read_weights(path)
+        hf_config = json.loads((src / "config.json").read_text())
+        kind, src_cfg = "hf", spec.hf.config_from_hf(hf_config, name=src.name)
+    else:
+        src = ckpt.resolve_checkpoint(src)
+        kind, src_cfg = "native", type(cfg.model).from_dict(ckpt.read_meta(src)["model_config"])
     mismatched = {k: (getattr(src_cfg, k), getattr(cfg.model, k)) for k in src_cfg.to_dict()
                   if k not in ("name", "init_std") and getattr(src_cfg, k) != getattr(cfg.model, k)}
     if mismatched:
         raise ValueError(f"train.init_from={path}: model config differs (checkpoint, run): {mismatched}")
-    model.load_state_dict(weights, strict=True)
-    log.info("initialised weights from %s", path)
+    return kind, src
+
+
+def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool):
+    """The run's model as this rank holds it: built on meta, planned (TP/SP, recompute, compile,
+    FSDP2), then only the local pieces allocated and filled - from `train.init_from` (HF slices or
+    native DCP pieces), from train.seed, or left for the resumed checkpoint. DeepSpeed ZeRO-3
+    materialises block by block inside its own partitioned construction. Returns (model, shards)."""
+    t = cfg.train
+    spec = get_spec(cfg.model)
+    source = initial_source(t.init_from, cfg, spec) if t.init_from and not resuming else None
+    model = spec.build(cfg.model, ops, device="meta")
+    mp_dtype = torch.bfloat16 if use_bf16(t.dtype, env.device) else None
+    shards = par.parallelize(model, spec, cfg.parallel, env, fsdp=t.engine == "native",
+                             mp_param_dtype=mp_dtype)
+    if source is not None and source[0] == "hf":
+        filler = hf_filler(model, shards, source[1], spec.hf.hf_key, spec.hf.optional_hf_keys(cfg.model))
+    else:  # fresh init; when resuming or loading DCP pieces the values are overwritten right after
+        filler = init_filler(model, shards, seed=t.seed)
+    if t.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        from megaqwen.parallel.deepspeed_engine import materialize_zero3
+
+        if source is not None and source[0] == "native":
+            raise ValueError(f"train.init_from={t.init_from} is a native checkpoint; DeepSpeed ZeRO-3 "
+                             "builds partitioned and reads HF folders only: export it first with "
+                             "`megaqwen-convert to-hf` and point train.init_from at the export")
+        materialize_zero3(model, spec.layers(model), env.mesh, par._deepspeed_config(cfg.parallel),
+                          env.device, filler)
+    else:
+        materialize(model, shards, env.device, filler=filler)
+        if source is not None and source[0] == "native":
+            from megaqwen.parallel.checkpoint import load_model
+
+            load_model(str(source[1]), model, shards)
+    if source is not None:
+        log.info("initialised weights from %s (this rank's slices only)", t.init_from)
+    return model, shards
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -150,25 +216,26 @@ def train(cfg: Config) -> dict[str, Any]:
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
     torch.manual_seed(t.seed)
     ops = resolve_ops(cfg.kernels, device=env.device.type)
-    model = build_model(cfg.model, ops, device=env.device)
     latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
-    if latest is None and t.init_from:
-        init_weights_from(model, t.init_from, cfg)  # full weights, before the plans shard them
-    # TP/SP plan, then DDP / ZeRO-1 / FSDP2 or the DeepSpeed engine (all no-ops in one process)
-    model = par.parallelize(model, cfg.parallel, env, wrap_dp=t.engine == "native")
+    model, shards = build_model_for_run(cfg, env, ops, resuming=latest is not None)
+    if t.engine == "native":
+        model = par.wrap_data_parallel(model, cfg.parallel, env)  # DDP; FSDP2 was applied on meta
     model, optimizer = par.build_optimizer_or_engine(
         model, cfg.parallel, env, t.engine,
         native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
         param_groups=lambda m: param_groups(m, t.weight_decay),
         adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
-        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip)
-    n_params = sum(p.numel() for p in model.parameters())
+        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
+        shards=shards, bf16=use_bf16(t.dtype, env.device),
+        optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
+    # ZeRO-3 parameters keep their partition in `ds_tensor`
+    n_params = sum(getattr(p, "ds_tensor", local_tensor(p)).numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
              n_params / 1e6, env.device, ops.describe())
 
     start_step, consumed = 0, 0
     if latest is not None:
-        meta = ckpt.load_checkpoint(latest, model, optimizer, mesh=env.mesh)
+        meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
         start_step, consumed = meta["step"], meta["consumed_samples"]
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
@@ -188,7 +255,7 @@ def train(cfg: Config) -> dict[str, Any]:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
             t0 = time.perf_counter()
-            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps)
+            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards)
             dt = time.perf_counter() - t0
             profiler.after_step(step + 1)
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
@@ -208,7 +275,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, mesh=env.mesh)
+                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, shards=shards)
             if exiting:
                 log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
                 break

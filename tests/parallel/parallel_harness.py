@@ -29,7 +29,7 @@ from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.data_parallel import apply_fsdp, build_optimizer, unwrap, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims, ParallelMesh
 from megaqwen.parallel.grad_norm import clip_grad_norm_, grad_norm
-from megaqwen.parallel.materialize import materialize
+from megaqwen.parallel.materialize import init_filler, materialize
 from megaqwen.parallel.shards import ShardMap
 
 # debug model with a smaller vocabulary (divisible by 4) so 4 oversubscribed ranks stay ~1 s/layout
@@ -143,15 +143,29 @@ def build_parallel(cfg, layout: Layout, world: int):
         apply_compile(spec.layers(model))
     if layout.mode == "fsdp":
         apply_fsdp(model, mesh, spec.layers(model))
-    materialize(model, shards, "cpu", seed=SEED)
-    weights = {n: gather_full(p.detach(), n, shards) for n, p in model.named_parameters()}
     if layout.mode.startswith("ds"):
-        from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig, build_deepspeed_engine
+        import deepspeed
+
+        from megaqwen.parallel.deepspeed_engine import (
+            DeepSpeedConfig,
+            build_deepspeed_engine,
+            materialize_zero3,
+        )
 
         ds_cfg = DeepSpeedConfig(stage=int(layout.mode[2:]))
+        if ds_cfg.stage == 3:  # DeepSpeed's own partitioned construction, block by block
+            materialize_zero3(model, spec.layers(model), mesh, ds_cfg, torch.device("cpu"),
+                              init_filler(model, shards, SEED))
+        else:
+            materialize(model, shards, "cpu", seed=SEED)
         engine = build_deepspeed_engine(model, mesh, ds_cfg, micro_batch_size=GLOBAL_B // layout.dp,
                                         shards=shards, lr=LR, weight_decay=0.1)
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=ds_cfg.stage == 3):
+            weights = {n: gather_full(p.detach().clone(), n, shards) for n, p in params.items()}
         return mesh, engine, engine, engine.module, shards, weights
+    materialize(model, shards, "cpu", seed=SEED)
+    weights = {n: gather_full(p.detach(), n, shards) for n, p in model.named_parameters()}
     wrapped = model if layout.mode == "fsdp" else wrap_ddp(model, mesh)
     opt = build_optimizer(wrapped.parameters(), mesh, layout.mode, lr=LR, weight_decay=0.1)
     return mesh, wrapped, opt, unwrap(wrapped), shards, weights

@@ -157,7 +157,7 @@ def test_bad_config_fails_before_work(tmp_path, shard, overrides, match, make_co
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the config was checked")
 
-    monkeypatch.setattr(loop, "build_model", no_model)
+    monkeypatch.setattr(loop, "build_model_for_run", no_model)
     with pytest.raises(ValueError, match=match):
         train(make_config(tmp_path, shard, *overrides))
     assert not (tmp_path / "metrics.jsonl").exists()
