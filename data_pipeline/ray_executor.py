@@ -65,9 +65,12 @@ def run_on_ray(
             try:
                 _, result = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, ...: named below
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                failures.append(f"task {task} of stage {stage!r} ({describe(task)}) failed on ray: "
-                                f"{type(e).__name__}: {first}")
+                cause = getattr(e, "cause", None)  # a RayTaskError wraps the task's own exception
+                if isinstance(cause, BaseException):
+                    why = f"{type(cause).__name__}: {cause}"
+                else:
+                    why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                failures.append(f"task {task} of stage {stage!r} ({describe(task)}) failed on ray: {why}")
                 continue
             on_done(task, result)
     if failures:

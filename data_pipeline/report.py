@@ -99,6 +99,8 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
     tokens = next(iter(recipes.values()))["domain_tokens"] if recipes else {}
     metrics_p = cfg.out / "scorer" / "metrics.json"
     metrics = json.loads(metrics_p.read_text()) if metrics_p.is_file() else None
+    dom_p = cfg.out / "scorer" / "domain_metrics.json"
+    domain_student = json.loads(dom_p.read_text()) if dom_p.is_file() else None
 
     # scores and domain agreement from the annotated documents
     scores: dict[str, list[float]] = {}
@@ -135,6 +137,8 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
         "plans": plans,
         "scorer_agreement": metrics,
         "domain_accuracy_vs_hint": domain_acc,
+        "domain_student": domain_student,
+        "warnings": (metrics or {}).get("warnings", []) + (domain_student or {}).get("warnings", []),
         "removal_reasons": dict(reasons),
         "plots": plots,
     }
@@ -145,6 +149,8 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _markdown(s: dict[str, Any]) -> str:
     lines = ["# Data pipeline report", ""]
+    if s.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     from megaqwen.data_pipeline.pipeline import SUMMARY_STAGES
 
     for stage in SUMMARY_STAGES:
@@ -186,6 +192,14 @@ def _markdown(s: dict[str, Any]) -> str:
                 f"{100 * m['domain_accuracy_vs_judge']:.1f}% of held-out documents."
             )
         lines.append("")
+    ds = s.get("domain_student")
+    if ds and "student_vs_teacher" in ds:
+        lines += [
+            f"Domain student (static embeddings) agrees with the zero-shot MiniLM teacher on "
+            f"{100 * ds['student_vs_teacher']:.1f}% of {ds['heldout']} held-out documents "
+            f"(majority-domain baseline {100 * ds['majority_baseline']:.1f}%).",
+            "",
+        ]
     if s["domain_accuracy_vs_hint"] is not None:
         lines += [
             f"Domain classifier agrees with the corpus' `domain_hint` on "
