@@ -20,6 +20,7 @@ pip_install() {  # pip's progress as one line per package fetched; the full log 
   local log=$VENV/pip.log
   "$VENV/bin/pip" install --progress-bar off "$@" 2>&1 | tee -a "$log" | awk '
     /^Collecting /                      { printf "  collecting %s\n", $2; fflush() }
+    /^Processing .*\.whl/               { n = split($2, p, "/"); printf "  unpacking %s\n", p[n]; fflush() }
     /Downloading .*\.whl \([0-9.]+ MB\)/ { printf "  downloading %s %s %s\n", $2, $3, $4; fflush() }
     /^Successfully installed/           { printf "  installed %d packages\n", NF - 2; fflush() }' \
     || { echo "pip install $* failed; the last lines of $log:" >&2; tail -n 20 "$log" >&2; exit 1; }
