@@ -1,6 +1,11 @@
 """Heuristic filters + MinHash dedup throughput: megaqwen's pipeline vs DataTrove, same data, same run.
 
     python benchmarks/bench_data_pipeline.py [--size-mb 100] [--workers 2] [--files 4]
+    python benchmarks/bench_data_pipeline.py --stages [--copies 20] [--config sample]
+
+`--stages`: every stage of a pipeline config (default: the shipped sample config) timed end to end
+(process start-up included) with documents/s per stage; `--copies N` feeds N near-copies of the
+sample corpus instead (dedup off, so every copy reaches annotation: a corpus-scale rate).
 
 The sample corpus is replicated to ~SIZE MB (each copy has one word changed per document, so the
 copies are near- but not exact duplicates and every document goes through MinHash), split into
@@ -146,6 +151,42 @@ def run_datatrove(inp: Path, out: Path, workers: int, files: int) -> dict:
     }
 
 
+def stage_docs(stage: str, markers: list[dict]) -> int:
+    """Documents a stage took in, from its markers."""
+    if stage == "filter":
+        return sum(m["steps"][0]["seen"] for m in markers)
+    if stage == "dedup":
+        return markers[0]["documents"] if markers else 0
+    if stage == "train_domains":
+        return markers[0].get("teacher_labels", 0) if markers else 0
+    if stage in ("annotate", "shards"):
+        return sum(m["steps"][0]["seen"] for m in markers)
+    return 0
+
+
+def run_stages(config: str, out: Path, copies: int, workers: int | None) -> dict:
+    from megaqwen.data_pipeline.config import load_config
+    from megaqwen.data_pipeline.executor import load_markers
+    from megaqwen.data_pipeline.pipeline import enabled_stages, run_stage
+
+    cfg = load_config(config, {"output_dir": str(out)})
+    if workers:
+        cfg.workers = workers
+    if copies > 1:
+        n, _ = make_input(out / "input", CORPUS.stat().st_size * copies / 1e6, 4)
+        cfg.input.paths, cfg.input.parts_per_file = [str(out / "input" / "*.jsonl")], 1
+        cfg.dedup.exact = cfg.dedup.minhash = False
+    res = {}
+    for stage in enabled_stages(cfg):
+        t0 = time.perf_counter()
+        run_stage(cfg, stage, progress=False)
+        dt = time.perf_counter() - t0
+        n = stage_docs(stage, load_markers(cfg.out, stage))
+        res[stage] = {"seconds": round(dt, 2), "docs": n, "docs_per_s": round(n / dt, 1) if n else None}
+        print(f"{stage:14s} {dt:8.2f} s  {n:7d} docs  " + (f"{n / dt:8.1f} docs/s" if n else ""), flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=float, default=100)
@@ -153,9 +194,21 @@ def main() -> None:
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--stages", action="store_true", help="time every stage of --config instead")
+    p.add_argument("--config", default="sample", help="--stages: pipeline config (name or path)")
+    p.add_argument("--copies", type=int, default=1, help="--stages: near-copies of the sample corpus")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = Path(args.tmp or tempfile.mkdtemp(prefix="bench_dp_"))
+    if args.stages:
+        try:
+            res = run_stages(args.config, root / "out", args.copies, args.workers)
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1))
+        finally:
+            if not args.tmp:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         n, size = make_input(root / "input", args.size_mb, args.files)
         print(f"input: {n} documents, {size / 1e6:.1f} MB in {args.files} files; {args.workers} workers")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The data pipeline on a SLURM cluster: one array job per stage, chained with afterok dependencies.
 #
-#   launch/slurm_data_pipeline.sh data_pipeline/configs/pipeline_cluster.yaml [ARRAY_SIZE]
+#   launch/slurm_data_pipeline.sh cluster [ARRAY_SIZE]         # a shipped config's name, or a YAML path
 #
 # Each array task runs `megaqwen-data pipeline --stage S --rank slurm`, i.e. tasks r, r+N, r+2N ...
 # of the stage (N = array size). Completed tasks leave markers, so resubmitting the script after a
@@ -16,20 +16,23 @@ CONFIG=${1:?usage: $0 CONFIG.yaml [ARRAY_SIZE]}
 ARRAY=${2:-64}
 CPU_ARGS=${CPU_SBATCH_ARGS:---cpus-per-task=4 --mem=16G --time=12:00:00}
 GPU_ARGS=${GPU_SBATCH_ARGS:---cpus-per-task=8 --mem=64G --gres=gpu:1 --time=24:00:00}
-STAGES=${DATA_PIPELINE_STAGES:-"filter dedup judge train_scorer annotate shards recipes report"}
+STAGES=${DATA_PIPELINE_STAGES:-"filter dedup judge train_scorer train_domains annotate shards recipes report"}
 LOGS=${LOG_DIR:-logs/data_pipeline}
 mkdir -p "$LOGS"
 
-judge_backend=$(python - "$CONFIG" <<'PY'
-import sys, yaml
-print((yaml.safe_load(open(sys.argv[1])).get("judge") or {}).get("backend", "none"))
+read -r judge_backend student <<<"$(python - "$CONFIG" <<'PY'
+import sys
+from megaqwen.data_pipeline.config import load_config
+cfg = load_config(sys.argv[1])
+print(cfg.judge.backend, int(cfg.domains.backend == "embedding" and cfg.domains.student))
 PY
-)
+)"
 
 dep=""
 for stage in $STAGES; do
   case $stage in
     judge|train_scorer) [ "$judge_backend" = none ] && continue ;;
+    train_domains) [ "$student" = 0 ] && continue ;;
   esac
   case $stage in
     filter|judge|annotate|shards) n=$ARRAY ;;
