@@ -58,6 +58,25 @@ def _sample(cfg: PipelineConfig) -> list[str]:
     return [text for _, _, text in sorted(heap, key=lambda h: (-h[0], h[1]))]
 
 
+def _prepare_static_rows(cfg: PipelineConfig) -> int:
+    """Distil, here and once, the static rows of every token the corpus uses (a tokenizer pass over the
+    deduplicated documents): the annotate workers then never load the transformer."""
+    from megaqwen.data_pipeline.stages import _deduped, n_input_tasks
+
+    enc = student_encoder(cfg)
+    added, batch = 0, []
+    for t in range(n_input_tasks(cfg)):
+        for doc in _deduped(cfg, t):
+            batch.append(doc.text)
+            if len(batch) == 1024:
+                added += enc.prepare(batch)
+                batch = []
+    if batch:
+        added += enc.prepare(batch)
+    enc.save_cache()
+    return added
+
+
 def train_domains_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     from megaqwen.data_pipeline.domains import ZeroShotDomains
     from megaqwen.data_pipeline.embed import get_encoder
@@ -111,6 +130,7 @@ def train_domains_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         w[-1, names.index("other") if "other" in names else 0] = 1.0
         clf = SoftmaxClassifier(names, w)
     clf.save(out / "domain_student.npz")
+    metrics["static_rows_distilled"] = _prepare_static_rows(cfg)
     for w_ in metrics["warnings"]:
         log.warning("train_domains: %s", w_)
     _atomic_json(out / "domain_metrics.json", metrics)

@@ -176,10 +176,23 @@ class StaticEncoder:
         os.replace(tmp, self.cache)
         self._dirty = False
 
-    def encode(self, texts: list[str]) -> np.ndarray:  # (N, D) float32, unit rows
+    def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         cut = [t[: self.max_length * 8] for t in texts]
-        ids_list = [np.asarray(e.ids[: self.max_length], dtype=np.int64)
-                    for e in self.fast.encode_batch(cut, add_special_tokens=False)]
+        return [np.asarray(e.ids[: self.max_length], dtype=np.int64)
+                for e in self.fast.encode_batch(cut, add_special_tokens=False)]
+
+    def prepare(self, texts: list[str]) -> int:
+        """Distil the rows `texts` will need now (one process, once), so that later encoders (the
+        annotate workers) only read the cache; returns how many rows were added."""
+        ids = self.token_ids(texts)
+        seen = np.unique(np.concatenate(ids)) if any(len(i) for i in ids) else np.zeros(0, np.int64)
+        missing = seen[~self.have[seen]]
+        if len(missing):
+            self._distill(missing)
+        return len(missing)
+
+    def encode(self, texts: list[str]) -> np.ndarray:  # (N, D) float32, unit rows
+        ids_list = self.token_ids(texts)
         seen = np.unique(np.concatenate(ids_list)) if ids_list and any(len(i) for i in ids_list) else None
         if seen is not None and not self.have[seen].all():
             self._distill(seen[~self.have[seen]])

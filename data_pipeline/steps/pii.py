@@ -3,7 +3,10 @@
 - Phones: `phonenumbers` (Google's libphonenumber) finds numbers that are valid for their region:
   international ones (+49 ...) anywhere, national ones for the region of the document's language
   (de -> DE, zh -> CN ...) and the `regions` listed (US by default). Dates, ISBNs, version strings
-  and long integers in code are not valid numbers, so they stay.
+  and long integers in code are not valid numbers, so they stay. Numbers of a possible length that
+  no operator has assigned (the fictional 555-0100 ranges, "123-456-7890") are masked too when they
+  are written like phone numbers: a leading "+", or grouped digits such as (555) 123-4567, or a
+  phone word (tel, phone, call, Telefon, телефон, 电话 ...) right before them.
 - IPv4 / IPv6: strings that parse as addresses (`ipaddress`), except (a) four-part version numbers
   ("firmware 2.4.1.7", "v1.2.3.4", "==1.2.0.1", "Section 3.1.2.4"): a version / section word or
   sign right before the number, and (b) addresses that identify nobody: loopback (127.0.0.1, ::1),
@@ -29,8 +32,8 @@ from megaqwen.data_pipeline.steps.base import Step
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]\d|\w)")
 _IPV6 = re.compile(
-    r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|"
-    r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){0,6}(?![\w:])"
+    r"(?<![\w:\[])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|"
+    r"(?<![\w:\[])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){0,6}(?![\w:])"
 )
 # a version / numbering context right before a dotted quad: "version 2.4.1.7", "v1.2.3.4", "==1.0.0.1"
 _VERSION_BEFORE = re.compile(
@@ -42,6 +45,13 @@ _VERSION_BEFORE = re.compile(
 )
 _VERSION_AFTER = re.compile(r"^(?:-(?:alpha|beta|rc|dev|post|snapshot)|\+\w)", re.IGNORECASE)
 _PHONE_CANDIDATE = re.compile(r"\d[\d \t().\-/]{5,}\d")
+_PHONE_GROUPED = re.compile(r"(?:\+?\d{1,3}[ .-])?\(?\d{2,4}\)?[ .-]\d{3,4}[ .-]\d{3,5}")
+_DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+_PHONE_WORD = re.compile(
+    r"(?:tel|tél|phone|call|mobile|mob|cell|fax|hotline|whatsapp|telefon|teléfono|telefone|téléphone|"
+    r"appelez|anrufen|ruf|llame|телефон|звоните|тел|电话|電話|手机|携帯)\W{0,12}$",
+    re.IGNORECASE,
+)
 _SECRETS = [
     ("aws_key", re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b")),
     ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b")),
@@ -119,8 +129,36 @@ class PiiMasking(Step):
         spans = []
         for region in regions:
             for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+                if self._plausible(text, m.start, m.raw_string, lang):
+                    spans.append((m.start, m.end))
+        # possible but unassigned numbers (fictional 555 ranges ...), only when written as phones
+        for m in phonenumbers.PhoneNumberMatcher(text, regions[0], leniency=phonenumbers.Leniency.POSSIBLE):
+            raw = m.raw_string
+            if _DATE_LIKE.fullmatch(raw) or any(a <= m.start < b for a, b in spans):
+                continue
+            digits = sum(ch.isdigit() for ch in raw)
+            if not self._plausible(text, m.start, raw, lang):
+                continue
+            if (raw.startswith("+") and digits >= 8) or _PHONE_GROUPED.fullmatch(raw) \
+                    or _PHONE_WORD.search(text[max(0, m.start - 24) : m.start]):
                 spans.append((m.start, m.end))
         return spans
+
+    @staticmethod
+    def _plausible(text: str, start: int, raw: str, lang: str | None) -> bool:
+        """Not a decimal's tail, a table of small numbers or a bare integer in code or data."""
+        if start >= 2 and text[start - 1] in ".," and text[start - 2].isdigit():
+            return False  # 0.5772156649
+        groups = re.findall(r"\d+", raw)
+        if "  " in raw or sum(len(g) == 1 for g in groups) > 1:
+            return False  # calendar rows, tables
+        if len(groups) >= 3 and all(int(b) - int(a) == 1 for a, b in zip(groups, groups[1:])):
+            return False  # 24 25 26 27 28: a run of consecutive numbers
+        if raw.isdigit():  # no "+", no grouping: an id, a constant or a timestamp unless said to be a phone
+            if lang in ("zh", "ja") and re.fullmatch(r"1[3-9]\d{9}", raw):
+                return True  # a Chinese mobile number is written as 11 bare digits
+            return bool(_PHONE_WORD.search(text[max(0, start - 24) : start]))
+        return True
 
     def process(self, doc: Document) -> str | None:
         c = self.cfg
@@ -156,6 +194,9 @@ class PiiMasking(Step):
                 ):
                     return s
                 if not _is_identifying_ip(addr):
+                    return s
+                # "1::2" is an address, but in text it is a slice or a ratio: ask for 4+ hex digits
+                if addr.version == 6 and sum(ch not in ":." for ch in s) < 4:
                     return s
                 counts["ips"] += 1
                 return c.ip_replacement

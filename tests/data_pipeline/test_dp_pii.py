@@ -25,6 +25,9 @@ def mask(text: str, lang: str | None = None) -> str:
         ("电话：010-6552 9988 或 13800138000", "zh"),
         ("電話 03-1234-5678", "ja"),
         ("Phone: +44 20 7946 0958", None),
+        ("Call 555-123-4567 or (555) 123-4567.", None),  # fictional ranges, written as phones
+        ("Tel. 555-0199", None),
+        ("Hotline +1 (555) 010-9999", None),
     ],
 )
 def test_phones_are_masked(text, lang):
@@ -42,6 +45,8 @@ def test_phones_are_masked(text, lang):
         "ISBN 978-3-16-148410-0; population 1,204,331; x = 1000000007 % 998244353.",
         "Bind to 127.0.0.1 or 0.0.0.0 with netmask 255.255.255.0, and ::1 for IPv6.",
         "f(x) = 3x^2 + 2x - 5 and 3.14159265358979 are not phone numbers.",
+        "assert u[1::2] == [1, 3] and sys.maxsize <= 2147483647 and gamma == 0.5772156649",
+        " 3  4  5  6  7  8  9       7  8  9 10 11 12 13\n24 25 26 27 28 29 30      28 29",
     ],
 )
 def test_look_alikes_survive(text):
