@@ -171,6 +171,10 @@ class PipelineConfig:
     """everything (intermediate files, markers, shards, recipes, report) goes under here."""
     workers: int = 1
     """local processes per stage (SLURM: 1 per array task, use the array size instead; ray: CPUs)."""
+    min_mb_per_worker: float = 4.0
+    """local executor: at most one worker process per this many MB of input. Starting one costs 3-6 s
+    (torch / transformers imports) on 2 cores, more than small stages take in-process (the 0.3 MB
+    sample corpus runs in-process); 0 disables the cap."""
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     """what runs the tasks of a stage (markers are shared, so a run can move between executors)."""
     keep_removed: bool = True

@@ -136,12 +136,19 @@ def run_stage(
     n = n_tasks(cfg, stage)
     total = st.input_bytes(cfg) if stage == "filter" else None
     fn = functools.partial(stage_fn(stage), cfg)
+    procs = workers if workers is not None else cfg.workers
+    if cfg.executor.kind == "local" and cfg.min_mb_per_worker > 0 and procs > 1:
+        by_size = max(1, int(st.input_bytes(cfg) / (cfg.min_mb_per_worker * 1e6)))
+        if by_size < procs:
+            log.info("%s: %d worker process(es), not %d: the input is under %.0f MB per worker",
+                     stage, by_size, procs, cfg.min_mb_per_worker)
+            procs = by_size
     ran = run_tasks(
         stage,
         n,
         fn,
         cfg.out,
-        workers if workers is not None else cfg.workers,
+        procs,
         rank,
         world,
         total_bytes=total,
