@@ -122,7 +122,7 @@ def bench_init() -> None:
                       f"{extra:.2f} | {extra / full_gib:.2f}x |", flush=True)
 
 
-def _train_worker(rank, world, port, engine, out):
+def _train_worker(rank, world, port, engine, bucket, out):
     torch.set_num_threads(1 if world > 1 else 2)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -155,15 +155,20 @@ def _train_worker(rank, world, port, engine, out):
 
     mesh = ParallelDims(world_size=world).build_mesh("cpu")
     shards = spec.parallelize_tp(model, mesh)
-    ds_cfg = DeepSpeedConfig(stage=3)
+    ds_cfg = DeepSpeedConfig(stage=3, **({"bucket_elements": bucket} if bucket else {}))
     materialize_zero3(model, spec.layers(model), mesh, ds_cfg, torch.device("cpu"),
                       init_filler(model, shards, 0))
+    phases = {"built": _rss_gib()}
     engine = build_deepspeed_engine(model, mesh, ds_cfg, micro_batch_size=1, shards=shards, lr=1e-4)
-    for _ in range(2):
+    phases["engine"] = _rss_gib()
+    for i in range(2):
         loss = engine(ids[:, :-1], labels=ids[:, 1:]).mean()
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        phases[f"step{i + 1}"] = _rss_gib()
+    print(f"rank {rank} RSS by phase (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
+          file=sys.stderr, flush=True)
     rows = [None] * world
     dist.all_gather_object(rows, {"rank": rank, "peak": _peak_gib(), "losses": losses})
     if rank == 0:
@@ -171,12 +176,17 @@ def _train_worker(rank, world, port, engine, out):
     dist.destroy_process_group()
 
 
-def bench_zero3() -> None:
+RUNS = {"single": 1, "deepspeed-zero3": 2}
+
+
+def bench_zero3(only: str | None = None, bucket: int | None = None) -> None:
     print(f"{MODEL}: 2 training steps of 1 x 128 random tokens, fp32, AdamW (CPU)\n")
     print("| engine | ranks | rank | peak RSS (GiB) | losses |")
     print("|---|---|---|---|---|")
-    for engine, world in (("single", 1), ("deepspeed-zero3", 2)):
-        for r in _spawn(_train_worker, world, engine):
+    for engine, world in RUNS.items():
+        if only and engine != only:
+            continue
+        for r in _spawn(_train_worker, world, engine, bucket):
             print(f"| {engine} | {world} | {r['rank']} | {r['peak']:.2f} | "
                   f"{', '.join(f'{x:.4f}' for x in r['losses'])} |", flush=True)
 
@@ -184,8 +194,10 @@ def bench_zero3() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["init", "zero3"], help="which measurement to run")
+    ap.add_argument("--only", choices=list(RUNS), help="zero3: run just this engine")
+    ap.add_argument("--bucket", type=int, help="zero3: DeepSpeedConfig.bucket_elements (default: ours)")
     args = ap.parse_args()
-    bench_init() if args.what == "init" else bench_zero3()
+    bench_init() if args.what == "init" else bench_zero3(args.only, args.bucket)
 
 
 if __name__ == "__main__":

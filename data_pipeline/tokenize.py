@@ -21,11 +21,9 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
-from pathlib import Path
 
 from megaqwen.data.readers import expand_inputs
-from megaqwen.data.tokenize import tokenize_files
+from megaqwen.data.tokenize import tokenize_files, write_summary
 
 log = logging.getLogger("megaqwen.tokenize")
 
@@ -56,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"megaqwen-data tokenize: {e}", file=sys.stderr)
         return 1
-    summary = asdict(stats)
-    summary["tokens_per_s"] = round(stats.tokens / max(stats.seconds, 1e-9))
-    Path(f"{args.output_prefix}.stats.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+    print(json.dumps(write_summary(stats)))
     if stats.corrupt_files:
         log.error("%d corrupt or truncated file(s): %s", len(stats.corrupt_files), stats.corrupt_files)
     if stats.malformed:

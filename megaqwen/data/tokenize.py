@@ -17,11 +17,12 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.util
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,14 @@ class Stats:
     seconds: float = 0.0
     malformed_by_file: dict[str, int] = field(default_factory=dict)
     corrupt_files: list[str] = field(default_factory=list)  # compressed streams that ended early / bad
+
+
+def write_summary(stats: Stats) -> dict:
+    """The run's counts with its token rate, written beside the shard as PREFIX.stats.json."""
+    summary = asdict(stats)
+    summary["tokens_per_s"] = round(stats.tokens / max(stats.seconds, 1e-9))
+    Path(f"{stats.output_prefix}.stats.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def shipped_sample_corpus() -> Path:

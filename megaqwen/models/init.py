@@ -7,8 +7,9 @@ of one) draws only the tiles overlapping its box and keeps its part, so the full
 from any tp/dp/FSDP split is bit-identical to the single-process one, and 72B is never drawn whole
 anywhere. Drawing on the CPU also makes the values independent of the device type.
 
-Cost: ~1.5 s per 100M parameters on one CPU core (the 0.5B config: ~7 s in one process); a row-parallel shard (columns of a matrix) draws
-whole tiles and keeps a 1/tp slice of each, so those parameters cost tp times their share.
+Cost: ~1.5 s per 100M parameters on one CPU core (the 0.5B config: ~7 s in one process); a
+row-parallel shard (columns of a matrix) draws whole tiles and keeps a 1/tp slice of each, so those
+parameters cost tp times their share.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ class ParallelConfig:
     """torch.compile each decoder layer (after recomputation, before data-parallel wrapping)."""
     zero_stage: int = 1
     """DeepSpeed engine only (train.engine=deepspeed): ZeRO stage 1, 2 or 3."""
+    zero_bucket_elements: int = 10_000_000
+    """DeepSpeed engine only: elements per reduce / all-gather / ZeRO-3 prefetch bucket and ZeRO-3's
+    cap on live gathered parameters (DeepSpeed's own defaults, 5e8-1e9, cost GBs per rank)."""
     offload_optimizer: bool = False
     """DeepSpeed engine only: keep optimizer state in CPU memory."""
     offload_params: bool = False

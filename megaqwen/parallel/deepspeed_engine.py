@@ -33,6 +33,11 @@ class DeepSpeedConfig:
     """Keep parameters in CPU memory between uses (stage 3 only)."""
     bf16: bool = False
     """bf16 training with fp32 master weights inside DeepSpeed."""
+    bucket_elements: int = 10_000_000
+    """Elements per gradient-reduce / all-gather / ZeRO-3 prefetch bucket, and ZeRO-3's cap on
+    parameters kept gathered. DeepSpeed's defaults (5e8, 1e9) hold GBs of fp32 buffers: with them
+    ZeRO-3 at dp=2 was killed for memory on the 0.5B model; 5e7 peaked at 12.4 GiB on one rank,
+    1e7 at 9.9 (benchmarks/RESULTS.md). Raise it on GPUs for fewer, larger collectives."""
     gradient_clipping: float = 0.0
     """Global grad-norm clip (0 = off); DeepSpeed computes the norm with our TP group."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -41,6 +46,8 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage (parallel.zero_stage) must be 1, 2 or 3, got {self.stage}")
+        if self.bucket_elements < 1:
+            raise ValueError(f"parallel.zero_bucket_elements must be >= 1, got {self.bucket_elements}")
         if self.offload_params and self.stage != 3:
             raise ValueError(f"parallel.offload_params needs ZeRO stage 3, got stage {self.stage}")
 
@@ -79,7 +86,10 @@ class MegatronStyleMPU:
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int = 1) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.stage}
+    n = int(cfg.bucket_elements)
+    zero: dict[str, Any] = {"stage": cfg.stage, "reduce_bucket_size": n, "allgather_bucket_size": n}
+    if cfg.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=n, stage3_max_live_parameters=n, stage3_max_reuse_distance=n)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload_params:

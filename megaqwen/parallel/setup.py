@@ -107,7 +107,8 @@ def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool =
     from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig
 
     return DeepSpeedConfig(stage=pcfg.zero_stage, offload_optimizer=pcfg.offload_optimizer,
-                           offload_params=pcfg.offload_params, gradient_clipping=grad_clip, bf16=bf16)
+                           offload_params=pcfg.offload_params, gradient_clipping=grad_clip, bf16=bf16,
+                           bucket_elements=pcfg.zero_bucket_elements)
 
 
 def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,

@@ -8,7 +8,6 @@ coordinates, device, mesh) without changing the step logic.
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import logging
 import math
 import time
@@ -51,14 +50,6 @@ def autocast_ctx(dtype: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def sample_corpus() -> Path:
-    """The multi-domain sample corpus shipped inside the package."""
-    path = Path(str(importlib.resources.files("megaqwen.data_pipeline") / "samples" / "corpus.jsonl"))
-    if not path.exists():
-        raise FileNotFoundError(f"shipped sample corpus missing at {path}; reinstall megaqwen")
-    return path
-
-
 def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
     """`sample` -> the shipped corpus tokenised once into out_dir/data/sample (rank 0 writes)."""
     if path != "sample":
@@ -66,11 +57,11 @@ def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
     prefix = out_dir / "data" / "sample"
     if env.rank == 0 and not prefix.with_suffix(".idx").exists():
         # megaqwen.data, not the curation pipeline: the trainer never imports megaqwen.data_pipeline
-        from megaqwen.data.tokenize import shipped_sample_corpus, tokenize_files
+        from megaqwen.data.tokenize import shipped_sample_corpus, tokenize_files, write_summary
 
         log.info("tokenising the shipped sample corpus into %s", prefix)
         try:
-            tokenize_files([shipped_sample_corpus()], str(prefix))
+            write_summary(tokenize_files([shipped_sample_corpus()], str(prefix)))
         except (ValueError, OSError) as e:
             raise RuntimeError(f"tokenising the sample corpus failed: {e}") from e
     if torch.distributed.is_initialized():
@@ -178,7 +169,9 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool):
                              mp_param_dtype=mp_dtype)
     if source is not None and source[0] == "hf":
         filler = hf_filler(model, shards, source[1], spec.hf.hf_key, spec.hf.optional_hf_keys(cfg.model))
-    else:  # fresh init; when resuming or loading DCP pieces the values are overwritten right after
+    elif resuming or source is not None:  # the checkpoint's values overwrite these right after
+        filler = lambda fqn, p: None  # noqa: E731  (allocate only)
+    else:
         filler = init_filler(model, shards, seed=t.seed)
     if t.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
         from megaqwen.parallel.deepspeed_engine import materialize_zero3

@@ -27,7 +27,7 @@ from megaqwen.models.spec import get_spec
 from megaqwen.parallel.collectives import _all_gather
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.data_parallel import apply_fsdp, build_optimizer, unwrap, wrap_ddp
-from megaqwen.parallel.dims import ParallelDims, ParallelMesh
+from megaqwen.parallel.dims import ParallelDims
 from megaqwen.parallel.grad_norm import clip_grad_norm_, grad_norm
 from megaqwen.parallel.materialize import init_filler, materialize
 from megaqwen.parallel.shards import ShardMap
@@ -198,7 +198,8 @@ def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str
                 # clip to half the norm, measure again, then put the unclipped gradients back
                 unclipped = [p.grad.clone() for p in plain.parameters()]
                 clip_grad_norm_(plain.named_parameters(), ref["grad_norm"] / 2, shards)
-                clipped_rel = abs(grad_norm(plain.named_parameters(), shards).item() / (ref["grad_norm"] / 2) - 1)
+                clipped = grad_norm(plain.named_parameters(), shards).item()
+                clipped_rel = abs(clipped / (ref["grad_norm"] / 2) - 1)
                 for p, g in zip(plain.parameters(), unclipped):
                     p.grad = g
         model.step() if ds else (opt.step(), opt.zero_grad())

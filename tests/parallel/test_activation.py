@@ -50,7 +50,8 @@ def test_recompute_gives_identical_losses(mode):
 def test_recompute_mode_is_checked():
     cfg = get_config("debug", **CFG)
     spec = get_spec(cfg)
-    with pytest.raises(ValueError, match=r"parallel.recompute='some'; choose from \('none', 'selective', 'full'\)"):
+    want = r"parallel.recompute='some'; choose from \('none', 'selective', 'full'\)"
+    with pytest.raises(ValueError, match=want):
         apply_recompute(spec.layers(spec.build(cfg, device="meta")), "some", spec.selective_recompute)
 
 

@@ -80,7 +80,8 @@ def loading_worker(rank, world, hf_dir, dcp_dir, overrides):
                 load_hf_sharded(model, shards, hf_dir)
             else:
                 load_model(dcp_dir, model, shards)
-            out[(tp, fsdp, source)] = {n: gather_full(p.detach(), n, shards) for n, p in model.named_parameters()}
+            out[(tp, fsdp, source)] = {n: gather_full(p.detach(), n, shards)
+                                       for n, p in model.named_parameters()}
     return out
 
 
@@ -131,9 +132,12 @@ def bf16_worker(rank, world):
     for name, mp in (("fp32", None), ("bf16", torch.bfloat16)):
         model, shards = _assemble(cfg, mesh, fsdp=True, mp_dtype=mp)
         materialize(model, shards, "cpu", seed=SEED)
-        seen = []
-        layer = model.model.layers["0"]
-        layer.register_forward_pre_hook(lambda m, a: seen.append(m.self_attn.q_proj.weight.dtype))
+        seen: list[torch.dtype] = []
+
+        def record(mod, _args, seen=seen):  # inside FSDP's unshard: the dtype computed with
+            seen.append(mod.self_attn.q_proj.weight.dtype)
+
+        model.model.layers["0"].register_forward_pre_hook(record)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
         for s in range(3):
