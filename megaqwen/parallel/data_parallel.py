@@ -67,7 +67,7 @@ def wrap_ddp(model: nn.Module, mesh: ParallelMesh, bucket_cap_mb: float = 25.0) 
         return model
     device_ids = [torch.cuda.current_device()] if dp_mesh.device_type == "cuda" else None
     return DDP(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_cap_mb,
-               device_ids=device_ids, broadcast_buffers=False)
+               device_ids=device_ids)  # no buffers to broadcast (RoPE tables are built per batch)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
