@@ -1,12 +1,12 @@
-"""Typed model configuration for the Qwen2.5 dense decoder.
+"""Typed model configuration for the Qwen2.5 dense decoder and the Qwen2-MoE family.
 
-Published sizes carry the values of the official Hugging Face `config.json` files; `debug` is a tiny
-flavour for tests and the README demo. YAML twins of these live in `conf/model/`.
+Published sizes carry the values of the official Hugging Face `config.json` files; `debug` and
+`debug-moe` are tiny flavours for tests and the README demo. YAML twins of these live in `conf/model/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -42,6 +42,22 @@ class ModelConfig:
     """Bias on q/k/v projections (Qwen2 has it; o_proj and the MLP do not)."""
     init_std: float = 0.02
     """Std of the normal init for linear and embedding weights."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (arch "qwen2_moe"); 0 means a dense model."""
+    num_experts_per_tok: int = 0
+    """Top-k: routed experts each token is sent to."""
+    moe_intermediate_size: int = 0
+    """SwiGLU inner width of each routed expert."""
+    shared_expert_intermediate_size: int = 0
+    """SwiGLU inner width of the always-on shared expert (sigmoid-gated); 0 means none."""
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (false in Qwen1.5/Qwen2 MoE)."""
+    decoder_sparse_step: int = 1
+    """Layer i is MoE when (i + 1) % decoder_sparse_step == 0 (and i not in mlp_only_layers)."""
+    mlp_only_layers: list[int] = field(default_factory=list)
+    """Layer indices forced dense (the Qwen2 MLP of intermediate_size)."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +69,15 @@ class ModelConfig:
     @property
     def head_dim_(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse_layer(self, i: int) -> bool:
+        """Whether decoder layer i is an MoE layer (HF Qwen2MoeDecoderLayer's rule)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     def validate(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -72,6 +97,35 @@ class ModelConfig:
             raise ValueError(f"model {self.name!r}: head_dim={self.head_dim_} must be even for RoPE")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError(f"model {self.name!r}: rope_theta and rms_norm_eps must be positive")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        """MoE fields: all problems named at once."""
+        bad = []
+        if self.num_experts < 0:
+            bad.append(f"num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if self.arch == "qwen2_moe" and self.num_experts <= 0:
+            bad.append(f"arch 'qwen2_moe' needs num_experts > 0, got {self.num_experts}")
+        if self.arch == "qwen2" and self.num_experts > 0:
+            bad.append(f"num_experts={self.num_experts} needs arch 'qwen2_moe' (arch is 'qwen2')")
+        if self.num_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                bad.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                           f"[1, num_experts={self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                bad.append(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+        if self.shared_expert_intermediate_size < 0:
+            bad.append(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} "
+                       "must be >= 0 (0 = no shared expert)")
+        if self.decoder_sparse_step < 1:
+            bad.append(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+        out = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if out:
+            bad.append(f"mlp_only_layers {out} are outside [0, num_layers={self.num_layers})")
+        if self.router_aux_loss_coef < 0:
+            bad.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+        if bad:
+            raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,22 +139,36 @@ class ModelConfig:
         return cls(**d)
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Closed-form parameter count (equals counting a built model; see tests)."""
+        """Closed-form parameter count, every expert included (equals counting a built model)."""
+        return self._count(self.num_experts, include_embedding)
+
+    def active_params(self, include_embedding: bool = True) -> int:
+        """Parameters one token runs through: only its top-k routed experts (= num_params if dense)."""
+        return self._count(self.num_experts_per_tok, include_embedding)
+
+    def _count(self, routed: int, include_embedding: bool) -> int:
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim_
         q, kv = self.num_heads * hd, self.kv_dim
         bias = (q + 2 * kv) if self.qkv_bias else 0
-        layer = h * q + 2 * h * kv + bias + q * h + 3 * h * i + 2 * h
+        attn_norms = h * q + 2 * h * kv + bias + q * h + 2 * h
+        si = self.shared_expert_intermediate_size
+        sparse_mlp = (self.num_experts * h + routed * 3 * h * self.moe_intermediate_size
+                      + (3 * h * si + h if si else 0))  # router, experts, shared expert + its gate
+        n_sparse = sum(self.is_sparse_layer(j) for j in range(self.num_layers))
+        dense_mlp = 3 * h * i
+        n_dense = self.num_layers - n_sparse
+        layers = self.num_layers * attn_norms + n_sparse * sparse_mlp + n_dense * dense_mlp
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + h + (emb if include_embedding else 0)
+        return layers + h + (emb if include_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * non-embedding-input params + causal attention term.
+        """Training FLOPs per token: 6 * non-embedding-input (active) params + causal attention term.
 
         The LM head matmul counts (it is a real GEMM); the embedding lookup does not. Attention
         score and value GEMMs add 6 * n_layers * seq_len * (q width) per token: 12·L·s·d halved
         for causal masking (PaLM appendix B / Megatron's MFU formula).
         """
-        n = self.num_params(include_embedding=False) + self.vocab_size * self.hidden_size
+        n = self.active_params(include_embedding=False) + self.vocab_size * self.hidden_size
         attn = 6 * self.num_layers * seq_len * self.num_heads * self.head_dim_
         return 6 * n + attn
 
@@ -132,11 +200,41 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 }
 
 
+# Official Hugging Face configs of the public Qwen2-MoE checkpoints (Qwen/Qwen1.5-MoE-A2.7B,
+# Qwen/Qwen2-57B-A14B config.json). Every layer is sparse (decoder_sparse_step 1, no mlp_only_layers).
+PUBLISHED_MOE: dict[str, dict[str, Any]] = {
+    "qwen1.5-moe-a2.7b": dict(hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16,
+                              num_kv_heads=16, vocab_size=151_936, tie_word_embeddings=False,
+                              rms_norm_eps=1e-6, max_position_embeddings=8192, num_experts=60,
+                              num_experts_per_tok=4, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632),
+    "qwen2-57b-a14b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                           num_kv_heads=4, vocab_size=151_936, tie_word_embeddings=False,
+                           rms_norm_eps=1e-6, max_position_embeddings=131_072, num_experts=64,
+                           num_experts_per_tok=8, moe_intermediate_size=2560,
+                           shared_expert_intermediate_size=20480),
+}
+
+# Tiny MoE: 4 layers, layer 0 dense (mlp_only_layers), layers 1 and 3 sparse (decoder_sparse_step 2),
+# 8 experts top-2 with a shared expert; the debug model's attention and vocabulary.
+DEBUG_MOE: dict[str, Any] = dict(
+    name="debug-moe", arch="qwen2_moe", num_layers=4, num_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=48, shared_expert_intermediate_size=96, decoder_sparse_step=2,
+    mlp_only_layers=[0])
+
+
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """A published or debug config by name, with field overrides."""
     if name == "debug":
         return ModelConfig(**overrides)
+    if name == "debug-moe":
+        return ModelConfig(**{**DEBUG_MOE, **overrides})
+    if name in PUBLISHED_MOE:
+        return ModelConfig(name=name, arch="qwen2_moe", rope_theta=1_000_000.0,
+                           norm_topk_prob=False, router_aux_loss_coef=0.001,
+                           **{**PUBLISHED_MOE[name], **overrides})
     if name not in PUBLISHED:
-        raise ValueError(f"unknown model {name!r}; choose from {['debug', *PUBLISHED]}")
+        raise ValueError(
+            f"unknown model {name!r}; choose from {['debug', 'debug-moe', *PUBLISHED, *PUBLISHED_MOE]}")
     return ModelConfig(name=name, rope_theta=1_000_000.0, max_position_embeddings=32_768,
                        **{**PUBLISHED[name], **overrides})

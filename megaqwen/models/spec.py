@@ -57,3 +57,4 @@ def get_spec(arch_or_cfg: Any) -> ModelSpec:
 
 def _load_builtin() -> None:
     import megaqwen.models.qwen2.spec  # noqa: F401  (registers "qwen2")
+    import megaqwen.models.qwen2_moe.spec  # noqa: F401  (registers "qwen2_moe")

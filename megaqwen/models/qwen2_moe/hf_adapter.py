@@ -1,0 +1,93 @@
+"""Hugging Face adapter of the Qwen2-MoE spec: config keys and parameter names.
+
+Parameter names are those of the HF checkpoints (`mlp.experts.{e}.gate_proj.weight`, ...), so
+`hf_key` is the identity. (transformers >= 5 fuses the experts in memory into
+`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I) and converts on load;
+`from_fused_state_dict` maps such an in-memory state dict to ours.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from megaqwen.models.config import ModelConfig
+from megaqwen.models.qwen2 import hf_adapter as dense
+
+HF_ARCHITECTURES = ["Qwen2MoeForCausalLM"]
+
+CONFIG_KEYS = {
+    **dense.CONFIG_KEYS,
+    "num_experts": "num_experts",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "moe_intermediate_size": "moe_intermediate_size",
+    "shared_expert_intermediate_size": "shared_expert_intermediate_size",
+    "norm_topk_prob": "norm_topk_prob",
+    "decoder_sparse_step": "decoder_sparse_step",
+    "mlp_only_layers": "mlp_only_layers",
+    "router_aux_loss_coef": "router_aux_loss_coef",
+}
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
+    if hf.get("model_type") != "qwen2_moe":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2_moe'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2-MoE uses silu)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported")
+    rope_theta = hf.get("rope_theta")
+    if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
+        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
+    kw = {ours: hf[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in hf}
+    kw["rope_theta"] = float(rope_theta)
+    kw["mlp_only_layers"] = list(kw.get("mlp_only_layers") or [])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+        kw["head_dim"] = head_dim
+    return ModelConfig(name=name, arch="qwen2_moe", **kw)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    from transformers import Qwen2MoeConfig
+
+    kw = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS.items()}
+    hf = Qwen2MoeConfig(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
+                        eos_token_id=151643, architectures=HF_ARCHITECTURES)
+    d = hf.to_dict()
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    d["rope_theta"] = cfg.rope_theta
+    return d
+
+
+def hf_key(fqn: str) -> str:
+    """HF safetensors key of our parameter `fqn`."""
+    return fqn
+
+
+def optional_hf_keys(cfg: ModelConfig) -> set[str]:
+    return {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+
+
+_FUSED = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def from_fused_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers-5 in-memory state dict (fused 3-D experts, `mlp.gate.weight` router) -> ours."""
+    out = {}
+    for k, v in sd.items():
+        m = _FUSED.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        pre, kind = m.groups()
+        for e in range(v.shape[0]):
+            if kind == "down_proj":
+                out[f"{pre}.{e}.down_proj.weight"] = v[e]
+            else:
+                gate, up = v[e].chunk(2, dim=0)
+                out[f"{pre}.{e}.gate_proj.weight"] = gate
+                out[f"{pre}.{e}.up_proj.weight"] = up
+    return out

@@ -1,0 +1,16 @@
+"""The Qwen2-MoE model spec (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B)."""
+
+from megaqwen.models.qwen2.model import Attention
+from megaqwen.models.qwen2_moe import hf_adapter
+from megaqwen.models.qwen2_moe.model import build_model
+from megaqwen.models.qwen2_moe.parallelize import parallelize_tp
+from megaqwen.models.spec import ModelSpec, register_spec
+
+SPEC = register_spec(ModelSpec(
+    arch="qwen2_moe",
+    build=build_model,
+    parallelize_tp=parallelize_tp,
+    layers=lambda model: model.model.layers,
+    selective_recompute=(Attention, "core"),
+    hf=hf_adapter,
+))
