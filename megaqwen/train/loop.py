@@ -106,6 +106,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     each micro-batch backpropagates its summed loss divided by the step's global token count
     (times dp, since DDP/FSDP/DeepSpeed average gradients over dp; times accum for DeepSpeed, which
     divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process.
+    An MoE model's load-balancing loss (`parts.aux`, one per micro-batch, as in HF) is added with
+    `model.router_aux_loss_coef`, averaged over micro-batches and dp ranks, and logged as `aux_loss`.
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
@@ -114,16 +116,23 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
     deepspeed = cfg.train.engine == "deepspeed"
     scale = env.dp_size * (accum_steps if deepspeed else 1) / global_count
+    aux_coef = getattr(cfg.model, "router_aux_loss_coef", 0.0)
     loss_sum = torch.zeros((), device=env.device)
+    aux_sum = None
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device):
             parts = forward_loss(model, batch, cfg, env.device)
+        objective = parts.sum * scale
+        aux = getattr(parts, "aux", None)  # MoE: load balancing, a mean already
+        if aux is not None:
+            objective = objective + aux_coef * aux * (1 if deepspeed else 1 / accum_steps)
+            aux_sum = aux.detach().float() + (aux_sum if aux_sum is not None else 0.0)
         if deepspeed:  # it divides by accumulation and steps at the boundary itself
-            model.backward(parts.sum * scale)
+            model.backward(objective)
             model.step()
         else:
             with par.grad_sync(model, sync=i == accum_steps - 1):
-                (parts.sum * scale).backward()
+                objective.backward()
         loss_sum += parts.sum.detach().float()
     if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
@@ -133,7 +142,10 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss = par.dp_sum(loss_sum, env.mesh) / global_count
-    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+    out = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+    if aux_sum is not None:
+        out["aux_loss"] = (par.dp_sum(aux_sum, env.mesh) / (accum_steps * env.dp_size)).item()
+    return out
 
 
 def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
