@@ -38,23 +38,35 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
     if hf.get("use_sliding_window"):
         raise ValueError("use_sliding_window=true is not supported (no Qwen2.5 checkpoint uses it)")
+    return ModelConfig(name=name, **config_kwargs_from_hf(hf, CONFIG_KEYS))
+
+
+def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """ModelConfig kwargs from an HF config dict through `keys` (ours -> theirs), with RoPE base and
+    head_dim read the way every transformers version writes them (shared by the Qwen2 family)."""
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
-    kw = {ours: hf[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in hf}
+    kw = {ours: hf[theirs] for ours, theirs in keys.items() if theirs in hf}
     kw["rope_theta"] = float(rope_theta)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
         kw["head_dim"] = head_dim
-    return ModelConfig(name=name, **kw)
+    return kw
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import Qwen2Config
 
-    kw = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS.items()}
-    hf = Qwen2Config(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
-                     eos_token_id=151643, architectures=["Qwen2ForCausalLM"])
+    return hf_config_dict(cfg, dtype, Qwen2Config, CONFIG_KEYS, HF_ARCHITECTURES)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype, config_cls: type, keys: dict[str, str],
+                   architectures: list[str]) -> dict[str, Any]:
+    """config.json contents for `cfg` through a transformers config class (shared by the family)."""
+    kw = {theirs: getattr(cfg, ours) for ours, theirs in keys.items()}
+    hf = config_cls(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
+                    eos_token_id=151643, architectures=architectures)
     d = hf.to_dict()
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     d["rope_theta"] = cfg.rope_theta  # keep the flat key older transformers read

@@ -111,11 +111,14 @@ class Decoder(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
+    decoder_cls: type[nn.Module] = Decoder
+    """The `model.*` stack; a variant (Qwen2-MoE) names its own and keeps everything else."""
+
     def __init__(self, cfg: ModelConfig, ops: KernelOps | None = None):
         super().__init__()
         self.cfg = cfg
         self.ops = ops or KernelOps()
-        self.model = Decoder(cfg, self.ops)
+        self.model = self.decoder_cls(cfg, self.ops)
         self.lm_head: nn.Linear | None = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
         self.criterion = LMLoss(self.ops.linear_cross_entropy)
@@ -163,6 +166,20 @@ class Qwen2ForCausalLM(nn.Module):
         """labels already shifted (labels[:, i] is the target of position i); -100 is ignored."""
         return self.criterion(h_BTH.reshape(-1, h_BTH.shape[-1]), self.head_weight(), labels_BT.reshape(-1))
 
+    @staticmethod
+    def prepare_inputs(tokens: torch.Tensor, position_ids: torch.Tensor | None,
+                       document_ids: torch.Tensor | AttentionMeta | None):
+        """(position_ids, AttentionMeta | None) for one batch: positions default to 0..T-1 per row
+        (only when `tokens` are ids), raw document ids become the batch's AttentionMeta."""
+        if position_ids is None:
+            if tokens.dim() != 2:
+                raise ValueError("position_ids are required when the input is activations (B, T, H)")
+            b, t = tokens.shape
+            position_ids = torch.arange(t, device=tokens.device).expand(b, t)
+        attn = document_ids if document_ids is None or isinstance(document_ids, AttentionMeta) \
+            else AttentionMeta(document_ids)
+        return position_ids, attn
+
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | AttentionMeta | None = None):
@@ -172,13 +189,7 @@ class Qwen2ForCausalLM(nn.Module):
         position_ids default to 0..T-1 per row and may be omitted only when `tokens` are ids (the
         full sequence); document_ids (B, T) (or a prebuilt `AttentionMeta`) mask packed documents.
         """
-        if position_ids is None:
-            if tokens.dim() != 2:
-                raise ValueError("position_ids are required when the input is activations (B, T, H)")
-            b, t = tokens.shape
-            position_ids = torch.arange(t, device=tokens.device).expand(b, t)
-        attn = document_ids if document_ids is None or isinstance(document_ids, AttentionMeta) \
-            else AttentionMeta(document_ids)
+        position_ids, attn = self.prepare_inputs(tokens, position_ids, document_ids)
         h = self.hidden_states(tokens, position_ids, attn)
         if self.model.norm is None:
             return h
@@ -191,8 +202,15 @@ def build_model(cfg: ModelConfig, ops: KernelOps | None = None, device: str | to
     global RNG, so `torch.manual_seed` fixes it). On "meta" no memory is touched: parallel plans
     are then applied and only this rank's shards materialised (`megaqwen.parallel.materialize`).
     """
+    return build_on_meta(Qwen2ForCausalLM, cfg, ops, device, dtype, seed)
+
+
+def build_on_meta(model_cls: type[nn.Module], cfg: ModelConfig, ops: KernelOps | None,
+                  device: str | torch.device, dtype: torch.dtype, seed: int | None):
+    """`model_cls(cfg, ops)` constructed on meta, then (unless `device` is meta) allocated on
+    `device` and initialised from `seed` by its `param_init` (shared by the Qwen2 family)."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg, ops)
+        model = model_cls(cfg, ops)
     model.to(dtype)
     if torch.device(device).type == "meta":
         return model

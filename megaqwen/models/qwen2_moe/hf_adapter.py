@@ -38,28 +38,15 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2-MoE uses silu)")
     if hf.get("use_sliding_window"):
         raise ValueError("use_sliding_window=true is not supported")
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
-        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
-    kw = {ours: hf[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in hf}
-    kw["rope_theta"] = float(rope_theta)
+    kw = dense.config_kwargs_from_hf(hf, CONFIG_KEYS)
     kw["mlp_only_layers"] = list(kw.get("mlp_only_layers") or [])
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
-        kw["head_dim"] = head_dim
     return ModelConfig(name=name, arch="qwen2_moe", **kw)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import Qwen2MoeConfig
 
-    kw = {theirs: getattr(cfg, ours) for ours, theirs in CONFIG_KEYS.items()}
-    hf = Qwen2MoeConfig(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
-                        eos_token_id=151643, architectures=HF_ARCHITECTURES)
-    d = hf.to_dict()
-    d["torch_dtype"] = str(dtype).removeprefix("torch.")
-    d["rope_theta"] = cfg.rope_theta
-    return d
+    return dense.hf_config_dict(cfg, dtype, Qwen2MoeConfig, CONFIG_KEYS, HF_ARCHITECTURES)
 
 
 def hf_key(fqn: str) -> str:

@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaqwen.kernels.attention import AttentionMeta
-from megaqwen.kernels.cross_entropy import LMLoss, LossParts
+from megaqwen.kernels.cross_entropy import LossParts
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
-from megaqwen.models.qwen2.model import MLP, DecoderLayer, Qwen2ForCausalLM, RMSNorm
+from megaqwen.models.qwen2.model import MLP, DecoderLayer, Qwen2ForCausalLM, RMSNorm, build_on_meta
 
 
 class RouterOut(NamedTuple):
@@ -143,14 +143,7 @@ def load_balancing_loss(routing: list[RouterOut], num_experts: int) -> torch.Ten
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps | None = None):
-        nn.Module.__init__(self)  # Qwen2's init would build dense layers only to drop them
-        self.cfg = cfg
-        self.ops = ops or KernelOps()
-        self.model = MoeDecoder(cfg, self.ops)
-        self.lm_head: nn.Linear | None = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
-        self.criterion = LMLoss(self.ops.linear_cross_entropy)
+    decoder_cls = MoeDecoder
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                       attn: AttentionMeta | None = None,
@@ -168,13 +161,7 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
                 position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | AttentionMeta | None = None):
         """As Qwen2's forward, but with labels the result is `MoELossParts` (LM loss + aux loss)."""
-        if position_ids is None:
-            if tokens.dim() != 2:
-                raise ValueError("position_ids are required when the input is activations (B, T, H)")
-            b, t = tokens.shape
-            position_ids = torch.arange(t, device=tokens.device).expand(b, t)
-        attn = document_ids if document_ids is None or isinstance(document_ids, AttentionMeta) \
-            else AttentionMeta(document_ids)
+        position_ids, attn = self.prepare_inputs(tokens, position_ids, document_ids)
         routing: list[RouterOut] = []
         h = self.hidden_states(tokens, position_ids, attn, routing)
         if self.model.norm is None:
@@ -190,11 +177,4 @@ def build_model(cfg: ModelConfig, ops: KernelOps | None = None, device: str | to
                 dtype: torch.dtype = torch.float32, seed: int | None = None) -> Qwen2MoeForCausalLM:
     """As `megaqwen.models.qwen2.build_model`: built on meta, then materialised and initialised
     (router, experts and shared-expert gate: Normal(0, init_std)) unless `device` is meta."""
-    with torch.device("meta"):
-        model = Qwen2MoeForCausalLM(cfg, ops)
-    model.to(dtype)
-    if torch.device(device).type == "meta":
-        return model
-    from megaqwen.models.init import materialize_single
-
-    return materialize_single(model, device, seed)
+    return build_on_meta(Qwen2MoeForCausalLM, cfg, ops, device, dtype, seed)
