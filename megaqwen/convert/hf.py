@@ -27,16 +27,13 @@ MODEL_PREFIX = "model."  # top-level key of the model state inside a DCP checkpo
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(single)
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights: dict[str, torch.Tensor] = {}
-        for f in files:
-            weights.update(load_file(hf_dir / f))
-        return weights
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    """Every tensor of an HF folder (single file or index-sharded), whole: conversion and eval."""
+    from megaqwen.parallel.materialize import hf_weight_files
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(set(hf_weight_files(hf_dir).values())):
+        weights.update(load_file(f))
+    return weights
 
 
 def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

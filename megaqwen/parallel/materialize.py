@@ -58,14 +58,14 @@ def materialize(model: nn.Module, shards: ShardMap, device: str | torch.device, 
 def hf_weight_files(hf_dir: Path) -> dict[str, Path]:
     """safetensors key -> the file holding it, for a single-file or index-sharded HF folder."""
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: hf_dir / f for k, f in weight_map.items()}
     if single.exists():
         from safetensors import safe_open
 
         with safe_open(single, "pt") as f:
             return dict.fromkeys(f.keys(), single)
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: hf_dir / f for k, f in weight_map.items()}
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
