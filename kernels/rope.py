@@ -29,17 +29,23 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = Non
 
 def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position: int,
                   beta_fast: float = 32.0, beta_slow: float = 1.0,
+                  attention_factor: float | None = None,
                   device: torch.device | None = None) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023) scaled inverse frequencies (D/2,) and the attention factor.
 
     Dimensions that rotate more than `beta_fast` times over the original context keep their
     frequency (extrapolate), those rotating fewer than `beta_slow` times are divided by `factor`
-    (interpolate), with a linear ramp in between. cos/sin are multiplied by the returned
-    attention factor 0.1 ln(factor) + 1 (pass it as `rope_cos_sin(..., scale=)`).
+    (interpolate), with a linear ramp in between (ramp ends floored/ceiled to whole dimensions, as
+    transformers' default `truncate=True`). cos/sin are multiplied by the attention factor, by
+    default 0.1 ln(factor) + 1 (1.139 at factor 4); pass it as `rope_cos_sin(..., scale=)`.
     """
     if factor < 1.0:
         raise ValueError(f"yarn factor must be >= 1, got {factor}")
-    base = rope_inv_freq(head_dim, theta, device)  # (D/2,) extrapolation frequencies
+    if original_max_position <= 0:
+        raise ValueError(f"yarn original_max_position must be positive, got {original_max_position}")
+    # the same expressions as transformers, so the tables agree to the last bit
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (D/2,)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
 
     def correction_dim(num_rotations: float) -> float:
         return (head_dim * math.log(original_max_position / (num_rotations * 2 * math.pi))
@@ -49,10 +55,12 @@ def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_posit
     high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low))
-    extrapolate = 1.0 - ramp.clamp(0.0, 1.0)  # 1 for fast (high-frequency) dims
-    inv_freq = (base / factor) * (1.0 - extrapolate) + base * extrapolate
-    return inv_freq, 0.1 * math.log(factor) + 1.0
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)
+    keep = (1.0 - ramp.clamp(0.0, 1.0)).to(device)  # 1 for fast (high-frequency) dims
+    inv_freq = interpolation * (1.0 - keep) + extrapolation * keep
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+    return inv_freq, float(attention_factor)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,

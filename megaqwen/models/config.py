@@ -33,6 +33,22 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     """RoPE base. Pre-training stage 1 uses 10,000; context extension raises it to 1e6 (Turbo: 1e7)."""
     rms_norm_eps: float = 1e-6
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: none | yarn (Peng et al. 2023; HF `rope_scaling` type "yarn")."""
+    rope_scaling_factor: float = 1.0
+    """YaRN: context extension factor s (Qwen2.5's recommendation: 4, 32K trained -> 128K)."""
+    rope_original_max_position: int = 0
+    """YaRN: context length (tokens) the model was trained at (HF original_max_position_embeddings)."""
+    rope_beta_fast: float = 32.0
+    """YaRN: dims rotating more than this many times over the original context keep their frequency."""
+    rope_beta_slow: float = 1.0
+    """YaRN: dims rotating fewer than this many times are interpolated (divided by the factor)."""
+    rope_attention_factor: float = 0.0
+    """YaRN: multiplier of cos/sin (so of logits, squared); 0 means 0.1 ln(s) + 1."""
+    dca_chunk_size: int = 0
+    """Dual Chunk Attention (inference only): window c that relative positions stay below; 0 = off."""
+    dca_local_size: int = 0
+    """Dual Chunk Attention: local window w; chunks hold c - w tokens (HF dual_chunk_attention_config)."""
     """Epsilon inside RMSNorm's rsqrt."""
     max_position_embeddings: int = 4096
     """Longest context the config is meant for (metadata; RoPE tables are built on demand)."""
@@ -58,6 +74,14 @@ class ModelConfig:
     """Layer indices forced dense (the Qwen2 MLP of intermediate_size)."""
     router_aux_loss_coef: float = 0.001
     """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits); 0 = off."""
+    moe_routing_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): after each optimizer step every expert's routing bias
+    moves by this much towards balance (sign update); 0 = off (no bias parameter at all)."""
+    moe_capacity_factor: float = 0.0
+    """Tokens an expert takes per micro-batch: ceil(factor * N * top_k / num_experts) per rank;
+    assignments beyond it are dropped (counted). 0 = dropless."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +122,27 @@ class ModelConfig:
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError(f"model {self.name!r}: rope_theta and rms_norm_eps must be positive")
         self._validate_moe()
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        """RoPE scaling and DCA fields: all problems named at once."""
+        bad = []
+        if self.rope_scaling not in ("none", "yarn"):
+            bad.append(f"rope_scaling={self.rope_scaling!r}; choose none | yarn")
+        if self.rope_scaling == "yarn":
+            if self.rope_scaling_factor < 1:
+                bad.append(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
+            if self.rope_original_max_position <= 0:
+                bad.append(f"yarn needs rope_original_max_position > 0 (the trained context), got "
+                           f"{self.rope_original_max_position}")
+            if self.rope_attention_factor < 0:
+                bad.append(f"rope_attention_factor={self.rope_attention_factor} must be >= 0 (0: default)")
+        if self.dca_chunk_size or self.dca_local_size:
+            if not 0 < self.dca_local_size < self.dca_chunk_size:
+                bad.append(f"DCA needs 0 < dca_local_size ({self.dca_local_size}) < dca_chunk_size "
+                           f"({self.dca_chunk_size})")
+        if bad:
+            raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 
     def _validate_moe(self) -> None:
         """MoE fields: all problems named at once."""
@@ -124,6 +169,9 @@ class ModelConfig:
             bad.append(f"mlp_only_layers {out} are outside [0, num_layers={self.num_layers})")
         if self.router_aux_loss_coef < 0:
             bad.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+        for f in ("router_z_loss_coef", "moe_routing_bias_update_rate", "moe_capacity_factor"):
+            if getattr(self, f) < 0:
+                bad.append(f"{f}={getattr(self, f)} must be >= 0 (0 = off)")
         if bad:
             raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 

@@ -49,10 +49,53 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
     kw = {ours: hf[theirs] for ours, theirs in keys.items() if theirs in hf}
     kw["rope_theta"] = float(rope_theta)
+    kw.update(rope_scaling_from_hf(hf))
+    dca = hf.get("dual_chunk_attention_config")
+    if dca:
+        kw.update(dca_chunk_size=int(dca["chunk_size"]), dca_local_size=int(dca["local_size"]))
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
         kw["head_dim"] = head_dim
     return kw
+
+
+# HF yarn key -> ModelConfig field; any other key in a yarn rope_scaling is refused, not ignored
+YARN_KEYS = {"factor": "rope_scaling_factor", "original_max_position_embeddings":
+             "rope_original_max_position", "beta_fast": "rope_beta_fast",
+             "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor"}
+_YARN_NEUTRAL = {"type", "rope_type", "rope_theta", "truncate"}
+
+
+def rope_scaling_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig RoPE-scaling kwargs from `rope_scaling` (transformers < 5) or `rope_parameters`
+    (>= 5), the type under "type" or "rope_type". Types other than default and yarn, and yarn
+    options we do not implement (mscale, truncate=false), are a ValueError."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return {}
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (megaqwen implements default "
+                         "RoPE and yarn); convert the checkpoint with rope_scaling removed or yarn")
+    unknown = sorted(set(params) - set(YARN_KEYS) - _YARN_NEUTRAL)
+    if unknown or params.get("truncate", True) is not True:
+        raise ValueError(f"yarn rope_scaling keys {unknown or ['truncate=false']} are not supported "
+                         f"(megaqwen's yarn takes {sorted(YARN_KEYS)})")
+    kw = {ours: params[theirs] for theirs, ours in YARN_KEYS.items() if params.get(theirs) is not None}
+    kw.setdefault("rope_original_max_position", hf["max_position_embeddings"])  # HF's default
+    return {"rope_scaling": "yarn", **kw}
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
+    """HF `rope_scaling` of `cfg`, with both "type" (transformers < 4.45, vLLM) and "rope_type"."""
+    if cfg.rope_scaling == "none":
+        return None
+    d = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_scaling_factor,
+         "original_max_position_embeddings": cfg.rope_original_max_position,
+         "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow}
+    if cfg.rope_attention_factor:
+        d["attention_factor"] = cfg.rope_attention_factor
+    return d
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -70,6 +113,16 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype, config_cls: type, keys:
     d = hf.to_dict()
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     d["rope_theta"] = cfg.rope_theta  # keep the flat key older transformers read
+    scaling = rope_scaling_to_hf(cfg)
+    if scaling:  # both spellings: transformers >= 5 reads rope_parameters, the rest rope_scaling
+        d["rope_scaling"] = scaling
+        d["rope_parameters"] = {**(d.get("rope_parameters") or {}), **scaling,
+                                "rope_theta": cfg.rope_theta}
+    if cfg.dca_chunk_size:
+        d["dual_chunk_attention_config"] = {
+            "chunk_size": cfg.dca_chunk_size, "local_size": cfg.dca_local_size,
+            "original_max_position_embeddings": cfg.rope_original_max_position
+            or cfg.max_position_embeddings}
     return d
 
 

@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import LMLoss, LossParts
+from megaqwen.kernels.dca import dca_rope, uses_dca
 from megaqwen.kernels.registry import KernelOps
-from megaqwen.kernels.rope import rope_cos_sin, rope_inv_freq
+from megaqwen.kernels.rope import rope_cos_sin, rope_inv_freq, yarn_inv_freq
 from megaqwen.models.config import ModelConfig
 
 
@@ -142,9 +143,20 @@ class Qwen2ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> RoPE (cos, sin), each (B, T, D) fp32, shared by every layer."""
-        inv_freq = rope_inv_freq(self.cfg.head_dim_, self.cfg.rope_theta, device=position_ids.device)
-        return rope_cos_sin(position_ids, inv_freq)
+        """position_ids (B, T) -> RoPE (cos, sin), each (B, T, D) fp32, shared by every layer;
+        YaRN-scaled (frequencies and cos/sin factor) when `cfg.rope_scaling` is yarn. A model built
+        with `kernels.dca.dca_ops` (inference) gets DCA's (B, T, 4, D) tables from `dca_rope`."""
+        c = self.cfg
+        if c.rope_scaling == "yarn":
+            inv_freq, scale = yarn_inv_freq(
+                c.head_dim_, c.rope_theta, c.rope_scaling_factor, c.rope_original_max_position,
+                c.rope_beta_fast, c.rope_beta_slow, c.rope_attention_factor or None,
+                device=position_ids.device)
+        else:
+            inv_freq, scale = rope_inv_freq(c.head_dim_, c.rope_theta, device=position_ids.device), 1.0
+        if uses_dca(self.ops):
+            return dca_rope(position_ids, inv_freq, scale, c.dca_chunk_size, c.dca_local_size)
+        return rope_cos_sin(position_ids, inv_freq, scale)
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                       attn: AttentionMeta | None = None) -> torch.Tensor:
