@@ -133,7 +133,7 @@ def test_grouped_dispatch_equals_per_token_loop():
     x = torch.randn(23, cfg.hidden_size)
     routing, w = block.route(x)
     got = block.experts_forward(x, routing.topk_NK, w)
-    ref = torch.stack([sum(w[n, j] * block.experts[int(routing.topk_NK[n, j])](x[n])
+    ref = torch.stack([sum(w[n, j] * block.experts[str(int(routing.topk_NK[n, j]))](x[n])
                            for j in range(cfg.num_experts_per_tok)) for n in range(x.shape[0])])
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 

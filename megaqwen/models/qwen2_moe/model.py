@@ -11,14 +11,23 @@ the others keep the dense Qwen2 MLP of intermediate_size.
 
 Legend: N tokens (B*T), H hidden, E experts, K top-k, A = N*K token->expert assignments.
 
-Dispatch is dropless: the A assignments are sorted by expert, each expert runs one GEMM chain over
-its contiguous block of tokens (a loop over experts, never over tokens), and the weighted outputs
-are summed back per token with one index_add. The load-balancing loss is returned next to the LM
-loss (`MoELossParts.aux`); the trainer adds `router_aux_loss_coef * aux` to the LM mean.
+Dispatch: the A assignments are sorted by expert, the experts run over their contiguous blocks of
+rows (`megaqwen.kernels.moe`: a loop of GEMMs, padded bmm or torch._grouped_mm, never a loop over
+tokens), and the weighted outputs are summed back per token with one index_add. Dropless unless
+`moe_capacity_factor` > 0. Expert parallelism plugs in as the block's `dispatcher` (an all-to-all
+to the ranks holding the experts); this file stays single-device.
+
+Losses: the load-balancing loss (`MoELossParts.aux`) and the router z-loss (`.z`) are returned next
+to the LM loss; the trainer adds `router_aux_loss_coef * aux + router_z_loss_coef * z` to the LM mean.
+Aux-loss-free balancing (DeepSeek-V3): with `moe_routing_bias_update_rate` > 0 each router has a
+bias `mlp.gate.e_score_correction_bias` (E,) added to the probabilities for the top-k choice only;
+`update_routing_bias` moves it after each optimizer step from the load counted in `load_E`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -28,28 +37,40 @@ import torch.nn.functional as F
 
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import LossParts
+from megaqwen.kernels.moe import expert_mlp, pick_backend
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
-from megaqwen.models.qwen2.model import MLP, DecoderLayer, Qwen2ForCausalLM, RMSNorm, build_on_meta
+from megaqwen.models.qwen2.model import (
+    MLP,
+    DecoderLayer,
+    ParamInit,
+    Qwen2ForCausalLM,
+    RMSNorm,
+    build_on_meta,
+)
 
 
 class RouterOut(NamedTuple):
-    """One sparse layer's routing, kept for the load-balancing loss."""
+    """One sparse layer's routing, kept for the auxiliary losses."""
 
     probs_NE: torch.Tensor
     """fp32 softmax over experts (with grad: the loss's differentiable factor)."""
     topk_NK: torch.Tensor
     """int64 chosen experts per token."""
+    z_sum: torch.Tensor
+    """fp32 scalar: sum over tokens of logsumexp(router logits)^2 (with grad, for the z-loss)."""
 
 
 class MoELossParts(NamedTuple):
     """LM loss pieces (exactly `LossParts`' `sum` and `count`, so code written for LossParts keeps
-    working) plus the load-balancing loss of this forward, not yet multiplied by its coefficient."""
+    working) plus this forward's router losses, not yet multiplied by their coefficients."""
 
     sum: torch.Tensor
     count: torch.Tensor
     aux: torch.Tensor
     """fp32 scalar: HF's `aux_loss` (Switch/GShard form over all sparse layers of the forward)."""
+    z: torch.Tensor | None = None
+    """fp32 scalar: router z-loss, mean over the tokens of all sparse layers (ST-MoE)."""
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.count.clamp(min=1)
@@ -63,34 +84,100 @@ def _mlp(cfg: ModelConfig, ops: KernelOps, width: int) -> MLP:
     return MLP(replace(cfg, intermediate_size=width), ops)
 
 
+BIAS = "e_score_correction_bias"
+"""Name of the aux-free routing bias on the router (`mlp.gate.e_score_correction_bias`, the name
+DeepSeek-V3's HF checkpoints use for the same thing)."""
+
+# Dispatcher: dispatcher(x_AH, counts_E, compute) -> y_AH. Gets this rank's assignments sorted by
+# expert with per-expert counts over all E experts, runs `compute(x_rows, counts_local)` on the rows
+# of the experts held here, returns outputs in the input's order. Expert parallelism installs an
+# all-to-all one (megaqwen.parallel.expert_parallel); the default runs every expert locally.
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, Callable], torch.Tensor]
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
-        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk_prob, self.capacity_factor = cfg.norm_topk_prob, cfg.moe_capacity_factor
+        self.ops = ops
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(_mlp(cfg, ops, cfg.moe_intermediate_size)
-                                     for _ in range(cfg.num_experts))
+        if cfg.moe_routing_bias_update_rate > 0:  # not trained by gradients: see update_routing_bias
+            bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+            self.gate.register_parameter(BIAS, bias)
+        # keyed by global expert index: expert parallelism deletes the ones a rank does not hold
+        self.experts = nn.ModuleDict({str(e): _mlp(cfg, ops, cfg.moe_intermediate_size)
+                                      for e in range(cfg.num_experts)})
         si = cfg.shared_expert_intermediate_size
         self.shared_expert = _mlp(cfg, ops, si) if si else None
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if si else None
+        self.expert_backend = "auto"
+        """kernels.moe backend: auto | loop | bmm | grouped_mm."""
+        self.dispatcher: Dispatcher | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the load counters (`load_E` assignments per expert before dropping, `dropped`
+        assignments beyond capacity) that forwards accumulate for metrics and the bias update."""
+        self.load_E: torch.Tensor | None = None
+        self.dropped: torch.Tensor | None = None
+
+    @property
+    def routing_bias(self) -> torch.Tensor | None:
+        return getattr(self.gate, BIAS, None)
 
     def route(self, x_NH: torch.Tensor) -> tuple[RouterOut, torch.Tensor]:
-        """-> (routing, weights (N, K) in x's dtype)."""
-        probs = F.softmax(self.gate(x_NH), dim=-1, dtype=torch.float32)  # (N, E)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        """-> (routing, weights (N, K) in x's dtype). With the aux-free bias the top-k choice uses
+        probs + bias and the weights the unbiased probs (DeepSeek-V3)."""
+        logits = self.gate(x_NH).float()  # (N, E)
+        probs = F.softmax(logits, dim=-1)
+        bias = self.routing_bias
+        if bias is None:
+            w, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        else:
+            idx = torch.topk(probs + bias.float(), self.top_k, dim=-1).indices
+            w = probs.gather(1, idx)
         if self.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
-        return RouterOut(probs, idx), w.to(x_NH.dtype)
+        z_sum = torch.logsumexp(logits, dim=-1).square().sum()
+        return RouterOut(probs, idx, z_sum), w.to(x_NH.dtype)
+
+    def local_experts(self) -> list[nn.Module]:
+        return list(self.experts.values())
+
+    def compute(self, x_AH: torch.Tensor, counts) -> torch.Tensor:
+        """Rows grouped by the experts held here (in key order), counts per expert -> outputs. The
+        loop calls each expert module (also on zero rows: every expert gets a grad), which keeps
+        module hooks working (FSDP2 units); the stacked backends read the weights directly."""
+        experts = self.local_experts()
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        w = experts[0].gate_proj.weight  # (I, H)
+        if _wrapped(w) or pick_backend(self.expert_backend, x_AH, w.shape[1], w.shape[0]) == "loop":
+            return torch.cat([m(x) for m, x in zip(experts, x_AH.split(counts))])
+        return expert_mlp(x_AH, counts, [m.gate_proj.weight for m in experts],
+                          [m.up_proj.weight for m in experts], [m.down_proj.weight for m in experts],
+                          self.ops.swiglu, self.expert_backend)
 
     def experts_forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        """Dropless grouped dispatch: sum_k w[n, k] * expert_{idx[n, k]}(x[n])."""
+        """Grouped dispatch: sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (dropped assignments add 0)."""
         n, k = idx_NK.shape
-        order = torch.argsort(idx_NK.reshape(-1), stable=True)  # (A,) assignments grouped by expert
+        flat = idx_NK.reshape(-1)  # (A,)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens in order
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
+        with torch.no_grad():
+            self.load_E = counts if self.load_E is None else self.load_E + counts
+        if self.capacity_factor > 0:
+            cap = math.ceil(self.capacity_factor * n * k / self.num_experts)
+            sorted_e = flat[order]
+            start = counts.cumsum(0) - counts
+            keep = torch.arange(order.numel(), device=flat.device) - start[sorted_e] < cap
+            order, counts = order[keep], counts.clamp(max=cap)
+            dropped = (~keep).sum()
+            self.dropped = dropped if self.dropped is None else self.dropped + dropped
         token_A = order // k
-        counts = torch.bincount(idx_NK.reshape(-1), minlength=len(self.experts)).tolist()  # one sync
         x_A = x_NH.index_select(0, token_A)  # (A, H) expert-major
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(x_A.split(counts)) if counts[e]]
-        y_A = torch.cat(outs) * w_NK.reshape(-1)[order, None]
+        y_A = (self.dispatcher or _local)(x_A, counts, self.compute)
+        y_A = y_A * w_NK.reshape(-1)[order, None]
         return torch.zeros_like(x_NH).index_add_(0, token_A, y_A)
 
     def forward(self, x_BTH: torch.Tensor, router_out: list[RouterOut] | None = None) -> torch.Tensor:
@@ -102,6 +189,23 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.view_as(x_BTH)
+
+    @torch.no_grad()
+    def update_routing_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Aux-free balancing step: bias_e += rate * sign(mean load - load_e) (DeepSeek-V3)."""
+        bias = self.routing_bias
+        if bias is not None:
+            load = load_E.float()
+            bias.add_(rate * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
+
+
+def _wrapped(w: torch.Tensor) -> bool:
+    """A weight held by a wrapper (FSDP2's DTensor shards): only the module's forward may read it."""
+    return type(w).__name__ == "DTensor"
+
+
+def _local(x_AH: torch.Tensor, counts_E: torch.Tensor, compute: Callable) -> torch.Tensor:
+    return compute(x_AH, counts_E)
 
 
 class MoeDecoderLayer(DecoderLayer):
@@ -142,6 +246,13 @@ def load_balancing_loss(routing: list[RouterOut], num_experts: int) -> torch.Ten
     return num_experts * torch.sum((counts.float() / rows) * (probs / rows))
 
 
+def router_z_loss(routing: list[RouterOut]) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over every token of every sparse layer of logsumexp(logits)^2."""
+    if not routing:
+        return torch.zeros((), dtype=torch.float32)
+    return sum(r.z_sum for r in routing) / sum(r.probs_NE.shape[0] for r in routing)
+
+
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     decoder_cls = MoeDecoder
 
@@ -170,7 +281,16 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             return self.logits(h)
         lm = self.loss(h, labels)
         aux = load_balancing_loss(routing, self.cfg.num_experts).to(lm.sum.device)
-        return MoELossParts(lm.sum, lm.count, aux)
+        return MoELossParts(lm.sum, lm.count, aux, router_z_loss(routing).to(lm.sum.device))
+
+    def param_init(self, name: str) -> ParamInit:
+        """As Qwen2's; the aux-free routing bias starts at zero."""
+        return ParamInit("zeros") if name.endswith(BIAS) else super().param_init(name)
+
+    def moe_blocks(self) -> dict[str, SparseMoeBlock]:
+        """FQN prefix (`model.layers.3.mlp`) -> sparse block, for this stage's layers."""
+        return {f"model.layers.{i}.mlp": layer.mlp for i, layer in self.model.layers.items()
+                if isinstance(layer.mlp, SparseMoeBlock)}
 
 
 def build_model(cfg: ModelConfig, ops: KernelOps | None = None, device: str | torch.device = "cpu",

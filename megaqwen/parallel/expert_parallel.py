@@ -1,0 +1,310 @@
+"""Expert parallelism: MoE experts spread over an `ep` group carved out of the data-parallel ranks.
+
+Layout. For each (pp, tp) coordinate the D = dp*cp data-parallel ranks (mesh order) are cut into
+blocks of `ep` consecutive ranks: an *ep group* shares its tokens' experts, rank j of a block holds
+experts [j*E/ep, (j+1)*E/ep) of every sparse layer. The ranks at the same position in every block
+form the *expert-data-parallel* (edp) group, size D/ep: they hold the same experts and average their
+gradients. Attention, router and shared expert stay replicated over all D ranks (DDP/FSDP as usual).
+
+Parameter names never change (`model.layers.3.mlp.experts.5.up_proj.weight` lives on the ranks
+holding expert 5), so initialisation per name equals one process and DCP checkpoints load into any
+ep. Non-local experts are deleted on the meta model, before anything is allocated.
+
+Forward of one sparse layer (A assignments here, sorted by expert, counts per expert):
+    counts all-to-all      every rank learns how many rows it receives per (source, local expert)
+    dispatch all-to-all    rows to the ranks holding their experts (uneven splits)
+    regroup                source-major -> local-expert-major, local experts run, regroup back
+    combine all-to-all     outputs back to the rows' source ranks (the reverse splits)
+Both token all-to-alls are autograd functions whose backward is the reverse all-to-all.
+
+Gradients. An expert's grad on its rank sums the contributions of the ep group's tokens, each
+rank's loss already scaled as DDP expects (it averages over D): the full grad is the sum over edp
+replicas divided by D (`reduce_expert_grads`). Expert params are kept out of DDP
+(`ddp_ignore_experts`) and out of the dense grad norm (`clip_grad_norm_ep_`). FSDP2 shards them
+over the edp mesh with gradient divide factor D (`apply_fsdp_experts`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.shards import ShardMap
+
+
+@dataclass
+class EPGroups:
+    ep: int
+    """Expert-parallel degree."""
+    ep_group: dist.ProcessGroup
+    """This rank's ep block: tokens are exchanged here."""
+    edp_group: dist.ProcessGroup
+    """Ranks holding the same experts as this one (size dp*cp/ep): expert grads averaged here."""
+    ep_rank: int
+    """Position in the ep block: this rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep)."""
+    dp_world: int
+    """dp*cp: the ranks DDP/FSDP average dense gradients over."""
+
+    @property
+    def edp(self) -> int:
+        return self.dp_world // self.ep
+
+
+def check_expert_parallel(model_cfg, ep: int, dp_world: int) -> None:
+    """Pure arithmetic, before any work: ValueError naming the numbers and the fix."""
+    experts = getattr(model_cfg, "num_experts", 0) or 0
+    k = getattr(model_cfg, "num_experts_per_tok", 0) or 0
+    name = getattr(model_cfg, "name", "model")
+    bad = []
+    if ep < 1:
+        bad.append(f"ep={ep} must be >= 1")
+    elif ep > 1 and experts == 0:
+        bad.append(f"ep={ep} needs an MoE model (num_experts=0); use ep=1")
+    elif experts and experts % ep:
+        bad.append(f"num_experts={experts} is not divisible by ep={ep}; pick ep from "
+                   f"{[d for d in range(1, experts + 1) if experts % d == 0 and dp_world % d == 0]}")
+    if ep >= 1 and dp_world % ep:
+        bad.append(f"ep={ep} must divide dp*cp={dp_world} (expert-parallel ranks are data-parallel ranks)")
+    if experts and not 1 <= k <= experts:
+        bad.append(f"num_experts_per_tok={k} must be in [1, num_experts={experts}]")
+    if bad:
+        raise ValueError(f"expert parallelism for model {name!r}: " + "; ".join(bad))
+
+
+def ep_groups(mesh: ParallelMesh, ep: int) -> EPGroups:
+    """This rank's ep and edp groups. Collective: every rank creates every group in the same order
+    (as `dist.new_group` requires), ep blocks first, then edp groups."""
+    d = mesh.dims
+    dp_world = d.dp * d.cp
+    if dp_world % ep:
+        raise ValueError(f"ep={ep} must divide dp*cp={d.dp}*{d.cp}={dp_world}")
+    # (pp, dp, cp, tp) -> rows of the D data-parallel ranks, one row per (pp, tp)
+    rows = mesh.mesh.mesh.permute(0, 3, 1, 2).reshape(-1, dp_world).tolist()
+    me = dist.get_rank()
+    ep_group = edp_group = None
+    ep_rank = 0
+    for row in rows:
+        for i in range(0, dp_world, ep):
+            g = dist.new_group(row[i:i + ep])
+            if me in row[i:i + ep]:
+                ep_group, ep_rank = g, row[i:i + ep].index(me)
+    for row in rows:
+        for j in range(ep):
+            g = dist.new_group(row[j::ep])
+            if me in row[j::ep]:
+                edp_group = g
+    return EPGroups(ep, ep_group, edp_group, ep_rank, dp_world)
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all with uneven splits forward / the reverse all-to-all backward."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows x[sum(in_splits[:r]) : ...] go to rank r; rank r's rows for us land in block r of the
+    output (out_splits[r] rows). Autograd: the grads travel back the same way."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class AllToAllDispatcher:
+    """A `SparseMoeBlock.dispatcher`: sends expert-sorted rows to the ep ranks holding their experts
+    and brings the outputs back in the input order."""
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int):
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.local = num_experts // self.ep
+
+    def __call__(self, x_AH: torch.Tensor, counts_E: torch.Tensor, compute) -> torch.Tensor:
+        ep, el = self.ep, self.local
+        recv = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv, counts_E.contiguous(), group=self.group)  # E/ep counts per rank
+        recv_SL = recv.view(ep, el)  # rows from source s for local expert l
+        send = counts_E.view(ep, el).sum(1).tolist()
+        got = recv_SL.sum(1).tolist()
+        x_R = all_to_all(x_AH, got, send, self.group)  # (R, H), source-major
+        local_ids = torch.arange(el, device=x_R.device).repeat(ep)
+        expert_R = torch.repeat_interleave(local_ids, recv_SL.reshape(-1))
+        perm = torch.argsort(expert_R, stable=True)  # -> local-expert-major
+        y = compute(x_R.index_select(0, perm), recv_SL.sum(0))
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return all_to_all(y.index_select(0, inv), send, got, self.group)
+
+
+def _moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN -> module, for every module with `experts` (a ModuleDict keyed by global expert index)
+    and a `dispatcher` slot: the protocol a model's MoE block follows (no model class named here)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "experts", None), nn.ModuleDict) and hasattr(m, "dispatcher")}
+
+
+def apply_expert_parallel(model: nn.Module, groups: EPGroups | dist.ProcessGroup) -> set[str]:
+    """Keep only this rank's experts (best on the meta model, before materialising) and route tokens
+    to them with all-to-all. Returns the FQNs of the expert parameters this rank holds (at ep=1 too:
+    they are what `reduce_expert_grads` and the grad norm treat apart). Raises ValueError before
+    changing anything when the experts do not split evenly."""
+    group = groups.ep_group if isinstance(groups, EPGroups) else groups
+    ep, r = dist.get_world_size(group), dist.get_rank(group)
+    blocks = _moe_blocks(model)
+    for name, block in blocks.items():
+        if len(block.experts) % ep:
+            raise ValueError(f"{name}: {len(block.experts)} experts are not divisible by ep={ep}")
+    fqns = set()
+    for name, block in blocks.items():
+        e = len(block.experts)
+        mine = {str(i) for i in range(r * e // ep, (r + 1) * e // ep)}
+        for key in [k for k in block.experts if k not in mine]:
+            del block.experts[key]
+        if ep > 1:
+            block.dispatcher = AllToAllDispatcher(group, e)
+        fqns |= {f"{name}.experts.{p}" for p, _ in block.experts.named_parameters()}
+    return fqns
+
+
+def ddp_ignore_experts(model: nn.Module, expert_fqns: set[str]) -> None:
+    """Before wrapping `model` in DDP: leave the expert params out of its all-reduce (they differ
+    across the ep group; `reduce_expert_grads` averages them over the edp group instead)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_fqns))
+
+
+@torch.no_grad()
+def reduce_expert_grads(model: nn.Module, expert_fqns: set[str], groups: EPGroups) -> None:
+    """After the last micro-batch's backward, before the grad norm: grad <- sum over the edp group
+    / (dp*cp), the average DDP takes of dense grads. Missing grads count as zeros. One flat
+    all-reduce for all expert grads. Not for FSDP2 (it reduces them itself)."""
+    params = [p for n, p in model.named_parameters() if n in expert_fqns]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    if groups.edp > 1:
+        dist.all_reduce(flat, group=groups.edp_group)
+    flat.div_(groups.dp_world)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def _expert_sq(named_params, expert_fqns: set[str], shards: ShardMap, groups: EPGroups) -> torch.Tensor:
+    """This rank's share of the expert grads' squared norm (divided by the ranks holding a copy)."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for fqn, p in named_params:
+        if fqn not in expert_fqns or p.grad is None:
+            continue
+        g = p.grad
+        local = g.to_local() if isinstance(g, DTensor) else g  # FSDP2: split over edp already
+        copies = shards.tp_copies(fqn) * (1 if isinstance(g, DTensor) else groups.edp)
+        norm = torch.linalg.vector_norm(local, dtype=torch.float32).double()
+        sq = sq.to(local.device) + norm.square() / copies
+    return sq
+
+
+def clip_grad_norm_ep_(named_params, max_norm: float, shards: ShardMap, expert_fqns: set[str],
+                       groups: EPGroups) -> torch.Tensor:
+    """`grad_norm.clip_grad_norm_` for a model with expert parallelism: the dense params' norm as
+    there, plus the expert grads counted once per edp group (not once per dp rank); returns the
+    norm before clipping (fp32 scalar, equal on every rank)."""
+    from megaqwen.parallel.grad_norm import grad_norm
+
+    named_params = list(named_params)
+    dense = grad_norm([(n, p) for n, p in named_params if n not in expert_fqns], shards)
+    sq = _expert_sq(named_params, expert_fqns, shards, groups).to(dense.device)
+    dist.all_reduce(sq)
+    norm = (dense.double().square() + sq).sqrt().float()
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, p in named_params:
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                g.mul_(coef.to(g.device, g.dtype))
+    return norm
+
+
+def apply_fsdp_experts(model: nn.Module, mesh: ParallelMesh, groups: EPGroups,
+                       mp_param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 for the expert modules over the edp mesh, before `apply_fsdp` wraps the layers over
+    dp (x cp): each local expert is its own FSDP unit, gradients divided by dp*cp (not edp)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ranks = dist.get_process_group_ranks(groups.edp_group)
+    edp_mesh = DeviceMesh.from_group(groups.edp_group, mesh.mesh.device_type, mesh=ranks,
+                                     mesh_dim_names=("edp",))
+    mp = MixedPrecisionPolicy(param_dtype=mp_param_dtype, reduce_dtype=torch.float32)
+    for block in _moe_blocks(model).values():
+        for expert in block.experts.values():
+            fully_shard(expert, mesh=edp_mesh, mp_policy=mp)
+            expert.set_gradient_divide_factor(float(groups.dp_world))
+            if dist.get_backend(groups.edp_group) == "gloo":  # no PREMUL_SUM: sum, then divide
+                expert.set_force_sum_reduction_for_comms(True)
+
+
+@dataclass
+class LayerLoad:
+    load_E: torch.Tensor
+    """fp32 (E,): assignments each expert was chosen for (before capacity drops), summed over dp."""
+    dropped: float
+    """Assignments dropped by the capacity factor (0 when dropless)."""
+
+
+@torch.no_grad()
+def collect_load(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> dict[str, LayerLoad]:
+    """Collective over `dp_group` (the dp x cp ranks; not tp, whose ranks count the same tokens):
+    the per-layer load counted by the forwards since the last call, summed over the group, then
+    the counters reset. Call once per optimizer step on every rank, after the step's backwards
+    (all micro-batches). {} for a dense model."""
+    blocks = {n: b for n, b in _moe_blocks(model).items() if getattr(b, "load_E", None) is not None}
+    if not blocks:
+        return {}
+    dropped = [b.dropped if b.dropped is not None else torch.zeros((), device=b.load_E.device)
+               for b in blocks.values()]
+    stats = torch.cat([torch.stack([b.load_E.float() for b in blocks.values()]),
+                       torch.stack(dropped).float()[:, None]], dim=1)  # (L, E + 1)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(stats, group=dp_group)
+    for b in blocks.values():
+        b.reset_stats()
+    return {n: LayerLoad(row[:-1], float(row[-1])) for n, row in zip(blocks, stats.cpu())}
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, loads: dict[str, LayerLoad], rate: float) -> None:
+    """After `optimizer.step()`, with `collect_load`'s global counts (identical on every replica, so
+    every rank applies the same step): each router's aux-free bias += rate * sign(mean - load)."""
+    if rate <= 0:
+        return
+    blocks = _moe_blocks(model)
+    for name, layer in loads.items():
+        blocks[name].update_routing_bias(layer.load_E, rate)
+
+
+def expert_param_count(model: nn.Module, expert_fqns: Iterable[str]) -> int:
+    """Elements of expert params held here (for the run log's per-rank memory line)."""
+    names = set(expert_fqns)
+    return sum(p.numel() for n, p in model.named_parameters() if n in names)

@@ -1,0 +1,174 @@
+"""Expert parallelism against one process: debug-moe (vocab 1024), dropless, fp32.
+
+Every rank first trains the unsharded model on the whole global batch, then each layout on its dp
+slice; rank 0 reports the first losses, every parameter's gradient after the first backward (expert
+grads gathered from the ranks holding them), the grad norm and the expert load. One spawn per world
+size, several layouts each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megaqwen.models.config import get_config
+from megaqwen.models.spec import get_spec
+from megaqwen.parallel.data_parallel import apply_fsdp, unwrap, wrap_ddp
+from megaqwen.parallel.dims import ParallelDims
+from megaqwen.parallel.expert_parallel import (
+    apply_expert_parallel,
+    apply_fsdp_experts,
+    check_expert_parallel,
+    clip_grad_norm_ep_,
+    collect_load,
+    ddp_ignore_experts,
+    ep_groups,
+    reduce_expert_grads,
+)
+from megaqwen.parallel.materialize import materialize
+from tests.parallel.parallel_harness import spawn
+
+CFG = dict(vocab_size=1024)
+STEPS, GLOBAL_B, T, LR, SEED = 3, 4, 16, 3e-3, 1234
+
+
+def _cfg():
+    return get_config("debug-moe", **CFG)
+
+
+def _batches(cfg):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (STEPS, GLOBAL_B, T + 1), generator=g)
+    return ids[..., :-1], ids[..., 1:]
+
+
+def _reference(cfg):
+    model = get_spec(cfg).build(cfg, seed=SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    tokens, labels = _batches(cfg)
+    losses = []
+    for s in range(STEPS):
+        loss = model(tokens[s], labels[s]).mean()
+        loss.backward()
+        if s == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+            load = {n: b.load_E.float() for n, b in model.moe_blocks().items()}
+        for b in model.moe_blocks().values():
+            b.reset_stats()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return dict(losses=losses, grads=grads, norm=norm, load=load)
+
+
+
+
+def _run(cfg, ref, world: int, ep: int, fsdp: bool):
+    dims = ParallelDims(world_size=world, ep=ep)
+    mesh = dims.build_mesh("cpu")
+    spec = get_spec(cfg)
+    model = spec.build(cfg, device="meta")
+    shards = spec.parallelize_tp(model, mesh)
+    groups = ep_groups(mesh, ep)
+    fqns = apply_expert_parallel(model, groups)
+    if fsdp:
+        apply_fsdp_experts(model, mesh, groups)
+        apply_fsdp(model, mesh, spec.layers(model))
+    materialize(model, shards, "cpu", seed=SEED)
+    if not fsdp:
+        ddp_ignore_experts(model, fqns)
+    wrapped = model if fsdp else wrap_ddp(model, mesh)
+    plain = unwrap(wrapped)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR, weight_decay=0.1)
+    tokens, labels = _batches(cfg)
+    b = GLOBAL_B // dims.dp
+    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
+    losses, grad_err, norm_rel, load_err = [], {}, 0.0, 0.0
+    for s in range(STEPS):
+        loss = wrapped(tokens[s, sl], labels[s, sl]).mean()
+        loss.backward()
+        if not fsdp:
+            reduce_expert_grads(plain, fqns, groups)
+        loads = collect_load(plain, mesh.dp_group)
+        if s == 0:
+            for n, p in plain.named_parameters():
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                r = ref["grads"][n]
+                grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
+            norm = clip_grad_norm_ep_(plain.named_parameters(), float("inf"), shards, fqns, groups)
+            norm_rel = abs(norm.item() / ref["norm"] - 1)
+            load_err = max((loads[n].load_E - ref["load"][n]).abs().max().item() for n in ref["load"])
+        opt.step()
+        opt.zero_grad()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=mesh.dp_group)
+        losses.append(loss.item() / dims.dp)
+    # every expert of every sparse layer is held by exactly one rank of each ep block
+    held = torch.tensor([sum(1 for n in fqns if n.endswith("up_proj.weight"))])
+    dist.all_reduce(held)
+    worst = max(grad_err, key=grad_err.get)
+    worst_all = torch.tensor([grad_err[worst]])
+    dist.all_reduce(worst_all, op=dist.ReduceOp.MAX)  # expert grads are checked where they live
+    return dict(loss_rel=max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])),
+                grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err,
+                experts_held=held.item(), local_experts=len(fqns) // 3)
+
+
+def _worker(rank: int, world: int, layouts: list[tuple[int, bool]]):
+    cfg = _cfg()
+    ref = _reference(cfg)
+    return {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp) for ep, fsdp in layouts}
+
+
+def _check(out: dict, world: int, n_sparse: int, experts: int):
+    for name, r in out.items():
+        ep = int(name[2])
+        assert r["loss_rel"] <= 1e-5, (name, r)
+        assert r["grad_err"] <= 1e-5, (name, r)
+        assert r["norm_rel"] <= 1e-5, (name, r)
+        assert r["load_err"] == 0, (name, r)
+        assert r["local_experts"] == n_sparse * experts // ep, (name, r)
+        assert r["experts_held"] == n_sparse * experts * world // ep, (name, r)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ep2_world2_equals_one_process():
+    cfg = _cfg()
+    out = spawn(_worker, 2, [(2, False), (2, True)])
+    _check(out, 2, 2, cfg.num_experts)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ep4_and_ep2_x_edp2_world4_equal_one_process():
+    cfg = _cfg()
+    out = spawn(_worker, 4, [(4, False), (2, False), (2, True), (1, False)])
+    _check(out, 4, 2, cfg.num_experts)
+
+
+@pytest.mark.parametrize("kw, ep, dp_world, match", [
+    (dict(), 3, 6, r"num_experts=8 is not divisible by ep=3; pick ep from \[1, 2\]"),
+    (dict(), 4, 6, r"ep=4 must divide dp\*cp=6"),
+])
+def test_bad_expert_layout_is_refused_before_work(kw, ep, dp_world, match):
+    with pytest.raises(ValueError, match=match):
+        check_expert_parallel(get_config("debug-moe", **kw), ep, dp_world)
+
+
+def test_top_k_above_experts_is_refused():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(name="x", num_experts=4, num_experts_per_tok=6)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
+        check_expert_parallel(cfg, 2, 2)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
+        get_config("debug-moe", num_experts=4, num_experts_per_tok=6)
+
+
+def test_ep_on_dense_model_is_refused():
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        check_expert_parallel(get_config("debug"), 2, 2)
