@@ -105,3 +105,38 @@ def test_vendor_backend_packed_matches_sdpa_gpu(backend):
     want = sdpa_attention(q, k, v, attn=ids)
     torch.testing.assert_close(backend(q, k, v, attn=ids), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(backend(q, k, v), sdpa_attention(q, k, v), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_per_document_path_equals_dense_mask(monkeypatch, dtype):
+    """Past DENSE_MASK_MAX_T, sdpa_attention runs one SDPA per document (memory O(T)); outputs and
+    q/k/v gradients equal the one-call dense-mask reference. Rows of 41 tokens, documents of odd
+    lengths (single tokens included), ids reused across rows."""
+    monkeypatch.setattr(attention, "DENSE_MASK_MAX_T", 8)
+    ids = torch.tensor([[0] * 9 + [1] + [2] * 20 + [3] * 11, [3] * 30 + [4] * 1 + [5] * 10])
+    g = torch.Generator().manual_seed(3)
+    q0, k0, v0 = (torch.randn(2, 41, h, D, generator=g).to(dtype) for h in (HQ, HK, HK))
+    dout = torch.randn(2, 41, HQ, D, generator=g).to(dtype)
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = fn(q, k, v, AttentionMeta(ids), D**-0.5)
+        out.backward(dout)
+        return out, q.grad, k.grad, v.grad
+
+    got, want = run(sdpa_attention), run(attention.sdpa_dense)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    # the reference itself is not plain causal attention (documents are masked)
+    assert not torch.allclose(attention.sdpa_dense(q0, k0, v0, None, D**-0.5), want[0], atol=1e-2)
+
+
+def test_sdpa_takes_the_per_document_path_past_the_threshold(monkeypatch):
+    """No (B, 1, T, T) mask is built for long packed rows."""
+    t = attention.DENSE_MASK_MAX_T + 1
+    ids = (torch.arange(t) * 3 // t)[None]
+    meta = AttentionMeta(ids)
+    monkeypatch.setattr(AttentionMeta, "dense_mask", lambda self: pytest.fail("dense mask built"))
+    q, k, v = torch.randn(1, t, HQ, D), torch.randn(1, t, HK, D), torch.randn(1, t, HK, D)
+    assert sdpa_attention(q, k, v, meta).shape == q.shape
