@@ -50,8 +50,9 @@ from megaqwen.kernels.cross_entropy import LossParts
 
 CP_MODES = ("ring", "alltoall")
 SEQUENCE_KEYS = ("tokens", "labels", "position_ids", "document_ids")
-DEFAULT_TILE = 1024
-"""Ring tile edge: a (B, Hq, 1024, 1024) fp32 score tile is 16 MiB for the debug model's 4 heads."""
+DEFAULT_TILE = 512
+"""Ring tile edge: a (B, Hq, 512, 512) fp32 score tile is 4 MiB for the debug model's 4 heads; on
+CPU 256-512 ran 1.5-2x faster than 1024-2048 (cache), 128 pays Python overhead per tile."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,26 +176,27 @@ class ContextParallelMeta(AttentionMeta):
         return self._plan
 
     def _tile_stats(self, index: torch.Tensor):
+        """Per tile of `index`: bounds, min/max global index (n,), min/max segment (B, n)."""
         n = index.numel()
         bounds = list(range(0, n, self.tile)) + [n]
-        seg = self.segments.index_select(1, index)
-        stats = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            i, s = index[a:b], seg[:, a:b]
-            stats.append((a, b, int(i.min()), int(i.max()), s.amin(1), s.amax(1)))
-        return stats
+        pad = bounds[-2] + self.tile - n  # pad the last tile by repeating its last token
+        idx = torch.cat([index, index[-1:].expand(pad)]).view(-1, self.tile)
+        seg = self.segments.index_select(1, idx.flatten()).view(-1, *idx.shape)  # (B, n, tile)
+        return bounds, idx.amin(1), idx.amax(1), seg.amin(2), seg.amax(2)
 
     def _tiles(self, owner: int):
-        qs = self._tile_stats(self.index)
-        ks = self._tile_stats(zigzag_index(self.segments.shape[1], self.cp, owner, self.index.device))
-        tiles = []
-        for qa, qb, qimin, qimax, qsmin, qsmax in qs:
-            for ka, kb, kimin, kimax, ksmin, ksmax in ks:
-                if qimax < kimin or bool(((qsmax < ksmin) | (qsmin > ksmax)).all()):
-                    continue  # all keys after all queries, or no document in common in any row
-                full = qimin >= kimax and bool(((qsmin == qsmax) & (ksmin == ksmax) & (qsmin == ksmin)).all())
-                tiles.append((qa, qb, ka, kb, full))
-        return tiles
+        qb, qimin, qimax, qsmin, qsmax = self._tile_stats(self.index)
+        kb, kimin, kimax, ksmin, ksmax = self._tile_stats(
+            zigzag_index(self.segments.shape[1], self.cp, owner, self.index.device))
+        # (nq, nk): all keys after all queries, or no document in common in any row -> skip
+        causal_empty = qimax[:, None] < kimin[None, :]
+        doc_empty = ((qsmax[:, :, None] < ksmin[:, None, :]) | (qsmin[:, :, None] > ksmax[:, None, :])).all(0)
+        one_doc = ((qsmin == qsmax)[:, :, None] & (ksmin == ksmax)[:, None, :]
+                   & (qsmin[:, :, None] == ksmin[:, None, :])).all(0)
+        full = (qimin[:, None] >= kimax[None, :]) & one_doc
+        keep = ~(causal_empty | doc_empty)
+        return [(qb[i], qb[i + 1], kb[j], kb[j + 1], bool(full[i, j]))
+                for i, j in keep.nonzero().tolist()]
 
     def tile_mask(self, owner_index: torch.Tensor, qa: int, qb: int, ka: int, kb: int) -> torch.Tensor:
         """bool (B, qb-qa, kb-ka): query may attend key (causal by global index, same document)."""
@@ -260,81 +262,80 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tile_scores(meta, q, k, g, owner_index, tile, scale):
-    """fp32 scores (B, Hk, Cq*G, Ck) of one tile, masked entries -inf (unless fully visible)."""
+def _tile_scores(meta, q, k, g, owner_index, tile):
+    """Scores (B, Hk, Cq*G, Ck) of one tile from pre-scaled rows `q`, masked entries -inf (none
+    when the tile is fully visible), and the (B, Cq, Ck) mask (None when fully visible)."""
     qa, qb, ka, kb, full = tile
-    acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q[:, :, qa * g:qb * g].to(acc), k[:, :, ka:kb].to(acc).transpose(-1, -2)) * scale
+    s = torch.matmul(q[:, :, qa * g:qb * g], k[:, :, ka:kb].to(q.dtype).transpose(-1, -2))
     if full:
         return s, None
-    mask = meta.tile_mask(owner_index, qa, qb, ka, kb)  # (B, Cq, Ck)
-    mask = mask[:, None, :, None, :].expand(-1, 1, -1, g, -1).reshape(mask.shape[0], 1, (qb - qa) * g, -1)
-    return s.masked_fill(~mask, float("-inf")), mask
+    mask = meta.tile_mask(owner_index, qa, qb, ka, kb)  # (B, Cq, Ck), broadcast over heads and G
+    b, hk = s.shape[:2]
+    s.view(b, hk, qb - qa, g, kb - ka).masked_fill_(~mask[:, None, :, None, :], float("-inf"))
+    return s, mask
 
 
-def _block_forward(meta, q, k, v, g, owner, tiles, scale, out, lse):
-    """Merge local queries' attention to one visiting K/V block into (out, lse), in place."""
+def _block_forward(meta, q, k, v, g, owner, tiles, acc, m, l_):
+    """Online softmax of the local (pre-scaled) queries over one visiting K/V block: running row
+    max `m`, sum `l_` and unnormalised output `acc` updated in place (log-sum-exp = m + log l)."""
     owner_index = zigzag_index(meta.segments.shape[1], meta.cp, owner, q.device)
-    acc = out.dtype
     for tile in tiles:
         qa, qb, ka, kb, _ = tile
-        s, mask = _tile_scores(meta, q, k, g, owner_index, tile, scale)
+        s, mask = _tile_scores(meta, q, k, g, owner_index, tile)
         if meta.count_work:
             meta.work["computed"] += q.shape[0] * (qb - qa) * (kb - ka)
-            meta.work["unmasked"] += q.shape[0] * (qb - qa) * (kb - ka) if mask is None else \
-                int(mask[:, 0].sum()) // g
-        m = s.amax(-1, keepdim=True)
-        m = m.masked_fill(torch.isinf(m), 0.0)  # rows this tile masks completely
-        p = torch.exp(s - m)
-        l_ = p.sum(-1)
-        o = torch.matmul(p, v[:, :, ka:kb].to(acc)) / l_.clamp(min=1e-30)[..., None]
-        lse_t = m[..., 0] + torch.log(l_)  # -inf where the tile masks the whole row
+            meta.work["unmasked"] += q.shape[0] * (qb - qa) * (kb - ka) if mask is None else int(mask.sum())
         rows = slice(qa * g, qb * g)
-        old = lse[:, :, rows]
-        new = torch.logaddexp(old, lse_t)
-        safe = torch.where(torch.isinf(new), 0.0, new)
-        w_old, w_new = torch.exp(old - safe)[..., None], torch.exp(lse_t - safe)[..., None]
-        out[:, :, rows] = out[:, :, rows] * w_old + o * w_new
-        lse[:, :, rows] = new
+        m_new = torch.maximum(m[:, :, rows], s.amax(-1))
+        m_new = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with nothing visible yet
+        alpha = torch.exp(m[:, :, rows] - m_new)
+        p = s.sub_(m_new[..., None]).exp_()  # masked -> 0
+        l_[:, :, rows] = l_[:, :, rows] * alpha + p.sum(-1)
+        acc[:, :, rows] = acc[:, :, rows] * alpha[..., None] + torch.matmul(p, v[:, :, ka:kb].to(p.dtype))
+        m[:, :, rows] = m_new
 
 
-def _block_backward(meta, q, k, v, do, lse, delta, g, owner, tiles, scale, dq, dk, dv):
-    """Add one visiting block's share of dq (local) and dk/dv (the block's), from saved lse."""
+def _block_backward(meta, q, k, v, do, lse, delta, g, owner, tiles, dq, dk, dv):
+    """Add one visiting block's share of dq (local, w.r.t. the pre-scaled q) and dk/dv (the
+    block's) given the final log-sum-exp `lse` and delta = rowsum(dO * O)."""
     owner_index = zigzag_index(meta.segments.shape[1], meta.cp, owner, q.device)
-    acc = dq.dtype
     for tile in tiles:
         qa, qb, ka, kb, _ = tile
         rows = slice(qa * g, qb * g)
-        s, _ = _tile_scores(meta, q, k, g, owner_index, tile, scale)
-        p = torch.exp(s - lse[:, :, rows, None])  # (B, Hk, Cq*G, Ck); masked -> 0
+        p, _ = _tile_scores(meta, q, k, g, owner_index, tile)
+        p = p.sub_(lse[:, :, rows, None]).exp_()  # (B, Hk, Cq*G, Ck) probabilities; masked -> 0
         do_t = do[:, :, rows]
         dv[:, :, ka:kb] += torch.matmul(p.transpose(-1, -2), do_t)
-        dp = torch.matmul(do_t, v[:, :, ka:kb].to(acc).transpose(-1, -2))
-        ds = p * (dp - delta[:, :, rows, None]) * scale
-        dq[:, :, rows] += torch.matmul(ds, k[:, :, ka:kb].to(acc))
-        dk[:, :, ka:kb] += torch.matmul(ds.transpose(-1, -2), q[:, :, rows].to(acc))
+        ds = torch.matmul(do_t, v[:, :, ka:kb].to(do.dtype).transpose(-1, -2))
+        ds = ds.sub_(delta[:, :, rows, None]).mul_(p)  # dS = P * (dP - delta)
+        dq[:, :, rows] += torch.matmul(ds, k[:, :, ka:kb].to(ds.dtype))
+        dk[:, :, ka:kb] += torch.matmul(ds.transpose(-1, -2), q[:, :, rows])
 
 
 class _RingAttention(torch.autograd.Function):
-    """Forward: K/V ring, tiled attention, log-sum-exp merge. Backward: K/V ring again, dK/dV
-    accumulators travelling with their block and arriving home after the last hop."""
+    """Forward: K/V ring, tiled online softmax (the log-sum-exp merge of every block's partial
+    result). Backward: K/V ring again, dK/dV accumulators travelling with their block and arriving
+    home after the last hop."""
 
     @staticmethod
     def forward(ctx, q, k, v, meta: ContextParallelMeta, group, scale: float):
         b, t, hq, d = q.shape
         hk = k.shape[2]
-        g, acc = hq // hk, _acc_dtype(q.dtype)
-        qr, kv = _rows(q, hk), torch.stack([_rows(k, hk), _rows(v, hk)])  # (2, B, Hk, Tl, D)
-        out = torch.zeros(qr.shape, dtype=acc, device=q.device)
-        lse = torch.full(qr.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        g, dt = hq // hk, _acc_dtype(q.dtype)
+        qr = _rows(q, hk).to(dt) * scale  # (B, Hk, Tl*G, D), scale folded into q
+        kv = torch.stack([_rows(k, hk), _rows(v, hk)])  # (2, B, Hk, Tl, D)
+        acc = torch.zeros(qr.shape, dtype=dt, device=q.device)
+        m = torch.full(qr.shape[:3], float("-inf"), dtype=dt, device=q.device)
+        l_ = torch.zeros(qr.shape[:3], dtype=dt, device=q.device)
         plan = meta.ring_plan()
         for s, (owner, tiles) in enumerate(plan):
             pending = _ring_send_recv(kv, group, tag=0) if s < len(plan) - 1 else None
-            _block_forward(meta, qr, kv[0], kv[1], g, owner, tiles, scale, out, lse)
+            _block_forward(meta, qr, kv[0], kv[1], g, owner, tiles, acc, m, l_)
             if pending is not None:
                 _wait(pending[0])
                 kv = pending[1]
-        out = out.to(q.dtype)
+        out = (acc / l_[..., None]).to(q.dtype)  # every token sees itself: l > 0
+        lse = m + torch.log(l_)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.meta, ctx.group, ctx.scale = meta, group, scale
         return _unrows(out, t)
@@ -344,17 +345,17 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         meta, group, scale = ctx.meta, ctx.group, ctx.scale
         t, hk = q.shape[1], k.shape[2]
-        g, acc = q.shape[2] // hk, _acc_dtype(q.dtype)
-        qr, kv = _rows(q, hk), torch.stack([_rows(k, hk), _rows(v, hk)])
-        do = _rows(dout, hk).to(acc)
-        delta = (do * out.to(acc)).sum(-1)  # (B, Hk, Tl*G): rowsum(dO * O)
-        dq = torch.zeros(qr.shape, dtype=acc, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # the visiting block's
+        g, dt = q.shape[2] // hk, _acc_dtype(q.dtype)
+        qr = _rows(q, hk).to(dt) * scale
+        kv = torch.stack([_rows(k, hk), _rows(v, hk)])
+        do = _rows(dout, hk).to(dt)
+        delta = (do * out.to(dt)).sum(-1)  # (B, Hk, Tl*G)
+        dq = torch.zeros(qr.shape, dtype=dt, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=dt, device=q.device)  # the visiting block's
         plan = meta.ring_plan()
         for s, (owner, tiles) in enumerate(plan):
             pending = _ring_send_recv(kv, group, tag=0) if s < len(plan) - 1 else None
-            _block_backward(meta, qr, kv[0], kv[1], do, lse, delta, g, owner, tiles, scale,
-                            dq, dkv[0], dkv[1])
+            _block_backward(meta, qr, kv[0], kv[1], do, lse, delta, g, owner, tiles, dq, dkv[0], dkv[1])
             if group is not None and len(plan) > 1:  # hand the accumulator on; the last hop brings ours
                 handles, dkv = _ring_send_recv(dkv, group, tag=1)
                 _wait(handles)
@@ -362,7 +363,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(pending[0])
                 kv = pending[1]
         dk, dv = (_unrows(x, t).to(k.dtype) for x in dkv)
-        return _unrows(dq, t).to(q.dtype), dk, dv, None, None, None
+        return _unrows(dq * scale, t).to(q.dtype), dk, dv, None, None, None
 
 
 def ring_attention(q, k, v, meta: ContextParallelMeta, group: dist.ProcessGroup | None,

@@ -301,7 +301,6 @@ def test_cp2_ring_and_alltoall():
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_cp4_and_cp2_with_tp_and_dp():
     layouts = [(1, 4, 1, "ring", False, "none"), (1, 4, 1, "alltoall", False, "none"),
                (2, 2, 1, "ring", False, "none"), (2, 2, 1, "alltoall", True, "selective"),
