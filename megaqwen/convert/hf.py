@@ -3,6 +3,9 @@
 Parameter names are identical (the model uses HF's names), so the weights map one to one; the only
 non-identity parts are the config keys (below) and the tied LM head, which HF's safetensors omit.
 Tensors keep their stored dtype in both directions, so HF -> megaqwen -> HF is bit-exact.
+The architecture comes from config.json's `model_type` (qwen2 | qwen2_moe) on import and from the
+checkpoint's ModelConfig.arch on export; each model spec's HF adapter maps its config. Qwen2-MoE's
+aux-free routing bias travels as an extra tensor, with a warning (see qwen2_moe/hf_adapter.py).
 """
 
 from __future__ import annotations
@@ -41,17 +44,38 @@ def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config_path = hf_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found")
-    cfg = config_from_hf(json.loads(config_path.read_text()), name=hf_dir.name)
+    hf_config = json.loads(config_path.read_text())
+    cfg = _adapter(MODEL_TYPES.get(hf_config.get("model_type"), "qwen2")).config_from_hf(
+        hf_config, name=hf_dir.name)
     weights = read_hf_weights(hf_dir)
+    _warn_extras(weights)
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return cfg, weights
 
 
 def expected_keys(cfg: ModelConfig) -> set[str]:
-    from megaqwen.models.qwen2 import build_model
+    from megaqwen.models.spec import get_spec
 
-    return set(build_model(cfg, device="meta").state_dict())
+    return set(get_spec(cfg).build(cfg, device="meta").state_dict())
+
+
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2_moe"}
+"""HF config.json model_type -> our architecture (spec) name."""
+
+
+def _adapter(arch: str):
+    from megaqwen.models.spec import get_spec
+
+    return get_spec(arch).hf
+
+
+def _warn_extras(keys) -> None:
+    from megaqwen.models.qwen2_moe.hf_adapter import bias_warning
+
+    msg = bias_warning(keys)
+    if msg:
+        log.warning(msg)
 
 
 def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
@@ -98,10 +122,10 @@ def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
 def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32):
     """A model from a native checkpoint folder or an HF folder (config.json + safetensors)."""
-    from megaqwen.models.qwen2 import build_model
+    from megaqwen.models.spec import get_spec
 
     cfg, weights = read_weights(path)
-    model = build_model(cfg, ops, device=device, dtype=dtype)
+    model = get_spec(cfg).build(cfg, ops, device=device, dtype=dtype)
     model.load_state_dict(weights, strict=True)  # copies and casts into the model's dtype
     return model
 
@@ -114,7 +138,8 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
-    hf_config = config_to_hf(cfg, dtype)
+    hf_config = _adapter(cfg.arch).config_to_hf(cfg, dtype)
+    _warn_extras(state)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_generation_config(hf_dir, hf_config)
     shards: list[dict[str, torch.Tensor]] = [{}]

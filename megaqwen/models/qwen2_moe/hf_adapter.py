@@ -1,9 +1,17 @@
 """Hugging Face adapter of the Qwen2-MoE spec: config keys and parameter names.
 
 Parameter names are those of the HF checkpoints (`mlp.experts.{e}.gate_proj.weight`, ...), so
-`hf_key` is the identity. (transformers >= 5 fuses the experts in memory into
-`mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I) and converts on load;
-`from_fused_state_dict` maps such an in-memory state dict to ours.)
+`hf_key` is the identity.
+
+Extras stock transformers does not know (written only when set, read back on import):
+  config.json  router_z_loss_coef, moe_routing_bias_update_rate, moe_capacity_factor
+  safetensors  model.layers.{i}.mlp.gate.e_score_correction_bias (E,): the aux-loss-free routing
+               bias (DeepSeek-V3's name for it). Stock `Qwen2MoeForCausalLM` ignores it (an
+               "unexpected key"), so its routing differs from ours: `bias_warning` says so.
+
+transformers >= 5 fuses the experts in memory into `mlp.experts.gate_up_proj` (E, 2I, H) and
+`mlp.experts.down_proj` (E, H, I) (its safetensors keep the per-expert keys);
+`from_fused_state_dict` maps such an in-memory state dict to ours.
 """
 
 from __future__ import annotations
@@ -31,6 +39,23 @@ CONFIG_KEYS = {
 }
 
 
+# megaqwen-only config fields, written to config.json when non-zero (transformers keeps unknown keys)
+EXTRA_CONFIG_KEYS = ("router_z_loss_coef", "moe_routing_bias_update_rate", "moe_capacity_factor")
+
+BIAS_SUFFIX = ".mlp.gate.e_score_correction_bias"
+
+
+def bias_warning(keys) -> str | None:
+    """The warning an HF export or import with routing-bias tensors must carry (None: none)."""
+    n = sum(1 for k in keys if k.endswith(BIAS_SUFFIX))
+    if not n:
+        return None
+    return (f"{n} aux-loss-free routing bias tensor(s) (*{BIAS_SUFFIX}) are kept in the HF folder; "
+            "stock transformers Qwen2MoeForCausalLM ignores them, so its top-k routing (and its "
+            "outputs) differ from megaqwen's. Load the folder with megaqwen, or fold the bias into "
+            "a routing-aware implementation")
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     if hf.get("model_type") != "qwen2_moe":
         raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2_moe'")
@@ -40,13 +65,16 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         raise ValueError("use_sliding_window=true is not supported")
     kw = dense.config_kwargs_from_hf(hf, CONFIG_KEYS)
     kw["mlp_only_layers"] = list(kw.get("mlp_only_layers") or [])
+    kw.update({k: float(hf[k]) for k in EXTRA_CONFIG_KEYS if k in hf})
     return ModelConfig(name=name, arch="qwen2_moe", **kw)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import Qwen2MoeConfig
 
-    return dense.hf_config_dict(cfg, dtype, Qwen2MoeConfig, CONFIG_KEYS, HF_ARCHITECTURES)
+    d = dense.hf_config_dict(cfg, dtype, Qwen2MoeConfig, CONFIG_KEYS, HF_ARCHITECTURES)
+    d.update({k: getattr(cfg, k) for k in EXTRA_CONFIG_KEYS if getattr(cfg, k)})
+    return d
 
 
 def hf_key(fqn: str) -> str:
