@@ -2,8 +2,9 @@
 
 Attention level: outputs and q/k/v gradients of cp in {2, 4} equal SDPA on the whole sequence with
 the document mask (fp32). Model level: the debug model's first 3 losses and first gradients at
-cp=2, cp=4, cp=2 x tp=2 (also with SP and selective recomputation) and cp=2 x dp=2 equal one
-process. Zig-zag balances causal work across ranks (contiguous shards would not).
+cp=2, cp=4, cp=2 x tp=2 (also with SP and selective recomputation) and cp=2 x dp=2 (DDP, and
+FSDP2 with full recomputation) equal one process. Zig-zag balances causal work across ranks
+(contiguous shards would not).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from megaqwen.parallel.context_parallel import (
     unshard_sequence,
     zigzag_index,
 )
-from megaqwen.parallel.data_parallel import wrap_ddp
+from megaqwen.parallel.data_parallel import apply_fsdp, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims
 from megaqwen.parallel.materialize import materialize
 
@@ -228,9 +229,9 @@ def model_reference(cfg) -> dict:
 
 
 def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref: dict,
-                     sp: bool = False, recompute: str = "none") -> dict:
-    """The trainer's assembly (meta -> TP/SP -> CP -> recompute -> materialise -> DDP over dp x cp),
-    each dp rank its rows of the global batch, each cp rank its zig-zag shard of them."""
+                     sp: bool = False, recompute: str = "none", dp_mode: str = "ddp") -> dict:
+    """The trainer's assembly (meta -> TP/SP -> CP -> recompute -> [FSDP2] -> materialise -> [DDP],
+    both over dp x cp), each dp rank its rows of the global batch, each cp rank its zig-zag shard."""
     mesh = ParallelDims(world_size=world, tp=tp, cp=cp, dp=dp).build_mesh("cpu")
     spec = get_spec(cfg)
     model = spec.build(cfg, device="meta")
@@ -239,8 +240,10 @@ def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref:
     apply_context_parallel(model, spec, cp_group, mode)
     apply_recompute(spec.layers(model), recompute, spec.selective_recompute)
     names = [n for n, _ in model.named_parameters()]
+    if dp_mode == "fsdp":
+        apply_fsdp(model, mesh, spec.layers(model))
     materialize(model, shards, "cpu", seed=SEED)
-    ddp = wrap_ddp(model, mesh)
+    ddp = model if dp_mode == "fsdp" else wrap_ddp(model, mesh)
     opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.1)
     losses, grad_err = [], 0.0
     for s, batch in enumerate(model_batches(cfg)):
@@ -250,7 +253,7 @@ def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref:
         dist.all_reduce(count, group=mesh.dp_group)  # every cp rank holds its dp rank's full rows
         local, meta = context_parallel_inputs(batch, cp_group)
         parts = ddp(local["tokens"], local["labels"], local["position_ids"], meta)
-        (parts.sum * (dp * cp) / count).backward()  # DDP averages over dp x cp
+        (parts.sum * (dp * cp) / count).backward()  # DDP / FSDP2 average over dp x cp
         if s == 0:
             for n, p in model.named_parameters():
                 r = ref["grads"][n]
@@ -270,9 +273,9 @@ def model_worker(rank: int, world: int, layouts: list[tuple]) -> dict:
     cfg = get_config("debug", vocab_size=1024)
     ref = model_reference(cfg)
     out = {"ref": ref["losses"]}
-    for tp, cp, dp, mode, sp, recompute in layouts:
-        name = f"tp{tp}-cp{cp}-dp{dp}-{mode}" + ("-sp" if sp else "") + f"-rc{recompute}"
-        out[name] = run_model_layout(cfg, world, tp, cp, dp, mode, ref, sp, recompute)
+    for tp, cp, dp, mode, sp, recompute, dp_mode in layouts:
+        name = f"tp{tp}-cp{cp}-dp{dp}-{dp_mode}-{mode}" + ("-sp" if sp else "") + f"-rc{recompute}"
+        out[name] = run_model_layout(cfg, world, tp, cp, dp, mode, ref, sp, recompute, dp_mode)
     return out
 
 
@@ -294,7 +297,7 @@ def _both(rank: int, world: int, layouts: list[tuple]) -> dict:
 
 @pytest.mark.distributed
 def test_cp2_ring_and_alltoall():
-    layouts = [(1, 2, 1, "ring", False, "none"), (1, 2, 1, "alltoall", False, "none")]
+    layouts = [(1, 2, 1, "ring", False, "none", "ddp"), (1, 2, 1, "alltoall", False, "none", "ddp")]
     res = spawn(_both, 2, layouts)
     _check_attention(res, 2)
     _check_model(res["model"])
@@ -302,10 +305,11 @@ def test_cp2_ring_and_alltoall():
 
 @pytest.mark.distributed
 def test_cp4_and_cp2_with_tp_and_dp():
-    layouts = [(1, 4, 1, "ring", False, "none"), (1, 4, 1, "alltoall", False, "none"),
-               (2, 2, 1, "ring", False, "none"), (2, 2, 1, "alltoall", True, "selective"),
-               (2, 2, 1, "ring", True, "selective"), (1, 2, 2, "ring", False, "none"),
-               (1, 2, 2, "alltoall", False, "none")]
+    # (tp, cp, dp, cp mode, sequence parallel, recompute, dp mode)
+    layouts = [(1, 4, 1, "ring", False, "none", "ddp"), (1, 4, 1, "alltoall", False, "none", "ddp"),
+               (2, 2, 1, "ring", False, "none", "ddp"), (2, 2, 1, "alltoall", True, "selective", "ddp"),
+               (2, 2, 1, "ring", True, "selective", "ddp"), (1, 2, 2, "ring", False, "none", "ddp"),
+               (1, 2, 2, "alltoall", False, "none", "ddp"), (1, 2, 2, "ring", False, "full", "fsdp")]
     res = spawn(_both, 4, layouts)
     _check_attention(res, 4)
     _check_model(res["model"])
