@@ -5,8 +5,10 @@ to the TP rank), G = Hq / Hk, D head_dim, c = T / (2 cp) the zig-zag chunk.
 
 Zig-zag sharding (causal load balance): the sequence is cut into 2*cp chunks and cp rank r holds
 chunks r and 2*cp-1-r, so every rank has one early and one late chunk and the same number of
-causal (query, key) pairs: c^2 (2cp-1) + c(c+1) per rank, where contiguous shards give rank r
-c^2 (4r+1) + c(c+1)... i.e. the last rank 7x the first at cp=4. Positions stay the full sequence's.
+causal (query, key) pairs, c^2 (2cp-1) + c(c+1), where contiguous shards give rank r
+c^2 (4r+1) + c(c+1): at cp=4 the last rank does 6.5x the first's work (tests count both).
+Packed documents make the work data-dependent; zig-zag still spreads each row's late tokens.
+Positions (position_ids) stay the full sequence's, sharded like the tokens.
 
     local, meta = context_parallel_inputs(batch, cp_group)   # batch: (B, T) tensors, every cp rank
     parts = model(local["tokens"], labels=local["labels"], position_ids=local["position_ids"],
@@ -25,8 +27,11 @@ attention core, the class swap `activation.py` uses for recomputation, keeping p
             attends the local queries to the visiting block, tiled (tile x tile scores at a time,
             never (Tl)^2), with the causal-by-global-index and same-document mask; tiles the mask
             empties are skipped, fully visible ones take no mask; partial results merged by
-            log-sum-exp. Backward is a second ring (custom autograd Function): K/V travel again
-            with their dK/dV accumulators, which arrive home after cp hops - exact gradients.
+            log-sum-exp (online softmax: running max and sum, lse = max + log sum). Tiles compute
+            in fp32 with PyTorch ops (CPU: ~2x the time of SDPA's fused CPU kernel at 8K); on GPU
+            a flash kernel returning the lse per tile would be the fast path (not written yet).
+            Backward is a second ring (custom autograd Function): K/V travel again with their
+            dK/dV accumulators, which arrive home after cp hops - exact gradients.
   alltoall  Ulysses: all-to-all (B, Tl, H, D) -> (B, T, H/cp, D) per head group, the model's own
             attention backend (`ops.attention`) on the full sequence with the full document ids,
             all-to-all back. Needs Hq divisible by cp; KV heads are replicated up to a multiple of
