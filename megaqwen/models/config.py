@@ -263,6 +263,21 @@ PUBLISHED_MOE: dict[str, dict[str, Any]] = {
                            shared_expert_intermediate_size=20480),
 }
 
+# Qwen2.5-Turbo, ASSUMED: its architecture is not public. Known: an MoE of the Qwen2-MoE family with
+# fine-grained experts and shared-expert routing, competitive with Qwen2.5-14B (Qwen2.5 technical
+# report), 1M-token context (Qwen2.5-Turbo release; the 1M models use rope_theta 1e7 and
+# max_position_embeddings 1,010,000). Assumed: Qwen2-57B-A14B's attention and width, each of its 64
+# experts of 2560 split in two (128 x 1280, DeepSeekMoE-style segmentation), top-8 of those (half the
+# routed compute), a shared expert 4 fine experts wide (5120), Qwen2.5's 152,064-row vocabulary:
+# 52.8B total, 6.5B active parameters. Change any of it by config (every MoE size is config only).
+ASSUMED_MOE: dict[str, dict[str, Any]] = {
+    "qwen2.5-turbo": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                          num_kv_heads=4, vocab_size=152_064, tie_word_embeddings=False,
+                          rms_norm_eps=1e-6, rope_theta=10_000_000.0,
+                          max_position_embeddings=1_010_000, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=1280, shared_expert_intermediate_size=5120),
+}
+
 # Tiny MoE: 4 layers, layer 0 dense (mlp_only_layers), layers 1 and 3 sparse (decoder_sparse_step 2),
 # 8 experts top-2 with a shared expert; the debug model's attention and vocabulary.
 DEBUG_MOE: dict[str, Any] = dict(
@@ -277,12 +292,12 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         return ModelConfig(**overrides)
     if name == "debug-moe":
         return ModelConfig(**{**DEBUG_MOE, **overrides})
-    if name in PUBLISHED_MOE:
-        return ModelConfig(name=name, arch="qwen2_moe", rope_theta=1_000_000.0,
-                           norm_topk_prob=False, router_aux_loss_coef=0.001,
-                           **{**PUBLISHED_MOE[name], **overrides})
+    if name in PUBLISHED_MOE or name in ASSUMED_MOE:
+        return ModelConfig(**{"name": name, "arch": "qwen2_moe", "rope_theta": 1_000_000.0,
+                              "norm_topk_prob": False, "router_aux_loss_coef": 0.001,
+                              **PUBLISHED_MOE.get(name, ASSUMED_MOE.get(name, {})), **overrides})
     if name not in PUBLISHED:
-        raise ValueError(
-            f"unknown model {name!r}; choose from {['debug', 'debug-moe', *PUBLISHED, *PUBLISHED_MOE]}")
+        raise ValueError(f"unknown model {name!r}; choose from "
+                         f"{['debug', 'debug-moe', *PUBLISHED, *PUBLISHED_MOE, *ASSUMED_MOE]}")
     return ModelConfig(name=name, rope_theta=1_000_000.0, max_position_embeddings=32_768,
                        **{**PUBLISHED[name], **overrides})
