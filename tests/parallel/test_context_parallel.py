@@ -96,6 +96,19 @@ def test_tiled_attention_equals_sdpa(tile):
                 assert _rel(a, r) <= tol, (name, dtype, d is None)
 
 
+def test_tiled_attention_bf16_matches_fp32_reference():
+    """bf16 inputs (fp32 tiles inside) are as close to the fp32 result as SDPA in bf16 is."""
+    g = torch.Generator().manual_seed(0)
+    docs = packed_documents(B, 64, seed=1)
+    q, k, v = (torch.randn(B, 64, h, D, generator=g) for h in (HQ, HK, HK))
+    ref = sdpa_attention(q, k, v, AttentionMeta(docs))
+    half = [x.bfloat16() for x in (q, k, v)]
+    out = ring_attention(*half, ContextParallelMeta(docs, None, shape=(B, 64), tile=16), None)
+    assert out.dtype == torch.bfloat16
+    sdpa_err = _rel(sdpa_attention(*half, AttentionMeta(docs)).float(), ref)
+    assert _rel(out.float(), ref) <= max(2 * sdpa_err, 1e-2)
+
+
 def test_cp_meta_refuses_plain_backends():
     meta = ContextParallelMeta(torch.zeros(1, 8, dtype=torch.long), None)
     with pytest.raises(RuntimeError, match="context-parallel attention core"):
