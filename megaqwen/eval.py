@@ -5,11 +5,17 @@ jsonl with one document per row: `{"text": ...}` (Qwen tokenizer, no BOS, no EOD
 `{"input_ids": [...]}`. Each document is scored on its own (no packing across documents), in
 windows of at most --max-len tokens; the loss is the mean over all predicted tokens. Prints one
 JSON object with `loss`, `tokens`, `documents`, `perplexity`, `malformed`.
+
+Long context at inference (no retraining): `--yarn FACTOR` scales RoPE by YaRN from the trained
+length (`--yarn-original`, default the config's max_position_embeddings); `--dca CHUNK LOCAL` runs
+Dual Chunk Attention (kernels/dca.py). `--attention auto` uses DCA when the checkpoint's config has
+it (HF `dual_chunk_attention_config`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +55,42 @@ def read_documents(path: Path, tokenizer_loader) -> tuple[list[list[int]], int]:
     return docs, malformed
 
 
+def long_context_config(cfg, yarn: float | None = None, yarn_original: int | None = None,
+                        dca: tuple[int, int] | None = None):
+    """`cfg` with YaRN and/or DCA settings for evaluation (validated by ModelConfig)."""
+    changes = {}
+    if yarn is not None:
+        changes.update(rope_scaling="yarn", rope_scaling_factor=yarn,
+                       rope_original_max_position=yarn_original or cfg.max_position_embeddings)
+    if dca is not None:
+        changes.update(dca_chunk_size=dca[0], dca_local_size=dca[1])
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def load_for_eval(checkpoint, device, attention: str = "auto", yarn: float | None = None,
+                  yarn_original: int | None = None, dca: tuple[int, int] | None = None):
+    """Model in eval mode from a native or HF checkpoint, with the long-context options applied;
+    DCA (`attention` dca, or auto with DCA in the config) swaps the RoPE and attention ops."""
+    from megaqwen.convert.hf import read_weights
+    from megaqwen.kernels.dca import dca_ops
+    from megaqwen.kernels.registry import resolve_ops
+    from megaqwen.models.spec import get_spec
+
+    if attention not in ("auto", "plain", "dca"):
+        raise ValueError(f"attention={attention!r}; choose auto | plain | dca")
+    cfg, weights = read_weights(checkpoint)
+    cfg = long_context_config(cfg, yarn, yarn_original, dca)
+    use_dca = attention == "dca" or dca is not None or (attention == "auto" and cfg.dca_chunk_size > 0)
+    if use_dca and not cfg.dca_chunk_size:
+        raise ValueError("attention=dca needs chunk and local sizes: pass --dca CHUNK LOCAL")
+    ops = resolve_ops(device=torch.device(device).type)
+    if use_dca and attention != "plain":
+        ops = dca_ops(ops, cfg.dca_chunk_size, cfg.dca_local_size)
+    model = get_spec(cfg).build(cfg, ops, device=device)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
 @torch.no_grad()
 def document_loss(model, docs: list[list[int]], max_len: int, device: torch.device) -> tuple[float, int]:
     """Summed next-token loss and predicted-token count over documents, one window at a time."""
@@ -68,6 +110,16 @@ def document_loss(model, docs: list[list[int]], max_len: int, device: torch.devi
     return total, count
 
 
+def add_long_context_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default="auto", choices=["auto", "plain", "dca"],
+                   help="dca: Dual Chunk Attention; auto: dca when the checkpoint's config has it")
+    p.add_argument("--dca", type=int, nargs=2, metavar=("CHUNK", "LOCAL"),
+                   help="Dual Chunk Attention window c and local window w (chunks of c - w tokens)")
+    p.add_argument("--yarn", type=float, metavar="FACTOR", help="YaRN RoPE scaling factor (e.g. 4)")
+    p.add_argument("--yarn-original", type=int, metavar="TOKENS",
+                   help="trained context YaRN extends (default: the config's max_position_embeddings)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megaqwen-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048, help="tokens per scoring window")
     p.add_argument("--max-docs", type=int, default=0, help="score only the first N documents (0: all)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    add_long_context_flags(p)
     args = parser.parse_args(argv)
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from megaqwen.convert.hf import load_pretrained
     from megaqwen.parallel.setup import resolve_device
     from megaqwen.tokenizer import load_tokenizer
 
@@ -95,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaqwen-eval: error: data file {data} not found", file=sys.stderr)
         return 2
     try:
-        model = load_pretrained(args.checkpoint, device=device).eval()
+        model = load_for_eval(args.checkpoint, device, args.attention, args.yarn, args.yarn_original,
+                              tuple(args.dca) if args.dca else None)
         docs, malformed = read_documents(data, load_tokenizer)
         if args.max_docs > 0:
             docs = docs[:args.max_docs]

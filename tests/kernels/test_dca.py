@@ -96,3 +96,30 @@ def test_dca_refuses_packed_documents_and_shifted_positions():
     no_dca_cfg = dataclasses.replace(dca.cfg, dca_chunk_size=0, dca_local_size=0)
     with pytest.raises(ValueError, match="local_size"):
         build_model(no_dca_cfg, dca.ops)(tokens)
+
+
+def test_megaqwen_eval_runs_dca_and_yarn(tmp_path, capsys):
+    """`megaqwen-eval loss --dca C W` scores with DCA (equal to the DCA model's own loss), and
+    `--yarn` with YaRN; plain attention gives a different loss past the window."""
+    import json
+
+    from megaqwen.eval import main as eval_main
+    from megaqwen.train.checkpoint import save_checkpoint
+
+    plain, dca = _models(chunk=40, local=8)
+    save_checkpoint(tmp_path / "ckpt", 1, plain, None,
+                    {"consumed_samples": 0, "model_config": dataclasses.replace(
+                        plain.cfg, dca_chunk_size=0, dca_local_size=0).to_dict()})
+    ids = torch.randint(0, 1024, (71,), generator=torch.Generator().manual_seed(2))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": ids.tolist()}))
+
+    def run(*flags):
+        assert eval_main(["loss", "--checkpoint", str(tmp_path / "ckpt"), "--data",
+                          str(tmp_path / "d.jsonl"), "--max-len", "70", "--device", "cpu", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["loss"]
+
+    with torch.no_grad():
+        parts = dca(ids[None, :-1], labels=ids[None, 1:])
+    assert abs(run("--dca", "40", "8") - (parts.sum / parts.count).item()) <= 1e-5
+    assert abs(run() - run("--dca", "40", "8")) > 1e-4
+    assert abs(run("--yarn", "4", "--yarn-original", "16") - run()) > 1e-4
