@@ -261,7 +261,7 @@ def apply_fsdp_experts(model: nn.Module, mesh: ParallelMesh, groups: EPGroups,
         for expert in block.experts.values():
             fully_shard(expert, mesh=edp_mesh, mp_policy=mp)
             expert.set_gradient_divide_factor(float(groups.dp_world))
-            if dist.get_backend(groups.edp_group) == "gloo":  # no PREMUL_SUM: sum, then divide
+            if groups.edp > 1 and dist.get_backend(groups.edp_group) == "gloo":  # no PREMUL_SUM: sum, divide
                 expert.set_force_sum_reduction_for_comms(True)
 
 
@@ -301,7 +301,19 @@ def update_routing_bias(model: nn.Module, loads: dict[str, LayerLoad], rate: flo
         return
     blocks = _moe_blocks(model)
     for name, layer in loads.items():
-        blocks[name].update_routing_bias(layer.load_E, rate)
+        block = blocks[name]
+        bias = getattr(block, "routing_bias", None)
+        if not isinstance(bias, DTensor):
+            block.update_routing_bias(layer.load_E, rate)
+            continue
+        # FSDP2 shards the bias too: step this rank's slice of it
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        load = layer.load_E.float()
+        delta = rate * torch.sign(load.mean() - load)
+        (n,), (off,) = compute_local_shape_and_global_offset(bias.shape, bias.device_mesh, bias.placements)
+        local = bias.to_local()
+        local[:n].add_(delta[off:off + n].to(local.device, local.dtype))
 
 
 def expert_param_count(model: nn.Module, expert_fqns: Iterable[str]) -> int:

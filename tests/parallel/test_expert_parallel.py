@@ -26,11 +26,12 @@ from megaqwen.parallel.expert_parallel import (
     ddp_ignore_experts,
     ep_groups,
     reduce_expert_grads,
+    update_routing_bias,
 )
 from megaqwen.parallel.materialize import materialize
 from tests.parallel.parallel_harness import spawn
 
-CFG = dict(vocab_size=1024)
+CFG = dict(vocab_size=1024, moe_routing_bias_update_rate=0.01)  # aux-free bias steps: in sync?
 STEPS, GLOBAL_B, T, LR, SEED = 3, 4, 16, 3e-3, 1234
 
 
@@ -53,20 +54,35 @@ def _reference(cfg):
         loss = model(tokens[s], labels[s]).mean()
         loss.backward()
         if s == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            norm = torch.nn.utils.get_total_norm(list(grads.values())).item()
             load = {n: b.load_E.float() for n, b in model.moe_blocks().items()}
-        for b in model.moe_blocks().values():
-            b.reset_stats()
+        loads = collect_load(model)
         opt.step()
         opt.zero_grad()
+        update_routing_bias(model, loads, cfg.moe_routing_bias_update_rate)
         losses.append(loss.item())
-    return dict(losses=losses, grads=grads, norm=norm, load=load)
+    bias = {n: b.routing_bias.clone() for n, b in model.moe_blocks().items()}
+    assert any(b.any() for b in bias.values())  # the aux-free bias moved
+    return dict(losses=losses, grads=grads, norm=norm, load=load, bias=bias)
 
 
+def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
+    """Save the ep-sharded model with DCP, load it into an unsharded model on every rank: the
+    largest difference to this rank's pieces (0: the checkpoint holds every expert by name)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": plain.state_dict()}, checkpoint_id=ckpt_dir)
+    full = get_spec(cfg).build(cfg, seed=0)  # other values: everything must be overwritten
+    state = {"model": full.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    full.load_state_dict(state["model"])
+    mine = plain.state_dict()
+    assert len(mine) < len(state["model"])  # this rank holds only its experts
+    return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
-def _run(cfg, ref, world: int, ep: int, fsdp: bool):
+def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None):
     dims = ParallelDims(world_size=world, ep=ep)
     mesh = dims.build_mesh("cpu")
     spec = get_spec(cfg)
@@ -95,6 +111,8 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool):
         loads = collect_load(plain, mesh.dp_group)
         if s == 0:
             for n, p in plain.named_parameters():
+                if not p.requires_grad:
+                    continue
                 g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                 r = ref["grads"][n]
                 grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
@@ -103,6 +121,7 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool):
             load_err = max((loads[n].load_E - ref["load"][n]).abs().max().item() for n in ref["load"])
         opt.step()
         opt.zero_grad()
+        update_routing_bias(plain, loads, cfg.moe_routing_bias_update_rate)
         loss = loss.detach().clone()
         dist.all_reduce(loss, group=mesh.dp_group)
         losses.append(loss.item() / dims.dp)
@@ -112,15 +131,20 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool):
     worst = max(grad_err, key=grad_err.get)
     worst_all = torch.tensor([grad_err[worst]])
     dist.all_reduce(worst_all, op=dist.ReduceOp.MAX)  # expert grads are checked where they live
+    bias_err = max((b.routing_bias.full_tensor() if isinstance(b.routing_bias, DTensor) else b.routing_bias)
+                   .sub(ref["bias"][n]).abs().max().item() for n, b in plain.moe_blocks().items())
+    dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) if ckpt_dir and not fsdp else None
     return dict(loss_rel=max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])),
                 grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err,
-                experts_held=held.item(), local_experts=len(fqns) // 3)
+                experts_held=held.item(), local_experts=len(fqns) // 3, bias_err=bias_err,
+                dcp_err=dcp_err)
 
 
-def _worker(rank: int, world: int, layouts: list[tuple[int, bool]]):
+def _worker(rank: int, world: int, layouts: list[tuple[int, bool]], ckpt_dir: str | None = None):
     cfg = _cfg()
     ref = _reference(cfg)
-    return {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp) for ep, fsdp in layouts}
+    return {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp, ckpt_dir)
+            for ep, fsdp in layouts}
 
 
 def _check(out: dict, world: int, n_sparse: int, experts: int):
@@ -130,16 +154,18 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
         assert r["grad_err"] <= 1e-5, (name, r)
         assert r["norm_rel"] <= 1e-5, (name, r)
         assert r["load_err"] == 0, (name, r)
+        assert r["bias_err"] == 0, (name, r)  # same global loads on every rank: same bias steps
         assert r["local_experts"] == n_sparse * experts // ep, (name, r)
         assert r["experts_held"] == n_sparse * experts * world // ep, (name, r)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ep2_world2_equals_one_process():
+def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [(2, False), (2, True)])
+    out = spawn(_worker, 2, [(2, False), (2, True)], str(tmp_path / "ckpt"))
     _check(out, 2, 2, cfg.num_experts)
+    assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
 
 
 @pytest.mark.distributed
