@@ -1,5 +1,5 @@
-"""Tensor-parallel plan for Qwen2-MoE: only tp = 1 so far (expert and tensor parallelism for the
-sparse layers are the next slice of issue 13)."""
+"""Tensor-parallel plan for Qwen2-MoE: only tp = 1 so far. Experts are spread by expert parallelism
+instead (`megaqwen.parallel.expert_parallel`, applied after this plan)."""
 
 from __future__ import annotations
 
@@ -13,5 +13,5 @@ def parallelize_tp(model: Qwen2MoeForCausalLM, mesh: ParallelMesh | None, sequen
     """tp = 1 (or no mesh): nothing to shard, an empty ShardMap. tp > 1: ValueError."""
     if mesh is None or mesh.dims.tp == 1:
         return ShardMap(mesh)
-    raise ValueError(f"expert/tensor parallelism for qwen2_moe is not implemented yet "
-                     f"(tp={mesh.dims.tp}); run {model.cfg.name!r} with tp=1")
+    raise ValueError(f"tensor parallelism for qwen2_moe is not implemented yet (tp={mesh.dims.tp}); "
+                     f"run {model.cfg.name!r} with tp=1 and spread its experts with parallel.ep")
