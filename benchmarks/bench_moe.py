@@ -11,6 +11,10 @@ so every layout uses the same cores. Baseline of the ratio column: ep=1 with the
         --batch 8 --set hidden_size=2048 moe_intermediate_size=1408 num_experts=60 \
         num_experts_per_tok=4 shared_expert_intermediate_size=5632 num_heads=16 num_kv_heads=16 \
         num_layers=4 decoder_sparse_step=1 mlp_only_layers=[]                 # one GPU, A2.7B layer shape
+    python benchmarks/bench_moe.py --kernel-only                                 # expert GEMMs alone
+`--kernel-only` times forward + backward of the expert computation by itself (kernels/moe.py) in
+one process at a realistic expert shape (Qwen1.5-MoE-A2.7B: H 2048, I 1408, 60 experts, top-4), so
+the backends compare without the model's and all-to-all's overheads.
 Prints a markdown table.
 """
 
@@ -127,6 +131,48 @@ def run(args: argparse.Namespace, ep: int, backend: str) -> dict:
         return torch.load(out)
 
 
+def kernel_only(args: argparse.Namespace) -> None:
+    from megaqwen.kernels.moe import IMPLS
+
+    cuda = args.device == "cuda"
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    h, i, e, k = args.kernel_shape
+    g = torch.Generator().manual_seed(0)
+    a = args.tokens * k
+    counts = torch.bincount(torch.randint(0, e, (a,), generator=g), minlength=e).tolist()  # random routing
+    x = torch.randn(a, h, generator=g).to(device, dtype).requires_grad_()
+    ws = [[(torch.randn(*shape, generator=g) * 0.02).to(device, dtype).requires_grad_() for _ in range(e)]
+          for shape in ((i, h), (i, h), (h, i))]
+    print(f"# {torch.cuda.get_device_name(0) if cuda else f'CPU ({torch.get_num_threads()} threads)'}, "
+          f"H {h}, I {i}, {e} experts, top-{k}, {args.tokens} tokens, {dtype}; fwd+bwd of the experts")
+    print("| backend | ms | vs loop | TFLOP/s |")
+    print("|---|---|---|---|")
+    flops = 3 * 6 * a * h * i  # 3 GEMMs, fwd + bwd (2 + 4 flops per MAC)
+    base = None
+    for name in args.backends:
+        fn = IMPLS[name]
+        times = []
+        try:
+            for step in range(args.warmup + args.steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(x, counts, *ws).float().square().mean().backward()
+                if cuda:
+                    torch.cuda.synchronize()
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+        except RuntimeError as err:
+            print(f"| {name} | failed: {str(err).splitlines()[0][:80]} | | |")
+            continue
+        dt = sorted(times)[len(times) // 2]
+        base = base or (dt if name == "loop" else None)
+        ratio = f"{base / dt:.2f}x" if base else "n/a"
+        print(f"| {name} | {dt * 1e3:.1f} | {ratio} | {flops / dt / 1e12:.3f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="debug-moe")
@@ -140,7 +186,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU threads shared by all ranks (0: all cores)")
+    p.add_argument("--kernel-only", action="store_true", help="time the expert computation alone")
+    p.add_argument("--kernel-shape", nargs=4, type=int, default=[2048, 1408, 60, 4],
+                   metavar=("H", "I", "E", "K"))
+    p.add_argument("--tokens", type=int, default=2048, help="--kernel-only: tokens routed (x top-k rows)")
     args = p.parse_args()
+    if args.kernel_only:
+        return kernel_only(args)
     if args.device == "cuda" and max(args.ep) > torch.cuda.device_count():
         p.error(f"--ep {max(args.ep)} needs that many GPUs; {torch.cuda.device_count()} visible")
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -29,6 +29,7 @@ from megaqwen.parallel.expert_parallel import (
     update_routing_bias,
 )
 from megaqwen.parallel.materialize import materialize
+from megaqwen.parallel.shards import ShardMap
 from tests.parallel.parallel_harness import spawn
 
 CFG = dict(vocab_size=1024, moe_routing_bias_update_rate=0.01)  # aux-free bias steps: in sync?
@@ -140,15 +141,50 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None)
                 dcp_err=dcp_err)
 
 
-def _worker(rank: int, world: int, layouts: list[tuple[int, bool]], ckpt_dir: str | None = None):
+def _capacity_losses(world: int, ep: int) -> list[float]:
+    """Losses with a capacity factor (drops happen on each rank's own tokens, before dispatch), and
+    the tokens dropped, summed over ranks: with the same dp split they must not depend on ep."""
+    cfg = get_config("debug-moe", vocab_size=1024, moe_capacity_factor=1.0)
+    mesh = ParallelDims(world_size=world, ep=ep).build_mesh("cpu")
+    model = get_spec(cfg).build(cfg, device="meta")
+    groups = ep_groups(mesh, ep)
+    fqns = apply_expert_parallel(model, groups)
+    materialize(model, ShardMap(mesh), "cpu", seed=SEED)
+    ddp_ignore_experts(model, fqns)
+    wrapped = wrap_ddp(model, mesh)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+    tokens, labels = _batches(cfg)
+    b = GLOBAL_B // world
+    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
+    out, dropped = [], 0.0
+    for s in range(STEPS):
+        loss = wrapped(tokens[s, sl], labels[s, sl]).mean()
+        loss.backward()
+        reduce_expert_grads(model, fqns, groups)
+        dropped += sum(ld.dropped for ld in collect_load(model, mesh.dp_group).values())
+        opt.step()
+        opt.zero_grad()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        out.append(loss.item() / world)
+    return out + [dropped]
+
+
+def _worker(rank: int, world: int, layouts: list[tuple[int, bool]], ckpt_dir: str | None = None,
+            capacity: bool = False):
     cfg = _cfg()
     ref = _reference(cfg)
-    return {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp, ckpt_dir)
-            for ep, fsdp in layouts}
+    out = {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp, ckpt_dir)
+           for ep, fsdp in layouts}
+    if capacity:
+        out["capacity"] = {ep: _capacity_losses(world, ep) for ep in (1, world)}
+    return out
 
 
 def _check(out: dict, world: int, n_sparse: int, experts: int):
     for name, r in out.items():
+        if name == "capacity":
+            continue
         ep = int(name[2])
         assert r["loss_rel"] <= 1e-5, (name, r)
         assert r["grad_err"] <= 1e-5, (name, r)
@@ -163,9 +199,12 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
 @pytest.mark.slow
 def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [(2, False), (2, True)], str(tmp_path / "ckpt"))
+    out = spawn(_worker, 2, [(2, False), (2, True)], str(tmp_path / "ckpt"), True)
     _check(out, 2, 2, cfg.num_experts)
     assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
+    ep1, ep2 = out["capacity"][1], out["capacity"][2]
+    assert ep1[-1] == ep2[-1] > 0  # the same assignments dropped, some
+    assert max(abs(a - b) / abs(a) for a, b in zip(ep1[:-1], ep2[:-1])) <= 1e-5
 
 
 @pytest.mark.distributed
