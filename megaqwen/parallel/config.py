@@ -13,6 +13,16 @@ class ParallelConfig:
     """Shard activations on the sequence axis around norms (needs tp > 1 to matter)."""
     pp: int = 1
     """Pipeline-parallel degree (stages of consecutive layers)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining): gpipe | 1f1b | interleaved_1f1b |
+    zero_bubble (interleaved ZB-H1) | zbv | dualpipev. Micro-batches per step are
+    global_batch_size / (micro_batch_size * dp)."""
+    pp_virtual_stages: int = 0
+    """Model chunks per pipeline rank: 0 = the schedule's default (1 for gpipe/1f1b, 2 for the
+    others); > 1 interleaves (zbv and dualpipev need exactly 2)."""
+    pp_layers: list[int] | None = None
+    """Explicit layers per pipeline stage (pp * virtual stages entries summing to num_layers; the
+    first and last may be smaller, even 0, to balance the embedding and the head); None = even."""
     cp: int = 1
     """Context-parallel degree (sequence split across ranks for attention)."""
     ep: int = 1

@@ -84,8 +84,8 @@ class ParallelDims:
                           f"{padded_vocab_size(cfg.vocab_size, tp)} (model.vocab_size=...)")
         if cfg.intermediate_size % tp:
             errors.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
-        if cfg.num_layers % self.pp:
-            errors.append(f"num_layers={cfg.num_layers} is not divisible by pp={self.pp} stages")
+        if cfg.num_layers < self.pp:  # how they split is the pipeline plan's check (pp_layers)
+            errors.append(f"num_layers={cfg.num_layers} is fewer than pp={self.pp} pipeline ranks")
         experts = getattr(cfg, "num_experts", 0) or 0
         if self.ep > 1 and (experts == 0 or experts % self.ep):
             errors.append(f"num_experts={experts} is not divisible by ep={self.ep}")

@@ -2,8 +2,9 @@
 
 `torch.nn.utils.clip_grad_norm_` sees only this rank's tensors: under TP it would miss the other
 shards and count replicated parameters once per rank. Here every rank sums the squares of its local
-gradient pieces, each divided by how many ranks hold an identical copy of it, and one all-reduce over
-the whole world gives the norm of the full, unsharded gradient.
+gradient pieces, each divided by how many ranks hold an identical copy of it (TP replicas, DDP
+replicas, a tied embedding on the first and last pipeline stage), and one all-reduce over the whole
+world (every pipeline stage included) gives the norm of the full, unsharded gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _copies(fqn: str, g: torch.Tensor, shards: ShardMap) -> int:
     d = shards.mesh.dims
     # FSDP2 gradients are already split over dp (x cp); DDP/ZeRO-1 gradients are replicated there.
     dp_copies = 1 if isinstance(g, DTensor) else d.dp * d.cp
-    return shards.tp_copies(fqn) * dp_copies
+    return shards.tp_copies(fqn) * dp_copies * shards.pp_copies(fqn)
 
 
 def grad_norm(named_params: NamedParams, shards: ShardMap | None) -> torch.Tensor:

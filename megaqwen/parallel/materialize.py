@@ -50,6 +50,10 @@ def materialize(model: nn.Module, shards: ShardMap, device: str | torch.device, 
     init from `seed`; the same seed gives the same full tensors under every layout)."""
     filler = filler or init_filler(model, shards, seed)
     model.to_empty(device=device)
+    if shards.pp_views:  # pipeline stage modules that FSDP2 manages sit outside the model's tree
+        from megaqwen.parallel.pipeline import after_materialize
+
+        after_materialize(shards.pp_views)
     for fqn, p in model.named_parameters():
         filler(fqn, p)
     return model

@@ -111,11 +111,30 @@ def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool =
                            bucket_elements=pcfg.zero_bucket_elements)
 
 
+def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatches: int):
+    """The pipeline plan for pp > 1 (None otherwise), after refusing what it cannot run yet."""
+    if pcfg.pp == 1:
+        return None
+    from megaqwen.parallel.pipeline import plan_from_config
+
+    if engine == "deepspeed":
+        raise ValueError(f"parallel.pp={pcfg.pp} with train.engine=deepspeed is not supported (DeepSpeed's "
+                         "pipeline engine needs its own model format); use train.engine=native with "
+                         "parallel.dp_mode=ddp|zero1|fsdp")
+    if getattr(model_cfg, "is_moe", False):
+        raise ValueError(f"parallel.pp={pcfg.pp}: pipeline stages of a Mixture-of-Experts model "
+                         f"({model_cfg.name!r}) are not supported yet (the load-balancing loss spans all "
+                         "stages' routers); use tp/dp for MoE models")
+    return plan_from_config(pcfg, model_cfg.num_layers, microbatches)
+
+
 def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
-                 engine: str = "native") -> None:
+                 engine: str = "native", microbatches: int = 1):
     """The one validation of the layout (and of the DeepSpeed settings with engine=deepspeed)
-    against the model, before anything is built; the plans rely on it."""
+    against the model, before anything is built; the plans rely on it. Returns the pipeline plan
+    (None without pipeline parallelism); `microbatches` per optimizer step feed its checks."""
     env.dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
+    plan = check_pipeline(pcfg, model_cfg, engine, microbatches)
     check_linear_backend(pcfg.tp_linear_backend)
     if pcfg.recompute not in RECOMPUTE_MODES:
         raise ValueError(f"parallel.recompute={pcfg.recompute!r}; choose from {RECOMPUTE_MODES}")
@@ -128,33 +147,56 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
                              "(DeepSpeed wraps the model itself); use train.engine=native")
     if pcfg.sequence_parallel and env.dims.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1")
-    if env.dims.pp > 1 or env.dims.cp > 1 or env.dims.ep > 1:
-        raise ValueError(f"pp={env.dims.pp} cp={env.dims.cp} ep={env.dims.ep}: pipeline, context and "
-                         "expert parallelism are not implemented yet; use tp and dp")
+    if env.dims.cp > 1 or env.dims.ep > 1:
+        raise ValueError(f"cp={env.dims.cp} ep={env.dims.ep}: context and expert parallelism are not "
+                         "implemented yet; use tp, pp and dp")
+    return plan
 
 
 def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
-                fsdp: bool = True, mp_param_dtype: torch.dtype | None = None) -> ShardMap:
-    """Apply the plans in place, in the design's order: TP/SP (the spec's plan) -> [EP -> CP, not
-    yet] -> activation recomputation -> compile -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the
-    meta-device model, then materialise or load; DDP comes after that (`wrap_data_parallel`).
-    Returns where every sharded parameter's piece sits."""
+                fsdp: bool = True, mp_param_dtype: torch.dtype | None = None, plan: Any = None) -> ShardMap:
+    """Apply the plans in place, in the design's order: pipeline cut (`plan`: this rank keeps its
+    stages' layers) -> TP/SP (the spec's plan) -> [EP -> CP, not yet] -> activation recomputation ->
+    compile -> [stage modules] -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model,
+    then materialise or load; DDP comes after that (`wrap_data_parallel`). Returns where every
+    sharded parameter's piece sits (and, under pipelining, this rank's stage modules)."""
+    pp_rank = env.mesh.rank("pp") if plan is not None else 0
+    if plan is not None:
+        from megaqwen.parallel.pipeline import prune_to_rank
+
+        prune_to_rank(model, plan, pp_rank)
     shards = spec.parallelize_tp(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
                                  linear_backend=pcfg.tp_linear_backend)
     layers = spec.layers(model)
     apply_recompute(layers, pcfg.recompute, spec.selective_recompute)
     if pcfg.compile:
         apply_compile(layers)
-    if fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp":
-        apply_fsdp(model, env.mesh, layers, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
-                   mp_param_dtype=mp_param_dtype)
+    use_fsdp = fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp"
+    if plan is None:
+        if use_fsdp:
+            apply_fsdp(model, env.mesh, layers, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
+                       mp_param_dtype=mp_param_dtype)
+        return shards
+    from megaqwen.parallel.data_parallel import dp_reduce_mesh
+    from megaqwen.parallel.pipeline import apply_fsdp_stages, stage_modules
+
+    use_fsdp = use_fsdp and dp_reduce_mesh(env.mesh).size() > 1
+    # activations between stages: FSDP2's compute dtype, else the fp32 residual stream (autocast too)
+    act_dtype = (mp_param_dtype if use_fsdp else None) or torch.float32
+    shards.pp_views = stage_modules(model, plan, pp_rank, act_dtype=act_dtype)
+    if model.cfg.tie_word_embeddings and plan.first_rank != plan.last_rank:
+        shards.extra_copies["model.embed_tokens.weight"] = 2  # first and last stage: one tensor
+    if use_fsdp:
+        apply_fsdp_stages(shards.pp_views, layers, dp_reduce_mesh(env.mesh), mp_param_dtype,
+                          reshard_after_forward=pcfg.fsdp_reshard_after_forward)
     return shards
 
 
 def wrap_data_parallel(model: nn.Module, pcfg: ParallelConfig, env: DistEnv) -> nn.Module:
     """DDP around the materialised model for dp_mode ddp / zero1 (FSDP2 was applied by
-    `parallelize`); the model itself otherwise."""
-    if env.mesh is None or pcfg.dp_mode == "fsdp":
+    `parallelize`); the model itself otherwise, and under pipelining, whose stages are called
+    outside the model's forward (`Pipeline.reduce_grads` all-reduces over dp after the schedule)."""
+    if env.mesh is None or pcfg.dp_mode == "fsdp" or pcfg.pp > 1:
         return model
     return wrap_ddp(model, env.mesh, bucket_cap_mb=pcfg.ddp_bucket_cap_mb)
 

@@ -46,6 +46,10 @@ class ShardMap:
     """The run's mesh; None in a single process."""
     shards: dict[str, TensorShard] = field(default_factory=dict)
     """Tensor-parallel parameters only."""
+    extra_copies: dict[str, int] = field(default_factory=dict)
+    """FQN -> pipeline ranks holding the same tensor (a tied embedding on the first and last stage)."""
+    pp_views: list = field(default_factory=list)
+    """Under pipelining: this rank's stage modules (`megaqwen.parallel.pipeline.StageModule`)."""
 
     def add(self, fqn: str, shard: TensorShard) -> None:
         if fqn in self.shards:
@@ -66,6 +70,10 @@ class ShardMap:
         """TP ranks holding the same values as this rank's piece of `fqn`."""
         shard = self.shards.get(fqn)
         return shard.replicas if shard is not None else self.tp
+
+    def pp_copies(self, fqn: str) -> int:
+        """Pipeline ranks holding the same tensor as this rank's `fqn` (1 but for a tied embedding)."""
+        return self.extra_copies.get(fqn, 1)
 
     def box(self, fqn: str, p: torch.Tensor) -> list[tuple[int, int]]:
         """Where this rank's local tensor of parameter `fqn` sits in the full tensor: the TP piece,

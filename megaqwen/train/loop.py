@@ -85,21 +85,40 @@ def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_le
                          consumed_samples=consumed_samples)
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> LossParts:
-    """One micro-batch through the model: LossParts (sum over valid tokens, their count). Positions
-    are always explicit; the document boundaries become one AttentionMeta for every layer."""
+def model_inputs(batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids) and
+    document_ids of one micro-batch, on `device`."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     tokens = batch["tokens"]
     if cfg.data.reset_position_ids:
         position_ids = batch["position_ids"]
     else:
-        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    attn = AttentionMeta(batch["document_ids"]) if cfg.data.document_mask else None
-    return model(tokens, labels=batch["labels"], position_ids=position_ids, document_ids=attn)
+        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
+    return {"tokens": tokens, "labels": batch["labels"], "position_ids": position_ids,
+            "document_ids": batch["document_ids"]}
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> LossParts:
+    """One micro-batch through the model: LossParts (sum over valid tokens, their count). Positions
+    are always explicit; the document boundaries become one AttentionMeta for every layer."""
+    b = model_inputs(batch, cfg, device)
+    attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
+    return model(b["tokens"], labels=b["labels"], position_ids=b["position_ids"], document_ids=attn)
+
+
+def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """All micro-batches of one step through the pipeline schedule (forward and backward), then the
+    dp and tied-embedding gradient reductions; returns the step's summed LM loss."""
+    inputs = [model_inputs(b, cfg, env.device) for b in micro]
+    with autocast_ctx(cfg.train.dtype, env.device):
+        loss_sum = pipe.step(inputs, scale, document_mask=cfg.data.document_mask)
+    pipe.reduce_grads(cfg.parallel.dp_mode)
+    return loss_sum
 
 
 def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
-               accum_steps: int, shards: ShardMap | None = None) -> dict[str, float]:
+               accum_steps: int, shards: ShardMap | None = None, pipe=None) -> dict[str, float]:
     """One optimizer step over `accum_steps` micro-batches; returns the step's metrics.
 
     The loss is the mean over every valid token of the step, on all dp ranks and micro-batches:
@@ -108,6 +127,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process.
     An MoE model's load-balancing loss (`parts.aux`, one per micro-batch, as in HF) is added with
     `model.router_aux_loss_coef`, averaged over micro-batches and dp ranks, and logged as `aux_loss`.
+    Under pipeline parallelism (`pipe`) the schedule runs every micro-batch at once with the same
+    objective (the last stage multiplies its loss sum by the same scale).
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
@@ -119,6 +140,9 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     aux_coef = getattr(cfg.model, "router_aux_loss_coef", 0.0)
     loss_sum = torch.zeros((), device=env.device)
     aux_sum = None
+    if pipe is not None:
+        loss_sum = pipeline_step(pipe, micro, cfg, env, scale)
+        micro = []
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device):
             parts = forward_loss(model, batch, cfg, env.device)
@@ -148,6 +172,18 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     return out
 
 
+def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
+    """Collective over the pp group: the schedule's theoretical bubble, the measured one (1 - time in
+    stage compute / step time, mean over pp ranks) and each stage rank's peak memory."""
+    idle = torch.tensor([max(0.0, 1.0 - pipe.last_busy_s / step_time_s)], dtype=torch.float64,
+                        device=device)
+    torch.distributed.all_reduce(idle, group=pipe.pp_group)
+    out = {"pp_bubble_theory": pipe.plan.bubble_fraction(), "pp_bubble_measured": idle.item() / pipe.plan.pp}
+    for r, peak in enumerate(pipe.stage_peaks(local_peak_memory_gib(device))):
+        out[f"pp_rank{r}_peak_mem_gib"] = peak
+    return out
+
+
 def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
     """`train.init_from` -> ("hf" | "native", folder), after checking that the source's model
     config matches the run's (HF folder: config.json + safetensors; native: a checkpoint)."""
@@ -167,7 +203,7 @@ def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
     return kind, src
 
 
-def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool):
+def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan=None):
     """The run's model as this rank holds it: built on meta, planned (TP/SP, recompute, compile,
     FSDP2), then only the local pieces allocated and filled - from `train.init_from` (HF slices or
     native DCP pieces), from train.seed, or left for the resumed checkpoint. DeepSpeed ZeRO-3
@@ -178,7 +214,7 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool):
     model = spec.build(cfg.model, ops, device="meta")
     mp_dtype = torch.bfloat16 if use_bf16(t.dtype, env.device) else None
     shards = par.parallelize(model, spec, cfg.parallel, env, fsdp=t.engine == "native",
-                             mp_param_dtype=mp_dtype)
+                             mp_param_dtype=mp_dtype, plan=plan)
     if source is not None and source[0] == "hf":
         filler = hf_filler(model, shards, source[1], spec.hf.hf_key, spec.hf.optional_hf_keys(cfg.model))
     elif resuming or source is not None:  # the checkpoint's values overwrite these right after
@@ -210,19 +246,31 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg.validate()
     t = cfg.train
     env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
-    par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine)  # before any model is built
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * env.dp_size)
     if rem or accum_steps == 0:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                          f"micro_batch_size ({t.micro_batch_size}) x dp ({env.dp_size})")
+    # before any model is built; the pipeline plan (pp > 1) runs all accum_steps micro-batches
+    plan = par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine, microbatches=accum_steps)
 
     run = RunFolder(cfg, env.world_size)
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
     torch.manual_seed(t.seed)
     ops = resolve_ops(cfg.kernels, device=env.device.type)
     latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
-    model, shards = build_model_for_run(cfg, env, ops, resuming=latest is not None)
+    model, shards = build_model_for_run(cfg, env, ops, resuming=latest is not None, plan=plan)
+    pipe = None
+    if plan is not None:
+        from megaqwen.parallel.pipeline import Pipeline
+
+        sp_shard = env.dims.tp if cfg.parallel.sequence_parallel else 1
+        pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, t.micro_batch_size, t.seq_len,
+                        cfg.model.hidden_size, seq_shard=sp_shard)
+        log.info("pipeline: %s, pp=%d x %d stage(s) per rank, layers per stage %s, %d micro-batches; "
+                 "this rank's stages %s; theoretical bubble %.1f%%", plan.schedule, plan.pp, plan.virtual,
+                 list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
+                 100 * plan.bubble_fraction())
     if t.engine == "native":
         model = par.wrap_data_parallel(model, cfg.parallel, env)  # DDP; FSDP2 was applied on meta
     model, optimizer = par.build_optimizer_or_engine(
@@ -245,8 +293,9 @@ def train(cfg: Config) -> dict[str, Any]:
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
-    validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env),
-                                lambda m, b: forward_loss(m, b, cfg, env.device),
+    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask))
+               if pipe is not None else (lambda m, b: forward_loss(m, b, cfg, env.device)))
+    validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
                                 lambda: autocast_ctx(t.dtype, env.device))
     profiler = StepProfiler(cfg.profile, out_dir, env.rank, env.device, start_step)
 
@@ -260,8 +309,10 @@ def train(cfg: Config) -> dict[str, Any]:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
             t0 = time.perf_counter()
-            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards)
+            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe)
             dt = time.perf_counter() - t0
+            if pipe is not None:
+                metrics.update(pipeline_metrics(pipe, dt, env.device))
             profiler.after_step(step + 1)
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=local_peak_memory_gib(env.device),

@@ -47,6 +47,11 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
         raise
     dims.validate_model(cfg.model, seq_len=cfg.train.seq_len,
                         sequence_parallel=cfg.parallel.sequence_parallel)
+    from megaqwen.parallel.setup import check_pipeline
+
+    t = cfg.train
+    check_pipeline(cfg.parallel, cfg.model, t.engine,
+                   max(1, t.global_batch_size // (t.micro_batch_size * dims.dp)))
     run = RunFolder(cfg, world_size)
     run.check()
     return run

@@ -34,8 +34,8 @@ def test_model_that_does_not_split_names_every_offending_value():
     text = str(e.value)
     assert "num_heads=14 is not divisible by tp=4" in text
     assert "qwen2.5-0.5b" in text and "tp=4 pp=2" in text
-    with pytest.raises(ValueError, match="num_layers=24 is not divisible by pp=5"):
-        ParallelDims(world_size=5, pp=5).validate_model(cfg)
+    with pytest.raises(ValueError, match="num_layers=24 is fewer than pp=32 pipeline ranks"):
+        ParallelDims(world_size=32, pp=32).validate_model(cfg)
 
 
 def test_kv_heads_split_or_replicated():

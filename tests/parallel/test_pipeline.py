@@ -1,0 +1,207 @@
+"""Pipeline parallelism (torch.distributed.pipelining on gloo) against one process.
+
+Every layout builds the model the trainer's way (meta -> pipeline cut -> TP/SP -> FSDP2 -> local
+pieces), runs STEPS optimizer steps over the same global batches as the single-process reference
+(all micro-batches of a step through the schedule) and reports: relative loss differences, the worst
+relative gradient error after the first backward (pieces gathered to full tensors), whether the tied
+embedding's copies on the first and last stage are bit-identical at the end, and the grad norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megaqwen.models.config import get_config
+from megaqwen.parallel.pipeline import SCHEDULES, plan_pipeline
+
+from .parallel_harness import STEPS, gather_full, reference, spawn
+
+LAYERS = 8
+
+
+def _cfg(tied: bool = True):
+    return replace(get_config("debug"), vocab_size=1024, num_layers=LAYERS, tie_word_embeddings=tied)
+
+
+def _batches(cfg, global_b: int, t: int = 16):
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, cfg.vocab_size, (STEPS, global_b, t + 1), generator=g)
+    labels = ids[..., 1:].clone()
+    labels[:, 0, :3] = -100  # ignored tokens: micro-batches weigh by their valid-token counts
+    return ids[..., :-1], labels
+
+
+def _reference(cfg, global_b: int):
+    from megaqwen.models.qwen2 import build_model
+    from megaqwen.parallel.grad_norm import grad_norm
+
+    from .parallel_harness import LR, SEED
+
+    model = build_model(cfg, seed=SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    tokens, labels = _batches(cfg, global_b)
+    losses, grads, norm = [], {}, 0.0
+    for s in range(STEPS):
+        parts = model(tokens[s], labels[s])
+        (parts.sum / parts.count).backward()
+        if s == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            norm = grad_norm(model.named_parameters(), None).item()
+        opt.step()
+        opt.zero_grad()
+        losses.append((parts.sum / parts.count).item())
+    return {"losses": losses, "grads": grads, "grad_norm": norm}
+
+
+def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int) -> dict:
+    import torch.distributed as dist
+
+    from megaqwen.models.spec import get_spec
+    from megaqwen.parallel.config import ParallelConfig
+    from megaqwen.parallel.dims import ParallelDims
+    from megaqwen.parallel.grad_norm import clip_grad_norm_
+    from megaqwen.parallel.materialize import materialize
+    from megaqwen.parallel.pipeline import Pipeline
+    from megaqwen.parallel.setup import DistEnv, build_optimizer_or_engine, check_layout, parallelize
+
+    from .parallel_harness import LR, SEED
+
+    pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay["pp"], sequence_parallel=lay.get("sp", False),
+                          dp_mode=lay.get("mode", "ddp"), pp_schedule=lay["schedule"],
+                          pp_virtual_stages=lay.get("v", 0), pp_layers=lay.get("layers"),
+                          recompute=lay.get("recompute", "none"))
+    dims = ParallelDims.from_config(pcfg, world)
+    env = DistEnv(rank, world, rank, torch.device("cpu"), dims, dims.build_mesh("cpu"))
+    micro = global_b // (mbs * dims.dp)
+    plan = check_layout(pcfg, env, cfg, 16, "native", microbatches=micro)
+    spec = get_spec(cfg)
+    model = spec.build(cfg, device="meta")
+    shards = parallelize(model, spec, pcfg, env, plan=plan)
+    materialize(model, shards, "cpu", seed=SEED)
+    pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, mbs, 16, cfg.hidden_size,
+                    seq_shard=pcfg.tp if pcfg.sequence_parallel else 1)
+    _, opt = build_optimizer_or_engine(
+        model, pcfg, env, "native", native=lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1),
+        param_groups=lambda m: [{"params": list(m.parameters())}], adamw=dict(lr=LR, weight_decay=0.1),
+        micro_batch_size=mbs, accum_steps=micro, grad_clip=0.0, shards=shards)
+    tokens, labels = _batches(cfg, global_b)
+    dp_rank, per_dp = env.mesh.dp_rank, global_b // dims.dp
+    losses, grad_err, norm_rel = [], 0.0, 0.0
+    for s in range(STEPS):
+        rows = range(dp_rank * per_dp, (dp_rank + 1) * per_dp)
+        mbatches = []
+        for i in range(micro):
+            sl = slice(rows[0] + i * mbs, rows[0] + (i + 1) * mbs)
+            t = tokens[s, sl]
+            mbatches.append({"tokens": t, "labels": labels[s, sl], "document_ids": torch.zeros_like(t),
+                             "position_ids": torch.arange(t.shape[1]).expand_as(t).contiguous()})
+        count = torch.tensor(float((labels[s] != -100).sum()))
+        loss_sum = pipe.step(mbatches, dims.dp / count)
+        pipe.reduce_grads(pcfg.dp_mode)
+        if s == 0:
+            for n, p in model.named_parameters():
+                g = gather_full(p.grad, n, shards)
+                r = ref["grads"][n]
+                grad_err = max(grad_err, ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item())
+            norm = clip_grad_norm_(model.named_parameters(), float("inf"), shards).item()
+            norm_rel = abs(norm / ref["grad_norm"] - 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_sum.clone()
+        if dims.dp > 1:
+            dist.all_reduce(loss, group=env.mesh.dp_group)
+        losses.append((loss / count).item())
+    tied_equal = True
+    if pipe.embed_group is not None:
+        w = gather_full(model.model.embed_tokens.weight.detach(), "model.embed_tokens.weight", shards)
+        other = w.clone()
+        dist.broadcast(other, group=pipe.embed_group, group_src=0)
+        tied_equal = torch.equal(w, other)
+    flag = torch.tensor([float(tied_equal), grad_err], dtype=torch.float64)
+    worst = flag.clone()
+    dist.all_reduce(worst[1:], op=dist.ReduceOp.MAX)
+    dist.all_reduce(worst[:1], op=dist.ReduceOp.MIN)
+    loss_rel = max(abs(a / b - 1) for a, b in zip(losses, ref["losses"]))
+    return {"loss_rel": loss_rel, "grad_err": worst[1].item(), "tied_equal": bool(worst[0].item()),
+            "norm_rel": norm_rel, "losses": losses}
+
+
+def _worker(rank, world, cases, global_b, mbs):
+    out = {}
+    refs = {}
+    for name, lay in cases:
+        cfg = _cfg(lay.get("tied", True))
+        key = cfg.tie_word_embeddings
+        if key not in refs:
+            refs[key] = _reference(cfg, global_b)
+        out[name] = _run_layout(rank, world, cfg, lay, refs[key], global_b, mbs)
+    return out
+
+
+def _check(results):
+    bad = {n: r for n, r in results.items()
+           if not (r["loss_rel"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["tied_equal"] and r["norm_rel"] <= 1e-5)}
+    assert not bad, bad
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pp2_every_schedule_equals_one_process():
+    """pp=2, 4 micro-batches of 1: every schedule, with and without virtual stages, tied and untied."""
+    cases = [(f"{s}-v{v}", {"pp": 2, "schedule": s, "v": v})
+             for s, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4),
+                          ("zero_bubble", 2), ("zbv", 2), ("dualpipev", 2)]]
+    cases.append(("1f1b-untied", {"pp": 2, "schedule": "1f1b", "tied": False}))
+    cases.append(("1f1b-uneven", {"pp": 2, "schedule": "1f1b", "layers": [3, 5]}))
+    cases.append(("1f1b-recompute", {"pp": 2, "schedule": "1f1b", "recompute": "full"}))
+    _check(spawn(_worker, 2, cases, 4, 1))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pp_composed_with_tp_and_fsdp_and_pp4():
+    """World 4: pp=2 x tp=2 (+SP), pp=2 x dp=2 FSDP2 and DDP, pp=4 1F1B and interleaved."""
+    cases = [("pp2-tp2-sp-1f1b", {"pp": 2, "tp": 2, "sp": True, "schedule": "1f1b"}),
+             ("pp2-tp2-interleaved", {"pp": 2, "tp": 2, "schedule": "interleaved_1f1b"}),
+             ("pp2-dp2-fsdp-1f1b", {"pp": 2, "mode": "fsdp", "schedule": "1f1b"}),
+             ("pp2-dp2-zero1-zbv", {"pp": 2, "mode": "zero1", "schedule": "zbv"}),
+             ("pp4-1f1b", {"pp": 4, "schedule": "1f1b"}),
+             ("pp4-interleaved-v2", {"pp": 4, "schedule": "interleaved_1f1b"}),
+             ("pp4-zero_bubble", {"pp": 4, "schedule": "zero_bubble"}),
+             ("pp4-dualpipev", {"pp": 4, "schedule": "dualpipev"}),
+             ("pp4-gpipe-uneven", {"pp": 4, "schedule": "gpipe", "layers": [1, 3, 3, 1]})]
+    _check(spawn(_worker, 4, cases, 8, 1))
+
+
+def test_plan_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"num_layers=24 is not divisible by pp\*virtual stages = 5\*1"):
+        plan_pipeline(24, 5, "1f1b", 0, None, 8)
+    with pytest.raises(ValueError, match="needs at least 4 micro-batches per step, got 2"):
+        plan_pipeline(8, 4, "1f1b", 0, None, 2)
+    with pytest.raises(ValueError, match="needs at least 8 micro-batches"):
+        plan_pipeline(8, 4, "dualpipev", 0, None, 4)
+    with pytest.raises(ValueError, match="sums to 7"):
+        plan_pipeline(8, 2, "1f1b", 0, [3, 4], 4)
+    with pytest.raises(ValueError, match="exactly 2 stages per rank"):
+        plan_pipeline(8, 2, "zbv", 4, None, 8)
+    with pytest.raises(ValueError, match="choose from"):
+        plan_pipeline(8, 2, "pipedream", 0, None, 8)
+    with pytest.raises(ValueError, match="not a multiple of the 2 rounds"):
+        plan_pipeline(8, 2, "interleaved_1f1b", 0, None, 5)
+    plan = plan_pipeline(8, 2, "zbv", 0, [0, 3, 5, 0], 4)
+    assert [plan.stage_rank(s) for s in range(4)] == [0, 1, 1, 0]
+    assert plan.stages_of(0) == [0, 3] and list(plan.layer_ids(2)) == [3, 4, 5, 6, 7]
+    looped = plan_pipeline(8, 2, "interleaved_1f1b", 0, None, 4)
+    assert looped.stages_of(1) == [1, 3] and looped.first_rank == 0 and looped.last_rank == 1
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"}
+
+
+def test_bubble_fraction_formulas():
+    p, m = 4, 8
+    assert plan_pipeline(8, p, "1f1b", 0, None, m).bubble_fraction() == pytest.approx(3 / 11)
+    assert plan_pipeline(8, p, "interleaved_1f1b", 0, None, m).bubble_fraction() == pytest.approx(3 / 19)
+    assert plan_pipeline(8, p, "zero_bubble", 0, None, m).bubble_fraction() == pytest.approx(3 / 51)
+    assert plan_pipeline(8, p, "zbv", 0, None, m).bubble_fraction() == 0.0
