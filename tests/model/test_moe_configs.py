@@ -7,7 +7,6 @@ import yaml
 
 from megaqwen.models import ModelConfig, get_config
 from megaqwen.models.config import ASSUMED_MOE
-from megaqwen.models.spec import get_spec
 from megaqwen.parallel.expert_parallel import check_expert_parallel
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -29,8 +28,8 @@ def test_turbo_is_a_qwen2_moe_config_and_its_yaml_agrees():
     assert cfg.arch == "qwen2_moe" and cfg.rope_theta == 1e7 and cfg.max_position_embeddings == 1_010_000
     data = yaml.safe_load((CONF / "qwen2.5-turbo.yaml").read_text())
     assert ModelConfig(**data) == cfg
-    model = get_spec(cfg).build(cfg, device="meta")  # nothing allocated
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    # (the closed-form count equals a built model's: test_moe.py checks that on the published sizes;
+    # building Turbo's 10,752 expert modules, even on meta, costs ~6 s)
     check_expert_parallel(cfg, 8, 64)  # 128 experts: ep 8 on 64 dp ranks is a valid layout
     with pytest.raises(ValueError, match="num_experts=128 is not divisible by ep=3"):
         check_expert_parallel(cfg, 3, 6)
