@@ -170,7 +170,7 @@ def test_hf_config_round_trip():
     assert back == cfg
 
 
-def test_tp_above_one_is_refused():
+def test_sequence_parallel_is_refused():
     from types import SimpleNamespace
 
     cfg = get_config("debug-moe")
@@ -178,8 +178,8 @@ def test_tp_above_one_is_refused():
     model = spec.build(cfg, device="meta")
     assert spec.parallelize_tp(model, None).shards == {}
     mesh = SimpleNamespace(dims=SimpleNamespace(tp=2))
-    with pytest.raises(ValueError, match="tensor parallelism for qwen2_moe is not implemented yet"):
-        spec.parallelize_tp(model, mesh)
+    with pytest.raises(ValueError, match="sequence parallelism with qwen2_moe is not implemented yet"):
+        spec.parallelize_tp(model, mesh, sequence_parallel=True)
 
 
 def test_dense_debug_unchanged():

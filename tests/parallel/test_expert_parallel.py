@@ -30,7 +30,7 @@ from megaqwen.parallel.expert_parallel import (
 )
 from megaqwen.parallel.materialize import materialize
 from megaqwen.parallel.shards import ShardMap
-from tests.parallel.parallel_harness import spawn
+from tests.parallel.parallel_harness import gather_full, spawn
 
 CFG = dict(vocab_size=1024, moe_routing_bias_update_rate=0.01)  # aux-free bias steps: in sync?
 STEPS, GLOBAL_B, T, LR, SEED = 3, 4, 16, 3e-3, 1234
@@ -83,8 +83,8 @@ def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
     return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
-def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None):
-    dims = ParallelDims(world_size=world, ep=ep)
+def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None, tp: int = 1):
+    dims = ParallelDims(world_size=world, ep=ep, tp=tp)
     mesh = dims.build_mesh("cpu")
     spec = get_spec(cfg)
     model = spec.build(cfg, device="meta")
@@ -114,7 +114,7 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None)
             for n, p in plain.named_parameters():
                 if not p.requires_grad:
                     continue
-                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                g = gather_full(p.grad, n, shards)  # FSDP and TP pieces -> the full tensor
                 r = ref["grads"][n]
                 grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
             norm = clip_grad_norm_ep_(plain.named_parameters(), float("inf"), shards, fqns, groups)
@@ -170,12 +170,12 @@ def _capacity_losses(world: int, ep: int) -> list[float]:
     return out + [dropped]
 
 
-def _worker(rank: int, world: int, layouts: list[tuple[int, bool]], ckpt_dir: str | None = None,
+def _worker(rank: int, world: int, layouts: list[tuple[int, bool, int]], ckpt_dir: str | None = None,
             capacity: bool = False):
     cfg = _cfg()
     ref = _reference(cfg)
-    out = {f"ep{ep}{'-fsdp' if fsdp else ''}": _run(cfg, ref, world, ep, fsdp, ckpt_dir)
-           for ep, fsdp in layouts}
+    out = {f"ep{ep}{'-fsdp' if fsdp else ''}{f'-tp{tp}' if tp > 1 else ''}":
+           _run(cfg, ref, world, ep, fsdp, ckpt_dir, tp) for ep, fsdp, tp in layouts}
     if capacity:
         out["capacity"] = {ep: _capacity_losses(world, ep) for ep in (1, world)}
     return out
@@ -199,7 +199,7 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
 @pytest.mark.slow
 def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [(2, False), (2, True)], str(tmp_path / "ckpt"), True)
+    out = spawn(_worker, 2, [(2, False, 1), (2, True, 1)], str(tmp_path / "ckpt"), True)
     _check(out, 2, 2, cfg.num_experts)
     assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
     ep1, ep2 = out["capacity"][1], out["capacity"][2]
@@ -209,9 +209,11 @@ def test_ep2_world2_equals_one_process(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ep4_and_ep2_x_edp2_world4_equal_one_process():
+def test_ep4_ep2_x_edp2_and_ep2_x_tp2_world4_equal_one_process():
     cfg = _cfg()
-    out = spawn(_worker, 4, [(4, False), (2, False), (2, True), (1, False)])
+    # (ep, fsdp, tp): tp2 x dp2 with ep2 keeps attention TP-sharded and experts whole per TP rank
+    out = spawn(_worker, 4, [(4, False, 1), (2, False, 1), (2, True, 1), (1, False, 1), (2, False, 2)])
+    assert "ep2-tp2" in out
     _check(out, 4, 2, cfg.num_experts)
 
 
