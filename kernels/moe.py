@@ -64,32 +64,44 @@ def expert_mlp_bmm(x_AH: torch.Tensor, counts: Sequence[int], gate: Weights, up:
 
 def expert_mlp_grouped(x_AH: torch.Tensor, counts: Sequence[int] | torch.Tensor, gate: Weights,
                        up: Weights, down: Weights, swiglu: Callable = _swiglu) -> torch.Tensor:
-    """torch._grouped_mm: x (A, H) @ w (E, H, I) with `offs` = cumulative block ends (int32)."""
+    """torch._grouped_mm: x (A, H) @ w (E, H, I) with `offs` = cumulative block ends (int32). Under
+    autocast (which has no rule for it) inputs and weights are cast to the autocast dtype, as a
+    Linear would be."""
+    dt = compute_dtype(x_AH)
     c = torch.as_tensor(counts, device=x_AH.device)
     offs = c.cumsum(0).to(torch.int32)
-    g = torch.stack(list(gate)).transpose(1, 2)  # (E, H, I)
-    u = torch.stack(list(up)).transpose(1, 2)
-    d = torch.stack(list(down)).transpose(1, 2)  # (E, I, H)
+    x_AH = x_AH.to(dt)
+    g = torch.stack(list(gate)).to(dt).transpose(1, 2)  # (E, H, I)
+    u = torch.stack(list(up)).to(dt).transpose(1, 2)
+    d = torch.stack(list(down)).to(dt).transpose(1, 2)  # (E, I, H)
     a_AI = swiglu(torch._grouped_mm(x_AH, g, offs=offs), torch._grouped_mm(x_AH, u, offs=offs))
     return torch._grouped_mm(a_AI, d, offs=offs)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's when it is on for x's device, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 IMPLS = {"loop": expert_mlp_loop, "bmm": expert_mlp_bmm, "grouped_mm": expert_mlp_grouped}
 
 
 def grouped_mm_unavailable_reason(x: torch.Tensor, h: int, i: int) -> str | None:
-    """Why torch._grouped_mm cannot take this input (None: it can)."""
+    """Why torch._grouped_mm cannot take this input (None: it can), in its compute dtype."""
+    dt = compute_dtype(x)
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
     if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device) < (9, 0) and x.dtype == torch.bfloat16:
+        if dt != torch.bfloat16:
+            return f"on CUDA torch._grouped_mm takes bf16 (autocast or bf16 weights), got {dt}"
+        if torch.cuda.get_device_capability(x.device) < (9, 0):
             return "bf16 grouped GEMM needs compute capability >= 9.0"
-        if x.dtype != torch.bfloat16:
-            return f"on CUDA torch._grouped_mm takes bf16, got {x.dtype}"
-    elif x.dtype != torch.float32:
-        return f"on CPU torch._grouped_mm is used in fp32 only, got {x.dtype}"
-    if (h * x.element_size()) % 16 or (i * x.element_size()) % 16:
-        return f"row strides must be multiples of 16 bytes (hidden {h}, intermediate {i}, {x.dtype})"
+    elif dt != torch.float32:
+        return f"on CPU torch._grouped_mm is used in fp32 only, got {dt}"
+    size = torch.empty((), dtype=dt).element_size()
+    if (h * size) % 16 or (i * size) % 16:
+        return f"row strides must be multiples of 16 bytes (hidden {h}, intermediate {i}, {dt})"
     return None
 
 

@@ -69,6 +69,9 @@ def test_backend_choice_and_refusals():
     with pytest.raises(ValueError, match="expert backend 'fast'; choose from"):
         pick_backend("fast", x, H, I)
     assert grouped_mm_unavailable_reason(x.double(), 16, 16) is not None
+    assert grouped_mm_unavailable_reason(x, 16, 16) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # judged in the dtype it would compute in
+        assert "fp32 only, got torch.bfloat16" in grouped_mm_unavailable_reason(x, 16, 16)
     x10 = torch.randn(4, 10)  # 40-byte rows
     with pytest.raises(ValueError, match="grouped_mm: .*16 bytes"):
         expert_mlp(x10, [4], [torch.randn(I, 10)], [torch.randn(I, 10)], [torch.randn(10, I)],
