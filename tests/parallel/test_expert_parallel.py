@@ -83,12 +83,13 @@ def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
     return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
-def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None, tp: int = 1):
+def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None, tp: int = 1,
+         sp: bool = False):
     dims = ParallelDims(world_size=world, ep=ep, tp=tp)
     mesh = dims.build_mesh("cpu")
     spec = get_spec(cfg)
     model = spec.build(cfg, device="meta")
-    shards = spec.parallelize_tp(model, mesh)
+    shards = spec.parallelize_tp(model, mesh, sequence_parallel=sp)
     groups = ep_groups(mesh, ep)
     fqns = apply_expert_parallel(model, groups)
     if fsdp:
@@ -170,12 +171,12 @@ def _capacity_losses(world: int, ep: int) -> list[float]:
     return out + [dropped]
 
 
-def _worker(rank: int, world: int, layouts: list[tuple[int, bool, int]], ckpt_dir: str | None = None,
+def _worker(rank: int, world: int, layouts: list[tuple[int, bool, int, bool]], ckpt_dir: str | None = None,
             capacity: bool = False):
     cfg = _cfg()
     ref = _reference(cfg)
-    out = {f"ep{ep}{'-fsdp' if fsdp else ''}{f'-tp{tp}' if tp > 1 else ''}":
-           _run(cfg, ref, world, ep, fsdp, ckpt_dir, tp) for ep, fsdp, tp in layouts}
+    out = {f"ep{ep}{'-fsdp' if fsdp else ''}{f'-tp{tp}' if tp > 1 else ''}{'-sp' if sp else ''}":
+           _run(cfg, ref, world, ep, fsdp, ckpt_dir, tp, sp) for ep, fsdp, tp, sp in layouts}
     if capacity:
         out["capacity"] = {ep: _capacity_losses(world, ep) for ep in (1, world)}
     return out
@@ -199,7 +200,7 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
 @pytest.mark.slow
 def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [(2, False, 1), (2, True, 1)], str(tmp_path / "ckpt"), True)
+    out = spawn(_worker, 2, [(2, False, 1, False), (2, True, 1, False)], str(tmp_path / "ckpt"), True)
     _check(out, 2, 2, cfg.num_experts)
     assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
     ep1, ep2 = out["capacity"][1], out["capacity"][2]
@@ -209,11 +210,12 @@ def test_ep2_world2_equals_one_process(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ep4_ep2_x_edp2_and_ep2_x_tp2_world4_equal_one_process():
+def test_ep4_ep2_x_edp2_and_ep2_x_tp2_sp_world4_equal_one_process():
     cfg = _cfg()
-    # (ep, fsdp, tp): tp2 x dp2 with ep2 keeps attention TP-sharded and experts whole per TP rank
-    out = spawn(_worker, 4, [(4, False, 1), (2, False, 1), (2, True, 1), (1, False, 1), (2, False, 2)])
-    assert "ep2-tp2" in out
+    # (ep, fsdp, tp, sp): tp2 x dp2 with ep2 keeps attention TP-sharded and experts whole per TP rank
+    out = spawn(_worker, 4, [(4, False, 1, False), (2, False, 1, False), (2, True, 1, False),
+                             (1, False, 1, False), (2, False, 2, False), (2, False, 2, True)])
+    assert {"ep2-tp2", "ep2-tp2-sp"} <= set(out)
     _check(out, 4, 2, cfg.num_experts)
 
 
