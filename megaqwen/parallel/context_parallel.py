@@ -150,7 +150,8 @@ class ContextParallelMeta(AttentionMeta):
         self.tile = tile
         self.count_work = count_work
         self.work = {"computed": 0, "unmasked": 0}
-        """(query, key) pairs per head in computed tiles / unmasked among them (when count_work)."""
+        """With count_work: (query, key) pairs, summed over batch rows, of one head in the tiles the
+        ring computed / the unmasked pairs among them (the attention work this rank did)."""
         self._full_meta: AttentionMeta | None = None
         self._plan: list | None = None
 
@@ -254,7 +255,7 @@ def _rows(x: torch.Tensor, hk: int) -> torch.Tensor:
     """(B, T, Hq, D) -> (B, Hk, T*G, D): a query head group's rows t*G + g next to each other, so a
     tile of tokens is a contiguous row range and GQA needs no K/V copies."""
     b, t, hq, d = x.shape
-    return x.view(b, t, hk, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b, hk, t * (hq // hk), d)
+    return x.reshape(b, t, hk, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b, hk, t * (hq // hk), d)
 
 
 def _unrows(x: torch.Tensor, t: int) -> torch.Tensor:

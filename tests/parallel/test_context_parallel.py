@@ -109,6 +109,13 @@ def test_tiled_attention_bf16_matches_fp32_reference():
     assert _rel(out.float(), ref) <= max(2 * sdpa_err, 1e-2)
 
 
+def test_cp_mode_is_checked():
+    cfg = get_config("debug", vocab_size=1024)
+    spec = get_spec(cfg)
+    with pytest.raises(ValueError, match=r"parallel.cp_mode='ulysses'; choose from \('ring', 'alltoall'\)"):
+        apply_context_parallel(spec.build(cfg, device="meta"), spec, None, "ulysses")
+
+
 def test_cp_meta_refuses_plain_backends():
     meta = ContextParallelMeta(torch.zeros(1, 8, dtype=torch.long), None)
     with pytest.raises(RuntimeError, match="context-parallel attention core"):
