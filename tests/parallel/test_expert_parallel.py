@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
+from megaqwen.parallel.activation import apply_recompute
 from megaqwen.parallel.data_parallel import apply_fsdp, unwrap, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims
 from megaqwen.parallel.expert_parallel import (
@@ -83,8 +84,8 @@ def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
     return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
-def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None, tp: int = 1,
-         sp: bool = False):
+def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None = None, tp: int = 1,
+         sp: bool = False, recompute: str = "none"):
     dims = ParallelDims(world_size=world, ep=ep, tp=tp)
     mesh = dims.build_mesh("cpu")
     spec = get_spec(cfg)
@@ -92,6 +93,7 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None,
     shards = spec.parallelize_tp(model, mesh, sequence_parallel=sp)
     groups = ep_groups(mesh, ep)
     fqns = apply_expert_parallel(model, groups)
+    apply_recompute(spec.layers(model), recompute, spec.selective_recompute)
     if fsdp:
         apply_fsdp_experts(model, mesh, groups)
         apply_fsdp(model, mesh, spec.layers(model))
@@ -135,7 +137,8 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool, ckpt_dir: str | None = None,
     dist.all_reduce(worst_all, op=dist.ReduceOp.MAX)  # expert grads are checked where they live
     bias_err = max((b.routing_bias.full_tensor() if isinstance(b.routing_bias, DTensor) else b.routing_bias)
                    .sub(ref["bias"][n]).abs().max().item() for n, b in plain.moe_blocks().items())
-    dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) if ckpt_dir and not fsdp else None
+    dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) \
+        if ckpt_dir and not fsdp and recompute == "none" else None
     return dict(loss_rel=max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])),
                 grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err,
                 experts_held=held.item(), local_experts=len(fqns) // 3, bias_err=bias_err,
@@ -171,12 +174,19 @@ def _capacity_losses(world: int, ep: int) -> list[float]:
     return out + [dropped]
 
 
-def _worker(rank: int, world: int, layouts: list[tuple[int, bool, int, bool]], ckpt_dir: str | None = None,
+def _name(layout: dict) -> str:
+    """ep2-fsdp-tp2-sp-full: ep, then whatever differs from the defaults."""
+    defaults = dict(fsdp=False, tp=1, sp=False, recompute="none")
+    tags = dict(fsdp="fsdp", tp=f"tp{layout.get('tp')}", sp="sp", recompute=layout.get("recompute"))
+    changed = [tags[k] for k in defaults if layout.get(k, defaults[k]) != defaults[k]]
+    return "-".join([f"ep{layout['ep']}", *changed])
+
+
+def _worker(rank: int, world: int, layouts: list[dict], ckpt_dir: str | None = None,
             capacity: bool = False):
     cfg = _cfg()
     ref = _reference(cfg)
-    out = {f"ep{ep}{'-fsdp' if fsdp else ''}{f'-tp{tp}' if tp > 1 else ''}{'-sp' if sp else ''}":
-           _run(cfg, ref, world, ep, fsdp, ckpt_dir, tp, sp) for ep, fsdp, tp, sp in layouts}
+    out = {_name(lay): _run(cfg, ref, world, ckpt_dir=ckpt_dir, **lay) for lay in layouts}
     if capacity:
         out["capacity"] = {ep: _capacity_losses(world, ep) for ep in (1, world)}
     return out
@@ -200,7 +210,9 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
 @pytest.mark.slow
 def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [(2, False, 1, False), (2, True, 1, False)], str(tmp_path / "ckpt"), True)
+    out = spawn(_worker, 2, [dict(ep=2), dict(ep=2, fsdp=True), dict(ep=2, recompute="full")],
+                str(tmp_path / "ckpt"), True)
+    assert {"ep2", "ep2-fsdp", "ep2-full"} == set(out) - {"capacity"}
     _check(out, 2, 2, cfg.num_experts)
     assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
     ep1, ep2 = out["capacity"][1], out["capacity"][2]
@@ -212,10 +224,10 @@ def test_ep2_world2_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_ep4_ep2_x_edp2_and_ep2_x_tp2_sp_world4_equal_one_process():
     cfg = _cfg()
-    # (ep, fsdp, tp, sp): tp2 x dp2 with ep2 keeps attention TP-sharded and experts whole per TP rank
-    out = spawn(_worker, 4, [(4, False, 1, False), (2, False, 1, False), (2, True, 1, False),
-                             (1, False, 1, False), (2, False, 2, False), (2, False, 2, True)])
-    assert {"ep2-tp2", "ep2-tp2-sp"} <= set(out)
+    # tp2 x dp2 with ep2 keeps attention TP-sharded and experts whole per TP rank
+    out = spawn(_worker, 4, [dict(ep=4), dict(ep=2), dict(ep=2, fsdp=True), dict(ep=1),
+                             dict(ep=2, tp=2), dict(ep=2, tp=2, sp=True)])
+    assert {"ep4", "ep2", "ep2-fsdp", "ep1", "ep2-tp2", "ep2-tp2-sp"} == set(out)
     _check(out, 4, 2, cfg.num_experts)
 
 

@@ -164,7 +164,8 @@ class SparseMoeBlock(nn.Module):
         flat = idx_NK.reshape(-1)  # (A,)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens in order
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        with torch.no_grad():
+        first_pass = not _recomputing()
+        if first_pass:
             self.load_E = counts if self.load_E is None else self.load_E + counts
         if self.capacity_factor > 0:
             cap = math.ceil(self.capacity_factor * n * k / self.num_experts)
@@ -173,7 +174,8 @@ class SparseMoeBlock(nn.Module):
             keep = torch.arange(order.numel(), device=flat.device) - start[sorted_e] < cap
             order, counts = order[keep], counts.clamp(max=cap)
             dropped = (~keep).sum()
-            self.dropped = dropped if self.dropped is None else self.dropped + dropped
+            if first_pass:
+                self.dropped = dropped if self.dropped is None else self.dropped + dropped
         token_A = order // k
         x_A = x_NH.index_select(0, token_A)  # (A, H) expert-major
         y_A = (self.dispatcher or _local)(x_A, counts, self.compute)
@@ -197,6 +199,13 @@ class SparseMoeBlock(nn.Module):
         if bias is not None:
             load = load_E.float()
             bias.add_(rate * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
+
+
+def _recomputing() -> bool:
+    """True while activation recomputation re-runs a forward inside backward (the autograd engine is
+    executing a graph task): the load was counted on the first pass already."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _wrapped(w: torch.Tensor) -> bool:
