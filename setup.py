@@ -95,6 +95,7 @@ setup(
             "megaqwen-train=megaqwen.train.main:main",
             "megaqwen-convert=megaqwen.convert.cli:main",
             "megaqwen-eval=megaqwen.eval:main",
+            "megaqwen-stages=megaqwen.train.stages:main",
             "megaqwen-data=megaqwen.data_pipeline.cli:main",
         ]
     },
