@@ -193,22 +193,30 @@ def ddp_ignore_experts(model: nn.Module, expert_fqns: set[str]) -> None:
 
 
 @torch.no_grad()
-def reduce_expert_grads(model: nn.Module, expert_fqns: set[str], groups: EPGroups) -> None:
+def reduce_expert_grads(model: nn.Module, expert_fqns: set[str], groups: EPGroups,
+                        bucket_elements: int = 25_000_000) -> None:
     """After the last micro-batch's backward, before the grad norm: grad <- sum over the edp group
-    / (dp*cp), the average DDP takes of dense grads. Missing grads count as zeros. One flat
-    all-reduce for all expert grads. Not for FSDP2 (it reduces them itself)."""
+    / (dp*cp), the average DDP takes of dense grads. Missing grads count as zeros. All-reduces go in
+    flat buckets of at most `bucket_elements` (a copy of all expert grads at once would cost GBs at
+    scale); with edp = 1 the grads are only divided, in place. Not for FSDP2 (it reduces them itself)."""
     params = [p for n, p in model.named_parameters() if n in expert_fqns]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if not params:
+    if groups.edp == 1:
+        for p in params:
+            p.grad.div_(groups.dp_world)
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    if groups.edp > 1:
-        dist.all_reduce(flat, group=groups.edp_group)
-    flat.div_(groups.dp_world)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+    bucket: list[torch.Tensor] = []
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        if i == len(params) - 1 or sum(g.numel() for g in bucket) + params[i + 1].numel() > bucket_elements:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=groups.edp_group)
+            flat.div_(groups.dp_world)
+            for g, r in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(r.view_as(g))
+            bucket = []
 
 
 def _expert_sq(named_params, expert_fqns: set[str], shards: ShardMap, groups: EPGroups) -> torch.Tensor:

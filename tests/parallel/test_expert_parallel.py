@@ -111,7 +111,7 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
         loss = wrapped(tokens[s, sl], labels[s, sl]).mean()
         loss.backward()
         if not fsdp:
-            reduce_expert_grads(plain, fqns, groups)
+            reduce_expert_grads(plain, fqns, groups, bucket_elements=10_000)  # several buckets
         loads = collect_load(plain, mesh.dp_group)
         if s == 0:
             for n, p in plain.named_parameters():
