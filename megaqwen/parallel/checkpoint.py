@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -59,6 +59,19 @@ def _shard_mesh(mesh: ParallelMesh, reps: int, fsdp: bool) -> DeviceMesh:
     if fsdp:
         groups, names = [*groups, mesh.dp_group], [*names, "dp"]
     return DeviceMesh.from_group(groups, mesh.mesh.device_type, mesh=ranks, mesh_dim_names=tuple(names))
+
+
+# Optimizer state flattened per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): keys are
+# then unique per parameter, so ranks holding different parameters (pipeline stages) never collide on
+# the nested form's "param_groups.0.*", which DCP would de-duplicate as if every rank had the same.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_fqn(key: str) -> str | None:
+    """The parameter FQN of a flattened optimizer-state key "state.<fqn>.<name>"."""
+    if not key.startswith("state."):
+        return None
+    return key[len("state."):].rsplit(".", 1)[0]
 
 
 def _param_tags(shards: ShardMap | None) -> dict[str, tuple[int, int]]:
@@ -101,18 +114,17 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     """{"model": ..., "optim": ...} ready for dcp.save / dcp.load (values share memory with the model)."""
     zero1 = optimizer is not None and _is_zero1(optimizer)
     opts = [] if optimizer is None or zero1 else optimizer
-    model_sd, optim_sd = get_state_dict(model, opts)
+    model_sd, optim_sd = get_state_dict(model, opts, options=_OPTIONS)
     tags = _param_tags(shards)
     if tags:
         wrap = _Wrapper(shards.mesh)
         for fqn, (dim, reps) in tags.items():
             if fqn in model_sd:
                 model_sd[fqn] = wrap(model_sd[fqn], dim, reps)
-            st = optim_sd.get("state", {}).get(fqn)
-            if st is not None:  # a new dict: get_state_dict shares the optimizer's own per-param dicts
-                optim_sd["state"][fqn] = {
-                    k: wrap(v, dim, reps) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                    for k, v in st.items()}
+        for key, v in optim_sd.items():
+            fqn = _state_fqn(key)
+            if fqn in tags and isinstance(v, torch.Tensor) and v.dim() > 0:
+                optim_sd[key] = wrap(v, *tags[fqn])
     state: dict[str, Any] = {"model": model_sd}
     if zero1:
         from torch.distributed.checkpoint.state_dict import _init_optim_state
@@ -144,16 +156,14 @@ def load_sharded_state(state: dict[str, Any], model: nn.Module,
 
     model_sd = {k: back(k, v) for k, v in state["model"].items()}
     if optimizer is not None and _is_zero1(optimizer):
-        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={}, options=_OPTIONS)
         optimizer.optim.load_state_dict(state[ZERO1_KEY][f"rank{dist.get_rank()}"])
         return
     if optimizer is None:
-        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={}, options=_OPTIONS)
         return
-    optim_sd = dict(state["optim"])
-    optim_sd["state"] = {fqn: {k: back(fqn, v) for k, v in st.items()}
-                         for fqn, st in optim_sd.get("state", {}).items()}
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    optim_sd = {k: back(_state_fqn(k) or "", v) for k, v in state["optim"].items()}
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
 
 
 def _is_deepspeed(model: nn.Module) -> bool:

@@ -17,15 +17,18 @@ LAYERS = "model.num_layers=4"
 def test_pp2_tp2_saves_and_resumes_at_pp1_and_pp4(tmp_path, shard):  # noqa: F811
     """pp=2 x tp=2 + SP (1F1B, tied embeddings) trains like one process, with validation; its step-2
     checkpoint resumes under pp=1 (one process) and pp=4 (1F1B over 4 ranks) with the same losses."""
-    ref = single_process(tmp_path / "single", shard, LAYERS)
+    evals = ("train.eval_every=2", "train.eval_iters=2", f"data.valid_path={shard}")
+    ref = single_process(tmp_path / "single", shard, LAYERS, *evals)
+    ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     out = tmp_path / "pp2tp2"
     first = launch(out, shard, LAYERS, "parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
-                   "train.exit_at_step=2", "train.eval_every=2", "train.eval_iters=1", nproc=4)
+                   "train.exit_at_step=2", *evals, nproc=4)
     assert first.returncode == 0, first.stderr[-4000:]
     assert losses(out) == pytest.approx(ref[:2], rel=1e-5)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["pp_bubble_theory"] < 1 and r["pp_rank1_peak_mem_gib"] > 0 for r in rows)
-    assert "val_loss" in rows[-1]
+    # validation runs the stages forward only; same held-out loss as one process
+    assert rows[-1]["val_loss"] == pytest.approx(ref_rows[1]["val_loss"], rel=1e-5)
     for name, nproc, extra in [("pp1", 1, ()), ("pp4", 4, ("parallel.pp=4",))]:
         resumed = tmp_path / name
         resumed.mkdir()
@@ -37,9 +40,9 @@ def test_pp2_tp2_saves_and_resumes_at_pp1_and_pp4(tmp_path, shard):  # noqa: F81
         for f in out.glob("run*.json"):
             shutil.copy(f, resumed / f.name)
         if nproc == 1:
-            got = single_process(resumed, shard, LAYERS, "train.allow_changes=[parallel]")
+            got = single_process(resumed, shard, LAYERS, *evals, "train.allow_changes=[parallel]")
         else:
-            run = launch(resumed, shard, LAYERS, *extra, "train.allow_changes=[parallel]", nproc=nproc)
+            run = launch(resumed, shard, LAYERS, *extra, *evals, "train.allow_changes=[parallel]", nproc=nproc)
             assert run.returncode == 0, run.stderr[-4000:]
             got = losses(resumed)
         assert got[-2:] == pytest.approx(ref[2:], rel=1e-5), name
