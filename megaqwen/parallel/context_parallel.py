@@ -242,8 +242,11 @@ def _ring_send_recv(x: torch.Tensor, group: dist.ProcessGroup, tag: int) -> tupl
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     nxt, prv = dist.get_global_rank(group, (r + 1) % cp), dist.get_global_rank(group, (r - 1) % cp)
     buf = torch.empty_like(x)
-    x = x.contiguous()
-    return [dist.isend(x, nxt, group=group, tag=tag), dist.irecv(buf, prv, group=group, tag=tag)], buf
+    # one batch: NCCL fuses the pair (separate isend/irecv would serialise on one stream and
+    # deadlock a ring whose ranks all send first); gloo posts both asynchronously
+    ops = [dist.P2POp(dist.isend, x.contiguous(), nxt, group, tag),
+           dist.P2POp(dist.irecv, buf, prv, group, tag)]
+    return dist.batch_isend_irecv(ops), buf
 
 
 def _wait(handles: list) -> None:
