@@ -25,6 +25,7 @@ from megaqwen.parallel.context_parallel import (
     apply_context_parallel,
     context_parallel_attention,
     context_parallel_inputs,
+    cp_loss_parts,
     gather_sequence,
     ring_attention,
     shard_batch,
@@ -265,7 +266,7 @@ def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref:
     materialize(model, shards, "cpu", seed=SEED)
     ddp = model if dp_mode == "fsdp" else wrap_ddp(model, mesh)
     opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.1)
-    losses, grad_err = [], 0.0
+    losses, grad_err, counts_ok = [], 0.0, True
     for s, batch in enumerate(model_batches(cfg)):
         rows = slice(mesh.dp_rank * (2 // dp), (mesh.dp_rank + 1) * (2 // dp))
         batch = {k: v[rows] for k, v in batch.items()}
@@ -280,12 +281,13 @@ def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref:
                 grad_err = max(grad_err, _rel(gather_full(p.grad, n, shards), r))
         opt.step()
         opt.zero_grad()
-        total = parts.sum.detach().clone()
-        dist.all_reduce(total)  # over every rank: tp ranks agree, so divide by tp
-        losses.append(total.item() / tp / count.item())
+        summed = cp_loss_parts(parts, cp_group)  # this dp rank's rows, whole sequence
+        counts_ok = counts_ok and int(summed.count) == int((batch["labels"] != -100).sum())
+        dist.all_reduce(summed.sum, group=mesh.dp_group)  # tp ranks hold the same loss
+        losses.append(summed.sum.item() / count.item())
     rel = max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"]))
     kinds = {type(m).__name__ for m in model.modules()}
-    return {"loss_rel": rel, "losses": losses, "grad_err": grad_err, "kinds": kinds,
+    return {"loss_rel": rel, "losses": losses, "grad_err": grad_err, "kinds": kinds, "counts_ok": counts_ok,
             "names_kept": names == [n for n, _ in model.named_parameters()]}
 
 
@@ -306,6 +308,7 @@ def _check_model(res: dict) -> None:
         assert r["loss_rel"] <= RTOL, (name, r["losses"], res["ref"])
         assert r["grad_err"] <= RTOL, (name, r["grad_err"])
         assert r["names_kept"], name
+        assert r["counts_ok"], (name, "token counts summed over cp != the rows' count")
         assert "ContextParallelAttention" in r["kinds"] or "RecomputeContextParallelAttention" in r["kinds"]
 
 
