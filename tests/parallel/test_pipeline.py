@@ -72,7 +72,7 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
     pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay["pp"], sequence_parallel=lay.get("sp", False),
                           dp_mode=lay.get("mode", "ddp"), pp_schedule=lay["schedule"],
                           pp_virtual_stages=lay.get("v", 0), pp_layers=lay.get("layers"),
-                          recompute=lay.get("recompute", "none"))
+                          recompute=lay.get("recompute", "none"), compile=lay.get("compile", False))
     dims = ParallelDims.from_config(pcfg, world)
     env = DistEnv(rank, world, rank, torch.device("cpu"), dims, dims.build_mesh("cpu"))
     micro = global_b // (mbs * dims.dp)
@@ -197,6 +197,19 @@ def test_plan_errors_name_the_numbers():
     looped = plan_pipeline(8, 2, "interleaved_1f1b", 0, None, 4)
     assert looped.stages_of(1) == [1, 3] and looped.first_rank == 0 and looped.last_rank == 1
     assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"}
+
+
+def test_engine_and_moe_refused_with_pipeline():
+    from megaqwen.parallel.config import ParallelConfig
+    from megaqwen.parallel.setup import check_pipeline
+
+    pcfg = ParallelConfig(pp=2)
+    with pytest.raises(ValueError, match="train.engine=deepspeed is not supported"):
+        check_pipeline(pcfg, _cfg(), "deepspeed", 4)
+    with pytest.raises(ValueError, match="Mixture-of-Experts"):
+        check_pipeline(pcfg, get_config("debug-moe"), "native", 4)
+    assert check_pipeline(ParallelConfig(pp=1), _cfg(), "deepspeed", 1) is None
+    assert check_pipeline(pcfg, _cfg(), "native", 4).layers == (4, 4)
 
 
 def test_bubble_fraction_formulas():
