@@ -1,4 +1,5 @@
-"""`megaqwen-eval loss --checkpoint PATH --data FILE`: mean next-token loss of a checkpoint.
+"""`megaqwen-eval loss --checkpoint PATH --data FILE`: mean next-token loss of a checkpoint
+(`passkey` and `ppl-length`: long-context evaluations, see megaqwen/eval_long.py).
 
 PATH is a native checkpoint (step folder, checkpoints/ or run folder) or an HF folder. FILE is
 jsonl with one document per row: `{"text": ...}` (Qwen tokenizer, no BOS, no EOD appended) or
@@ -120,50 +121,86 @@ def add_long_context_flags(p: argparse.ArgumentParser) -> None:
                    help="trained context YaRN extends (default: the config's max_position_embeddings)")
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="native checkpoint (step folder, checkpoints/ or run folder) or HF folder")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    add_long_context_flags(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megaqwen-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("loss", help="mean next-token loss on a jsonl file")
-    p.add_argument("--checkpoint", required=True,
-                   help="native checkpoint (step folder, checkpoints/ or run folder) or HF folder")
+    _common(p)
     p.add_argument("--data", required=True, help='jsonl, one document per row: {"text": ...} or '
                    '{"input_ids": [...]}')
     p.add_argument("--max-len", type=int, default=2048, help="tokens per scoring window")
     p.add_argument("--max-docs", type=int, default=0, help="score only the first N documents (0: all)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
-    add_long_context_flags(p)
+    p = sub.add_parser("passkey", help="passkey retrieval over lengths x depths: table, JSON, heat map")
+    _common(p)
+    p.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths (tokens)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=5, help="keys per cell")
+    p.add_argument("--out", required=True, help="folder for passkey.json/.md/.png")
+    p = sub.add_parser("ppl-length", help="perplexity vs context length: JSON and plot")
+    _common(p)
+    p.add_argument("--data", required=True, help="jsonl documents, joined into one token stream")
+    p.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths (tokens)")
+    p.add_argument("--max-windows", type=int, default=8, help="windows scored per length")
+    p.add_argument("--out", required=True, help="folder for ppl_length.json/.png")
     args = parser.parse_args(argv)
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from megaqwen.parallel.setup import resolve_device
-    from megaqwen.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
-    data = Path(args.data)
-    if not data.exists():
+    data = Path(args.data) if getattr(args, "data", None) else None
+    if data is not None and not data.exists():
         print(f"megaqwen-eval: error: data file {data} not found", file=sys.stderr)
         return 2
     try:
         model = load_for_eval(args.checkpoint, device, args.attention, args.yarn, args.yarn_original,
                               tuple(args.dca) if args.dca else None)
-        docs, malformed = read_documents(data, load_tokenizer)
-        if args.max_docs > 0:
-            docs = docs[:args.max_docs]
-        total, count = document_loss(model, docs, args.max_len, device)
+        result = _run(args, model, data, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"megaqwen-eval: error: {e}", file=sys.stderr)
         return 2
+    if result is None:
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def _run(args, model, data: Path | None, device) -> dict | None:
+    from megaqwen import eval_long
+    from megaqwen.tokenizer import load_tokenizer
+
+    if args.command == "passkey":
+        r = eval_long.run_passkey(model, Path(args.out), args.lengths, args.depths, args.trials, device)
+        print(eval_long.passkey_table(r), file=sys.stderr)
+        return {"passkey": r["cells"], "png": r["png"], "checkpoint": str(args.checkpoint)}
+    docs, malformed = read_documents(data, load_tokenizer)
+    if args.command == "ppl-length":
+        rows = eval_long.perplexity_by_length(model, docs, args.lengths, args.max_windows, device)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ppl_length.json").write_text(json.dumps(rows, indent=1))
+        png = eval_long.plot_perplexity(rows, out / "ppl_length.png")
+        return {"ppl_length": rows, "png": str(png), "checkpoint": str(args.checkpoint)}
+    if args.max_docs > 0:
+        docs = docs[:args.max_docs]
+    total, count = document_loss(model, docs, args.max_len, device)
     if count == 0:
         print(f"megaqwen-eval: error: {data} has no document with at least 2 tokens", file=sys.stderr)
-        return 2
+        return None
     loss = total / count
-    print(json.dumps({"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count,
-                      "documents": len(docs), "malformed": malformed,
-                      "checkpoint": str(args.checkpoint)}))
-    return 0
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count,
+            "documents": len(docs), "malformed": malformed, "checkpoint": str(args.checkpoint)}
 
 
 if __name__ == "__main__":

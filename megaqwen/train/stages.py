@@ -16,7 +16,9 @@ apply to every stage, after the chain's. A stage's data recipe whose plan (`<rec
 written by the data pipeline) gives another `seq_length` or `rope_base` is an error. Before each
 stage the activation-memory estimate (`memory_check`) is compared with the device's memory.
 
-The chain and each stage's outcome (steps, final checkpoint, loss) are recorded in
+A chain may end with `passkey: {lengths: [...], depths: [...], trials: N}`: passkey retrieval on the
+final checkpoint, heat map in <out_dir>/passkey/ (`--no-passkey` skips it; `--no-memory-check` the
+memory estimate). The chain and each stage's outcome (steps, final checkpoint, loss) are recorded in
 `<out_dir>/stages.json`; a rerun skips the stages recorded as done, so the command is resumable.
 Each stage restarts its LR warmup at the stage's first step only once the trainer supports
 `train.schedule_start` (see the issue-14 notes); until then the schedule runs over the global step.
@@ -85,11 +87,24 @@ class Stage:
 
 
 @dataclass
+class Passkey:
+    """Passkey retrieval on the chain's final checkpoint (megaqwen/eval_long.py)."""
+
+    lengths: list[int]
+    """Context lengths (tokens)."""
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Needle depths in [0, 1]."""
+    trials: int = 3
+    """Keys per cell."""
+
+
+@dataclass
 class Chain:
     name: str
     stages: list[Stage]
     overrides: list[str] = field(default_factory=list)
     source: str = ""
+    passkey: Passkey | None = None
 
 
 def load_chain(name_or_path: str) -> Chain:
@@ -101,7 +116,7 @@ def load_chain(name_or_path: str) -> Chain:
         known = sorted(p.stem for p in STAGE_DIR.glob("*.yaml"))
         raise ValueError(f"stage chain {name_or_path!r} not found (no {path}); shipped chains: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"name", "stages", "overrides", "description"}
+    unknown = set(raw) - {"name", "stages", "overrides", "description", "passkey"}
     if unknown or not raw.get("stages"):
         raise ValueError(f"{path}: needs a non-empty 'stages' list (and optional name, overrides, "
                          f"description); unknown keys {sorted(unknown)}")
@@ -119,7 +134,9 @@ def load_chain(name_or_path: str) -> Chain:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names {names} repeat")
-    return Chain(str(raw.get("name", path.stem)), stages, list(raw.get("overrides") or []), str(path))
+    passkey = Passkey(**raw["passkey"]) if raw.get("passkey") else None
+    return Chain(str(raw.get("name", path.stem)), stages, list(raw.get("overrides") or []), str(path),
+                 passkey)
 
 
 def stage_overrides(chain: Chain, i: int, extra: list[str]) -> list[str]:
@@ -194,8 +211,10 @@ def stage_configs(chain: Chain, extra: list[str], world_size: int = 1) -> list[C
     return cfgs
 
 
-def run_chain(chain: Chain, extra: list[str], memory_check: bool = True) -> dict[str, Any]:
-    """Run the chain's stages in order (skipping those stages.json records as done)."""
+def run_chain(chain: Chain, extra: list[str], memory_check: bool = True,
+              passkey: bool = True) -> dict[str, Any]:
+    """Run the chain's stages in order (skipping those stages.json records as done), then the chain's
+    passkey evaluation when it has one."""
     import torch.distributed as dist
 
     from megaqwen.parallel.setup import destroy
@@ -246,7 +265,24 @@ def run_chain(chain: Chain, extra: list[str], memory_check: bool = True) -> dict
                      loss=final.get("loss"), final_checkpoint=str(latest) if latest else None)
         if rank0:
             _write_record(out_dir, record)
+    if chain.passkey and passkey and rank0 and "passkey" not in record:
+        record["passkey"] = run_passkey(chain.passkey, out_dir, cfgs[-1])
+        _write_record(out_dir, record)
     return record
+
+
+def run_passkey(pk: Passkey, out_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Passkey heat map of the run's latest checkpoint into <out_dir>/passkey/."""
+    from megaqwen.eval import load_for_eval
+    from megaqwen.eval_long import run_passkey as run
+    from megaqwen.parallel.setup import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    model = load_for_eval(out_dir / "checkpoints", device, attention="plain")
+    result = run(model, out_dir / "passkey", pk.lengths, pk.depths, pk.trials, device,
+                 title=f"passkey retrieval, {out_dir.name} ({pk.trials} keys per cell)")
+    log.info("passkey heat map: %s", result["png"])
+    return {"png": result["png"], "cells": result["cells"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,19 +295,22 @@ def main(argv: list[str] | None = None) -> int:
         print("shipped chains:", ", ".join(sorted(p.stem for p in STAGE_DIR.glob("*.yaml"))))
         return 0 if args else 2
     memory_check = "--no-memory-check" not in args
-    args = [a for a in args if a != "--no-memory-check"]
+    passkey = "--no-passkey" not in args
+    args = [a for a in args if a not in ("--no-memory-check", "--no-passkey")]
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import megaqwen.train.main  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 
     try:
-        record = run_chain(load_chain(args[0]), args[1:], memory_check)
+        record = run_chain(load_chain(args[0]), args[1:], memory_check, passkey)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     for s in record["stages"]:
         print(f"{s['name']}: seq_len {s['seq_len']}, rope_theta {s['rope_theta']:g}, steps "
               f"{s.get('start_step')}..{s.get('end_step')}, loss {s.get('loss')}")
+    if record.get("passkey"):
+        print(f"passkey heat map: {record['passkey']['png']}")
     return 0
 
 

@@ -24,7 +24,7 @@ def test_shipped_chains_load():
 def test_debug_chain_runs_and_resumes_across_each_switch(tmp_path, shard, capsys):
     out = tmp_path / "run"
     extra = [f"train.out_dir={out}", f"data.path={shard}", *SMALL]
-    assert main(["debug", *extra]) == 0
+    assert main(["debug", "--no-passkey", *extra]) == 0  # passkey needs the real vocabulary
     record = json.loads((out / "stages.json").read_text())
     stages = record["stages"]
     assert [s["status"] for s in stages] == ["done"] * 3
@@ -44,7 +44,7 @@ def test_debug_chain_runs_and_resumes_across_each_switch(tmp_path, shard, capsys
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     # a rerun has nothing left to do and says so per stage
     capsys.readouterr()
-    assert main(["debug", *extra]) == 0
+    assert main(["debug", "--no-passkey", *extra]) == 0
     assert "steps 6..8" in capsys.readouterr().out
 
 
@@ -71,3 +71,26 @@ def test_bad_chain_files_are_named(tmp_path):
         load_chain(str(bad))
     with pytest.raises(ValueError, match="shipped chains"):
         load_chain("nope")
+
+
+@pytest.mark.slow
+def test_chain_ends_with_a_passkey_heat_map(tmp_path, capsys):
+    """Two tiny stages on the shipped sample corpus (the real vocabulary), then the chain's passkey
+    evaluation of the final checkpoint: heat map, table and per-cell results in the run folder."""
+    chain = tmp_path / "tiny.yaml"
+    chain.write_text(
+        "name: tiny\n"
+        "overrides: [model=debug, logger.wandb.enabled=false, train.save_every=0, train.micro_batch_size=1]\n"
+        "stages:\n"
+        "  - {name: a, seq_len: 32, rope_theta: 1e4, tokens_per_batch: 64, steps: 1}\n"
+        "  - {name: b, seq_len: 64, rope_theta: 1e6, tokens_per_batch: 64, steps: 1}\n"
+        "passkey: {lengths: [64, 96], depths: [0.0, 1.0], trials: 1}\n")
+    out = tmp_path / "run"
+    assert main([str(chain), f"train.out_dir={out}", "train.lock_timeout_min=1"]) == 0
+    assert "passkey heat map" in capsys.readouterr().out
+    record = json.loads((out / "stages.json").read_text())
+    cells = record["passkey"]["cells"]
+    assert {(c["length"], c["depth"]) for c in cells} == {(64, 0.0), (64, 1.0), (96, 0.0), (96, 1.0)}
+    assert all(0 <= c["accuracy"] <= 1 and c["mean_logprob"] < 0 for c in cells)
+    assert (out / "passkey" / "passkey.png").stat().st_size > 1000
+    assert "| depth \\ length | 64 | 96 |" in (out / "passkey" / "passkey.md").read_text()
