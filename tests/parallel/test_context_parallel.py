@@ -77,10 +77,15 @@ def test_seq_len_not_divisible_is_refused():
         zigzag_index(36, 4, 0)
 
 
-@pytest.mark.parametrize("tile", [1, 5, 1024])
-def test_tiled_attention_equals_sdpa(tile):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("tile", [2, 5, 1024])
+def test_tiled_attention_equals_sdpa(tile, fused, monkeypatch):
     """The ring's tiled kernel on one rank (no communication): every tile kind (skipped, fully
-    visible, masked, rows masked entirely) against SDPA, fp64 to rounding and fp32."""
+    visible, masked, rows masked entirely) against SDPA, fp64 to rounding and fp32; fully visible
+    tiles through the fused CPU kernel and through the PyTorch tile."""
+    import megaqwen.parallel.context_parallel as cpm
+
+    monkeypatch.setattr(cpm, "FUSED_TILES", fused)
     g = torch.Generator().manual_seed(tile)
     docs = packed_documents(B, 37, seed=tile)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, RTOL)):
