@@ -197,6 +197,7 @@ def attention_worker(rank: int, world: int) -> dict:
 
 
 def _check_attention(res: dict, cp: int) -> None:
+    assert sum(k.startswith(f"cp{cp}-") for k in res) == 6  # ring x 2 tiles + alltoall, docs/causal
     for key, errs in res.items():
         if key.startswith(f"cp{cp}-"):
             for name, e in errs.items():
