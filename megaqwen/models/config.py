@@ -137,10 +137,10 @@ class ModelConfig:
                            f"{self.rope_original_max_position}")
             if self.rope_attention_factor < 0:
                 bad.append(f"rope_attention_factor={self.rope_attention_factor} must be >= 0 (0: default)")
-        if self.dca_chunk_size or self.dca_local_size:
-            if not 0 < self.dca_local_size < self.dca_chunk_size:
-                bad.append(f"DCA needs 0 < dca_local_size ({self.dca_local_size}) < dca_chunk_size "
-                           f"({self.dca_chunk_size})")
+        dca = self.dca_chunk_size or self.dca_local_size
+        if dca and not 0 < self.dca_local_size < self.dca_chunk_size:
+            bad.append(f"DCA needs 0 < dca_local_size ({self.dca_local_size}) < dca_chunk_size "
+                       f"({self.dca_chunk_size})")
         if bad:
             raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 

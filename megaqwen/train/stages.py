@@ -197,7 +197,7 @@ def stage_configs(chain: Chain, extra: list[str], world_size: int = 1) -> list[C
     from megaqwen.train.preflight import compose_config
 
     cfgs = []
-    for i, s in enumerate(chain.stages):
+    for i in range(len(chain.stages)):
         cfg = compose_config(stage_overrides(chain, i, extra))
         if i:
             allowed = changed_keys(cfgs[-1], cfg, world_size)

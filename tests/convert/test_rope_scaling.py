@@ -70,7 +70,8 @@ def test_both_spellings_of_the_type_are_read(key):
 @pytest.mark.parametrize("scaling,match", [
     ({"type": "linear", "factor": 2.0}, "type 'linear' is not supported"),
     ({"rope_type": "dynamic", "factor": 2.0}, "type 'dynamic' is not supported"),
-    ({"type": "yarn", "factor": 2.0, "mscale": 0.7, "mscale_all_dim": 1.0}, r"\['mscale', 'mscale_all_dim'\]"),
+    ({"type": "yarn", "factor": 2.0, "mscale": 0.7, "mscale_all_dim": 1.0},
+     r"\['mscale', 'mscale_all_dim'\]"),
     ({"type": "yarn", "factor": 2.0, "truncate": False}, "truncate=false"),
 ])
 def test_unknown_rope_scaling_is_an_error(scaling, match):
