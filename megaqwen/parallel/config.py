@@ -25,6 +25,11 @@ class ParallelConfig:
     first and last may be smaller, even 0, to balance the embedding and the head); None = even."""
     cp: int = 1
     """Context-parallel degree (sequence split across ranks for attention)."""
+    cp_mode: str = "ring"
+    """Context-parallel attention: ring (K/V blocks passed around the cp group, zig-zag balanced) |
+    alltoall (Ulysses: heads split over cp; query heads per tp rank must divide by cp)."""
+    cp_tile: int = 512
+    """Ring attention tile edge in tokens (scores are computed tile x tile, never (T/cp)^2)."""
     ep: int = 1
     """Expert-parallel degree (MoE experts split across ranks)."""
     dp: int = -1

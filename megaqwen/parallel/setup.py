@@ -147,17 +147,39 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
                              "(DeepSpeed wraps the model itself); use train.engine=native")
     if pcfg.sequence_parallel and env.dims.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1")
-    if env.dims.cp > 1 or env.dims.ep > 1:
-        raise ValueError(f"cp={env.dims.cp} ep={env.dims.ep}: context and expert parallelism are not "
-                         "implemented yet; use tp, pp and dp")
+    d, moe = env.dims, getattr(model_cfg, "is_moe", False)
+    if moe or d.ep > 1:
+        from megaqwen.parallel.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(model_cfg, d.ep, d.dp * d.cp)
+        if d.ep > 1 and (engine == "deepspeed" or pcfg.dp_mode == "zero1"):
+            raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: DeepSpeed "
+                             "and ZeRO-1 would reduce or shard the expert parameters, which differ between "
+                             "ranks, over the whole dp group")
+    if d.cp > 1:
+        from megaqwen.parallel.context_parallel import CP_MODES, check_alltoall_heads
+
+        if pcfg.cp_mode not in CP_MODES:
+            raise ValueError(f"parallel.cp_mode={pcfg.cp_mode!r}; choose from {CP_MODES}")
+        if pcfg.cp_mode == "alltoall":
+            check_alltoall_heads(model_cfg.num_heads // d.tp, d.cp)
+        if pcfg.cp_tile < 1:
+            raise ValueError(f"parallel.cp_tile must be >= 1, got {pcfg.cp_tile}")
+        not_yet = [why for cond, why in [
+            (engine == "deepspeed", "train.engine=deepspeed (its gradient averaging is over dp only)"),
+            (d.pp > 1, "pipeline parallelism (stages would need the per-batch ring metadata)"),
+            (moe, "MoE models (the load-balancing loss is not a sum over sequence shards)")] if cond]
+        if not_yet:
+            raise ValueError(f"parallel.cp={d.cp} is not supported yet with " + "; ".join(not_yet))
     return plan
 
 
 def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
                 fsdp: bool = True, mp_param_dtype: torch.dtype | None = None, plan: Any = None) -> ShardMap:
     """Apply the plans in place, in the design's order: pipeline cut (`plan`: this rank keeps its
-    stages' layers) -> TP/SP (the spec's plan) -> [EP -> CP, not yet] -> activation recomputation ->
-    compile -> [stage modules] -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model,
+    stages' layers) -> TP/SP (the spec's plan) -> EP (MoE: experts over the ep group) -> CP (the
+    attention core over the cp group) -> activation recomputation -> compile -> [stage modules] ->
+    FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model,
     then materialise or load; DDP comes after that (`wrap_data_parallel`). Returns where every
     sharded parameter's piece sits (and, under pipelining, this rank's stage modules)."""
     pp_rank = env.mesh.rank("pp") if plan is not None else 0
@@ -167,11 +189,22 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
         prune_to_rank(model, plan, pp_rank)
     shards = spec.parallelize_tp(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
                                  linear_backend=pcfg.tp_linear_backend)
+    use_fsdp = fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp"
+    if getattr(model.cfg, "is_moe", False) and env.mesh is not None:
+        from megaqwen.parallel.expert_parallel import apply_expert_parallel, apply_fsdp_experts, ep_groups
+
+        shards.ep_groups = ep_groups(env.mesh, env.dims.ep)  # collective: same order on every rank
+        shards.expert_fqns = apply_expert_parallel(model, shards.ep_groups)
+        if use_fsdp and env.dims.ep > 1:  # experts sharded over their own (edp) group, before apply_fsdp
+            apply_fsdp_experts(model, env.mesh, shards.ep_groups, mp_param_dtype)
+    if env.mesh is not None and env.dims.cp > 1:
+        from megaqwen.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, spec, env.mesh.group("cp"), pcfg.cp_mode)
     layers = spec.layers(model)
     apply_recompute(layers, pcfg.recompute, spec.selective_recompute)
     if pcfg.compile:
         apply_compile(layers)
-    use_fsdp = fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp"
     if plan is None:
         if use_fsdp:
             apply_fsdp(model, env.mesh, layers, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
@@ -192,12 +225,17 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     return shards
 
 
-def wrap_data_parallel(model: nn.Module, pcfg: ParallelConfig, env: DistEnv) -> nn.Module:
+def wrap_data_parallel(model: nn.Module, pcfg: ParallelConfig, env: DistEnv,
+                       shards: ShardMap | None = None) -> nn.Module:
     """DDP around the materialised model for dp_mode ddp / zero1 (FSDP2 was applied by
     `parallelize`); the model itself otherwise, and under pipelining, whose stages are called
     outside the model's forward (`Pipeline.reduce_grads` all-reduces over dp after the schedule)."""
     if env.mesh is None or pcfg.dp_mode == "fsdp" or pcfg.pp > 1:
         return model
+    if shards is not None and env.dims.ep > 1 and shards.expert_fqns:
+        from megaqwen.parallel.expert_parallel import ddp_ignore_experts
+
+        ddp_ignore_experts(model, shards.expert_fqns)  # reduced over their edp group instead
     return wrap_ddp(model, env.mesh, bucket_cap_mb=pcfg.ddp_bucket_cap_mb)
 
 
@@ -239,10 +277,17 @@ def grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def dp_sum(x: torch.Tensor, env_mesh: ParallelMesh | None) -> torch.Tensor:
-    """Sum of a scalar over the dp group (TP ranks already agree); a copy, never in place."""
+def dp_sum(x: torch.Tensor, env_mesh: ParallelMesh | None, with_cp: bool = False) -> torch.Tensor:
+    """Sum of a scalar over the dp group (TP ranks already agree), or over dp x cp with `with_cp`
+    (values that differ between sequence shards); a copy, never in place."""
     x = x.detach().clone()
-    if env_mesh is not None and env_mesh.dims.dp > 1:
+    if env_mesh is None:
+        return x
+    if with_cp and env_mesh.dims.cp > 1:
+        from megaqwen.parallel.data_parallel import dp_reduce_mesh
+
+        dist.all_reduce(x, group=dp_reduce_mesh(env_mesh).get_group())
+    elif env_mesh.dims.dp > 1:
         dist.all_reduce(x, group=env_mesh.dp_group)
     return x
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,10 @@ class ShardMap:
     """FQN -> pipeline ranks holding the same tensor (a tied embedding on the first and last stage)."""
     pp_views: list = field(default_factory=list)
     """Under pipelining: this rank's stage modules (`megaqwen.parallel.pipeline.StageModule`)."""
+    expert_fqns: set[str] = field(default_factory=set)
+    """MoE: the routed-expert parameters this rank holds (all of them at ep=1)."""
+    ep_groups: Any = None
+    """MoE: `megaqwen.parallel.expert_parallel.EPGroups` (ep and expert-data-parallel groups)."""
 
     def add(self, fqn: str, shard: TensorShard) -> None:
         if fqn in self.shards:

@@ -98,10 +98,20 @@ def model_inputs(batch: dict[str, torch.Tensor], cfg: Config, device: torch.devi
             "document_ids": batch["document_ids"]}
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> LossParts:
+def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
+                 cp_group=None) -> LossParts:
     """One micro-batch through the model: LossParts (sum over valid tokens, their count). Positions
-    are always explicit; the document boundaries become one AttentionMeta for every layer."""
+    are always explicit; the document boundaries become one AttentionMeta for every layer. Under
+    context parallelism (`cp_group`) every cp rank holds the whole micro-batch and runs its zig-zag
+    shard of the sequence: the parts are then this shard's."""
     b = model_inputs(batch, cfg, device)
+    if cp_group is not None:
+        from megaqwen.parallel.context_parallel import context_parallel_inputs
+
+        local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
+                                              tile=cfg.parallel.cp_tile)
+        return model(local["tokens"], labels=local["labels"], position_ids=local["position_ids"],
+                     document_ids=meta)
     attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
     return model(b["tokens"], labels=b["labels"], position_ids=b["position_ids"], document_ids=attn)
 
@@ -136,21 +146,29 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
     global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
     deepspeed = cfg.train.engine == "deepspeed"
-    scale = env.dp_size * (accum_steps if deepspeed else 1) / global_count
+    cp = env.dims.cp
+    cp_group = env.mesh.group("cp") if env.mesh is not None and cp > 1 else None
+    # the wrappers average over dp x cp ranks; each cp rank back-propagates its shard's sum only
+    scale = env.dp_size * cp * (accum_steps if deepspeed else 1) / global_count
     aux_coef = getattr(cfg.model, "router_aux_loss_coef", 0.0)
+    z_coef = getattr(cfg.model, "router_z_loss_coef", 0.0)
     loss_sum = torch.zeros((), device=env.device)
-    aux_sum = None
+    aux_sum = z_sum = None
     if pipe is not None:
         loss_sum = pipeline_step(pipe, micro, cfg, env, scale)
         micro = []
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device):
-            parts = forward_loss(model, batch, cfg, env.device)
+            parts = forward_loss(model, batch, cfg, env.device, cp_group)
         objective = parts.sum * scale
         aux = getattr(parts, "aux", None)  # MoE: load balancing, a mean already
         if aux is not None:
             objective = objective + aux_coef * aux * (1 if deepspeed else 1 / accum_steps)
             aux_sum = aux.detach().float() + (aux_sum if aux_sum is not None else 0.0)
+        z = getattr(parts, "z", None)  # MoE: router z-loss, a mean too
+        if z is not None:
+            objective = objective + z_coef * z * (1 if deepspeed else 1 / accum_steps)
+            z_sum = z.detach().float() + (z_sum if z_sum is not None else 0.0)
         if deepspeed:  # it divides by accumulation and steps at the boundary itself
             model.backward(objective)
             model.step()
@@ -158,18 +176,59 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
             with par.grad_sync(model, sync=i == accum_steps - 1):
                 objective.backward()
         loss_sum += parts.sum.detach().float()
+    ep = shards is not None and shards.ep_groups is not None and env.dims.ep > 1
     if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
     else:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(unwrap(model).named_parameters(), max_norm, shards)  # TP/FSDP-aware
+        plain = unwrap(model)
+        if ep:  # expert grads: averaged over their expert-data-parallel group, counted once per copy
+            from megaqwen.parallel.expert_parallel import clip_grad_norm_ep_, reduce_expert_grads
+
+            if cfg.parallel.dp_mode != "fsdp":
+                reduce_expert_grads(plain, shards.expert_fqns, shards.ep_groups)
+            grad_norm = clip_grad_norm_ep_(plain.named_parameters(), max_norm, shards, shards.expert_fqns,
+                                           shards.ep_groups)
+        else:
+            grad_norm = clip_grad_norm_(plain.named_parameters(), max_norm, shards)  # TP/FSDP/PP-aware
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = par.dp_sum(loss_sum, env.mesh) / global_count
+    loss = par.dp_sum(loss_sum, env.mesh, with_cp=True) / global_count
     out = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
     if aux_sum is not None:
         out["aux_loss"] = (par.dp_sum(aux_sum, env.mesh) / (accum_steps * env.dp_size)).item()
+    if z_sum is not None:
+        out["z_loss"] = (par.dp_sum(z_sum, env.mesh) / (accum_steps * env.dp_size)).item()
+    if getattr(cfg.model, "is_moe", False) and not deepspeed:
+        out.update(_moe_step(unwrap(model), cfg, env, out))
     return out
+
+
+def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float]) -> dict[str, Any]:
+    """Collective over dp (x cp): this step's per-layer expert load (summed over the data-parallel
+    ranks), the aux-loss-free routing-bias update from it, and the load metrics. The raw loads ride
+    along under "_moe_loads" for the trainer's heat map."""
+    from megaqwen.parallel.data_parallel import dp_reduce_mesh
+    from megaqwen.parallel.expert_parallel import collect_load, update_routing_bias
+    from megaqwen.train.moe_metrics import moe_metrics
+
+    group = dp_reduce_mesh(env.mesh).get_group() if env.mesh is not None else None
+    loads = collect_load(plain, group)
+    update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
+    res: dict[str, Any] = moe_metrics(loads, aux_loss=out.get("aux_loss"), z_loss=out.get("z_loss"))
+    res["_moe_loads"] = loads
+    return res
+
+
+def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
+    """Validation loss parts of one micro-batch; under context parallelism summed over the cp
+    group, so every cp rank reports the whole micro-batch."""
+    if env.mesh is None or env.dims.cp == 1:
+        return forward_loss(model, batch, cfg, env.device)
+    from megaqwen.parallel.context_parallel import cp_loss_parts
+
+    group = env.mesh.group("cp")
+    return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
 
 
 def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
@@ -272,7 +331,7 @@ def train(cfg: Config) -> dict[str, Any]:
                  list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
                  100 * plan.bubble_fraction())
     if t.engine == "native":
-        model = par.wrap_data_parallel(model, cfg.parallel, env)  # DDP; FSDP2 was applied on meta
+        model = par.wrap_data_parallel(model, cfg.parallel, env, shards)  # DDP; FSDP2 was applied on meta
     model, optimizer = par.build_optimizer_or_engine(
         model, cfg.parallel, env, t.engine,
         native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
@@ -285,6 +344,9 @@ def train(cfg: Config) -> dict[str, Any]:
     n_params = sum(getattr(p, "ds_tensor", local_tensor(p)).numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
              n_params / 1e6, env.device, ops.describe())
+    if getattr(cfg.model, "is_moe", False):
+        log.info("MoE: %.3fB parameters in total, %.3fB active per token (MFU counts the active ones); "
+                 "ep=%d", cfg.model.num_params() / 1e9, cfg.model.active_params() / 1e9, env.dims.ep)
 
     start_step, consumed = 0, 0
     if latest is not None:
@@ -294,7 +356,7 @@ def train(cfg: Config) -> dict[str, Any]:
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask))
-               if pipe is not None else (lambda m, b: forward_loss(m, b, cfg, env.device)))
+               if pipe is not None else (lambda m, b: _eval_parts(m, b, cfg, env)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
                                 lambda: autocast_ctx(t.dtype, env.device))
     profiler = StepProfiler(cfg.profile, out_dir, env.rank, env.device, start_step)
@@ -305,12 +367,17 @@ def train(cfg: Config) -> dict[str, Any]:
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     metrics: dict[str, float] = {}
+    expert_load: dict | None = None  # MoE: loads summed over the run's steps, for the heat map
     try:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
             t0 = time.perf_counter()
             metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe)
             dt = time.perf_counter() - t0
+            if "_moe_loads" in metrics:
+                from megaqwen.train.moe_metrics import add_loads
+
+                expert_load = add_loads(expert_load, metrics.pop("_moe_loads"))
             if pipe is not None:
                 metrics.update(pipeline_metrics(pipe, dt, env.device))
             profiler.after_step(step + 1)
@@ -343,5 +410,10 @@ def train(cfg: Config) -> dict[str, Any]:
         from megaqwen.train.plot import plot_run
 
         log.info("loss curve: %s", plot_run(out_dir))
+        if expert_load:
+            from megaqwen.train.moe_metrics import load_heatmap
+
+            log.info("expert load heat map: %s", load_heatmap(
+                expert_load, out_dir / "expert_load.png", f"expert load, steps {start_step + 1}-{logger.last_step}"))
     return {"steps": t.steps, "start_step": start_step, "last_step": logger.last_step, "final": metrics,
             "out_dir": str(out_dir)}

@@ -1,0 +1,56 @@
+"""The trainer with context parallelism and with MoE expert parallelism, through launch/torchrun.sh,
+against one process (packed documents, token-weighted loss, the aux-free routing bias on)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_launch import MODEL_BUILT, launch, losses, shard, single_process  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ring", "alltoall"])
+def test_torchrun_cp2_equals_one_process(tmp_path, shard, mode):  # noqa: F811
+    """cp=2 on packed documents: each rank runs its zig-zag half of every sequence; the losses and
+    the validation loss equal one process."""
+    evals = ("train.eval_every=4", "train.eval_iters=1", f"data.valid_path={shard}")
+    ref = single_process(tmp_path / "single", shard, *evals)
+    out = tmp_path / mode
+    run = launch(out, shard, "parallel.cp=2", f"parallel.cp_mode={mode}", "parallel.cp_tile=4", *evals)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    want = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_moe_ep2_equals_one_process(tmp_path, shard):  # noqa: F811
+    """debug-moe at ep=2 (dp=2: each rank holds half the experts, tokens all-to-all'd) with z-loss
+    and the aux-free routing bias: losses, load metrics and the heat map as one process."""
+    moe = ("model=debug-moe", "model.router_z_loss_coef=0.001", "model.moe_routing_bias_update_rate=0.01")
+    ref = single_process(tmp_path / "single", shard, *moe)
+    ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "ep2"
+    run = launch(out, shard, *moe, "parallel.ep=2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(rows, ref_rows):
+        assert got["moe/load_max"] == pytest.approx(want["moe/load_max"], rel=1e-6)
+        assert got["z_loss"] == pytest.approx(want["z_loss"], rel=1e-5)
+    assert (out / "expert_load.png").stat().st_size > 0
+    assert "active per token" in run.stdout + run.stderr
+
+
+def test_expert_and_context_layouts_that_do_not_fit_fail_before_work(tmp_path, shard):  # noqa: F811
+    out = tmp_path / "bad"
+    run = launch(out, shard, "model=debug-moe", "parallel.ep=2", "parallel.dp_mode=zero1")
+    assert run.returncode != 0 and "dp_mode=ddp or fsdp" in run.stderr
+    run = launch(out, shard, "parallel.cp=2", "train.seq_len=18")
+    assert run.returncode != 0 and "seq_len=18 is not divisible by 2*cp=4" in run.stderr
+    assert MODEL_BUILT not in run.stdout + run.stderr
