@@ -33,6 +33,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     """RoPE base. Pre-training stage 1 uses 10,000; context extension raises it to 1e6 (Turbo: 1e7)."""
     rms_norm_eps: float = 1e-6
+    """Epsilon inside RMSNorm's rsqrt."""
     rope_scaling: str = "none"
     """RoPE frequency scaling: none | yarn (Peng et al. 2023; HF `rope_scaling` type "yarn")."""
     rope_scaling_factor: float = 1.0
@@ -49,7 +50,6 @@ class ModelConfig:
     """Dual Chunk Attention (inference only): window c that relative positions stay below; 0 = off."""
     dca_local_size: int = 0
     """Dual Chunk Attention: local window w; chunks hold c - w tokens (HF dual_chunk_attention_config)."""
-    """Epsilon inside RMSNorm's rsqrt."""
     max_position_embeddings: int = 4096
     """Longest context the config is meant for (metadata; RoPE tables are built on demand)."""
     tie_word_embeddings: bool = True
