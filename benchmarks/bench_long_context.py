@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--dense-max", type=int, default=8192, help="longest T for the dense-mask baseline")
     p.add_argument("--doc-len", type=int, default=2048, help="mean document length of packed rows")
+    p.add_argument("--rows", nargs="+", default=["causal", "packed", "dense"],
+                   help="which attention inputs to run: causal packed dense")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=0, help="override the vocabulary (0: the debug "
                    "model's 151,936; its LM head dominates time but not peak memory)")
@@ -96,10 +98,12 @@ def main() -> None:
     for t in args.lengths:
         tokens = torch.randint(0, cfg.vocab_size, (1, t + 1), generator=torch.Generator().manual_seed(t))
         ids, n_docs = _packed_ids(t, args.doc_len, seed=t)
-        rows = [("causal", model, None, 1), ("packed, per document", model, ids, n_docs)]
+        rows = [("causal", "causal", model, None, 1), ("packed", "packed, per document", model, ids, n_docs)]
         if t <= args.dense_max:
-            rows.append(("packed, dense mask (old)", dense, ids, n_docs))
-        for name, m, doc_ids, docs in rows:
+            rows.append(("dense", "packed, dense mask (old)", dense, ids, n_docs))
+        for key, name, m, doc_ids, docs in rows:
+            if key not in args.rows:
+                continue
             seconds, peak = step(m, tokens, doc_ids)
             print(f"| {t} | {name} | {docs} | {seconds:.1f} | {peak:.0f} | {peak / t * 1024:.1f} |",
                   flush=True)
