@@ -74,8 +74,11 @@ class Stage:
     lr: float | None = None
     """Peak LR of the stage (train.lr); None keeps the chain's."""
     min_lr: float | None = None
+    """train.min_lr of the stage; None keeps the chain's."""
     warmup_steps: int | None = None
+    """train.warmup_steps of the stage; None keeps the chain's."""
     schedule: str | None = None
+    """train.schedule of the stage; None keeps the chain's."""
     overrides: list[str] = field(default_factory=list)
     """Further Hydra overrides of this stage only."""
 
