@@ -53,7 +53,10 @@ def _reference(cfg):
     tokens, labels = _batches(cfg)
     losses = []
     for s in range(STEPS):
-        loss = model(tokens[s], labels[s]).mean()
+        parts = model(tokens[s], labels[s])
+        loss = parts.mean()
+        if s == 0:
+            z = parts.z.item()  # a mean over tokens: the dp ranks' means average to it
         loss.backward()
         if s == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -66,7 +69,7 @@ def _reference(cfg):
         losses.append(loss.item())
     bias = {n: b.routing_bias.clone() for n, b in model.moe_blocks().items()}
     assert any(b.any() for b in bias.values())  # the aux-free bias moved
-    return dict(losses=losses, grads=grads, norm=norm, load=load, bias=bias)
+    return dict(losses=losses, grads=grads, norm=norm, load=load, bias=bias, z=z)
 
 
 def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
@@ -108,8 +111,13 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
     sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
     losses, grad_err, norm_rel, load_err = [], {}, 0.0, 0.0
     for s in range(STEPS):
-        loss = wrapped(tokens[s, sl], labels[s, sl]).mean()
+        parts = wrapped(tokens[s, sl], labels[s, sl])
+        loss = parts.mean()
         loss.backward()
+        if s == 0:  # every sparse layer's routing reached the loss (also through FSDP2's wrappers)
+            z = parts.z.detach().clone()
+            dist.all_reduce(z, group=mesh.dp_group)
+            z_rel = abs(z.item() / dims.dp / ref["z"] - 1)
         if not fsdp:
             reduce_expert_grads(plain, fqns, groups, bucket_elements=10_000)  # several buckets
         loads = collect_load(plain, mesh.dp_group)
@@ -140,7 +148,7 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
     dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) \
         if ckpt_dir and not fsdp and recompute == "none" else None
     return dict(loss_rel=max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])),
-                grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err,
+                grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err, z_rel=z_rel,
                 experts_held=held.item(), local_experts=len(fqns) // 3, bias_err=bias_err,
                 dcp_err=dcp_err)
 
@@ -200,6 +208,7 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
         assert r["loss_rel"] <= 1e-5, (name, r)
         assert r["grad_err"] <= 1e-5, (name, r)
         assert r["norm_rel"] <= 1e-5, (name, r)
+        assert r["z_rel"] <= 1e-5, (name, r)
         assert r["load_err"] == 0, (name, r)
         assert r["bias_err"] == 0, (name, r)  # same global loads on every rank: same bias steps
         assert r["local_experts"] == n_sparse * experts // ep, (name, r)

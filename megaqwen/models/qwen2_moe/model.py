@@ -114,6 +114,9 @@ class SparseMoeBlock(nn.Module):
         self.expert_backend = "auto"
         """kernels.moe backend: auto | loop | bmm | grouped_mm."""
         self.dispatcher: Dispatcher | None = None
+        self.router_out: list[RouterOut] | None = None
+        """Set by the model around its forward: where this block appends its routing. An attribute,
+        not a call argument: wrappers (FSDP2) may rebuild argument lists, losing the appends."""
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -182,11 +185,11 @@ class SparseMoeBlock(nn.Module):
         y_A = y_A * w_NK.reshape(-1)[order, None]
         return torch.zeros_like(x_NH).index_add_(0, token_A, y_A)
 
-    def forward(self, x_BTH: torch.Tensor, router_out: list[RouterOut] | None = None) -> torch.Tensor:
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         x = x_BTH.reshape(-1, x_BTH.shape[-1])  # (N, H)
         routing, w = self.route(x)
-        if router_out is not None:
-            router_out.append(routing)
+        if self.router_out is not None:
+            self.router_out.append(routing)
         y = self.experts_forward(x, routing.topk_NK, w)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -225,12 +228,6 @@ class MoeDecoderLayer(DecoderLayer):
         if sparse:
             self.mlp = SparseMoeBlock(cfg, ops)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMeta | None = None,
-                router_out: list[RouterOut] | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_out) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h))
-
 
 class MoeDecoder(nn.Module):
     """`model.*` in HF naming, as Qwen2's Decoder. Any part may be None (PP stages)."""
@@ -268,14 +265,16 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                       attn: AttentionMeta | None = None,
                       router_out: list[RouterOut] | None = None) -> torch.Tensor:
-        """As Qwen2's; each sparse layer appends its routing to `router_out` when given."""
-        h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
-        rope = self.rope(position_ids)
-        for layer in self.model.layers.values():
-            h = layer(h, rope, attn, router_out)
-        if self.model.norm is not None:
-            h = self.model.norm(h)
-        return h
+        """As Qwen2's; each sparse layer appends its routing to `router_out` when given (only during
+        this call: a forward re-run by activation recomputation appends nothing)."""
+        blocks = list(self.moe_blocks().values())
+        for block in blocks:
+            block.router_out = router_out
+        try:
+            return super().hidden_states(tokens, position_ids, attn)
+        finally:
+            for block in blocks:
+                block.router_out = None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
