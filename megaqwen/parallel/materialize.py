@@ -82,8 +82,13 @@ def hf_filler(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
 
     hf_dir = Path(hf_dir)
     files = hf_weight_files(hf_dir)
-    wanted = {hf_key(fqn) for fqn, _ in model.named_parameters()}
-    missing = sorted(wanted - set(files))
+    params = dict(model.named_parameters())
+    wanted = {hf_key(fqn) for fqn in params}
+    # grad-free state that starts at zero (the aux-loss-free routing bias) has no place in stock
+    # HF checkpoints: absent, it starts at zero as in a fresh run
+    zero_ok = {hf_key(f) for f, p in params.items()
+               if not p.requires_grad and getattr(model, "param_init", None) and model.param_init(f).kind == "zeros"}
+    missing = sorted(wanted - set(files) - zero_ok)
     extra = sorted(set(files) - wanted - set(optional))
     if missing or extra:
         raise ValueError(f"{hf_dir}: weights do not match the model: missing {missing[:5]}"
@@ -93,6 +98,9 @@ def hf_filler(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
     @torch.no_grad()
     def fill(fqn: str, p: torch.Tensor) -> None:
         key = hf_key(fqn)
+        if key not in files:  # one of `zero_ok`
+            local_tensor(p).zero_()
+            return
         full, box = shards.full_shape(fqn, p), shards.box(fqn, p)
         with safe_open(files[key], "pt") as f:  # closed per tensor: mapped pages are released
             sl = f.get_slice(key)

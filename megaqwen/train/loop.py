@@ -255,8 +255,11 @@ def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
     else:
         src = ckpt.resolve_checkpoint(src)
         kind, src_cfg = "native", type(cfg.model).from_dict(ckpt.read_meta(src)["model_config"])
+    # training-only settings may differ from the source's: they shape the run, not the weights
+    free = ("name", "init_std", "router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor",
+            "moe_routing_bias_update_rate")
     mismatched = {k: (getattr(src_cfg, k), getattr(cfg.model, k)) for k in src_cfg.to_dict()
-                  if k not in ("name", "init_std") and getattr(src_cfg, k) != getattr(cfg.model, k)}
+                  if k not in free and getattr(src_cfg, k) != getattr(cfg.model, k)}
     if mismatched:
         raise ValueError(f"train.init_from={path}: model config differs (checkpoint, run): {mismatched}")
     return kind, src

@@ -26,3 +26,21 @@ def test_moe_model_trains_with_its_aux_loss(tmp_path, shard, make_config):
     assert off[0]["loss"] == on[0]["loss"]  # same start: the LM loss itself excludes the aux term
     assert off[-1]["loss"] != on[-1]["loss"]  # the coefficient reached the gradients
     assert sum(r["loss"] for r in on[-3:]) < sum(r["loss"] for r in on[:3])  # it learns
+
+
+def test_moe_run_from_stock_hf_export_with_routing_bias_and_z_loss(tmp_path, shard, make_config):
+    """A stock HF Qwen2-MoE folder (no routing bias) starts a run with the aux-free bias on: the
+    bias starts at zero, the training-only coefficients may differ from the source's, and the bias
+    moves load toward balance while z-loss and load metrics are logged."""
+    from megaqwen.convert.hf import to_hf
+
+    pre = tmp_path / "pre"
+    train(make_config(pre, shard, "model=debug-moe", "train.steps=2", "train.save_every=0"))
+    hf = to_hf(pre, tmp_path / "hf", tokenizer=False)
+    out = tmp_path / "biased"
+    train(make_config(out, shard, "model=debug-moe", "train.steps=3", "train.save_every=0",
+                      f"train.init_from={hf}", "model.moe_routing_bias_update_rate=0.05",
+                      "model.router_z_loss_coef=0.001"))
+    rows = _rows(out)
+    assert all(r["z_loss"] > 0 and r["moe/load_max"] >= 1.0 for r in rows)
+    assert (out / "expert_load.png").exists()
