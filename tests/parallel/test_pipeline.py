@@ -172,6 +172,7 @@ def test_pp_composed_with_tp_and_fsdp_and_pp4():
              ("pp4-interleaved-v2", {"pp": 4, "schedule": "interleaved_1f1b"}),
              ("pp4-zero_bubble", {"pp": 4, "schedule": "zero_bubble"}),
              ("pp4-dualpipev", {"pp": 4, "schedule": "dualpipev"}),
+             ("pp4-zbv-tp1", {"pp": 4, "schedule": "zbv"}),
              ("pp4-gpipe-uneven", {"pp": 4, "schedule": "gpipe", "layers": [1, 3, 3, 1]})]
     _check(spawn(_worker, 4, cases, 8, 1))
 
