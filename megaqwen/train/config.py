@@ -44,6 +44,9 @@ class TrainConfig:
     """Linear warmup from 0 to lr over this many steps."""
     decay_fraction: float = 0.2
     """WSD only: fraction of `steps` spent in the final linear decay to min_lr."""
+    schedule_start: int = 0
+    """Step at which the LR schedule (warmup, decay) starts; a context-extension stage that resumes a
+    run sets it to its first step so the stage has its own warmup and decay."""
     weight_decay: float = 0.1
     """Decoupled (AdamW) weight decay on matrices; biases and norm weights are never decayed."""
     beta1: float = 0.9
@@ -174,6 +177,8 @@ class Config:
             raise ValueError(f"train.schedule={t.schedule!r}; choose {' | '.join(SCHEDULES)}")
         if not 0 <= t.min_lr <= t.lr:
             raise ValueError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr})")
+        if not 0 <= t.schedule_start < t.steps:
+            raise ValueError(f"train.schedule_start={t.schedule_start} must be in [0, train.steps={t.steps})")
         if not 0 < t.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
         if t.dtype not in DTYPES:

@@ -33,7 +33,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     cosine: linear warmup to lr, then half-cosine to min_lr at the last step.
     wsd:    linear warmup, constant lr, then a linear decay to min_lr over the last
             `decay_fraction` of the steps (MiniCPM's warmup-stable-decay).
+    The schedule runs over [train.schedule_start, train.steps): a context-extension stage that
+    continues a run restarts its warmup and decay from its first step.
     """
+    start = getattr(cfg, "schedule_start", 0)
+    if start:
+        from dataclasses import replace
+
+        return lr_at(step - start, replace(cfg, steps=cfg.steps - start, schedule_start=0))
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

@@ -48,6 +48,12 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
     dims.validate_model(cfg.model, seq_len=cfg.train.seq_len,
                         sequence_parallel=cfg.parallel.sequence_parallel)
     from megaqwen.parallel.setup import check_pipeline
+    from megaqwen.train.stages import check_recipe
+
+    # a blend recipe planned for another context stage (seq_length / rope_base) is an error
+    for path in (cfg.data.path, cfg.data.valid_path):
+        if path:
+            check_recipe(path, cfg.train.seq_len, cfg.model.rope_theta)
 
     t = cfg.train
     check_pipeline(cfg.parallel, cfg.model, t.engine,
