@@ -15,9 +15,11 @@ Model state: weights and gradients (4 bytes each, fp32 master), Adam moments (8 
 tp x pp, and by dp for what ZeRO-1 / FSDP shard. A working margin of one layer's activations plus
 one chunk of logits covers backward's temporaries.
 
-Against measured CPU peaks (VmHWM of 2 AdamW steps, debug model, 4K-16K tokens, none and full
-recompute) the total is within 25% (tests/train/test_memory_check.py); GPU peaks under the caching
-allocator are not measured here.
+Against measured CPU peaks (VmHWM of 2 AdamW steps in a fresh process, debug model) the total is
+within 25% for 3-8 layers at 4K-16K tokens (none, selective, full; tests/train/test_memory_check.py)
+but errs high for shallow models at long T, where backward's temporaries are fewer layers' worth:
+766 MiB estimated vs 503 measured (2 layers, 16K). So "does not fit" may be pessimistic there; "fits"
+has not been seen to be wrong. GPU peaks under the caching allocator are not measured here.
 """
 
 from __future__ import annotations
