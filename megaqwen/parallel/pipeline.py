@@ -206,8 +206,11 @@ class StageModule(nn.Module):
     """One model chunk as a pipeline stage: embedding (first), its layers, final norm + head + loss
     (last). It references the rank's model's modules (its own names are never saved)."""
 
-    def __init__(self, model: nn.Module, stage: int, plan: PipelinePlan, act_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, stage: int, plan: PipelinePlan, act_dtype: torch.dtype,
+                 cp_group: dist.ProcessGroup | None = None, cp_tile: int = 512):
         super().__init__()
+        self.cp_group, self.cp_tile = cp_group, cp_tile
+        """Context parallelism: every stage gets the full (B, T) inputs and runs its zig-zag shard."""
         self.stage_index = stage
         self.is_first, self.is_last = stage == 0, stage == plan.num_stages - 1
         self.embed_tokens = model.model.embed_tokens if self.is_first else None
@@ -229,7 +232,18 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         m = self._model
-        attn = AttentionMeta(document_ids) if document_ids is not None else None
+        if self.cp_group is not None:  # full (B, T) inputs on every cp rank: this rank's zig-zag shard
+            from megaqwen.parallel.context_parallel import ContextParallelMeta, shard_sequence
+
+            cp, r = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
+            attn = ContextParallelMeta(document_ids, self.cp_group, shape=tuple(position_ids.shape),
+                                       device=position_ids.device, tile=self.cp_tile)
+            position_ids = shard_sequence(position_ids, cp, r)
+            labels = shard_sequence(labels, cp, r) if labels is not None else None
+            if self.embed_tokens is not None:
+                x = shard_sequence(x, cp, r)
+        else:
+            attn = AttentionMeta(document_ids) if document_ids is not None else None
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         rope = m.rope(position_ids)
         for layer in self.layers:
@@ -243,10 +257,11 @@ class StageModule(nn.Module):
 
 
 def stage_modules(model: nn.Module, plan: PipelinePlan, pp_rank: int,
-                  act_dtype: torch.dtype = torch.float32) -> list[StageModule]:
-    """This rank's chunks, in stage order (after TP/SP, recompute and compile: they reference the
-    modules those plans left in place)."""
-    return [StageModule(model, s, plan, act_dtype) for s in plan.stages_of(pp_rank)]
+                  act_dtype: torch.dtype = torch.float32, cp_group: dist.ProcessGroup | None = None,
+                  cp_tile: int = 512) -> list[StageModule]:
+    """This rank's chunks, in stage order (after TP/SP, EP, CP, recompute and compile: they
+    reference the modules those plans left in place)."""
+    return [StageModule(model, s, plan, act_dtype, cp_group, cp_tile) for s in plan.stages_of(pp_rank)]
 
 
 def apply_fsdp_stages(views: list[StageModule], layers: nn.ModuleDict, dp_mesh, mp_param_dtype=None,
@@ -417,6 +432,8 @@ class Pipeline:
             if v.is_last:
                 sum_, count = v.records.pop()
                 out = torch.stack([sum_, count])
+                if v.cp_group is not None:  # this rank's sequence shard: sum over the cp group
+                    dist.all_reduce(out, group=v.cp_group)
             elif self.plan.stage_rank(s + 1) != self.pp_rank:
                 dist.send(y.contiguous(), group=self.pp_group, group_dst=self.plan.stage_rank(s + 1))
             x = y

@@ -167,7 +167,6 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
             raise ValueError(f"parallel.cp_tile must be >= 1, got {pcfg.cp_tile}")
         not_yet = [why for cond, why in [
             (engine == "deepspeed", "train.engine=deepspeed (its gradient averaging is over dp only)"),
-            (d.pp > 1, "pipeline parallelism (stages would need the per-batch ring metadata)"),
             (moe, "MoE models (the load-balancing loss is not a sum over sequence shards)")] if cond]
         if not_yet:
             raise ValueError(f"parallel.cp={d.cp} is not supported yet with " + "; ".join(not_yet))
@@ -216,7 +215,9 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     use_fsdp = use_fsdp and dp_reduce_mesh(env.mesh).size() > 1
     # activations between stages: FSDP2's compute dtype, else the fp32 residual stream (autocast too)
     act_dtype = (mp_param_dtype if use_fsdp else None) or torch.float32
-    shards.pp_views = stage_modules(model, plan, pp_rank, act_dtype=act_dtype)
+    cp_group = env.mesh.group("cp") if env.dims.cp > 1 else None
+    shards.pp_views = stage_modules(model, plan, pp_rank, act_dtype=act_dtype, cp_group=cp_group,
+                                    cp_tile=pcfg.cp_tile)
     if model.cfg.tie_word_embeddings and plan.first_rank != plan.last_rank:
         shards.extra_copies["model.embed_tokens.weight"] = 2  # first and last stage: one tensor
     if use_fsdp:

@@ -326,7 +326,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if plan is not None:
         from megaqwen.parallel.pipeline import Pipeline
 
-        sp_shard = env.dims.tp if cfg.parallel.sequence_parallel else 1
+        # activations between stages: this rank's cp shard of the sequence, SP-split over tp
+        sp_shard = (env.dims.tp if cfg.parallel.sequence_parallel else 1) * env.dims.cp
         pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, t.micro_batch_size, t.seq_len,
                         cfg.model.hidden_size, seq_shard=sp_shard)
         log.info("pipeline: %s, pp=%d x %d stage(s) per rank, layers per stage %s, %d micro-batches; "

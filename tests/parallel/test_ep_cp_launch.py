@@ -54,3 +54,15 @@ def test_expert_and_context_layouts_that_do_not_fit_fail_before_work(tmp_path, s
     run = launch(out, shard, "parallel.cp=2", "train.seq_len=18")
     assert run.returncode != 0 and "seq_len=18 is not divisible by 2*cp=4" in run.stderr
     assert MODEL_BUILT not in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_pp2_cp2_packed_documents_equals_one_process(tmp_path, shard):  # noqa: F811
+    """Pipeline stages each running their zig-zag sequence shard (ring attention with the packed
+    documents' masks across shards): losses as one process."""
+    ref = single_process(tmp_path / "single", shard, "model.num_layers=4")
+    out = tmp_path / "pp2cp2"
+    run = launch(out, shard, "model.num_layers=4", "parallel.pp=2", "parallel.cp=2", "parallel.cp_tile=4",
+                 nproc=4)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(out) == pytest.approx(ref, rel=1e-5)

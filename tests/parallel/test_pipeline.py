@@ -70,6 +70,7 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
     from .parallel_harness import LR, SEED
 
     pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay["pp"], sequence_parallel=lay.get("sp", False),
+                          cp=lay.get("cp", 1), cp_mode=lay.get("cp_mode", "ring"), cp_tile=4,
                           dp_mode=lay.get("mode", "ddp"), pp_schedule=lay["schedule"],
                           pp_virtual_stages=lay.get("v", 0), pp_layers=lay.get("layers"),
                           recompute=lay.get("recompute", "none"), compile=lay.get("compile", False))
@@ -82,7 +83,7 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
     shards = parallelize(model, spec, pcfg, env, plan=plan)
     materialize(model, shards, "cpu", seed=SEED)
     pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, mbs, 16, cfg.hidden_size,
-                    seq_shard=pcfg.tp if pcfg.sequence_parallel else 1)
+                    seq_shard=(pcfg.tp if pcfg.sequence_parallel else 1) * pcfg.cp)
     _, opt = build_optimizer_or_engine(
         model, pcfg, env, "native", native=lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1),
         param_groups=lambda m: [{"params": list(m.parameters())}], adamw=dict(lr=LR, weight_decay=0.1),
@@ -99,7 +100,7 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
             mbatches.append({"tokens": t, "labels": labels[s, sl], "document_ids": torch.zeros_like(t),
                              "position_ids": torch.arange(t.shape[1]).expand_as(t).contiguous()})
         count = torch.tensor(float((labels[s] != -100).sum()))
-        loss_sum = pipe.step(mbatches, dims.dp / count)
+        loss_sum = pipe.step(mbatches, dims.dp * dims.cp / count)
         pipe.reduce_grads(pcfg.dp_mode)
         if s == 0:
             for n, p in model.named_parameters():
@@ -111,8 +112,9 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = loss_sum.clone()
-        if dims.dp > 1:
-            dist.all_reduce(loss, group=env.mesh.dp_group)
+        for dim in ("dp", "cp"):
+            if getattr(dims, dim) > 1:
+                dist.all_reduce(loss, group=env.mesh.group(dim))
         losses.append((loss / count).item())
     tied_equal = True
     if pipe.embed_group is not None:
@@ -163,10 +165,14 @@ def test_pp2_every_schedule_equals_one_process():
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pp_composed_with_tp_and_fsdp_and_pp4():
-    """World 4: pp=2 x tp=2 (+SP), pp=2 x dp=2 FSDP2 and DDP, pp=4 1F1B and interleaved."""
+    """World 4: pp=2 x tp=2 (+SP), pp=2 x dp=2 FSDP2 and ZeRO-1, pp=2 x cp=2 (ring, all-to-all),
+    pp=4 under every schedule family."""
     cases = [("pp2-tp2-sp-1f1b", {"pp": 2, "tp": 2, "sp": True, "schedule": "1f1b"}),
              ("pp2-tp2-interleaved", {"pp": 2, "tp": 2, "schedule": "interleaved_1f1b"}),
              ("pp2-dp2-fsdp-1f1b", {"pp": 2, "mode": "fsdp", "schedule": "1f1b"}),
+             ("pp2-cp2-ring-1f1b", {"pp": 2, "cp": 2, "schedule": "1f1b"}),
+             ("pp2-cp2-alltoall-interleaved", {"pp": 2, "cp": 2, "cp_mode": "alltoall",
+                                               "schedule": "interleaved_1f1b"}),
              ("pp2-dp2-zero1-zbv", {"pp": 2, "mode": "zero1", "schedule": "zbv"}),
              ("pp4-1f1b", {"pp": 4, "schedule": "1f1b"}),
              ("pp4-interleaved-v2", {"pp": 4, "schedule": "interleaved_1f1b"}),
