@@ -220,6 +220,12 @@ class StageModule(nn.Module):
         # tied head: the same module as the first chunk's embedding when this rank holds both
         self.head_embed = model.model.embed_tokens if self.is_last and model.cfg.tie_word_embeddings else None
         self.act_dtype = act_dtype
+        # MoE: the router z-loss is a sum over every sparse layer's tokens, so each stage adds its
+        # part (scaled by aux_scale = z coefficient / micro-batches) to the step's objective
+        cfg = model.cfg
+        self.n_sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers)) if cfg.is_moe else 0
+        self.aux_scale = 0.0
+        self.z_records: list[torch.Tensor] = []
         self.loss_scale = 1.0
         """Set per step: the LM loss sum is multiplied by it (dp / global valid tokens)."""
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -246,14 +252,46 @@ class StageModule(nn.Module):
             attn = AttentionMeta(document_ids) if document_ids is not None else None
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         rope = m.rope(position_ids)
-        for layer in self.layers:
-            h = layer(h, rope, attn)
+        routing: list = []
+        blocks = [layer.mlp for layer in self.layers if hasattr(getattr(layer, "mlp", None), "router_out")]
+        for block in blocks:  # sparse blocks append their routing while this chunk runs
+            block.router_out = routing
+        try:
+            for layer in self.layers:
+                h = layer(h, rope, attn)
+        finally:
+            for block in blocks:
+                block.router_out = None
+        z = None
+        if routing:  # this chunk's share of the z-loss: its layers' sum / every sparse layer's rows
+            z = sum(r.z_sum for r in routing) / (routing[0].probs_NE.shape[0] * self.n_sparse)
+            self.z_records.append(z.detach().float())
         if not self.is_last:
+            if z is not None and self.aux_scale:
+                h = _AttachLoss.apply(h, z * self.aux_scale)
             return h.to(self.act_dtype)
         h = self.norm(h)
         parts = m.criterion(h.reshape(-1, h.shape[-1]), self.head_weight(), labels.reshape(-1))
         self.records.append((parts.sum.detach().float(), parts.count.detach().float()))
-        return parts.sum.float() * self.loss_scale
+        objective = parts.sum.float() * self.loss_scale
+        if z is not None and self.aux_scale:
+            objective = objective + z * self.aux_scale
+        return objective
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on the activations whose backward also seeds `loss` with 1: a stage's own loss term
+    (MoE z-loss) is back-propagated when the activations' gradient arrives from the next stage."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_meta = (loss.dtype, loss.device)
+        return h.clone()  # not a view: FSDP2 hooks the stage output, and a view would lose the hook
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.loss_meta
+        return grad, torch.ones((), dtype=dtype, device=device)
 
 
 def stage_modules(model: nn.Module, plan: PipelinePlan, pp_rank: int,
@@ -374,6 +412,10 @@ class Pipeline:
         kwargs = dict(n_microbatches=plan.microbatches, loss_fn=_loss_passthrough, scale_grads=False)
         self.schedule = cls(self.stages if SCHEDULES[plan.schedule].multi else self.stages[0], **kwargs)
         self.last_busy_s = 0.0
+        self.last_z: torch.Tensor | None = None
+        """MoE: the step's router z-loss summed over micro-batches (every pp rank), after `step`."""
+        for v in views:
+            v.aux_scale = getattr(model.cfg, "router_z_loss_coef", 0.0) / plan.microbatches
 
     def step(self, micro: list[dict[str, torch.Tensor]], scale: float | torch.Tensor,
              document_mask: bool = True) -> torch.Tensor:
@@ -385,6 +427,7 @@ class Pipeline:
         for v in self.views:
             v.loss_scale = scale
             v.records.clear()
+            v.z_records.clear()
         for st in self.stages:
             st.busy_s = 0.0
         kwargs = {"position_ids": batch["position_ids"], "labels": batch["labels"]}
@@ -394,6 +437,12 @@ class Pipeline:
         target = batch["labels"] if self.has_last else None
         self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
         self.last_busy_s = sum(st.busy_s for st in self.stages)
+        if any(v.n_sparse for v in self.views):
+            z = torch.zeros((), device=self.device)
+            for v in self.views:
+                z += sum(v.z_records[-self.plan.microbatches:], torch.zeros((), device=self.device))
+            dist.all_reduce(z, group=self.pp_group)
+            self.last_z = z
         return self._loss_sum(self.plan.microbatches)
 
     def _loss_sum(self, n: int) -> torch.Tensor:
@@ -440,14 +489,15 @@ class Pipeline:
         dist.all_reduce(out, group=self.pp_group)
         return LossParts(out[0], out[1])
 
-    def reduce_grads(self, dp_mode: str) -> None:
+    def reduce_grads(self, dp_mode: str, exclude: set[str] = frozenset()) -> None:
         """After the schedule: average gradients over dp (x cp) for ddp/zero1 (FSDP2 reduce-scattered
-        them already), then sum the tied embedding's two copies over the embedding group."""
+        them already), except `exclude` (expert parameters under ep > 1: reduced over their own
+        group), then sum the tied embedding's two copies over the embedding group."""
         from torch.distributed.tensor import DTensor
 
         from megaqwen.parallel.data_parallel import dp_reduce_mesh
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for n, p in self.model.named_parameters() if p.grad is not None and n not in exclude]
         dp_mesh = dp_reduce_mesh(self.mesh)
         if dp_mode != "fsdp" and dp_mesh.size() > 1:
             _all_reduce_mean([p.grad for p in params], dp_mesh.get_group(), dp_mesh.size())

@@ -121,10 +121,11 @@ def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatch
         raise ValueError(f"parallel.pp={pcfg.pp} with train.engine=deepspeed is not supported (DeepSpeed's "
                          "pipeline engine needs its own model format); use train.engine=native with "
                          "parallel.dp_mode=ddp|zero1|fsdp")
-    if getattr(model_cfg, "is_moe", False):
-        raise ValueError(f"parallel.pp={pcfg.pp}: pipeline stages of a Mixture-of-Experts model "
-                         f"({model_cfg.name!r}) are not supported yet (the load-balancing loss spans all "
-                         "stages' routers); use tp/dp for MoE models")
+    if getattr(model_cfg, "is_moe", False) and model_cfg.router_aux_loss_coef > 0:
+        raise ValueError(f"parallel.pp={pcfg.pp} with model.router_aux_loss_coef={model_cfg.router_aux_loss_coef}: "
+                         "the HF-form load-balancing loss multiplies sums over every stage's routers, so "
+                         "pipeline stages cannot add it up; set model.router_aux_loss_coef=0 and balance "
+                         "with model.moe_routing_bias_update_rate > 0 (aux-loss-free, per layer) instead")
     return plan_from_config(pcfg, model_cfg.num_layers, microbatches)
 
 

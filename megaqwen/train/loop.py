@@ -117,13 +117,14 @@ def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
 
 
 def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
-                  scale: torch.Tensor) -> torch.Tensor:
+                  scale: torch.Tensor, shards: ShardMap | None = None) -> torch.Tensor:
     """All micro-batches of one step through the pipeline schedule (forward and backward), then the
     dp and tied-embedding gradient reductions; returns the step's summed LM loss."""
     inputs = [model_inputs(b, cfg, env.device) for b in micro]
     with autocast_ctx(cfg.train.dtype, env.device):
         loss_sum = pipe.step(inputs, scale, document_mask=cfg.data.document_mask)
-    pipe.reduce_grads(cfg.parallel.dp_mode)
+    exclude = shards.expert_fqns if shards is not None and env.dims.ep > 1 else frozenset()
+    pipe.reduce_grads(cfg.parallel.dp_mode, exclude)  # experts: their edp group, in train_step
     return loss_sum
 
 
@@ -155,7 +156,9 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     loss_sum = torch.zeros((), device=env.device)
     aux_sum = z_sum = None
     if pipe is not None:
-        loss_sum = pipeline_step(pipe, micro, cfg, env, scale)
+        loss_sum = pipeline_step(pipe, micro, cfg, env, scale, shards)
+        if pipe.last_z is not None:
+            z_sum = pipe.last_z
         micro = []
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device):

@@ -66,3 +66,21 @@ def test_torchrun_pp2_cp2_packed_documents_equals_one_process(tmp_path, shard): 
                  nproc=4)
     assert run.returncode == 0, run.stderr[-4000:]
     assert losses(out) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_moe_pp2_equals_one_process(tmp_path, shard):  # noqa: F811
+    """debug-moe in two pipeline stages with the router z-loss (each stage adds its layers' share)
+    and aux-loss-free balancing (each stage updates its own routers' bias): as one process."""
+    moe = ("model=debug-moe", "model.router_aux_loss_coef=0", "model.router_z_loss_coef=0.01",
+           "model.moe_routing_bias_update_rate=0.01")
+    ref = single_process(tmp_path / "single", shard, *moe)
+    ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "pp2"
+    run = launch(out, shard, *moe, "parallel.pp=2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["z_loss"] for r in rows] == pytest.approx([r["z_loss"] for r in ref_rows], rel=1e-5)
+    bad = launch(tmp_path / "bad", shard, "model=debug-moe", "parallel.pp=2")  # default aux coef > 0
+    assert bad.returncode != 0 and "router_aux_loss_coef=0 and balance" in bad.stderr

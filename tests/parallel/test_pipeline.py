@@ -22,7 +22,10 @@ from .parallel_harness import STEPS, gather_full, reference, spawn
 LAYERS = 8
 
 
-def _cfg(tied: bool = True):
+def _cfg(tied: bool = True, moe: bool = False):
+    if moe:  # 4 layers, sparse 1 and 3; pipelines take the z-loss, not the HF aux loss (refused)
+        return replace(get_config("debug-moe"), vocab_size=1024, router_aux_loss_coef=0.0,
+                       router_z_loss_coef=0.01)
     return replace(get_config("debug"), vocab_size=1024, num_layers=LAYERS, tie_word_embeddings=tied)
 
 
@@ -35,18 +38,19 @@ def _batches(cfg, global_b: int, t: int = 16):
 
 
 def _reference(cfg, global_b: int):
-    from megaqwen.models.qwen2 import build_model
+    from megaqwen.models.spec import get_spec
     from megaqwen.parallel.grad_norm import grad_norm
 
     from .parallel_harness import LR, SEED
 
-    model = build_model(cfg, seed=SEED)
+    model = get_spec(cfg).build(cfg, seed=SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     tokens, labels = _batches(cfg, global_b)
     losses, grads, norm = [], {}, 0.0
     for s in range(STEPS):
         parts = model(tokens[s], labels[s])
-        (parts.sum / parts.count).backward()
+        z = getattr(parts, "z", None)
+        (parts.sum / parts.count + (cfg.router_z_loss_coef * z if z is not None else 0)).backward()
         if s == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             norm = grad_norm(model.named_parameters(), None).item()
@@ -70,6 +74,7 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
     from .parallel_harness import LR, SEED
 
     pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay["pp"], sequence_parallel=lay.get("sp", False),
+                          ep=lay.get("ep", 1),
                           cp=lay.get("cp", 1), cp_mode=lay.get("cp_mode", "ring"), cp_tile=4,
                           dp_mode=lay.get("mode", "ddp"), pp_schedule=lay["schedule"],
                           pp_virtual_stages=lay.get("v", 0), pp_layers=lay.get("layers"),
@@ -101,13 +106,26 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
                              "position_ids": torch.arange(t.shape[1]).expand_as(t).contiguous()})
         count = torch.tensor(float((labels[s] != -100).sum()))
         loss_sum = pipe.step(mbatches, dims.dp * dims.cp / count)
-        pipe.reduce_grads(pcfg.dp_mode)
+        ep = dims.ep > 1
+        pipe.reduce_grads(pcfg.dp_mode, shards.expert_fqns if ep else frozenset())
+        if ep and pcfg.dp_mode != "fsdp":
+            from megaqwen.parallel.expert_parallel import reduce_expert_grads
+
+            reduce_expert_grads(model, shards.expert_fqns, shards.ep_groups)
         if s == 0:
             for n, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue
                 g = gather_full(p.grad, n, shards)
                 r = ref["grads"][n]
                 grad_err = max(grad_err, ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item())
-            norm = clip_grad_norm_(model.named_parameters(), float("inf"), shards).item()
+            if ep:
+                from megaqwen.parallel.expert_parallel import clip_grad_norm_ep_
+
+                norm = clip_grad_norm_ep_(model.named_parameters(), float("inf"), shards, shards.expert_fqns,
+                                          shards.ep_groups).item()
+            else:
+                norm = clip_grad_norm_(model.named_parameters(), float("inf"), shards).item()
             norm_rel = abs(norm / ref["grad_norm"] - 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,8 +153,8 @@ def _worker(rank, world, cases, global_b, mbs):
     out = {}
     refs = {}
     for name, lay in cases:
-        cfg = _cfg(lay.get("tied", True))
-        key = cfg.tie_word_embeddings
+        cfg = _cfg(lay.get("tied", True), lay.get("moe", False))
+        key = (cfg.tie_word_embeddings, cfg.is_moe)
         if key not in refs:
             refs[key] = _reference(cfg, global_b)
         out[name] = _run_layout(rank, world, cfg, lay, refs[key], global_b, mbs)
@@ -171,6 +189,9 @@ def test_pp_composed_with_tp_and_fsdp_and_pp4():
              ("pp2-tp2-interleaved", {"pp": 2, "tp": 2, "schedule": "interleaved_1f1b"}),
              ("pp2-dp2-fsdp-1f1b", {"pp": 2, "mode": "fsdp", "schedule": "1f1b"}),
              ("pp2-cp2-ring-1f1b", {"pp": 2, "cp": 2, "schedule": "1f1b"}),
+             ("moe-pp2-dp2-ep2-1f1b", {"pp": 2, "ep": 2, "moe": True, "schedule": "1f1b"}),
+             ("moe-pp2-dp2-ep2-fsdp-interleaved", {"pp": 2, "ep": 2, "moe": True, "mode": "fsdp",
+                                                   "schedule": "interleaved_1f1b", "layers": [1, 1, 1, 1]}),
              ("pp2-cp2-alltoall-interleaved", {"pp": 2, "cp": 2, "cp_mode": "alltoall",
                                                "schedule": "interleaved_1f1b"}),
              ("pp2-dp2-zero1-zbv", {"pp": 2, "mode": "zero1", "schedule": "zbv"}),
@@ -213,8 +234,9 @@ def test_engine_and_moe_refused_with_pipeline():
     pcfg = ParallelConfig(pp=2)
     with pytest.raises(ValueError, match="train.engine=deepspeed is not supported"):
         check_pipeline(pcfg, _cfg(), "deepspeed", 4)
-    with pytest.raises(ValueError, match="Mixture-of-Experts"):
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0 and balance"):
         check_pipeline(pcfg, get_config("debug-moe"), "native", 4)
+    assert check_pipeline(pcfg, _cfg(moe=True), "native", 4).layers == (2, 2)
     assert check_pipeline(ParallelConfig(pp=1), _cfg(), "deepspeed", 1) is None
     assert check_pipeline(pcfg, _cfg(), "native", 4).layers == (4, 4)
 
