@@ -97,6 +97,7 @@ setup(
             "megaqwen-eval=megaqwen.eval:main",
             "megaqwen-stages=megaqwen.train.stages:main",
             "megaqwen-data=megaqwen.data_pipeline.cli:main",
+            "megaqwen-plan=megaqwen.plan.cli:main",
         ]
     },
 )

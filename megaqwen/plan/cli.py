@@ -1,0 +1,113 @@
+"""`megaqwen-plan`: which layouts fit, and how fast, for a model on N GPUs.
+
+  megaqwen-plan model=qwen2.5-72b gpus=512 seq=4096 global_batch=1024 gpu=h100 [top=15]
+  megaqwen-plan model=qwen2.5-72b gpus=512 seq=4096 global_batch=1024 gpu=h100 tp=8 pp=4 \
+      pp_schedule=interleaved_1f1b dp_mode=zero1 recompute=selective micro_batch=1   # one layout
+  megaqwen-plan scaling ...          # hyper-parameter scaling laws (`megaqwen.scaling`)
+
+Keys: model, gpus, seq, global_batch (sequences), gpu (h100 | h200 | a100 | a100-40g), efficiency
+(fraction of peak the kernels reach, default 0.6), top; a layout is evaluated alone when any of tp,
+pp, cp, ep, dp, dp_mode, recompute, pp_schedule, pp_virtual_stages, micro_batch is given (dp defaults
+to gpus / (tp pp cp); dp_mode zero2/zero3 mean the DeepSpeed engine).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megaqwen.models.config import get_config
+from megaqwen.plan.memory import GIB, GPUS, Layout
+from megaqwen.plan.perf import DEFAULT_EFFICIENCY
+from megaqwen.plan.search import Plan, evaluate, search
+
+LAYOUT_INT = ("tp", "pp", "cp", "ep", "dp", "pp_virtual_stages", "micro_batch")
+LAYOUT_STR = ("dp_mode", "recompute", "pp_schedule")
+RUN_KEYS = ("model", "gpus", "seq", "global_batch", "gpu", "efficiency", "top")
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    out, bad = {}, []
+    for a in argv:
+        k, eq, v = a.partition("=")
+        if not eq or k not in (*RUN_KEYS, *LAYOUT_INT, *LAYOUT_STR):
+            bad.append(a)
+        out[k] = v
+    if bad:
+        raise ValueError(f"megaqwen-plan: cannot read {bad}; give key=value with keys "
+                         f"{', '.join((*RUN_KEYS, *LAYOUT_INT, *LAYOUT_STR))}")
+    if out.get("gpu", "h100") not in GPUS:
+        raise ValueError(f"gpu={out['gpu']!r}; choose from {' | '.join(GPUS)}")
+    return out
+
+
+def table(plans: list[Plan]) -> str:
+    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'sched':<9} {'cp':>2} {'ep':>2} {'dp':>4} {'dp_mode':<7} "
+            f"{'recomp':<9} {'mb':>2} | {'state':>6} {'act':>6} {'total GiB':>9} | {'bubble':>6} "
+            f"{'step s':>7} {'MFU':>6} {'Mtok/s':>7}")
+    rows = [head, "-" * len(head)]
+    for i, p in enumerate(plans, 1):
+        lay, mem, st = p.layout, p.memory, p.step
+        sched = {"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b/v{lay.virtual}", "gpipe": "gpipe",
+                 "zero_bubble": f"zbh1/v{lay.virtual}", "zbv": "zbv",
+                 "dualpipev": "dualpipev"}[lay.pp_schedule]
+        time = (f"{st.bubble:6.1%} {st.step_s:7.2f} {st.mfu:6.1%} {st.tokens_per_s / 1e6:7.2f}" if st
+                else f"{'-':>6} {'-':>7} {'-':>6} {'-':>7}")
+        sched = sched if lay.pp > 1 else "-"
+        rows.append(f"{i:>3} {lay.tp:>2} {lay.pp:>2} {sched:<9} {lay.cp:>2} {lay.ep:>2} "
+                    f"{lay.dp:>4} {lay.dp_mode:<7} {lay.recompute:<9} {lay.micro_batch:>2} | "
+                    f"{mem.state / GIB:6.1f} {(mem.activations + mem.margin) / GIB:6.1f} "
+                    f"{mem.total / GIB:9.1f} | {time}")
+    return "\n".join(rows)
+
+
+def run(argv: list[str]) -> str:
+    a = parse(argv)
+    m = get_config(a.get("model", "qwen2.5-72b"))
+    gpu = GPUS[a.get("gpu", "h100")]
+    gpus, seq, gb = int(a.get("gpus", 64)), int(a.get("seq", 4096)), int(a.get("global_batch", 1024))
+    eff = float(a.get("efficiency", DEFAULT_EFFICIENCY))
+    head = (f"{m.name}: {m.num_params() / 1e9:.1f}B parameters ({m.active_params() / 1e9:.1f}B active), "
+            f"{gpus} x {gpu.name}, seq {seq}, global batch {gb} sequences ({gb * seq / 1e6:.1f}M tokens), "
+            f"kernel efficiency {eff:.0%} of {gpu.peak_flops / 1e12:.0f} TFLOP/s (assumed)")
+    if any(k in a for k in (*LAYOUT_INT, *LAYOUT_STR)):
+        kw = {k: int(a[k]) for k in LAYOUT_INT if k in a} | {k: a[k] for k in LAYOUT_STR if k in a}
+        kw.setdefault("dp", gpus // (kw.get("tp", 1) * kw.get("pp", 1) * kw.get("cp", 1)))
+        lay = Layout(**{"sequence_parallel": kw.get("tp", 1) > 1, **kw})
+        if lay.world != gpus:
+            raise ValueError(f"tp x pp x cp x dp = {lay.world} but gpus={gpus}; fix dp or gpus")
+        p = evaluate(m, lay, gpu, seq, gb, eff)
+        mem = p.memory
+        lines = [head, table([p]),
+                 f"pipeline rank {mem.pp_rank} (the fullest): {mem.params / 1e9:.3f}B parameters held; "
+                 f"weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
+                 f"{mem.optimizer / GIB:.1f}, activations {mem.activations / GIB:.1f} ({mem.in_flight:.2f} "
+                 f"micro-batches in flight), working margin {mem.margin / GIB:.1f} GiB; "
+                 + ("fits" if mem.fits else "DOES NOT FIT") + f" in 90% of {gpu.memory_bytes / GIB:.1f} GiB"]
+        if p.error:
+            lines.append(p.error)
+        return "\n".join(lines)
+    plans = search(m, gpus, gpu, seq, gb, eff)
+    if not plans:
+        return head + "\nno layout fits: more GPUs, a shorter sequence or a smaller global batch"
+    return head + f"\n{len(plans)} layouts fit; the fastest:\n" + table(plans[: int(a.get("top", 15))])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv and argv[0] == "scaling":
+        from megaqwen.scaling import main as scaling_main
+
+        return scaling_main(argv[1:])
+    try:
+        print(run(argv))
+    except ValueError as e:
+        print(f"megaqwen-plan: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Per-GPU memory of a training layout: exact parameter counts per rank, state by ZeRO stage / FSDP,
+activations with recomputation and pipeline in-flight micro-batches.
+
+Parameters are counted tensor by tensor as the plans shard them (`megaqwen.models.qwen2.parallelize`):
+q/k/v/gate/up split on rows and o/down on columns over tp (KV heads replicated when tp > KV heads),
+vocab-parallel embedding and head, norms whole; MoE sparse blocks whole over tp with experts split
+over ep; a pipeline rank keeps its stages' layers, the first stage the embedding, the last the final
+norm and head (a tied embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in
+`torch.chunk` pieces (expert tensors over the dp x cp / ep expert-data-parallel ranks). This is exact:
+it equals `local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
+
+Bytes per parameter (fp32 master weights, AdamW), native engine: weights 4 + grads 4 + moments 8;
+zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO paper accounting):
+bf16 weights 2 + bf16 grads 2 + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the
+grads, stage 3 everything.
+
+Activations per micro-batch and layer: `megaqwen.train.memory_check.layer_activation_elements`, our
+derivation of Korthikanti et al. 2022 for SwiGLU + GQA + flash attention (their GPT figure is
+sbh(34 + 5as/h) bytes in fp16 without flash attention, 34 sbh with it or with selective
+recomputation, 2 sbh with full recomputation; ours per token and layer, in elements: norms 6h
+(/tp under SP) + attention 5q + Hq + MLP 4I, all / tp; selective keeps 2q + 2kv, full h). Tokens per
+rank = micro_batch x seq / cp. In flight on pipeline rank i (p ranks, m micro-batches, v chunks):
+GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p v)) (Narayanan et
+al. 2021, the extra warm-up chunks); ZB-V p; DualPipeV p + 1 (DeepSeek-V3 table 2) micro-batches of a
+rank's layers. The working margin: BACKWARD_TEMP_LAYERS (1.5) layers' full activations (backward's
+temporaries), on the last stage one chunk of fp32 logits and the fp32 head grad; FSDP adds two
+gathered layers (current + prefetch) in the compute dtype. Two constants (1.5 layers, one logits
+chunk) were fitted to five fp32 CPU runs; the total lands within 10% of each measured peak there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from megaqwen.kernels.cross_entropy import CHUNK_LOGITS_BYTES
+from megaqwen.models.config import ModelConfig
+from megaqwen.train.memory_check import layer_activation_elements
+
+GIB = 2**30
+BACKWARD_TEMP_LAYERS = 1.5
+"""Backward's temporaries, in layers' worth of full (no-recompute) activations. Fitted to five fp32
+CPU runs (peak RSS above a warmed-up baseline, tests/plan/test_planner.py): residuals 0.7-2.6 layers.
+(memory_check's 5 also absorbs the ~100 MB of code pages a cold process faults in on its first step.)"""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    """Device memory (what `torch.cuda.get_device_properties().total_memory` reports)."""
+    peak_flops: float
+    """Dense bf16 tensor-core FLOP/s (datasheet, as `megaqwen.parallel.metrics.PEAK_BF16_FLOPS`)."""
+    intra_bw: float
+    """Achievable all-reduce bus bandwidth inside a node, bytes/s (NVLink; nccl-tests busbw)."""
+    inter_bw: float
+    """Achievable bus bandwidth per GPU between nodes, bytes/s (one 400 Gb/s NIC per GPU)."""
+    per_node: int = 8
+
+
+GPUS: dict[str, GPU] = {
+    "h100": GPU("H100 SXM 80GB", 79.6 * GIB, 989e12, 360e9, 45e9),
+    "h200": GPU("H200 SXM 141GB", 139.8 * GIB, 989e12, 360e9, 45e9),
+    "a100": GPU("A100 SXM 80GB", 79.2 * GIB, 312e12, 230e9, 22e9),  # 200 Gb/s HDR per GPU
+    "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9),
+}
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    dp: int = 1
+    sequence_parallel: bool = True
+    """Only matters with tp > 1 (the planner assumes it on, as every large run does)."""
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 0
+    """0 = the schedule's default (1 for gpipe/1f1b, 2 for the interleaved and V schedules)."""
+    dp_mode: str = "fsdp"
+    """ddp | zero1 | fsdp (native engine) or zero1 | zero2 | zero3 (DeepSpeed engine, bf16)."""
+    recompute: str = "none"
+    micro_batch: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def virtual(self) -> int:
+        if self.pp_virtual_stages:
+            return self.pp_virtual_stages
+        return 1 if self.pp_schedule in ("gpipe", "1f1b") else 2
+
+    def validate(self, m: ModelConfig) -> None:
+        bad = []
+        for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch"):
+            if getattr(self, f) < 1:
+                bad.append(f"{f}={getattr(self, f)} must be >= 1")
+        if self.pp_schedule not in SCHEDULE_NAMES:
+            bad.append(f"pp_schedule={self.pp_schedule!r}; choose from {' | '.join(SCHEDULE_NAMES)}")
+        if self.dp_mode not in ("ddp", "zero1", "fsdp", "zero2", "zero3"):
+            bad.append(f"dp_mode={self.dp_mode!r}; choose ddp | zero1 | fsdp | zero2 | zero3")
+        if self.recompute not in ("none", "selective", "full"):
+            bad.append(f"recompute={self.recompute!r}; choose none | selective | full")
+        if not bad:
+            if m.num_heads % self.tp or (m.num_kv_heads % self.tp and self.tp % m.num_kv_heads):
+                bad.append(f"tp={self.tp} must divide num_heads={m.num_heads} and divide or be a multiple "
+                           f"of num_kv_heads={m.num_kv_heads}")
+            if m.intermediate_size % self.tp or m.vocab_size % self.tp:
+                bad.append(f"tp={self.tp} must divide intermediate_size={m.intermediate_size} and "
+                           f"vocab_size={m.vocab_size}")
+            if m.num_layers % (self.pp * self.virtual):
+                bad.append(f"num_layers={m.num_layers} is not divisible by pp x virtual stages = "
+                           f"{self.pp} x {self.virtual}")
+            if self.ep > 1 and (not m.is_moe or m.num_experts % self.ep or (self.dp * self.cp) % self.ep):
+                bad.append(f"ep={self.ep} needs an MoE model whose num_experts ({m.num_experts}) it "
+                           f"divides, and must divide dp x cp = {self.dp * self.cp}")
+        if bad:
+            raise ValueError(f"layout {self}: " + "; ".join(bad))
+
+
+def _layer_tensors(m: ModelConfig, tp: int, sparse: bool) -> list[tuple[str, tuple[int, ...], int]]:
+    """(kind "dense" | "expert", local shape on a tp rank, how many such tensors) of one decoder layer.
+    TP pieces are equal on every tp rank; expert tensors are counted per expert (3 per expert)."""
+    h, hd = m.hidden_size, m.head_dim_
+    q = m.num_heads * hd // tp
+    kv = m.kv_dim // tp if tp <= m.num_kv_heads else hd
+    ff = m.intermediate_size // tp
+    d = [(q, h), (kv, h), (kv, h), (h, q), (h,), (h,)]
+    if m.qkv_bias:
+        d += [(q,), (kv,), (kv,)]
+    out = []
+    if sparse:
+        mi, si = m.moe_intermediate_size, m.shared_expert_intermediate_size
+        d += [(m.num_experts, h)]
+        if si:
+            d += [(si, h), (si, h), (h, si), (1, h)]
+        out += [("expert", s, 1) for s in ((mi, h), (mi, h), (h, mi))]
+    else:
+        d += [(ff, h), (ff, h), (h, ff)]
+    return [("dense", s, 1) for s in d] + out
+
+
+def _chunk(n0: int, parts: int, rank: int) -> int:
+    """Rows of dim 0 that `torch.chunk(t, parts)[rank]` holds (FSDP2's Shard(0))."""
+    c = math.ceil(n0 / parts)
+    return max(0, min(c, n0 - rank * c))
+
+
+def stage_layers(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[list[int], bool, bool]:
+    """(decoder layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`,
+    even split, V schedules placing stage s and 2p-1-s on one rank."""
+    p, v = lay.pp, lay.virtual
+    per = m.num_layers // (p * v)
+    v_shape = lay.pp_schedule in ("zbv", "dualpipev")
+
+    def rank_of(s: int) -> int:
+        return (s if s < p else 2 * p - 1 - s) if v_shape else s % p
+
+    stages = [s for s in range(p * v) if rank_of(s) == pp_rank]
+    layers = [i for s in stages for i in range(s * per, (s + 1) * per)]
+    return layers, 0 in stages, p * v - 1 in stages
+
+
+def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int = 0,
+                     fsdp: bool | None = None) -> int:
+    """Parameter elements held by one rank (its tp piece, pp stages, ep experts, FSDP chunk).
+    dp_rank indexes the dp x cp group (FSDP's mesh); expert tensors are chunked over the
+    expert-data-parallel group (dp x cp / ep ranks, position dp_rank // ep). Every ep rank holds
+    E / ep experts of each sparse layer, so the count does not depend on the ep rank."""
+    fsdp = lay.dp_mode == "fsdp" if fsdp is None else fsdp
+    layers, first, last = stage_layers(m, lay, pp_rank)
+    dpc = lay.dp * lay.cp
+
+    def size(shape: tuple[int, ...], parts: int, r: int) -> int:
+        return (_chunk(shape[0], parts, r) if fsdp else shape[0]) * math.prod(shape[1:])
+
+    def layer(sparse: bool) -> int:
+        n = 0
+        for kind, shape, _ in _layer_tensors(m, lay.tp, sparse):
+            if kind == "expert":
+                n += (m.num_experts // lay.ep) * size(shape, dpc // lay.ep, dp_rank // lay.ep)
+            else:
+                n += size(shape, dpc, dp_rank)
+        return n
+
+    n_sparse = sum(m.is_sparse_layer(i) for i in layers)
+    n = n_sparse * (layer(True) if n_sparse else 0) + (len(layers) - n_sparse) * layer(False)
+    emb = (m.vocab_size // lay.tp, m.hidden_size)
+    if first or (last and m.tie_word_embeddings):
+        n += size(emb, dpc, dp_rank)
+    if last:
+        n += size((m.hidden_size,), dpc, dp_rank) + (0 if m.tie_word_embeddings else size(emb, dpc, dp_rank))
+    return n
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the most loaded rank of one pipeline position."""
+
+    pp_rank: int
+    params: int
+    """Parameter elements on this rank (unsharded by dp for ddp/zero1/DeepSpeed 1-2)."""
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    in_flight: float
+    """Micro-batches of this rank's layers kept at the peak."""
+    margin: float
+    device_bytes: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def state(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.state + self.activations + self.margin
+
+    @property
+    def fits(self) -> bool:
+        """Under 90% of the device (allocator fragmentation, CUDA context, NCCL buffers)."""
+        return self.total <= 0.9 * self.device_bytes
+
+
+def in_flight(lay: Layout, pp_rank: int, microbatches: int) -> float:
+    p, m, v, s = lay.pp, microbatches, lay.virtual, lay.pp_schedule
+    if p == 1:
+        return 1.0
+    if s == "gpipe":
+        return float(m)
+    if s == "1f1b":
+        return float(min(m, p - pp_rank))
+    if s in ("interleaved_1f1b", "zero_bubble"):
+        return min(m, p - pp_rank) * (1 + (p - 1) / (p * v))
+    return float(min(m, p + (s == "dualpipev")))
+
+
+def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *, act_bytes: int = 2,
+                    device_bytes: float = 0.0, pp_rank: int | None = None) -> MemoryEstimate:
+    """Memory of the worst pipeline rank (or of `pp_rank`), dp/ep rank 0 (FSDP's largest chunk)."""
+    lay.validate(m)
+    if pp_rank is None:
+        ests = [estimate_memory(m, lay, seq, microbatches, act_bytes=act_bytes, device_bytes=device_bytes,
+                                pp_rank=r) for r in range(lay.pp)]
+        return max(ests, key=lambda e: e.total)
+    dpc = lay.dp * lay.cp
+    mode = lay.dp_mode
+    n = rank_param_count(m, lay, pp_rank, fsdp=mode == "fsdp")
+    full = rank_param_count(m, lay, pp_rank, fsdp=False)
+    if mode in ("ddp", "zero1", "fsdp"):
+        weights, grads = 4.0 * n, 4.0 * n
+        optimizer = 8.0 * (n if mode == "fsdp" else full / dpc if mode == "zero1" else full)
+    else:  # DeepSpeed bf16: 2 + 2 + 12, sharded by stage
+        stage = int(mode[-1])
+        weights = 2.0 * full / (dpc if stage == 3 else 1)
+        grads = 2.0 * full / (dpc if stage >= 2 else 1)
+        optimizer = 12.0 * full / dpc
+    tokens = lay.micro_batch * seq / lay.cp
+    layers, first, last = stage_layers(m, lay, pp_rank)
+    sp_on = lay.sequence_parallel
+    per_layer = layer_activation_elements(m, lay.recompute, lay.tp, sp_on) * act_bytes * tokens
+    full_layer = layer_activation_elements(m, "none", lay.tp, lay.sequence_parallel) * act_bytes * tokens
+    k = in_flight(lay, pp_rank, microbatches)
+    acts = k * len(layers) * per_layer
+    sp = lay.tp if lay.sequence_parallel else 1
+    if first:
+        acts += k * m.hidden_size / sp * tokens * act_bytes  # embedding output
+    if last:
+        acts += k * 3 * m.hidden_size / sp * tokens * act_bytes  # final norm (input, normalised, out)
+    acts += 2 * m.head_dim_ * tokens * 4  # RoPE cos/sin (fp32), shared by every layer
+    margin = BACKWARD_TEMP_LAYERS * full_layer if layers else 0.0
+    if last:
+        logits = min(tokens * m.vocab_size / lay.tp * 4, CHUNK_LOGITS_BYTES)
+        margin += logits + 4 * m.vocab_size * m.hidden_size / lay.tp
+    if mode == "fsdp" and dpc > 1 and layers:
+        margin += 2 * act_bytes * full / max(1, len(layers))  # two gathered layers (about)
+    return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes)
+
+
+def with_(lay: Layout, **kw) -> Layout:
+    return replace(lay, **kw)

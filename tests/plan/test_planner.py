@@ -1,0 +1,163 @@
+"""megaqwen-plan: exact per-rank parameter counts against the fake-process-group meta-device build,
+total memory against a measured CPU peak, the search and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from megaqwen.models.config import get_config
+from megaqwen.plan.cli import main, run
+from megaqwen.plan.memory import GPUS, Layout, estimate_memory, rank_param_count
+from megaqwen.plan.search import evaluate, search
+
+
+def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", microbatches=8):
+    """Parameter elements rank `rank` holds when the trainer's steps build the layout on meta."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megaqwen.models.spec import get_spec
+    from megaqwen.parallel.data_parallel import apply_fsdp
+    from megaqwen.parallel.dims import ParallelDims
+    from megaqwen.parallel.pipeline import plan_pipeline, prune_to_rank
+    from megaqwen.parallel.shards import local_param_bytes
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        mesh = ParallelDims(world_size=world, tp=tp, pp=pp).build_mesh("cpu")
+        spec = get_spec(cfg)
+        model = spec.build(cfg, device="meta")
+        if pp > 1:
+            prune_to_rank(model, plan_pipeline(cfg.num_layers, pp, schedule, 0, None, microbatches),
+                          mesh.rank("pp"))
+        spec.parallelize_tp(model, mesh)
+        if fsdp:
+            apply_fsdp(model, mesh, spec.layers(model))
+        assert all(p.device.type == "meta" for p in model.parameters())
+        coords = (mesh.rank("pp") if pp > 1 else 0, mesh.dp_rank)
+        return local_param_bytes(model) // 4, coords
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_param_counts_equal_the_meta_build():
+    """Exact, not approximate: 72B tp=8 x FSDP dp=8 (the meta-assembly test's layout), an uneven FSDP
+    split (0.5B: 448 q rows over dp=3), a tied model split over pp, and the planner's top 72B layout
+    on 512 GPUs (its first and last pipeline ranks) built on the simulated world."""
+    m72 = get_config("qwen2.5-72b")
+    for rank in (0, 63):
+        got, (_, d) = _meta_count(m72, 64, rank, tp=8, fsdp=True)
+        assert got == rank_param_count(m72, Layout(tp=8, dp=8, dp_mode="fsdp"), dp_rank=d)
+    m05 = get_config("qwen2.5-0.5b")
+    for rank in (0, 5):
+        got, (_, d) = _meta_count(m05, 6, rank, tp=2, fsdp=True)
+        assert got == rank_param_count(m05, Layout(tp=2, dp=3, dp_mode="fsdp"), dp_rank=d), rank
+    for sched in ("1f1b", "interleaved_1f1b", "zbv"):
+        lay = Layout(tp=2, pp=2, dp=1, pp_schedule=sched, dp_mode="ddp")
+        for rank in (0, 3):
+            got, (p, _) = _meta_count(m05, 4, rank, tp=2, pp=2, schedule=sched)
+            assert got == rank_param_count(m05, lay, pp_rank=p), (sched, rank)
+    best = search(m72, 512, GPUS["h100"], 4096, 1024)[0].layout
+    for rank in (0, 511):
+        got, (p, _) = _meta_count(m72, 512, rank, tp=best.tp, pp=best.pp, schedule=best.pp_schedule,
+                                  microbatches=1024 // best.dp)
+        assert got == rank_param_count(m72, best, pp_rank=p, fsdp=False), (best, rank)
+
+
+PEAK = r"""
+import gc, resource, sys, torch
+torch.set_num_threads(1)
+from megaqwen.kernels.registry import resolve_ops
+from megaqwen.models import build_model
+from megaqwen.models.config import get_config
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+kw = eval(sys.argv[1]); b, t = int(sys.argv[2]), int(sys.argv[3])
+cfg = get_config("debug", **kw)
+tokens = torch.randint(0, cfg.vocab_size, (b, t + 1))
+def step(model, opt, tokens):
+    parts = model(tokens[:, :-1], labels=tokens[:, 1:])
+    (parts.sum / parts.count).backward(); opt.step(); opt.zero_grad()
+# warm-up on a tiny model: the kernels' code pages and thread pools are resident from here on
+tiny = build_model(get_config("debug", vocab_size=64, num_layers=1), resolve_ops(device="cpu"), seed=0)
+step(tiny, torch.optim.AdamW(tiny.parameters()), tokens[:, :17] % 64)
+del tiny
+gc.collect(); open("/proc/self/clear_refs", "w").write("5"); base = rss()
+model = build_model(cfg, resolve_ops(device="cpu"), seed=0)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+for _ in range(2):
+    step(model, opt, tokens)
+print(hwm() - base)
+"""
+CPU_CASES = [  # (model overrides, micro-batch, seq): one state-heavy, one activation-heavy
+    (dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=8, num_heads=8,
+          num_kv_heads=2), 1, 512),
+    (dict(vocab_size=1024, num_layers=3), 1, 4096),
+]
+TOLERANCE = 0.10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw, b, t", CPU_CASES)
+def test_total_memory_within_tolerance_of_measured_cpu_peak(kw, b, t):
+    """fp32 on CPU, one process, two AdamW steps: the peak resident set above the process's own
+    baseline (interpreter, torch and its allocator arenas measured before the model exists) against
+    the planner's total for the trivial layout with 4-byte activations."""
+    res = subprocess.run([sys.executable, "-c", PEAK, repr(kw), str(b), str(t)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak = int(res.stdout.strip().splitlines()[-1])
+    est = estimate_memory(get_config("debug", **kw), Layout(dp_mode="ddp", micro_batch=b), t, 1,
+                          act_bytes=4).total
+    assert abs(est / peak - 1) <= TOLERANCE, (kw, est, peak, est / peak)
+
+
+def test_state_bytes_by_dp_mode_and_inflight_by_schedule():
+    m = get_config("qwen2.5-7b")
+    n = m.num_params()
+    ddp = estimate_memory(m, Layout(dp=8, dp_mode="ddp"), 1024, 8)
+    assert ddp.params == n and ddp.state == 16 * n
+    assert estimate_memory(m, Layout(dp=8, dp_mode="zero1"), 1024, 8).state == 8 * n + 8 * n / 8
+    assert estimate_memory(m, Layout(dp=8, dp_mode="zero3"), 1024, 8).state == 16 * n / 8
+    assert estimate_memory(m, Layout(dp=8, dp_mode="zero2"), 1024, 8).state == 2 * n + 14 * n / 8
+    m = get_config("qwen2.5-14b")  # 48 layers: 4 x 2 chunks
+    acts = {s: estimate_memory(m, Layout(pp=4, pp_schedule=s, dp_mode="ddp"), 1024, 16, pp_rank=0)
+            for s in ("gpipe", "1f1b", "interleaved_1f1b", "zbv")}
+    assert acts["gpipe"].in_flight == 16 and acts["1f1b"].in_flight == 4 and acts["zbv"].in_flight == 4
+    assert acts["interleaved_1f1b"].in_flight == pytest.approx(4 * (1 + 3 / 8))
+    last = estimate_memory(m, Layout(pp=4, dp_mode="ddp"), 1024, 16, pp_rank=3)
+    assert last.in_flight == 1 and last.activations < acts["1f1b"].activations
+    with pytest.raises(ValueError, match="num_layers=48 is not divisible"):
+        estimate_memory(m, Layout(pp=5), 1024, 8)
+    with pytest.raises(ValueError, match="dp_mode='zero4'"):
+        estimate_memory(m, Layout(dp_mode="zero4"), 1024, 8)
+
+
+def test_search_ranks_fitting_layouts_for_72b_and_moe():
+    m = get_config("qwen2.5-72b")
+    plans = search(m, 512, GPUS["h100"], 4096, 1024)
+    assert plans and all(p.memory.fits and p.layout.world == 512 for p in plans)
+    times = [p.step.step_s for p in plans]
+    assert times == sorted(times) and 0.3 < plans[0].step.mfu < 0.65
+    assert not search(m, 8, GPUS["a100-40g"], 4096, 64)  # 72B cannot train on one 40 GB node
+    moe = search(get_config("qwen2-57b-a14b"), 64, GPUS["h200"], 4096, 256)
+    assert moe and any(p.layout.ep > 1 for p in moe[:20])
+    # a fixed layout: the bubble of 1F1B is (p-1)/(m+p-1)
+    p = evaluate(m, Layout(tp=8, pp=8, dp=8, dp_mode="zero1", recompute="full"), GPUS["h100"], 4096, 1024)
+    assert p.step.bubble == pytest.approx(7 / (128 + 7))
+
+
+def test_cli_table_and_errors(capsys):
+    out = run(["model=qwen1.5-moe-a2.7b", "gpus=64", "seq=4096", "global_batch=512", "gpu=h200", "top=3"])
+    assert "layouts fit" in out and len(out.splitlines()) == 2 + 2 + 3
+    out = run(["model=qwen2.5-72b", "gpus=64", "tp=8", "pp=8", "dp_mode=zero1", "recompute=full"])
+    assert "pipeline rank " in out and "fits" in out
+    assert main(["gpu=v100"]) == 2 and "gpu='v100'" in capsys.readouterr().err
+    assert main(["tp=8", "gpus=63"]) == 2
+    assert main(["bogus"]) == 2
