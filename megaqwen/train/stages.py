@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -226,7 +227,7 @@ def run_chain(chain: Chain, extra: list[str], memory_check: bool = True,
     from megaqwen.train.memory_check import check_stage_memory
     from megaqwen.train.preflight import check_config
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     cfgs = stage_configs(chain, extra, world)
     out_dir = Path(cfgs[0].train.out_dir)
     record = _read_record(out_dir)
