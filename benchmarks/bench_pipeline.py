@@ -75,14 +75,16 @@ def main() -> None:
         base = run(args, 1, None, Path(d) / "pp1")
         print(f"model {args.model} ({args.layers} layers), seq {args.seq}, {args.global_batch} micro-batches "
               f"of 1 per step, pp={args.pp}, device {args.device}\n")
-        print("| schedule | step s | vs pp=1 | bubble theory | bubble measured | peak GiB per pp rank | loss |")
+        print("| schedule | step s | vs pp=1 | bubble theory | bubble measured | peak GiB per pp rank "
+              "| loss |")
         print("|---|---|---|---|---|---|---|")
         print(f"| pp=1 (one process) | {base['step_s']:.3f} | 1.00 | - | - | {base['peaks'][0]:.2f} | "
               f"{base['loss']:.4f} |")
         for name in args.schedules.split(","):
             r = run(args, args.pp, name, Path(d) / name)
             peaks = " / ".join(f"{p:.2f}" for p in r["peaks"])
-            print(f"| {name} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f} | {100 * r['theory']:.1f}% | "
+            print(f"| {name} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f} | "
+                  f"{100 * r['theory']:.1f}% | "
                   f"{100 * r['measured']:.1f}% | {peaks} | {r['loss']:.4f} |", flush=True)
 
 

@@ -86,8 +86,8 @@ def hf_filler(model: nn.Module, shards: ShardMap, hf_dir: str | Path,
     wanted = {hf_key(fqn) for fqn in params}
     # grad-free state that starts at zero (the aux-loss-free routing bias) has no place in stock
     # HF checkpoints: absent, it starts at zero as in a fresh run
-    zero_ok = {hf_key(f) for f, p in params.items()
-               if not p.requires_grad and getattr(model, "param_init", None) and model.param_init(f).kind == "zeros"}
+    zero_ok = {hf_key(f) for f, p in params.items() if not p.requires_grad
+               and getattr(model, "param_init", None) and model.param_init(f).kind == "zeros"}
     missing = sorted(wanted - set(files) - zero_ok)
     extra = sorted(set(files) - wanted - set(optional))
     if missing or extra:

@@ -122,7 +122,8 @@ def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatch
                          "pipeline engine needs its own model format); use train.engine=native with "
                          "parallel.dp_mode=ddp|zero1|fsdp")
     if getattr(model_cfg, "is_moe", False) and model_cfg.router_aux_loss_coef > 0:
-        raise ValueError(f"parallel.pp={pcfg.pp} with model.router_aux_loss_coef={model_cfg.router_aux_loss_coef}: "
+        raise ValueError(f"parallel.pp={pcfg.pp} with model.router_aux_loss_coef="
+                         f"{model_cfg.router_aux_loss_coef}: "
                          "the HF-form load-balancing loss multiplies sums over every stage's routers, so "
                          "pipeline stages cannot add it up; set model.router_aux_loss_coef=0 and balance "
                          "with model.moe_routing_bias_update_rate > 0 (aux-loss-free, per layer) instead")
@@ -154,9 +155,9 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
 
         check_expert_parallel(model_cfg, d.ep, d.dp * d.cp)
         if d.ep > 1 and (engine == "deepspeed" or pcfg.dp_mode == "zero1"):
-            raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: DeepSpeed "
-                             "and ZeRO-1 would reduce or shard the expert parameters, which differ between "
-                             "ranks, over the whole dp group")
+            raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: "
+                             "DeepSpeed and ZeRO-1 would reduce or shard the expert parameters, which "
+                             "differ between ranks, over the whole dp group")
     if d.cp > 1:
         from megaqwen.parallel.context_parallel import CP_MODES, check_alltoall_heads
 

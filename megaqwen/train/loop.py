@@ -85,7 +85,8 @@ def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_le
                          consumed_samples=consumed_samples)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor], cfg: Config,
+                 device: torch.device) -> dict[str, torch.Tensor]:
     """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids) and
     document_ids of one micro-batch, on `device`."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -420,7 +421,8 @@ def train(cfg: Config) -> dict[str, Any]:
         if expert_load:
             from megaqwen.train.moe_metrics import load_heatmap
 
-            log.info("expert load heat map: %s", load_heatmap(
-                expert_load, out_dir / "expert_load.png", f"expert load, steps {start_step + 1}-{logger.last_step}"))
+            title = f"expert load, steps {start_step + 1}-{logger.last_step}"
+            path = load_heatmap(expert_load, out_dir / "expert_load.png", title)
+            log.info("expert load heat map: %s", path)
     return {"steps": t.steps, "start_step": start_step, "last_step": logger.last_step, "final": metrics,
             "out_dir": str(out_dir)}

@@ -12,20 +12,29 @@ from .test_launch import MODEL_BUILT, launch, losses, shard, single_process  # n
 pytestmark = pytest.mark.distributed
 
 
+def _rows(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _against_one_process(tmp_path, data: str, common: tuple, name: str, *layout: str, nproc: int = 2):
+    """Train `common` in one process and under `layout`; assert equal losses; (out, rows, ref rows, run)."""
+    ref = single_process(tmp_path / "single", data, *common)
+    out = tmp_path / name
+    run = launch(out, data, *common, *layout, nproc=nproc)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    return out, _rows(out), _rows(tmp_path / "single"), run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ring", "alltoall"])
 def test_torchrun_cp2_equals_one_process(tmp_path, shard, mode):  # noqa: F811
     """cp=2 on packed documents: each rank runs its zig-zag half of every sequence; the losses and
     the validation loss equal one process."""
     evals = ("train.eval_every=4", "train.eval_iters=1", f"data.valid_path={shard}")
-    ref = single_process(tmp_path / "single", shard, *evals)
-    out = tmp_path / mode
-    run = launch(out, shard, "parallel.cp=2", f"parallel.cp_mode={mode}", "parallel.cp_tile=4", *evals)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert losses(out) == pytest.approx(ref, rel=1e-5)
-    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    want = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    _, rows, ref_rows, _ = _against_one_process(tmp_path, shard, evals, mode, "parallel.cp=2",
+                                                f"parallel.cp_mode={mode}", "parallel.cp_tile=4")
+    assert rows[-1]["val_loss"] == pytest.approx(ref_rows[-1]["val_loss"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -33,13 +42,7 @@ def test_torchrun_moe_ep2_equals_one_process(tmp_path, shard):  # noqa: F811
     """debug-moe at ep=2 (dp=2: each rank holds half the experts, tokens all-to-all'd) with z-loss
     and the aux-free routing bias: losses, load metrics and the heat map as one process."""
     moe = ("model=debug-moe", "model.router_z_loss_coef=0.001", "model.moe_routing_bias_update_rate=0.01")
-    ref = single_process(tmp_path / "single", shard, *moe)
-    ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    out = tmp_path / "ep2"
-    run = launch(out, shard, *moe, "parallel.ep=2")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert losses(out) == pytest.approx(ref, rel=1e-5)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    out, rows, ref_rows, run = _against_one_process(tmp_path, shard, moe, "ep2", "parallel.ep=2")
     for got, want in zip(rows, ref_rows):
         assert got["moe/load_max"] == pytest.approx(want["moe/load_max"], rel=1e-6)
         assert got["z_loss"] == pytest.approx(want["z_loss"], rel=1e-5)
@@ -60,12 +63,8 @@ def test_expert_and_context_layouts_that_do_not_fit_fail_before_work(tmp_path, s
 def test_torchrun_pp2_cp2_packed_documents_equals_one_process(tmp_path, shard):  # noqa: F811
     """Pipeline stages each running their zig-zag sequence shard (ring attention with the packed
     documents' masks across shards): losses as one process."""
-    ref = single_process(tmp_path / "single", shard, "model.num_layers=4")
-    out = tmp_path / "pp2cp2"
-    run = launch(out, shard, "model.num_layers=4", "parallel.pp=2", "parallel.cp=2", "parallel.cp_tile=4",
-                 nproc=4)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    _against_one_process(tmp_path, shard, ("model.num_layers=4",), "pp2cp2", "parallel.pp=2", "parallel.cp=2",
+                         "parallel.cp_tile=4", nproc=4)
 
 
 @pytest.mark.slow
@@ -74,13 +73,7 @@ def test_torchrun_moe_pp2_equals_one_process(tmp_path, shard):  # noqa: F811
     and aux-loss-free balancing (each stage updates its own routers' bias): as one process."""
     moe = ("model=debug-moe", "model.router_aux_loss_coef=0", "model.router_z_loss_coef=0.01",
            "model.moe_routing_bias_update_rate=0.01")
-    ref = single_process(tmp_path / "single", shard, *moe)
-    ref_rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    out = tmp_path / "pp2"
-    run = launch(out, shard, *moe, "parallel.pp=2")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert losses(out) == pytest.approx(ref, rel=1e-5)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    _, rows, ref_rows, _ = _against_one_process(tmp_path, shard, moe, "pp2", "parallel.pp=2")
     assert [r["z_loss"] for r in rows] == pytest.approx([r["z_loss"] for r in ref_rows], rel=1e-5)
     bad = launch(tmp_path / "bad", shard, "model=debug-moe", "parallel.pp=2")  # default aux coef > 0
     assert bad.returncode != 0 and "router_aux_loss_coef=0 and balance" in bad.stderr

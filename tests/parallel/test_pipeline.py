@@ -17,7 +17,7 @@ import torch
 from megaqwen.models.config import get_config
 from megaqwen.parallel.pipeline import SCHEDULES, plan_pipeline
 
-from .parallel_harness import STEPS, gather_full, reference, spawn
+from .parallel_harness import STEPS, gather_full, spawn
 
 LAYERS = 8
 
@@ -90,7 +90,8 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
     pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, mbs, 16, cfg.hidden_size,
                     seq_shard=(pcfg.tp if pcfg.sequence_parallel else 1) * pcfg.cp)
     _, opt = build_optimizer_or_engine(
-        model, pcfg, env, "native", native=lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1),
+        model, pcfg, env, "native",
+        native=lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1),
         param_groups=lambda m: [{"params": list(m.parameters())}], adamw=dict(lr=LR, weight_decay=0.1),
         micro_batch_size=mbs, accum_steps=micro, grad_clip=0.0, shards=shards)
     tokens, labels = _batches(cfg, global_b)
@@ -163,7 +164,8 @@ def _worker(rank, world, cases, global_b, mbs):
 
 def _check(results):
     bad = {n: r for n, r in results.items()
-           if not (r["loss_rel"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["tied_equal"] and r["norm_rel"] <= 1e-5)}
+           if not (r["loss_rel"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["tied_equal"]
+                   and r["norm_rel"] <= 1e-5)}
     assert not bad, bad
 
 

@@ -42,7 +42,8 @@ def test_pp2_tp2_saves_and_resumes_at_pp1_and_pp4(tmp_path, shard):  # noqa: F81
         if nproc == 1:
             got = single_process(resumed, shard, LAYERS, *evals, "train.allow_changes=[parallel]")
         else:
-            run = launch(resumed, shard, LAYERS, *extra, *evals, "train.allow_changes=[parallel]", nproc=nproc)
+            run = launch(resumed, shard, LAYERS, *extra, *evals, "train.allow_changes=[parallel]",
+                         nproc=nproc)
             assert run.returncode == 0, run.stderr[-4000:]
             got = losses(resumed)
         assert got[-2:] == pytest.approx(ref[2:], rel=1e-5), name
