@@ -15,7 +15,7 @@ from megaqwen.plan.memory import GPUS, Layout, estimate_memory, rank_param_count
 from megaqwen.plan.search import evaluate, search
 
 
-def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", microbatches=8):
+def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", microbatches=8, ep=1):
     """Parameter elements rank `rank` holds when the trainer's steps build the layout on meta."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -27,13 +27,20 @@ def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", micro
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     try:
-        mesh = ParallelDims(world_size=world, tp=tp, pp=pp).build_mesh("cpu")
+        mesh = ParallelDims(world_size=world, tp=tp, pp=pp, ep=ep).build_mesh("cpu")
         spec = get_spec(cfg)
         model = spec.build(cfg, device="meta")
         if pp > 1:
             prune_to_rank(model, plan_pipeline(cfg.num_layers, pp, schedule, 0, None, microbatches),
                           mesh.rank("pp"))
         spec.parallelize_tp(model, mesh)
+        if ep > 1:  # the trainer's order: experts split, then FSDP over edp for them, dp for the rest
+            from megaqwen.parallel.expert_parallel import apply_expert_parallel, apply_fsdp_experts, ep_groups
+
+            groups = ep_groups(mesh, ep)
+            apply_expert_parallel(model, groups)
+            if fsdp:
+                apply_fsdp_experts(model, mesh, groups)
         if fsdp:
             apply_fsdp(model, mesh, spec.layers(model))
         assert all(p.device.type == "meta" for p in model.parameters())
@@ -44,9 +51,11 @@ def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", micro
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_param_counts_equal_the_meta_build():
     """Exact, not approximate: 72B tp=8 x FSDP dp=8 (the meta-assembly test's layout), an uneven FSDP
-    split (0.5B: 448 q rows over dp=3), a tied model split over pp, and the planner's top 72B layout
+    split (0.5B: 448 q rows over dp=3), a tied model split over pp, an MoE at tp=2 x ep=2 x FSDP
+    dp=4 (experts over the edp pairs), and the planner's top 72B layout
     on 512 GPUs (its first and last pipeline ranks) built on the simulated world."""
     m72 = get_config("qwen2.5-72b")
     for rank in (0, 63):
@@ -61,6 +70,10 @@ def test_param_counts_equal_the_meta_build():
         for rank in (0, 3):
             got, (p, _) = _meta_count(m05, 4, rank, tp=2, pp=2, schedule=sched)
             assert got == rank_param_count(m05, lay, pp_rank=p), (sched, rank)
+    moe = get_config("qwen1.5-moe-a2.7b")
+    for rank in (0, 7):
+        got, (_, d) = _meta_count(moe, 8, rank, tp=2, fsdp=True, ep=2)
+        assert got == rank_param_count(moe, Layout(tp=2, dp=4, ep=2, dp_mode="fsdp"), dp_rank=d), rank
     best = search(m72, 512, GPUS["h100"], 4096, 1024)[0].layout
     for rank in (0, 511):
         got, (p, _) = _meta_count(m72, 512, rank, tp=best.tp, pp=best.pp, schedule=best.pp_schedule,
