@@ -235,6 +235,48 @@ def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
     return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
 
 
+class StopSignal:
+    """SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or a time limit) set a flag instead
+    of killing the process; the loop checks it after every step, saves a checkpoint and returns, so
+    the job exits 0 and a requeued rerun resumes. All ranks agree (an all-reduce of the flag), so
+    they stop at the same step even when only some received the signal."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, device: torch.device):
+        import signal
+        import threading
+
+        self.device, self.received, self._old = device, None, {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+
+    def agreed(self) -> str | None:
+        """The signal's name if any rank received one (collective when distributed)."""
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([0 if self.received is None else 1 + self.SIGNALS.index(self.received)],
+                                device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return self.SIGNALS[int(flag) - 1] if int(flag) else None
+        return self.received
+
+    def close(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
     """Collective over the pp group: the schedule's theoretical bubble, the measured one (1 - time in
     stage compute / step time, mean over pp ranks) and each stage rank's peak memory."""
@@ -376,6 +418,7 @@ def train(cfg: Config) -> dict[str, Any]:
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     metrics: dict[str, float] = {}
     expert_load: dict | None = None  # MoE: loads summed over the run's steps, for the heat map
+    stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption): save, then exit cleanly
     try:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
@@ -401,16 +444,19 @@ def train(cfg: Config) -> dict[str, Any]:
             logger.log(step + 1, metrics)
             run.heartbeat()
             done = step + 1
-            exiting = done == t.exit_at_step
+            signalled = stop.agreed()  # collective: every rank stops at the same step
+            exiting = done == t.exit_at_step or signalled is not None
             if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
                      "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, shards=shards)
             if exiting:
-                log.info("train.exit_at_step=%d reached: checkpoint saved, stopping", done)
+                why = f"{signalled} received" if signalled else f"train.exit_at_step={done} reached"
+                log.info("%s: checkpoint saved at step %d, stopping (rerun the command to resume)", why, done)
                 break
     finally:
+        stop.close()
         logger.close()
         profiler.close()
         run.close()
