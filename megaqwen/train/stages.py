@@ -20,8 +20,8 @@ A chain may end with `passkey: {lengths: [...], depths: [...], trials: N}`: pass
 final checkpoint, heat map in <out_dir>/passkey/ (`--no-passkey` skips it; `--no-memory-check` the
 memory estimate). The chain and each stage's outcome (steps, final checkpoint, loss) are recorded in
 `<out_dir>/stages.json`; a rerun skips the stages recorded as done, so the command is resumable.
-Each stage restarts its LR warmup at the stage's first step only once the trainer supports
-`train.schedule_start` (see the issue-14 notes); until then the schedule runs over the global step.
+Each stage's LR schedule (warmup, decay to min_lr) runs over its own steps (`train.schedule_start` =
+the stage's first step).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def stage_overrides(chain: Chain, i: int, extra: list[str]) -> list[str]:
         f"train.seq_len={s.seq_len}", f"model.rope_theta={s.rope_theta}",
         f"model.max_position_embeddings={s.max_position_embeddings or s.seq_len}",
         f"train.global_batch_size={s.global_batch_size()}",
-        f"train.steps={sum(x.steps for x in chain.stages[:i + 1])}", f"data.path={s.data}"]
+        f"train.steps={sum(x.steps for x in chain.stages[:i + 1])}",
+        f"train.schedule_start={sum(x.steps for x in chain.stages[:i])}", f"data.path={s.data}"]
     for key in ("lr", "min_lr", "warmup_steps", "schedule"):
         if getattr(s, key) is not None:
             out.append(f"train.{key}={getattr(s, key)}")

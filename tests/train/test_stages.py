@@ -23,7 +23,7 @@ def test_shipped_chains_load():
 
 def test_debug_chain_runs_and_resumes_across_each_switch(tmp_path, shard, capsys):
     out = tmp_path / "run"
-    extra = [f"train.out_dir={out}", f"data.path={shard}", *SMALL]
+    extra = [f"train.out_dir={out}", f"data.path={shard}", "train.warmup_steps=2", *SMALL]
     assert main(["debug", "--no-passkey", *extra]) == 0  # passkey needs the real vocabulary
     record = json.loads((out / "stages.json").read_text())
     stages = record["stages"]
@@ -41,6 +41,9 @@ def test_debug_chain_runs_and_resumes_across_each_switch(tmp_path, shard, capsys
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
+    # each stage restarts its 2-step warmup (constant schedule): half the peak at each stage's first step
+    peak = max(r["lr"] for r in steps)
+    assert [r["lr"] / peak for r in steps] == [0.5, 1, 1, 1, 0.5, 1, 0.5, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     # a rerun has nothing left to do and says so per stage
     capsys.readouterr()
