@@ -53,6 +53,8 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int) -> Iterat
                         for mode in ("ddp", "zero1", "fsdp"):
                             if pp > 1 and mode == "fsdp":
                                 continue  # FSDP re-gathers per micro-batch under pipelining: skip
+                            if (ep > 1 and mode == "zero1") or (m.is_moe and cp > 1):
+                                continue  # the trainer refuses these (parallel.setup.check_layout)
                             for rc in ("none", "selective", "full"):
                                 for mb in (1, 2, 4):
                                     if global_batch % (mb * dp):
