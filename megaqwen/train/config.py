@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("native", "deepspeed")
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -79,6 +80,16 @@ class TrainConfig:
     0 never. A rerun of the same command resumes from there."""
     log_every: int = 1
     """Console progress line every N steps (metrics.jsonl gets every step)."""
+    on_nonfinite: str = "stop"
+    """A NaN/Inf loss or gradient norm, checked before the optimizer step: stop (error naming the
+    step; the weights are untouched) | skip (drop this step's update, count it in skipped_steps) |
+    rollback (reload weights and optimizer state from the latest checkpoint and go on with the next
+    batches). Native engine; DeepSpeed steps inside its engine and always stops."""
+    spike_factor: float = 0.0
+    """Loss-spike detection: a step whose loss exceeds this many times the mean of the previous 20
+    is logged as a spike (warning, `loss_spike` metric); 0 disables."""
+    inject_nan_at_step: int = 0
+    """Fault injection for tests and drills: make step N's loss NaN (0 never)."""
     engine: str = "native"
     """native (our optimizer + DP wrappers) | deepspeed."""
     peak_flops: float = 0.0
@@ -185,6 +196,11 @@ class Config:
             raise ValueError(f"train.dtype={t.dtype!r}; choose {' | '.join(DTYPES)}")
         if t.device not in DEVICES:
             raise ValueError(f"train.device={t.device!r}; choose {' | '.join(DEVICES)}")
+        if t.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; "
+                             f"choose {' | '.join(NONFINITE_POLICIES)}")
+        if t.spike_factor < 0 or 0 < t.spike_factor <= 1:
+            raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
         if t.engine not in ENGINES:
             raise ValueError(f"train.engine={t.engine!r}; choose {' | '.join(ENGINES)}")
         if self.logger.wandb.mode not in WANDB_MODES:

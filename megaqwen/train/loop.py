@@ -152,6 +152,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     cp_group = env.mesh.group("cp") if env.mesh is not None and cp > 1 else None
     # the wrappers average over dp x cp ranks; each cp rank back-propagates its shard's sum only
     scale = env.dp_size * cp * (accum_steps if deepspeed else 1) / global_count
+    if cfg.train.inject_nan_at_step == step + 1:  # fault drill: this step's loss and gradients NaN
+        scale = scale * float("nan")
     aux_coef = getattr(cfg.model, "router_aux_loss_coef", 0.0)
     z_coef = getattr(cfg.model, "router_z_loss_coef", 0.0)
     loss_sum = torch.zeros((), device=env.device)
@@ -195,20 +197,31 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
                                            shards.ep_groups)
         else:
             grad_norm = clip_grad_norm_(plain.named_parameters(), max_norm, shards)  # TP/FSDP/PP-aware
-        optimizer.step()
+        # the norm is global (all-reduced over every rank), so every rank takes the same branch
+        nonfinite = not math.isfinite(grad_norm.item())
+        if nonfinite and cfg.train.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"gradient norm is {grad_norm.item()} at step {step + 1}: the weights were not updated "
+                "(train.on_nonfinite=stop); train.on_nonfinite=skip drops such a step, rollback reloads "
+                "the latest checkpoint")
+        if not nonfinite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss = par.dp_sum(loss_sum, env.mesh, with_cp=True) / global_count
     out = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+    if not deepspeed and nonfinite:
+        out["nonfinite"] = 1.0
     if aux_sum is not None:
         out["aux_loss"] = (par.dp_sum(aux_sum, env.mesh) / (accum_steps * env.dp_size)).item()
     if z_sum is not None:
         out["z_loss"] = (par.dp_sum(z_sum, env.mesh) / (accum_steps * env.dp_size)).item()
     if getattr(cfg.model, "is_moe", False) and not deepspeed:
-        out.update(_moe_step(unwrap(model), cfg, env, out))
+        out.update(_moe_step(unwrap(model), cfg, env, out, update_bias="nonfinite" not in out))
     return out
 
 
-def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float]) -> dict[str, Any]:
+def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
+              update_bias: bool = True) -> dict[str, Any]:
     """Collective over dp (x cp): this step's per-layer expert load (summed over the data-parallel
     ranks), the aux-loss-free routing-bias update from it, and the load metrics. The raw loads ride
     along under "_moe_loads" for the trainer's heat map."""
@@ -218,7 +231,8 @@ def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float]) -> di
 
     group = dp_reduce_mesh(env.mesh).get_group() if env.mesh is not None else None
     loads = collect_load(plain, group)
-    update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
+    if update_bias:  # not on a step whose update was dropped
+        update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
     res: dict[str, Any] = moe_metrics(loads, aux_loss=out.get("aux_loss"), z_loss=out.get("z_loss"))
     res["_moe_loads"] = loads
     return res
@@ -233,6 +247,46 @@ def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
 
     group = env.mesh.group("cp")
     return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
+
+
+class LossHealth:
+    """Counts steps whose update was dropped (non-finite gradients) and flags loss spikes: a loss
+    above `spike_factor` times the mean of the previous (up to) 20 finite losses."""
+
+    def __init__(self, spike_factor: float, window: int = 20):
+        from collections import deque
+
+        self.spike_factor, self.recent, self.skipped = spike_factor, deque(maxlen=window), 0
+
+    def bad_step(self, step: int, policy: str) -> dict[str, float]:
+        self.skipped += 1
+        log.warning("step %d: non-finite gradients, update dropped (train.on_nonfinite=%s; %d so far)",
+                    step, policy, self.skipped)
+        return {"skipped_steps": float(self.skipped)}
+
+    def good_step(self, step: int, loss: float) -> dict[str, float]:
+        out = {"skipped_steps": float(self.skipped)}
+        if self.spike_factor and len(self.recent) >= 5:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.spike_factor * mean:
+                log.warning("step %d: loss spike %.4f (> %.1f x the recent mean %.4f)", step, loss,
+                            self.spike_factor, mean)
+                out["loss_spike"] = 1.0
+        self.recent.append(loss)
+        return out
+
+
+def _rollback(ckpt_root: Path, model, optimizer, shards, step: int) -> float:
+    """Reload weights and optimizer state from the latest checkpoint (collective); the data stream
+    and the step counter go on, so the batches that led to the bad step are not replayed."""
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is None:
+        raise FloatingPointError(f"non-finite gradients at step {step} and no checkpoint to roll back to "
+                                 f"in {ckpt_root} (train.on_nonfinite=rollback needs train.save_every)")
+    meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
+    log.warning("step %d: rolled back weights and optimizer state to %s (step %d)", step, latest,
+                meta["step"])
+    return float(meta["step"])
 
 
 class StopSignal:
@@ -419,6 +473,7 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     expert_load: dict | None = None  # MoE: loads summed over the run's steps, for the heat map
     stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption): save, then exit cleanly
+    health = LossHealth(t.spike_factor)
     try:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
@@ -437,8 +492,14 @@ def train(cfg: Config) -> dict[str, Any]:
                            consumed_samples=batches.consumed_samples)
             metrics.update(par.throughput_metrics(env.device, env.world_size, metrics["tokens_per_s"],
                                                   flops_per_token, t.peak_flops))
-            if not math.isfinite(metrics["loss"]):
+            if metrics.pop("nonfinite", None):  # on_nonfinite skip | rollback: the update was dropped
+                metrics.update(health.bad_step(step + 1, t.on_nonfinite))
+                if t.on_nonfinite == "rollback":
+                    metrics["rolled_back_to"] = _rollback(ckpt_root, model, optimizer, shards, step + 1)
+            elif not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
+            else:
+                metrics.update(health.good_step(step + 1, metrics["loss"]))
             if validator is not None and validator.due(step + 1):
                 metrics.update(validator.run(model, step + 1))
             logger.log(step + 1, metrics)
