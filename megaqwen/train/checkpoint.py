@@ -81,7 +81,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
-                    keep_last: int = 0, shards: ShardMap | None = None) -> Path:
+                    keep_last: int = 0, shards: ShardMap | None = None, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     ckpt_root = Path(ckpt_root)
     final = step_dir(ckpt_root, step)
@@ -102,7 +102,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
         tmp = ckpt_root / (LATEST + ".tmp")
         tmp.write_text(final.name)
         os.replace(tmp, ckpt_root / LATEST)
-        _prune(ckpt_root, keep_last)
+        _prune(ckpt_root, keep_last, keep_every)
         log.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -118,9 +118,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     return meta
 
 
-def _prune(ckpt_root: Path, keep_last: int) -> None:
+def _prune(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep_last` checkpoints, sparing every step divisible by
+    `keep_every` (long-term milestones)."""
     if keep_last <= 0:
         return
     done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep_last]:
+        if keep_every and int(old.name.split("_")[1]) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)

@@ -70,6 +70,8 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the last step); 0 disables periodic saves."""
     keep_last: int = 3
     """Checkpoints to keep on disk (oldest deleted first); 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (milestones); 0: none."""
     resume: bool = True
     """Resume from the latest checkpoint in out_dir when there is one."""
     init_from: str | None = None

@@ -249,6 +249,21 @@ def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
     return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
 
 
+def straggler_metrics(step_time_s: float, env: par.DistEnv) -> dict[str, float]:
+    """Collective: every rank's step time; the slowest rank and the spread (max / min - 1). A rank
+    that is persistently slowest points at a bad GPU, NIC or host."""
+    dist = torch.distributed
+    if not (dist.is_initialized() and env.world_size > 1):
+        return {}
+    t = torch.tensor([step_time_s], dtype=torch.float64, device=env.device)
+    times = [torch.zeros_like(t) for _ in range(env.world_size)]
+    dist.all_gather(times, t)
+    vals = [float(x) for x in times]
+    slow = max(range(len(vals)), key=vals.__getitem__)
+    return {"step_time_max_s": vals[slow], "step_time_min_s": min(vals), "slowest_rank": float(slow),
+            "step_time_spread": vals[slow] / max(min(vals), 1e-9) - 1.0}
+
+
 class LossHealth:
     """Counts steps whose update was dropped (non-finite gradients) and flags loss spikes: a loss
     above `spike_factor` times the mean of the previous (up to) 20 finite losses."""
@@ -492,6 +507,7 @@ def train(cfg: Config) -> dict[str, Any]:
                            consumed_samples=batches.consumed_samples)
             metrics.update(par.throughput_metrics(env.device, env.world_size, metrics["tokens_per_s"],
                                                   flops_per_token, t.peak_flops))
+            metrics.update(straggler_metrics(dt, env))
             if metrics.pop("nonfinite", None):  # on_nonfinite skip | rollback: the update was dropped
                 metrics.update(health.bad_step(step + 1, t.on_nonfinite))
                 if t.on_nonfinite == "rollback":
@@ -511,7 +527,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     ckpt_root, done, model, optimizer,
                     {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, shards=shards)
+                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, shards=shards,
+                    keep_every=t.keep_every)
             if exiting:
                 why = f"{signalled} received" if signalled else f"train.exit_at_step={done} reached"
                 log.info("%s: checkpoint saved at step %d, stopping (rerun the command to resume)", why, done)

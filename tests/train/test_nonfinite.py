@@ -1,4 +1,5 @@
-"""A NaN injected at a chosen step triggers each `train.on_nonfinite` policy; loss spikes are flagged."""
+"""A NaN injected at a chosen step triggers each `train.on_nonfinite` policy; loss spikes are flagged;
+checkpoint retention keeps the last K and every M-th."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def _rows(out):
 
 
 def test_stop_names_the_step_and_leaves_the_weights(tmp_path, shard, make_config):
-    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2: the weights were not updated"):
+    msg = "gradient norm is nan at step 2: the weights were not updated"
+    with pytest.raises(FloatingPointError, match=msg):
         train(make_config(tmp_path, shard, "train.inject_nan_at_step=2", "train.save_every=0"))
 
 
@@ -50,3 +52,15 @@ def test_loss_spike_flagged_against_the_recent_mean():
     assert all("loss_spike" not in h.good_step(i, 1.0 + 0.01 * i) for i in range(6))
     assert h.good_step(7, 5.0)["loss_spike"] == 1.0
     assert "loss_spike" not in LossHealth(0.0).good_step(1, 1e9)
+
+
+def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
+    from megaqwen.train.checkpoint import _prune
+
+    for step in range(1, 13):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    (tmp_path / "step_00000013.partial").mkdir()
+    _prune(tmp_path, keep_last=2, keep_every=5)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["step_00000005", "step_00000010", "step_00000011", "step_00000012",
+                    "step_00000013.partial"]

@@ -35,7 +35,8 @@ def test_signal_saves_exits_zero_and_rerun_continues_exactly(tmp_path, shard, ma
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "megaqwen.train.main", f"train.out_dir={out}", f"data.path={shard}", *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
