@@ -1,0 +1,203 @@
+"""Every metric the trainer logs (metrics.jsonl and W&B): name, unit, meaning, when it appears, and
+the W&B section and panel it is drawn in.
+
+This registry is the documentation (docs/metrics.md is generated from it) and the source of the W&B
+workspace (launch/wandb/dashboard.py); tests/train/test_metric_names.py runs the trainer and fails
+on any logged key that is not listed here, so neither can drift from the code.
+
+A name may hold placeholders for families of keys: `{r}` a rank, `{i}` a layer index, `{e}` an
+expert index, `{name}` a data-blend source (its shard file name, e.g. `web` for `shards/web`).
+
+When a metric appears is one of WHEN (e.g. "always", "moe", "eval", "checkpoint").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+WHEN = {
+    "always": "every step of every run",
+    "world<=16": "every step, one key per rank, when the run has at most 16 ranks",
+    "multi-rank": "every step when the run has more than one rank",
+    "mfu": "every step when the device's peak FLOP/s is known (a CUDA GPU in the table, or train.peak_flops)",
+    "moe": "every step of an MoE model (`moe/*` with the native engine; DeepSpeed logs aux/z loss only)",
+    "moe-small": "as moe, when layers x experts <= 512 (the heat map expert_load.png shows the rest)",
+    "pp": "every step under pipeline parallelism (parallel.pp > 1)",
+    "blend": "every step when data.path is a blend of several shards",
+    "eval": "every train.eval_every steps and at the last step",
+    "checkpoint": "at a step that saves a checkpoint",
+    "spike": "at a step whose loss is a spike (train.spike_factor > 0)",
+    "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
+}
+"""when a metric is logged -> what that means"""
+
+# W&B workspace sections, in display order
+SECTIONS = ("training", "validation", "throughput", "memory", "data mix", "moe", "pipeline", "reliability")
+
+_PLACEHOLDER = {"{r}": r"\d+", "{i}": r"\d+", "{e}": r"\d+", "{name}": r"[^/]+"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    """the logged key, or a family of keys with placeholders ({r}, {i}, {e}, {name})"""
+    unit: str
+    """unit of the value ("" for a plain number)"""
+    meaning: str
+    """what it measures, in one sentence"""
+    when: str
+    """when it is logged: one of WHEN"""
+    section: str
+    """W&B workspace section: one of SECTIONS"""
+    panel: str
+    """title of the W&B line plot it is drawn in (metrics with the same panel share a plot)"""
+
+    @property
+    def is_family(self) -> bool:
+        return "{" in self.name
+
+    @property
+    def regex(self) -> str:
+        """A regular expression matching exactly the keys this entry stands for."""
+        out = re.escape(self.name)
+        for ph, rx in _PLACEHOLDER.items():
+            out = out.replace(re.escape(ph), rx)
+        return out
+
+    def matches(self, key: str) -> bool:
+        return re.fullmatch(self.regex, key) is not None
+
+
+def _m(name, unit, meaning, when, section, panel) -> Metric:
+    return Metric(name, unit, meaning, when, section, panel)
+
+
+METRICS: tuple[Metric, ...] = (
+    # training
+    _m("loss", "nats/token", "training cross-entropy, mean over every valid token of the step (all ranks)",
+       "always", "training", "loss"),
+    _m("lr", "", "learning rate of the step (warmup + decay schedule)", "always", "training",
+       "learning rate"),
+    _m("grad_norm", "", "global L2 norm of the gradients before clipping (all shards, all ranks)", "always",
+       "training", "gradient norm"),
+    _m("consumed_samples", "samples", "samples consumed by all ranks since the start of the data stream",
+       "always", "training", "consumed samples"),
+    # validation
+    _m("val_loss", "nats/token", "held-out cross-entropy, token-weighted mean over train.eval_iters batches",
+       "eval", "validation", "validation loss"),
+    _m("val_ppl", "", "held-out perplexity, exp(val_loss)", "eval", "validation", "validation perplexity"),
+    _m("val_tokens", "tokens", "tokens the validation loss was averaged over", "eval", "validation",
+       "validation tokens"),
+    # throughput
+    _m("tokens_per_s", "tokens/s", "global training throughput: global_batch_size x seq_len / step time",
+       "always", "throughput", "tokens/s"),
+    _m("tokens_per_s_per_device", "tokens/s", "tokens_per_s divided by the number of ranks", "always",
+       "throughput", "tokens/s per device"),
+    _m("mfu", "fraction", "model FLOPs utilisation: 6N(active)+attention FLOPs/token x tokens/s over the "
+       "ranks' peak bf16 FLOP/s", "mfu", "throughput", "MFU"),
+    _m("step_time_s", "s", "wall time of the optimizer step on the logging rank (forward, backward, "
+       "optimizer)", "always", "throughput", "step time"),
+    # memory
+    _m("peak_mem_gib", "GiB", "peak allocated device memory of the logging rank", "always", "memory",
+       "peak memory"),
+    _m("peak_mem_gib_max", "GiB", "peak allocated device memory, highest over the ranks", "always", "memory",
+       "peak memory"),
+    _m("peak_mem_gib_min", "GiB", "peak allocated device memory, lowest over the ranks", "always", "memory",
+       "peak memory"),
+    _m("peak_mem_gib/rank{r}", "GiB", "peak allocated device memory of rank r", "world<=16", "memory",
+       "peak memory per rank"),
+    # data mix
+    _m("mix/{name}", "fraction", "share of the step's samples (= tokens: samples are packed to seq_len) "
+       "drawn from blend source `name`", "blend", "data mix", "data mix per source"),
+    # MoE
+    _m("aux_loss", "", "router load-balancing loss, mean over micro-batches and dp ranks", "moe", "moe",
+       "router losses"),
+    _m("z_loss", "", "router z-loss, mean over micro-batches and dp ranks", "moe", "moe", "router losses"),
+    _m("moe/load_max", "x fair share", "most loaded expert's load relative to perfect balance, worst layer",
+       "moe", "moe", "expert load (all layers)"),
+    _m("moe/load_max_mean", "x fair share", "most loaded expert's relative load, mean over layers", "moe",
+       "moe", "expert load (all layers)"),
+    _m("moe/dropped", "assignments", "token-to-expert assignments over capacity this step, all layers", "moe",
+       "moe", "dropped assignments"),
+    _m("moe/dropped_frac", "fraction", "share of token-to-expert assignments dropped this step", "moe", "moe",
+       "dropped fraction"),
+    _m("moe/L{i}/load_max", "x fair share", "most loaded expert of layer i, relative to perfect balance",
+       "moe", "moe", "expert load max per layer"),
+    _m("moe/L{i}/load_min", "x fair share", "least loaded expert of layer i, relative to perfect balance",
+       "moe", "moe", "expert load min per layer"),
+    _m("moe/L{i}/dropped_frac", "fraction", "share of layer i's assignments dropped", "moe", "moe",
+       "dropped fraction per layer"),
+    _m("moe/L{i}/e{e}", "x fair share", "load of expert e of layer i, relative to perfect balance",
+       "moe-small", "moe", "load per expert"),
+    # pipeline
+    _m("pp_bubble_theory", "fraction", "idle fraction of the pipeline schedule in theory", "pp", "pipeline",
+       "pipeline bubble"),
+    _m("pp_bubble_measured", "fraction", "1 - time in stage compute / step time, mean over pp ranks", "pp",
+       "pipeline", "pipeline bubble"),
+    _m("pp_rank{r}_peak_mem_gib", "GiB", "peak device memory of pipeline rank r", "pp", "pipeline",
+       "peak memory per stage"),
+    # reliability
+    _m("skipped_steps", "steps", "steps so far in this process whose update was dropped for non-finite "
+       "gradients", "always", "reliability", "skipped steps"),
+    _m("loss_spike", "flag", "1 when the loss exceeds train.spike_factor x the mean of the previous 20",
+       "spike", "reliability", "loss spikes"),
+    _m("rolled_back_to", "step", "checkpoint step whose weights and optimizer state were reloaded",
+       "rollback", "reliability", "rollbacks"),
+    _m("checkpoint_save_s", "s", "wall time of the checkpoint save, until it is complete on storage",
+       "checkpoint", "reliability", "checkpoint time"),
+    _m("checkpoint_blocking_s", "s", "time training was blocked by the checkpoint save (the rest is "
+       "asynchronous)", "checkpoint", "reliability", "checkpoint time"),
+    _m("step_time_max_s", "s", "slowest rank's step time", "multi-rank", "reliability",
+       "step time over ranks"),
+    _m("step_time_min_s", "s", "fastest rank's step time", "multi-rank", "reliability",
+       "step time over ranks"),
+    _m("slowest_rank", "rank", "rank with the slowest step (persistently the same: a bad GPU, NIC or host)",
+       "multi-rank", "reliability", "slowest rank"),
+    _m("step_time_spread", "fraction", "slowest / fastest step time - 1", "multi-rank", "reliability",
+       "straggler spread"),
+)
+
+for _x in METRICS:  # checked on import: a typo here must not ship
+    if _x.when not in WHEN or _x.section not in SECTIONS:
+        raise ValueError(f"metric {_x.name}: when={_x.when!r} must be one of {list(WHEN)}, "
+                         f"section={_x.section!r} one of {SECTIONS}")
+
+
+def lookup(key: str) -> Metric | None:
+    """The registry entry of a logged key (exact names first, then families), or None."""
+    for x in METRICS:
+        if not x.is_family and x.name == key:
+            return x
+    return next((x for x in METRICS if x.is_family and x.matches(key)), None)
+
+
+def unregistered(keys) -> list[str]:
+    """The keys (e.g. of metrics.jsonl rows, less "step") that the registry does not document."""
+    return sorted({k for k in keys if k != "step" and lookup(k) is None})
+
+
+def by_when(*when: str) -> list[Metric]:
+    return [x for x in METRICS if x.when in when]
+
+
+def markdown_table() -> str:
+    """docs/metrics.md: the registry as one table per W&B section."""
+    lines = ["# Training metrics", "",
+             "Generated from `megaqwen/train/metric_names.py` by "
+             "`python -m megaqwen.train.metric_names > docs/metrics.md`; do not edit by hand.", "",
+             "Every row of `OUT_DIR/metrics.jsonl` holds `step` and the keys below; W&B receives the same "
+             "keys at the same step. Placeholders: `{r}` rank, `{i}` layer, `{e}` expert, `{name}` blend "
+             "source (the shard's file name).", "",
+             "When a metric appears:", ""]
+    lines += [f"- `{w}`: {d}" for w, d in WHEN.items()]
+    for section in SECTIONS:
+        rows = [x for x in METRICS if x.section == section]
+        lines += ["", f"## {section}", "", "| metric | unit | when | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{x.name}` | {x.unit} | {x.when} | {x.meaning} |" for x in rows]
+    return "\n".join(lines) + "\n"
+
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
