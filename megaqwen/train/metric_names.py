@@ -26,7 +26,8 @@ WHEN = {
     "pp": "every step under pipeline parallelism (parallel.pp > 1)",
     "blend": "every step when data.path is a blend of several shards",
     "eval": "every train.eval_every steps and at the last step",
-    "checkpoint": "at a step that saves a checkpoint",
+    "checkpoint": "at a step that saves a checkpoint (train.async_save: checkpoint_save_s, checkpoint_step "
+                  "at the step the background save is seen committed)",
     "spike": "at a step whose loss is a spike (train.spike_factor > 0)",
     "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
 }
@@ -144,10 +145,12 @@ METRICS: tuple[Metric, ...] = (
        "spike", "reliability", "loss spikes"),
     _m("rolled_back_to", "step", "checkpoint step whose weights and optimizer state were reloaded",
        "rollback", "reliability", "rollbacks"),
-    _m("checkpoint_save_s", "s", "wall time of the checkpoint save, until it is complete on storage",
-       "checkpoint", "reliability", "checkpoint time"),
-    _m("checkpoint_blocking_s", "s", "time training was blocked by the checkpoint save (the rest is "
-       "asynchronous)", "checkpoint", "reliability", "checkpoint time"),
+    _m("checkpoint_blocking_s", "s", "time training stood still for the checkpoint save (the copy, plus any "
+       "wait for the previous save), at the step that saved", "checkpoint", "reliability", "checkpoint time"),
+    _m("checkpoint_save_s", "s", "checkpoint save from start to commit on storage (train.async_save: "
+       "logged at the step the commit is seen)", "checkpoint", "reliability", "checkpoint time"),
+    _m("checkpoint_step", "step", "step of the checkpoint whose save just committed", "checkpoint",
+       "reliability", "checkpoint step"),
     _m("step_time_max_s", "s", "slowest rank's step time", "multi-rank", "reliability",
        "step time over ranks"),
     _m("step_time_min_s", "s", "fastest rank's step time", "multi-rank", "reliability",
