@@ -20,8 +20,11 @@ def _present(metric: mn.Metric, row: dict) -> bool:
 
 def test_every_logged_metric_is_documented(tmp_path, shard, make_config):
     dense, moe = tmp_path / "dense", tmp_path / "moe"
-    # eval every 2 steps, checkpoints, a known peak (MFU), a dropped step (NaN injected at step 3)
-    train(make_config(dense, shard, "train.steps=4", "train.save_every=2", "train.eval_every=2",
+    recipe = tmp_path / "blend.json"  # the shard twice: sources random_0 (1/4) and random_1 (3/4)
+    recipe.write_text(json.dumps({"name": "two", "datasets": [{"prefix": shard, "weight": 1},
+                                                              {"prefix": shard, "weight": 3}]}))
+    # a blend, eval every 2 steps, checkpoints, a known peak (MFU), a dropped step (NaN at step 3)
+    train(make_config(dense, str(recipe), "train.steps=4", "train.save_every=2", "train.eval_every=2",
                       "train.eval_iters=1", f"data.valid_path={shard}", "train.peak_flops=1e12",
                       "train.on_nonfinite=skip", "train.inject_nan_at_step=3"))
     train(make_config(moe, shard, "model=debug-moe", "train.steps=2", "train.save_every=0",
