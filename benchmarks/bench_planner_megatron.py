@@ -78,6 +78,10 @@ def paper_tokens_per_s(r: Published) -> float:
     return r.tflops * 1e12 / (96 * n * h * h + 16 * n * s * h + 6 * h * VOCAB)
 
 
+def _tok(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def plan(r: Published, m: ModelConfig, schedule: str, efficiency: float) -> Plan | str:
     d = r.gpus // (r.tp * r.pp)
     lay = Layout(tp=r.tp, pp=r.pp, dp=d, sequence_parallel=False, pp_schedule=schedule, dp_mode="ddp",
@@ -109,14 +113,14 @@ def rows(selected: list[Published], efficiency: float) -> list[str]:
         b = plan(r, m, "interleaved_1f1b", efficiency) if r.pp > 1 else "pp=1"
         cells = [f"{r.params_b:g}B", f"{m.num_params() / 1e9:.1f}B",
                  f"{r.tp}, {r.pp}, {r.gpus // (r.tp * r.pp)}", str(r.gpus), str(r.batch),
-                 f"{r.tflops:g} ({r.tflops / 312:.0%})", f"{ref:,.0f}", f"{ref_mfu:.1%}"]
+                 f"{r.tflops:g} ({r.tflops / 312:.0%})", _tok(ref), f"{ref_mfu:.1%}"]
         for p, extra in ((a, True), (b, False)):
             if isinstance(p, str) or p.step is None:
                 why = p if isinstance(p, str) else p.error
                 cells += [f"n/a ({why})", "", ""] + (["", ""] if extra else [])
                 continue
             tok = p.step.tokens_per_s / r.gpus
-            cells += [f"{tok:,.0f}", f"{p.step.mfu:.1%}"]
+            cells += [_tok(tok), f"{p.step.mfu:.1%}"]
             if extra:
                 cells += [f"{p.step.bubble:.1%}"]
             cells += [f"{tok / ref:.2f}"]
