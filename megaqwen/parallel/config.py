@@ -38,6 +38,9 @@ class ParallelConfig:
     """How data parallelism holds state: ddp | zero1 (sharded optimizer) | fsdp (FSDP2, ZeRO-3-like)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    collective_timeout_s: float = 600.0
+    """A collective that has not completed after this many seconds fails (a peer rank stopped,
+    died or hangs); the error names this rank, the operation and the ranks that were elsewhere."""
     tp_linear_backend: str = "torch"
     """Local GEMM of TP linears: torch | te (Transformer Engine Linear; our collectives around it)."""
     ddp_bucket_cap_mb: float = 25.0

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -92,8 +93,12 @@ def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv
     device = resolve_device(device_name, backend, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=pcfg.collective_timeout_s)
+    # every group made later (the mesh's, ours, DCP's) defaults to the same timeout as the world's
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
     mesh = dims.build_mesh(device.type)
     if rank != 0:  # rank 0 alone writes logs; the others keep warnings and errors
         logging.getLogger("megaqwen").setLevel(logging.WARNING)

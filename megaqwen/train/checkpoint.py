@@ -8,20 +8,29 @@ A save goes to `step_N.partial/` first; only after every rank has written its sh
 rename it to `step_N/` and then atomically replace `latest` (write + os.replace). A crash at any
 point leaves `latest` naming the previous complete checkpoint; stale `.partial` folders are
 removed by the next save.
+
+`Checkpointer` does the same in the background (`train.async_save`): the state is copied to CPU
+memory, training goes on, and the commit (meta.json, rename, `latest`) happens when the write is
+done - so a kill during an asynchronous save also leaves the previous checkpoint in charge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp  # noqa: F401  (the writer behind parallel_ckpt; tests patch it)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megaqwen.parallel import checkpoint as parallel_ckpt
 from megaqwen.parallel.shards import ShardMap
@@ -94,18 +103,123 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
     parallel_ckpt.save(str(partial), model, optimizer, shards)  # TP shards / ZeRO-1 / DeepSpeed aware
     _barrier()
     if _rank() == 0:
-        meta = {"format": FORMAT, "step": step, **meta}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = ckpt_root / (LATEST + ".tmp")
-        tmp.write_text(final.name)
-        os.replace(tmp, ckpt_root / LATEST)
-        _prune(ckpt_root, keep_last, keep_every)
-        log.info("saved checkpoint %s", final)
+        _commit(ckpt_root, step, meta, keep_last, keep_every)
     _barrier()
     return final
+
+
+def _commit(ckpt_root: Path, step: int, meta: dict[str, Any], keep_last: int, keep_every: int) -> Path:
+    """Rank 0, once every rank's shards of step_N.partial are written: meta.json, rename, `latest`."""
+    final = step_dir(ckpt_root, step)
+    partial = final.with_name(final.name + ".partial")
+    (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    tmp = ckpt_root / (LATEST + ".tmp")
+    tmp.write_text(final.name)
+    os.replace(tmp, ckpt_root / LATEST)
+    _prune(ckpt_root, keep_last, keep_every)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+@dataclass
+class _InFlight:
+    step: int
+    meta: dict[str, Any]
+    future: Future
+    started: float
+    blocking_s: float
+
+
+class Checkpointer:
+    """The run's checkpoint writer: synchronous, or in the background with `async_save`.
+
+    A background save copies this rank's state to CPU memory (DCP's stager: one extra copy of the
+    rank's weights and optimizer state in host memory while it is written) and returns; the shards
+    are written by a thread that talks over a gloo process group of its own, so its collectives
+    never interleave with the training step's. DCP's coordinator (rank 0) finishes a save only
+    after every rank's write has been gathered, so when rank 0's future is done the whole
+    checkpoint is on disk and rank 0 commits it, at the next `poll`. A new save, a rollback and the
+    end of the run wait for the save in flight first (`wait`). Engines whose state only they can
+    describe (DeepSpeed) save synchronously.
+
+    Metrics: `checkpoint_blocking_s`, the time training stood still for the save (copy, plus any
+    wait for the previous save), at the step that saved; `checkpoint_save_s`, start to commit, and
+    `checkpoint_step`, at the step the commit is seen.
+    """
+
+    def __init__(self, ckpt_root: str | Path, async_save: bool = False, keep_last: int = 0,
+                 keep_every: int = 0):
+        self.root, self.async_save = Path(ckpt_root), async_save
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self._pending: _InFlight | None = None
+        # collective when distributed: every rank builds its checkpointer at the same point
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._group = dist.new_group(backend="gloo") if async_save and distributed else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             meta: dict[str, Any], shards: ShardMap | None = None) -> dict[str, float]:
+        """Collective. Returns the metrics of this save (and of the one it waited for)."""
+        t0 = time.perf_counter()
+        out = self.wait()
+        if not self.async_save or parallel_ckpt._is_deepspeed(model):
+            save_checkpoint(self.root, step, model, optimizer, meta, self.keep_last, shards, self.keep_every)
+            took = time.perf_counter() - t0
+            return {**out, "checkpoint_blocking_s": took, "checkpoint_save_s": took,
+                    "checkpoint_step": float(step)}
+        partial = step_dir(self.root, step).with_name(step_dir(self.root, step).name + ".partial")
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.partial"):  # a crashed save's: nothing is in flight now
+                shutil.rmtree(stale)
+        _barrier()
+        state = parallel_ckpt.sharded_state(model, optimizer, shards)
+        future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group)
+        blocking = time.perf_counter() - t0
+        self._pending = _InFlight(step, meta, future, t0, blocking)
+        log.info("checkpoint step %d: state copied in %.2f s, writing in the background", step, blocking)
+        return {**out, "checkpoint_blocking_s": blocking}
+
+    def poll(self) -> dict[str, float]:
+        """Commit the save in flight if its write is done (not collective; call every step)."""
+        if self._pending is None or not self._pending.future.done():
+            return {}
+        return self._finish()
+
+    def wait(self) -> dict[str, float]:
+        """Block until the save in flight (if any) is written and committed."""
+        if self._pending is None:
+            return {}
+        return self._finish()
+
+    def _finish(self) -> dict[str, float]:
+        p, self._pending = self._pending, None
+        try:
+            p.future.result()
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            # DCP wraps each rank's traceback; its last line is the cause ("OSError: ... No space left")
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"asynchronous checkpoint of step {p.step} failed on rank {_rank()}: {cause}; "
+                               f"{self.root / LATEST} still names the previous checkpoint") from e
+        if _rank() == 0:
+            _commit(self.root, p.step, p.meta, self.keep_last, self.keep_every)
+        took = time.perf_counter() - p.started
+        log.info("checkpoint step %d written in %.2f s, of which training waited %.2f s", p.step, took,
+                 p.blocking_s)
+        return {"checkpoint_save_s": took, "checkpoint_step": float(p.step)}
+
+    def close(self) -> None:
+        """Finish the save in flight; used on the way out of a run, errors are logged, not raised."""
+        try:
+            self.wait()
+        except Exception as e:  # the run is already ending with its own error
+            log.error("%s", e)
+        if self._group is not None:
+            with contextlib.suppress(Exception):  # a broken group (the run failed) needs no goodbye
+                dist.destroy_process_group(self._group)
+            self._group = None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,

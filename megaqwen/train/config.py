@@ -72,6 +72,10 @@ class TrainConfig:
     """Checkpoints to keep on disk (oldest deleted first); 0 keeps all."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (milestones); 0: none."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP async_save): training waits only for a copy of the
+    state to host memory; the checkpoint becomes `latest` once every rank's write is done.
+    Costs one extra host copy of this rank's weights and optimizer state. Native engine."""
     resume: bool = True
     """Resume from the latest checkpoint in out_dir when there is one."""
     init_from: str | None = None
@@ -230,6 +234,9 @@ class Config:
                              f"{p.start_step} and {p.num_steps}")
         if t.lock_timeout_min <= 0:
             raise ValueError(f"train.lock_timeout_min must be positive, got {t.lock_timeout_min}")
+        if not self.parallel.collective_timeout_s > 0:
+            raise ValueError(f"parallel.collective_timeout_s must be positive, got "
+                             f"{self.parallel.collective_timeout_s}")
 
 
 def register_configs() -> None:

@@ -27,6 +27,7 @@ from megaqwen.parallel.grad_norm import clip_grad_norm_
 from megaqwen.parallel.materialize import hf_filler, init_filler, materialize
 from megaqwen.parallel.metrics import local_peak_memory_gib
 from megaqwen.parallel.shards import ShardMap, local_tensor
+from megaqwen.parallel.watchdog import CollectiveWatch, begin_step, phase
 from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger
@@ -146,7 +147,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     set_lr(optimizer, lr)
     micro = [next(batches) for _ in range(accum_steps)]
     count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-    global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
+    with phase("token count all-reduce", step + 1):
+        global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
     deepspeed = cfg.train.engine == "deepspeed"
     cp = env.dims.cp
     cp_group = env.mesh.group("cp") if env.mesh is not None and cp > 1 else None
@@ -159,12 +161,13 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     loss_sum = torch.zeros((), device=env.device)
     aux_sum = z_sum = None
     if pipe is not None:
-        loss_sum = pipeline_step(pipe, micro, cfg, env, scale, shards)
+        with phase("pipeline schedule"):
+            loss_sum = pipeline_step(pipe, micro, cfg, env, scale, shards)
         if pipe.last_z is not None:
             z_sum = pipe.last_z
         micro = []
     for i, batch in enumerate(micro):
-        with autocast_ctx(cfg.train.dtype, env.device):
+        with autocast_ctx(cfg.train.dtype, env.device), phase("forward/backward"):
             parts = forward_loss(model, batch, cfg, env.device, cp_group)
         objective = parts.sum * scale
         aux = getattr(parts, "aux", None)  # MoE: load balancing, a mean already
@@ -175,12 +178,13 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
         if z is not None:
             objective = objective + z_coef * z * (1 if deepspeed else 1 / accum_steps)
             z_sum = z.detach().float() + (z_sum if z_sum is not None else 0.0)
-        if deepspeed:  # it divides by accumulation and steps at the boundary itself
-            model.backward(objective)
-            model.step()
-        else:
-            with par.grad_sync(model, sync=i == accum_steps - 1):
-                objective.backward()
+        with phase("forward/backward"):
+            if deepspeed:  # it divides by accumulation and steps at the boundary itself
+                model.backward(objective)
+                model.step()
+            else:
+                with par.grad_sync(model, sync=i == accum_steps - 1):
+                    objective.backward()
         loss_sum += parts.sum.detach().float()
     ep = shards is not None and shards.ep_groups is not None and env.dims.ep > 1
     if deepspeed:
@@ -188,15 +192,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     else:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
         plain = unwrap(model)
-        if ep:  # expert grads: averaged over their expert-data-parallel group, counted once per copy
-            from megaqwen.parallel.expert_parallel import clip_grad_norm_ep_, reduce_expert_grads
-
-            if cfg.parallel.dp_mode != "fsdp":
-                reduce_expert_grads(plain, shards.expert_fqns, shards.ep_groups)
-            grad_norm = clip_grad_norm_ep_(plain.named_parameters(), max_norm, shards, shards.expert_fqns,
-                                           shards.ep_groups)
-        else:
-            grad_norm = clip_grad_norm_(plain.named_parameters(), max_norm, shards)  # TP/FSDP/PP-aware
+        with phase("gradient norm"):
+            grad_norm = _clip_grads(plain, max_norm, cfg, shards, ep)
         # the norm is global (all-reduced over every rank), so every rank takes the same branch
         nonfinite = not math.isfinite(grad_norm.item())
         if nonfinite and cfg.train.on_nonfinite == "stop":
@@ -205,9 +202,11 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
                 "(train.on_nonfinite=stop); train.on_nonfinite=skip drops such a step, rollback reloads "
                 "the latest checkpoint")
         if not nonfinite:
-            optimizer.step()
+            with phase("optimizer step"):
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = par.dp_sum(loss_sum, env.mesh, with_cp=True) / global_count
+    with phase("loss all-reduce"):
+        loss = par.dp_sum(loss_sum, env.mesh, with_cp=True) / global_count
     out = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
     if not deepspeed and nonfinite:
         out["nonfinite"] = 1.0
@@ -218,6 +217,19 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     if getattr(cfg.model, "is_moe", False) and not deepspeed:
         out.update(_moe_step(unwrap(model), cfg, env, out, update_bias="nonfinite" not in out))
     return out
+
+
+def _clip_grads(plain, max_norm: float, cfg: Config, shards: ShardMap | None, ep: bool) -> torch.Tensor:
+    """The global gradient norm (all-reduced over every rank), after clipping to `max_norm`."""
+    if not ep:
+        return clip_grad_norm_(plain.named_parameters(), max_norm, shards)  # TP/FSDP/PP-aware
+    # expert grads: averaged over their expert-data-parallel group, counted once per copy
+    from megaqwen.parallel.expert_parallel import clip_grad_norm_ep_, reduce_expert_grads
+
+    if cfg.parallel.dp_mode != "fsdp":
+        reduce_expert_grads(plain, shards.expert_fqns, shards.ep_groups)
+    return clip_grad_norm_ep_(plain.named_parameters(), max_norm, shards, shards.expert_fqns,
+                              shards.ep_groups)
 
 
 def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
@@ -298,7 +310,8 @@ def _rollback(ckpt_root: Path, model, optimizer, shards, step: int) -> float:
     if latest is None:
         raise FloatingPointError(f"non-finite gradients at step {step} and no checkpoint to roll back to "
                                  f"in {ckpt_root} (train.on_nonfinite=rollback needs train.save_every)")
-    meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
+    with phase("rollback: checkpoint load", step):
+        meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
     log.warning("step %d: rolled back weights and optimizer state to %s (step %d)", step, latest,
                 meta["step"])
     return float(meta["step"])
@@ -423,7 +436,6 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg.validate()
     t = cfg.train
     env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
-    out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * env.dp_size)
     if rem or accum_steps == 0:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -431,6 +443,23 @@ def train(cfg: Config) -> dict[str, Any]:
     # before any model is built; the pipeline plan (pp > 1) runs all accum_steps micro-batches
     plan = par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine, microbatches=accum_steps)
 
+    coords = {d: env.mesh.rank(d) for d in ("pp", "dp", "cp", "tp")} if env.mesh is not None else {}
+    watch = CollectiveWatch.install(env.rank, env.world_size, cfg.parallel.collective_timeout_s, coords)
+    try:
+        return _train(cfg, env, accum_steps, plan)
+    except Exception as e:
+        named = watch.explain(e)
+        if named is None:
+            raise
+        log.error("%s", named)
+        raise named from e
+    finally:
+        watch.uninstall()
+
+
+def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, Any]:
+    t = cfg.train
+    out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     run = RunFolder(cfg, env.world_size)
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
     torch.manual_seed(t.seed)
@@ -469,7 +498,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
     start_step, consumed = 0, 0
     if latest is not None:
-        meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
+        with phase("checkpoint load"):
+            meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
         start_step, consumed = meta["step"], meta["consumed_samples"]
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
@@ -489,9 +519,11 @@ def train(cfg: Config) -> dict[str, Any]:
     expert_load: dict | None = None  # MoE: loads summed over the run's steps, for the heat map
     stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption): save, then exit cleanly
     health = LossHealth(t.spike_factor)
+    saver = ckpt.Checkpointer(ckpt_root, t.async_save, keep_last=t.keep_last, keep_every=t.keep_every)
     try:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
+            begin_step(step + 1)
             t0 = time.perf_counter()
             metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe)
             dt = time.perf_counter() - t0
@@ -500,40 +532,49 @@ def train(cfg: Config) -> dict[str, Any]:
 
                 expert_load = add_loads(expert_load, metrics.pop("_moe_loads"))
             if pipe is not None:
-                metrics.update(pipeline_metrics(pipe, dt, env.device))
+                with phase("pipeline metrics"):
+                    metrics.update(pipeline_metrics(pipe, dt, env.device))
             profiler.after_step(step + 1)
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=local_peak_memory_gib(env.device),
                            consumed_samples=batches.consumed_samples)
             metrics.update(par.throughput_metrics(env.device, env.world_size, metrics["tokens_per_s"],
                                                   flops_per_token, t.peak_flops))
-            metrics.update(straggler_metrics(dt, env))
+            with phase("straggler report"):
+                metrics.update(straggler_metrics(dt, env))
             if metrics.pop("nonfinite", None):  # on_nonfinite skip | rollback: the update was dropped
                 metrics.update(health.bad_step(step + 1, t.on_nonfinite))
                 if t.on_nonfinite == "rollback":
+                    metrics.update(saver.wait())  # the latest checkpoint may be the one in flight
                     metrics["rolled_back_to"] = _rollback(ckpt_root, model, optimizer, shards, step + 1)
             elif not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
             else:
                 metrics.update(health.good_step(step + 1, metrics["loss"]))
             if validator is not None and validator.due(step + 1):
-                metrics.update(validator.run(model, step + 1))
+                with phase("validation"):
+                    metrics.update(validator.run(model, step + 1))
+            done = step + 1
+            with phase("stop-signal agreement"):
+                signalled = stop.agreed()  # collective: every rank stops at the same step
+            exiting = done == t.exit_at_step or signalled is not None
+            metrics.update(saver.poll())  # commits a background save whose write is done
+            if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
+                with phase("checkpoint save"):
+                    metrics.update(saver.save(
+                        done, model, optimizer,
+                        {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
+                         "config": config_dict, "resume": run.contract}, shards=shards))
+                    if done == t.steps or exiting:  # the run ends here: this checkpoint must be complete
+                        metrics.update(saver.wait())
             logger.log(step + 1, metrics)
             run.heartbeat()
-            done = step + 1
-            signalled = stop.agreed()  # collective: every rank stops at the same step
-            exiting = done == t.exit_at_step or signalled is not None
-            if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
-                ckpt.save_checkpoint(
-                    ckpt_root, done, model, optimizer,
-                    {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
-                     "config": config_dict, "resume": run.contract}, keep_last=t.keep_last, shards=shards,
-                    keep_every=t.keep_every)
             if exiting:
                 why = f"{signalled} received" if signalled else f"train.exit_at_step={done} reached"
                 log.info("%s: checkpoint saved at step %d, stopping (rerun the command to resume)", why, done)
                 break
     finally:
+        saver.close()
         stop.close()
         logger.close()
         profiler.close()
