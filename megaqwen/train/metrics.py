@@ -87,8 +87,8 @@ def _init_wandb(out: Path, config: dict[str, Any], cfg):
 
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or out.name,
-                     mode=cfg.mode, dir=str(out), config=config, resume="allow",
-                     id=_wandb_id(out))
+                     mode=cfg.mode, dir=str(out), config={**config, "git_revision": git_revision()},
+                     resume="allow", id=_wandb_id(out))
     log.info("W&B run %s (%s mode) in %s", run.id, cfg.mode, out / "wandb")
     return run
 

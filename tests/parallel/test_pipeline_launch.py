@@ -26,6 +26,9 @@ def test_pp2_tp2_saves_and_resumes_at_pp1_and_pp4(tmp_path, shard):  # noqa: F81
     assert first.returncode == 0, first.stderr[-4000:]
     assert losses(out) == pytest.approx(ref[:2], rel=1e-5)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    from megaqwen.train.metric_names import unregistered
+
+    assert unregistered({k for r in rows for k in r}) == []  # pipeline and straggler keys are documented
     assert all(0 < r["pp_bubble_theory"] < 1 and r["pp_rank1_peak_mem_gib"] > 0 for r in rows)
     # straggler report: every rank's step time gathered, the slowest named
     assert all(0 <= r["slowest_rank"] < 4 and r["step_time_max_s"] >= r["step_time_min_s"] for r in rows)

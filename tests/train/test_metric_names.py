@@ -41,6 +41,7 @@ def test_every_logged_metric_is_documented(tmp_path, shard, make_config):
         assert all(_present(m, r) for m in mn.by_when("eval")) == (r["step"] % 2 == 0)
         assert all(_present(m, r) for m in mn.by_when("checkpoint")) == (r["step"] % 2 == 0)  # saved
     assert [r["skipped_steps"] for r in rows["dense"]] == [0, 0, 1, 1]
+    assert all(r["mix/random_0"] == 0.25 and r["mix/random_1"] == 0.75 for r in rows["dense"])
     for r in rows["moe"]:
         missing = [m.name for m in mn.by_when("moe", "moe-small") if not _present(m, r)]
         assert not missing, f"moe step {r['step']}: documented for MoE, absent: {missing}"
