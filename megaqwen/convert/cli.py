@@ -2,12 +2,16 @@
 
     megaqwen-convert from-hf HF_DIR OUT_DIR
     megaqwen-convert to-hf CKPT_DIR HF_DIR      (CKPT_DIR: a step folder, checkpoints/ or a run folder)
+    torchrun --nproc-per-node N -m megaqwen.convert.cli from-deepspeed CKPT_DIR --out RUN_DIR
+        (a checkpoint in DeepSpeed's own format -> DCP, which both engines resume; N: the world
+        size it was saved with)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megaqwen.cli_common import add_version_flag, silence_known_warnings
@@ -28,12 +32,22 @@ def main(argv: list[str] | None = None) -> int:
                    "tokenizer")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GiB)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    p = sub.add_parser("from-deepspeed", help="DeepSpeed-format checkpoint -> DCP (run under torchrun "
+                       "with the world size it was saved with)")
+    p.add_argument("ckpt_dir", help="step folder, checkpoints/ folder or run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="run folder to write: OUT/checkpoints/step_N and latest")
     args = parser.parse_args(argv)
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "from-hf":
             print(from_hf(args.hf_dir, args.out_dir))
+        elif args.command == "from-deepspeed":
+            from megaqwen.convert.deepspeed import from_deepspeed
+
+            path = from_deepspeed(args.ckpt_dir, args.out)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(path)
         else:
             print(to_hf(args.ckpt_dir, args.hf_dir, int(args.max_shard_gb * 2**30),
                         tokenizer=not args.no_tokenizer))

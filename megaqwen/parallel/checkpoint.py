@@ -16,10 +16,12 @@ Where each piece sits comes from the run's `ShardMap` (declared once by the plan
 `sharded_state` builds the dict to pass to `dcp.save`/`dcp.load`; after `dcp.load`,
 `load_sharded_state` puts the values back into the model and optimizer. `load_model` reads only
 the model's pieces this rank holds (`train.init_from` a native checkpoint, under any layout).
+The DeepSpeed engine reads and writes the same keys through `deepspeed_checkpoint`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from megaqwen.parallel.dims import ParallelMesh
 from megaqwen.parallel.shards import ShardMap
 
 ZERO1_KEY = "optim_zero1"
+LEGACY_DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's own format, as the DeepSpeed engine wrote it before
 
 
 def _is_zero1(optimizer) -> bool:
@@ -172,37 +175,55 @@ def _is_deepspeed(model: nn.Module) -> bool:
 
 def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          shards: ShardMap | None) -> None:
-    """Collective: write this layout's model/optimizer state into folder `path` (DCP, or DeepSpeed's
-    own format for a DeepSpeed engine, whose ZeRO partitions only it can describe)."""
+    """Collective: write this layout's model/optimizer state into folder `path` as DCP; a DeepSpeed
+    engine writes the same keys (`deepspeed_checkpoint`), so either engine resumes it."""
     import torch.distributed.checkpoint as dcp
 
     if _is_deepspeed(model):
-        model.save_checkpoint(path, tag="deepspeed")
+        from megaqwen.parallel.deepspeed_checkpoint import save_deepspeed
+
+        save_deepspeed(path, model, shards)
         return
     dcp.save(sharded_state(model, optimizer, shards), checkpoint_id=path)
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          shards: ShardMap | None) -> None:
-    """Collective: load what `save` wrote under the same layout, in place."""
+    """Collective: load what `save` wrote, by either engine under any layout, in place. A DeepSpeed
+    engine also reads DeepSpeed's own format (a `deepspeed/` tag folder, written before the engines
+    shared DCP) when its layout is unchanged."""
     import torch.distributed.checkpoint as dcp
 
     if _is_deepspeed(model):
-        loaded, _ = model.load_checkpoint(path, tag="deepspeed", load_optimizer_states=optimizer is not None)
-        if loaded is None:
-            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from; "
-                                    "was it saved with train.engine=native?")
+        from megaqwen.parallel.deepspeed_checkpoint import load_deepspeed
+
+        if os.path.isdir(os.path.join(path, LEGACY_DEEPSPEED_TAG)):
+            _load_legacy_deepspeed(path, model, optimizer is not None)
+        else:
+            load_deepspeed(path, model, shards, with_optim=optimizer is not None)
         return
     state = sharded_state(model, optimizer, shards)
     dcp.load(state, checkpoint_id=path)
     load_sharded_state(state, model, optimizer, shards)
 
 
+def _load_legacy_deepspeed(path: str, engine, with_optim: bool) -> None:
+    loaded, _ = engine.load_checkpoint(path, tag=LEGACY_DEEPSPEED_TAG, load_optimizer_states=with_optim)
+    if loaded is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed could not read its checkpoint "
+                                f"(tag {LEGACY_DEEPSPEED_TAG!r}) under this layout")
+
+
 def load_model(path: str, model: nn.Module, shards: ShardMap | None) -> None:
-    """Collective: only the model's weights from a native checkpoint saved under any layout; each
-    rank reads just the pieces it holds (DCP reshards on load)."""
+    """Collective: only the model's weights from a checkpoint saved by either engine under any
+    layout; each rank reads just the pieces it holds (DCP reshards on load)."""
     import torch.distributed.checkpoint as dcp
 
+    if _is_deepspeed(model):
+        from megaqwen.parallel.deepspeed_checkpoint import load_deepspeed
+
+        load_deepspeed(path, model, shards, with_optim=False)
+        return
     state = sharded_state(model, None, shards)
     dcp.load(state, checkpoint_id=path)
     load_sharded_state(state, model, None, shards)

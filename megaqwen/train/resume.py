@@ -10,8 +10,13 @@ context-extension stage, for instance, resumes the 4K run with
 
 When an allowed change alters the sample stream (data, seq_len, seed, split), the new stream
 starts at its first sample while the step count continues; a changed global batch keeps the
-position in the same stream. The engine can never change: a DeepSpeed checkpoint is DeepSpeed's
-own format and the native engine writes torch.distributed.checkpoint.
+position in the same stream.
+
+Both engines write the same torch.distributed.checkpoint keys, so `train.engine` changes on resume
+like a layout key (`train.allow_changes=[train.engine,parallel]`; parallel.zero_stage is a layout
+key of the DeepSpeed engine). Only a checkpoint in DeepSpeed's own format (a `deepspeed/` tag
+folder, written by the DeepSpeed engine before it wrote DCP) is refused to the native engine and to
+any layout change: `megaqwen-convert from-deepspeed` rewrites it as DCP.
 """
 
 from __future__ import annotations
@@ -75,8 +80,9 @@ def saved_contract(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def saved_engine(ckpt: Path) -> str | None:
-    """Which engine wrote a checkpoint folder, from its files: DeepSpeed's tag folder or DCP's
-    .metadata (so checkpoints from before the contract existed are told apart too)."""
+    """A checkpoint folder's format, from its files: "deepspeed" for DeepSpeed's own (its tag
+    folder; only the DeepSpeed engine with an unchanged layout reads it), "native" for DCP's
+    .metadata (either engine reads it)."""
     if (ckpt / "deepspeed").is_dir():
         return "deepspeed"
     if (ckpt / ".metadata").is_file():
@@ -87,9 +93,6 @@ def saved_engine(ckpt: Path) -> str | None:
 def check_allow_changes(allowed: list[str], keys: list[str]) -> None:
     sections = sorted({k.split(".", 1)[0] for k in keys})
     for a in allowed:
-        if a == ENGINE_KEY:
-            raise UsageError(f"train.allow_changes lists {ENGINE_KEY}, which cannot change on resume: the "
-                             "engines write different checkpoint formats")
         if a not in keys and a not in sections:
             raise UsageError(f"train.allow_changes: {a!r} is not a resume-contract key"
                              f"{did_you_mean(a, keys + sections)}; keys: {', '.join(keys)}")
@@ -97,28 +100,33 @@ def check_allow_changes(allowed: list[str], keys: list[str]) -> None:
 
 def _allowed(key: str, allowed: list[str]) -> bool:
     allowed = allowed + [k for a in allowed for k in IMPLIED.get(a, ())]
-    return key != ENGINE_KEY and any(key == a or key.startswith(a + ".") for a in allowed)
+    return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def engine_mismatch(ckpt: Path, saved: str, wanted: str) -> str:
-    name = {"deepspeed": "the DeepSpeed engine (its own ZeRO checkpoint format)",
-            "native": "the native engine (torch.distributed.checkpoint)"}
-    fix = ("resume with train.engine=deepspeed (and its parallel settings)" if saved == "deepspeed" else
-           f"resume with train.engine=native, or start a DeepSpeed run in a new train.out_dir from these "
-           f"weights with train.init_from={ckpt}")
-    return (f"{ckpt} was written by {name[saved]}, but this run uses train.engine={wanted}, which cannot "
-            f"read it: {fix}")
+def convert_command(ckpt: Path, meta: dict[str, Any]) -> str:
+    n = saved_contract(meta).get("parallel.world_size") or "N"  # DeepSpeed ran under torchrun
+    return f"torchrun --nproc-per-node {n} -m megaqwen.convert.cli from-deepspeed {ckpt} --out NEW_RUN_FOLDER"
+
+
+def legacy_deepspeed(ckpt: Path, meta: dict[str, Any], why: str) -> str:
+    return (f"{ckpt} is in DeepSpeed's own checkpoint format (written by train.engine=deepspeed before "
+            f"both engines wrote torch.distributed.checkpoint), which {why}: convert it with "
+            f"`{convert_command(ckpt, meta)}` and resume that folder, or resume with train.engine="
+            "deepspeed and the checkpoint's parallel settings")
 
 
 def compare(ckpt: Path, meta: dict[str, Any], current: dict[str, Any],
             allowed: list[str]) -> dict[str, tuple[Any, Any]]:
     """The allowed differences (key -> (checkpoint, this run)); UsageError for any other."""
     saved = saved_contract(meta)
-    engine = saved_engine(ckpt) or saved.get(ENGINE_KEY)
-    if engine is not None and engine != current[ENGINE_KEY]:
-        raise UsageError(engine_mismatch(ckpt, engine, current[ENGINE_KEY]))
+    legacy = saved_engine(ckpt) == "deepspeed"
+    if legacy and current[ENGINE_KEY] != "deepspeed":
+        raise UsageError(legacy_deepspeed(ckpt, meta, f"train.engine={current[ENGINE_KEY]} cannot read"))
     diffs = {k: (saved[k], v) for k, v in current.items()
              if saved.get(k) is not None and v is not None and saved[k] != v}
+    layout = [k for k in diffs if k.startswith("parallel.")]
+    if legacy and layout:
+        raise UsageError(legacy_deepspeed(ckpt, meta, f"does not reshard ({', '.join(layout)} changed)"))
     refused = {k: d for k, d in diffs.items() if not _allowed(k, allowed)}
     if refused:
         raise UsageError(mismatch_table(ckpt, refused))
