@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .test_launch import MODEL_BUILT, launch, losses, shard, single_process  # noqa: F401  (fixture)
+from .test_launch import MODEL_BUILT, check_hf_export, launch, losses, shard, single_process  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -47,6 +47,9 @@ def test_torchrun_moe_ep2_equals_one_process(tmp_path, shard):  # noqa: F811
         assert got["moe/load_max"] == pytest.approx(want["moe/load_max"], rel=1e-6)
         assert got["z_loss"] == pytest.approx(want["z_loss"], rel=1e-5)
     assert (out / "expert_load.png").stat().st_size > 0
+    # to-hf straight from the ep=2 checkpoint (stock transformers ignores the routing bias this run
+    # trained, so the export is checked by reading it back)
+    check_hf_export(out, tmp_path / "hf", ref=tmp_path / "single", transformers=False)
     assert "active per token" in run.stdout + run.stderr
 
 

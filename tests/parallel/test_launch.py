@@ -46,6 +46,33 @@ def single_process(out: Path, shard: str, *overrides: str) -> list[float]:
     return losses(out)
 
 
+def check_hf_export(run: Path, dest: Path, ref: Path | None = None, transformers: bool = True) -> None:
+    """`megaqwen-convert to-hf` of a run saved under any layout: the export read back, and (with
+    `transformers`) transformers' own model of it, give the logits of our model loaded from the same
+    checkpoint in one process; with `ref`, a one-process run of the same steps, the checkpoint's
+    tensors equal its checkpoint's up to optimizer noise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaqwen.convert.cli import main as convert_main
+    from megaqwen.convert.hf import load_pretrained, read_weights
+
+    assert convert_main(["to-hf", str(run), str(dest), "--no-tokenizer"]) == 0
+    ours = load_pretrained(run).eval()
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(dest).eval()(x), ours(x))  # the export holds the same tensors
+        if transformers:
+            hf = AutoModelForCausalLM.from_pretrained(dest).eval()
+            assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+    if ref is not None:
+        got, want = read_weights(run)[1], read_weights(ref)[1]
+        assert got.keys() == want.keys()
+        for k in want:
+            # Adam turns fp32 reduction-order noise into ~1e-5 absolute; a misplaced shard is ~1e-2
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=k)
+
+
 def launch(out: Path, shard: str, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", str(nproc),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .test_launch import MODEL_BUILT, launch, losses, shard, single_process  # noqa: F401  (fixture)
+from .test_launch import MODEL_BUILT, check_hf_export, launch, losses, shard, single_process  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 LAYERS = "model.num_layers=4"
@@ -34,6 +34,8 @@ def test_pp2_tp2_saves_and_resumes_at_pp1_and_pp4(tmp_path, shard):  # noqa: F81
     assert all(0 <= r["slowest_rank"] < 4 and r["step_time_max_s"] >= r["step_time_min_s"] for r in rows)
     # validation runs the stages forward only; same held-out loss as one process
     assert rows[-1]["val_loss"] == pytest.approx(ref_rows[1]["val_loss"], rel=1e-5)
+    # to-hf straight from the pp=2 x tp=2 checkpoint
+    check_hf_export(out, tmp_path / "hf", ref=tmp_path / "single" / "checkpoints" / "step_00000002")
     for name, nproc, extra in [("pp1", 1, ()), ("pp4", 4, ("parallel.pp=4",))]:
         resumed = tmp_path / name
         resumed.mkdir()
