@@ -11,11 +11,12 @@ from megaqwen.train.config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear weights, embeddings); never biases or norm weights (1-D tensors)."""
+    """Decay matrices (linear weights, embeddings); never biases or norm weights (1-D tensors;
+    ZeRO-3's partitioned parameters are judged by their full `ds_shape`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from megaqwen.train import checkpoint as ckpt
-from megaqwen.train import resume
 from megaqwen.train.errors import UsageError
 from megaqwen.train.loop import train
 from megaqwen.train.metrics import MetricsLogger
@@ -75,22 +74,6 @@ def test_new_data_stage_needs_only_data_path_allowed(tmp_path, shard, make_confi
     summary = train(make_config(tmp_path / "run", str(stage2), "train.steps=4",
                                 "train.allow_changes=[data.path]"))
     assert summary["start_step"] == 2 and summary["last_step"] == 4
-
-
-def test_engine_mismatch_is_one_sentence(tmp_path):
-    step = tmp_path / "step_00000004"
-    (step / "deepspeed").mkdir(parents=True)
-    meta = {"format": ckpt.FORMAT, "step": 4, "consumed_samples": 16}
-    with pytest.raises(UsageError) as e:
-        resume.compare(step, meta, {resume.ENGINE_KEY: "native"}, allowed=[])
-    msg = str(e.value)
-    assert "\n" not in msg and "DeepSpeed engine" in msg and "train.engine=deepspeed" in msg
-    (step / "deepspeed").rmdir()
-    (step / ".metadata").write_bytes(b"")
-    with pytest.raises(UsageError, match="native engine .* train.init_from="):
-        resume.compare(step, meta, {resume.ENGINE_KEY: "deepspeed"}, allowed=[resume.ENGINE_KEY])
-    with pytest.raises(UsageError, match="cannot change on resume"):
-        resume.check_allow_changes([resume.ENGINE_KEY], [resume.ENGINE_KEY])
 
 
 def test_resume_false_on_a_folder_with_checkpoints_is_refused(tmp_path, shard, make_config):
