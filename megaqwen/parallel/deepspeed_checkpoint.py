@@ -119,66 +119,54 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def deepspeed_state(engine, shards: ShardMap | None, with_optim: bool = True) -> dict[str, Any]:
-    """Collective over the dp group: {"model": ..., "optim": ...} in the native engine's keys, with
-    the full TP-local fp32 values (for `dcp.save`)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    entries = _entries(engine)
-    if with_optim:
-        _init_state(engine, entries)
-    wrap = _tp_wrap(shards)
-    model_sd: dict[str, Any] = {}
-    optim_sd: dict[str, Any] = {}
-    inner = _zero(engine).optimizer
-    keys = _moment_keys(engine, entries) if with_optim else []
-    for e in entries:
-        model_sd[e.fqn] = wrap(e.fqn, safe_get_full_fp32_param(e.param).float().reshape(e.shape))
-        if not with_optim:
-            continue
-        for k in keys:
-            v = safe_get_full_optimizer_state(e.param, k).float().reshape(e.shape)
-            optim_sd[f"state.{e.fqn}.{k}"] = wrap(e.fqn, v)
-        optim_sd[f"state.{e.fqn}.{STEP}"] = inner.state[e.flat][STEP].detach().clone()
-        group = inner.param_groups[e.group]
-        for k, v in group.items():
-            if k != "params":
-                optim_sd[f"param_groups.{e.fqn}.{k}"] = v
-    state: dict[str, Any] = {"model": model_sd}
-    if with_optim:
-        state["optim"] = optim_sd
-    return state
-
-
-def _buffers(engine, shards: ShardMap | None, with_optim: bool,
-             saved_keys: set[str] | None) -> dict[str, Any]:
-    """Empty fp32 tensors of the right (full TP-local) shapes for `dcp.load` to fill, under the keys
-    `deepspeed_state` writes; only the hyper-parameters the checkpoint holds are asked for."""
+def _state(engine, shards: ShardMap | None, with_optim: bool, full, keep) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} in the native engine's keys. `full(entry, name)`: the full
+    TP-local fp32 tensor of the weight (name None) or a moment; `keep(key, name)`: whether the
+    hyper-parameter `name` goes in under `key`."""
     entries = _entries(engine)
     if with_optim:
         _init_state(engine, entries)
     wrap = _tp_wrap(shards)
     inner = _zero(engine).optimizer
-    keys = _moment_keys(engine, entries) if with_optim else []
-    device = entries[0].flat.device
+    moments = _moment_keys(engine, entries) if with_optim else []
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     for e in entries:
-        model_sd[e.fqn] = wrap(e.fqn, torch.empty(e.shape, dtype=torch.float32, device=device))
+        model_sd[e.fqn] = wrap(e.fqn, full(e, None))
         if not with_optim:
             continue
-        for k in keys:
-            optim_sd[f"state.{e.fqn}.{k}"] = wrap(e.fqn, torch.empty(e.shape, dtype=torch.float32,
-                                                                       device=device))
+        for k in moments:
+            optim_sd[f"state.{e.fqn}.{k}"] = wrap(e.fqn, full(e, k))
         optim_sd[f"state.{e.fqn}.{STEP}"] = inner.state[e.flat][STEP].detach().clone()
         for k, v in inner.param_groups[e.group].items():
             key = f"param_groups.{e.fqn}.{k}"
-            if k in HYPER and (saved_keys is None or f"optim.{key}" in saved_keys):
+            if keep(key, k):
                 optim_sd[key] = v
-    state: dict[str, Any] = {"model": model_sd}
-    if with_optim:
-        state["optim"] = optim_sd
-    return state
+    return {"model": model_sd, "optim": optim_sd} if with_optim else {"model": model_sd}
+
+
+def deepspeed_state(engine, shards: ShardMap | None, with_optim: bool = True) -> dict[str, Any]:
+    """Collective over the dp group: the engine's values for `dcp.save`, in the native keys."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    def full(e: _Entry, name: str | None) -> torch.Tensor:
+        if name is None:
+            return safe_get_full_fp32_param(e.param).float().reshape(e.shape)
+        return safe_get_full_optimizer_state(e.param, name).float().reshape(e.shape)
+
+    return _state(engine, shards, with_optim, full, lambda key, name: name != "params")
+
+
+def _buffers(engine, shards: ShardMap | None, with_optim: bool, saved_keys: set[str]) -> dict[str, Any]:
+    """Empty fp32 tensors of the full TP-local shapes for `dcp.load` to fill, under the keys
+    `deepspeed_state` writes; of the hyper-parameters, those in HYPER that the checkpoint holds."""
+    device = _entries(engine)[0].flat.device
+
+    def full(e: _Entry, name: str | None) -> torch.Tensor:
+        return torch.empty(e.shape, dtype=torch.float32, device=device)
+
+    return _state(engine, shards, with_optim, full,
+                  lambda key, name: name in HYPER and f"optim.{key}" in saved_keys)
 
 
 def _saved_keys(path: str) -> set[str]:
