@@ -111,8 +111,9 @@ def convert_command(ckpt: Path, meta: dict[str, Any]) -> str:
 def legacy_deepspeed(ckpt: Path, meta: dict[str, Any], why: str) -> str:
     return (f"{ckpt} is in DeepSpeed's own checkpoint format (written by train.engine=deepspeed before "
             f"both engines wrote torch.distributed.checkpoint), which {why}: convert it with "
-            f"`{convert_command(ckpt, meta)}` and resume that folder, or resume with train.engine="
-            "deepspeed and the checkpoint's parallel settings")
+            f"`{convert_command(ckpt, meta)}`, then resume train.out_dir=NEW_RUN_FOLDER with "
+            "train.allow_changes=[train.engine,parallel]; or resume with train.engine=deepspeed and the "
+            "checkpoint's parallel settings")
 
 
 def compare(ckpt: Path, meta: dict[str, Any], current: dict[str, Any],
