@@ -173,18 +173,25 @@ def _is_deepspeed(model: nn.Module) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
 
 
+def save_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               shards: ShardMap | None) -> dict[str, Any]:
+    """Collective: the dict `save` writes (also for `dcp.async_save`). The native engine's shares
+    memory with the model; a DeepSpeed engine's is a fresh full TP-local fp32 copy of its ZeRO
+    partitions (`deepspeed_checkpoint`), under the same keys."""
+    if _is_deepspeed(model):
+        from megaqwen.parallel.deepspeed_checkpoint import deepspeed_state
+
+        return deepspeed_state(model, shards, with_optim=optimizer is not None)
+    return sharded_state(model, optimizer, shards)
+
+
 def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          shards: ShardMap | None) -> None:
     """Collective: write this layout's model/optimizer state into folder `path` as DCP; a DeepSpeed
-    engine writes the same keys (`deepspeed_checkpoint`), so either engine resumes it."""
+    engine writes the same keys, so either engine resumes it."""
     import torch.distributed.checkpoint as dcp
 
-    if _is_deepspeed(model):
-        from megaqwen.parallel.deepspeed_checkpoint import save_deepspeed
-
-        save_deepspeed(path, model, shards)
-        return
-    dcp.save(sharded_state(model, optimizer, shards), checkpoint_id=path)
+    dcp.save(save_state(model, optimizer, shards), checkpoint_id=path)
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -212,13 +212,6 @@ def _update_module_weights(opt) -> None:
         opt.update_lp_params()
 
 
-def save_deepspeed(path: str, engine, shards: ShardMap | None) -> None:
-    """Collective: write the engine's weights and AdamW state as a DCP checkpoint in `path`."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(deepspeed_state(engine, shards), checkpoint_id=path)
-
-
 def load_deepspeed(path: str, engine, shards: ShardMap | None, with_optim: bool = True) -> None:
     """Collective: load a DCP checkpoint written by either engine under any layout into the
     engine's ZeRO partitions (weights only without `with_optim`)."""
