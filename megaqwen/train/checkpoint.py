@@ -145,9 +145,9 @@ class Checkpointer:
     end of the run wait for the save in flight first (`wait`). Engines whose state only they can
     describe (DeepSpeed) save synchronously.
 
-    Metrics: `checkpoint_blocking_s`, the time training stood still for the save (copy, plus any
-    wait for the previous save), at the step that saved; `checkpoint_save_s`, start to commit, and
-    `checkpoint_step`, at the step the commit is seen.
+    Metrics (returned; the trainer puts them on its next row): `checkpoint_blocking_s`, the time
+    training stood still for the save (copy, plus any wait for the previous save), from `save`;
+    `checkpoint_save_s`, start to commit, and `checkpoint_step`, from the call that commits.
     """
 
     def __init__(self, ckpt_root: str | Path, async_save: bool = False, keep_last: int = 0,

@@ -522,6 +522,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption): save, then exit cleanly
     health = LossHealth(t.spike_factor)
     saver = ckpt.Checkpointer(ckpt_root, t.async_save, keep_last=t.keep_last, keep_every=t.keep_every)
+    saved: dict[str, float] = {}
     try:
         for step in range(start_step, t.steps):
             profiler.before_step(step + 1)
@@ -557,21 +558,24 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             if validator is not None and validator.due(step + 1):
                 with phase("validation"):
                     metrics.update(validator.run(model, step + 1))
+            metrics.update(saved)  # the checkpoint metrics of earlier steps' saves
+            # the row before the save: a checkpoint of step N always has its row (a crash between
+            # the two loses no record); this save's metrics ride on the next row
+            logger.log(step + 1, metrics)
+            run.heartbeat()
             done = step + 1
             with phase("stop-signal agreement"):
                 signalled = stop.agreed()  # collective: every rank stops at the same step
             exiting = done == t.exit_at_step or signalled is not None
-            metrics.update(saver.poll())  # commits a background save whose write is done
+            saved = saver.poll()  # commits a background save whose write is done
             if (t.save_every and done % t.save_every == 0) or done == t.steps or exiting:
                 with phase("checkpoint save"):
-                    metrics.update(saver.save(
+                    saved.update(saver.save(
                         done, model, optimizer,
                         {"consumed_samples": batches.consumed_samples, "model_config": asdict(cfg.model),
                          "config": config_dict, "resume": run.contract}, shards=shards))
                     if done == t.steps or exiting:  # the run ends here: this checkpoint must be complete
-                        metrics.update(saver.wait())
-            logger.log(step + 1, metrics)
-            run.heartbeat()
+                        saved.update(saver.wait())
             if exiting:
                 why = f"{signalled} received" if signalled else f"train.exit_at_step={done} reached"
                 log.info("%s: checkpoint saved at step %d, stopping (rerun the command to resume)", why, done)

@@ -26,8 +26,10 @@ WHEN = {
     "pp": "every step under pipeline parallelism (parallel.pp > 1)",
     "blend": "every step when data.path is a blend of several shards",
     "eval": "every train.eval_every steps and at the last step",
-    "checkpoint": "at a step that saves a checkpoint (train.async_save: checkpoint_save_s, checkpoint_step "
-                  "at the step the background save is seen committed)",
+    "checkpoint": "on the row after a step that saved a checkpoint (the row is written before the save, "
+                  "so a checkpointed step always has its row); train.async_save: checkpoint_save_s and "
+                  "checkpoint_step on the row after the background write is seen committed. A run's last "
+                  "save is reported in the log only",
     "spike": "at a step whose loss is a spike (train.spike_factor > 0)",
     "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
 }
@@ -146,9 +148,9 @@ METRICS: tuple[Metric, ...] = (
     _m("rolled_back_to", "step", "checkpoint step whose weights and optimizer state were reloaded",
        "rollback", "reliability", "rollbacks"),
     _m("checkpoint_blocking_s", "s", "time training stood still for the checkpoint save (the copy, plus any "
-       "wait for the previous save), at the step that saved", "checkpoint", "reliability", "checkpoint time"),
-    _m("checkpoint_save_s", "s", "checkpoint save from start to commit on storage (train.async_save: "
-       "logged at the step the commit is seen)", "checkpoint", "reliability", "checkpoint time"),
+       "wait for the previous save)", "checkpoint", "reliability", "checkpoint time"),
+    _m("checkpoint_save_s", "s", "checkpoint save from start to commit on storage", "checkpoint",
+       "reliability", "checkpoint time"),
     _m("checkpoint_step", "step", "step of the checkpoint whose save just committed", "checkpoint",
        "reliability", "checkpoint step"),
     _m("step_time_max_s", "s", "slowest rank's step time", "multi-rank", "reliability",

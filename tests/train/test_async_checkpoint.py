@@ -99,10 +99,11 @@ def test_trainer_async_save_equals_sync(tmp_path, shard, make_config):
         train(make_config(out, shard, f"train.async_save={mode}", "train.save_every=2"))
         rows[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows["true"]] == [r["loss"] for r in rows["false"]]
+    # each save's metrics ride on the row after it (the last save's are in the log only)
     saves = [r for r in rows["true"] if "checkpoint_blocking_s" in r]
-    assert [r["step"] for r in saves] == [2, 4, 6]
-    commits = [r["checkpoint_step"] for r in rows["true"] if "checkpoint_step" in r]
-    assert commits[-1] == 6 and set(commits) <= {2, 4, 6}  # each commit seen at a later step or the end
+    assert [r["step"] for r in saves] == [3, 5]
+    commits = [(r["step"], r["checkpoint_step"]) for r in rows["true"] if "checkpoint_step" in r]
+    assert commits and all(seen > step and step in (2, 4) for seen, step in commits)
     assert ckpt.latest_checkpoint(tmp_path / "true" / "checkpoints").name == "step_00000006"
     a, b = (ckpt.latest_checkpoint(tmp_path / m / "checkpoints") for m in ("false", "true"))
     assert ckpt.read_meta(a)["consumed_samples"] == ckpt.read_meta(b)["consumed_samples"]
