@@ -86,13 +86,15 @@ def test_sigkill_during_async_save_resumes_bit_identical(tmp_path, shard):
     out = tmp_path / "killed"
     proc = _launch(out, shard, trainer=driver, start_new_session=True)
     try:
+        partial = out / "checkpoints" / f"{STALL}.partial"
         deadline = time.time() + 600
-        while len(_rows(out)) < 5 and time.time() < deadline:  # step 5 logged: the step-4 write is in flight
+        # step 5 logged and the step-4 folder begun: that write is in flight, stalled
+        while (len(_rows(out)) < 5 or not partial.is_dir()) and time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read()[-4000:]
             time.sleep(0.2)
         assert len(_rows(out)) >= 5
         # training went on while step 4's checkpoint was being written
-        assert (out / "checkpoints" / f"{STALL}.partial").is_dir()
+        assert partial.is_dir()
         assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_00000002"
     finally:
         for pid in [*_descendants(proc.pid), proc.pid]:  # every rank, whatever session torchrun gave it
