@@ -69,11 +69,10 @@ def from_deepspeed(src: str | Path, out: str | Path) -> Path:
 def _convert(cfg, step: Path, meta: dict[str, Any], out_root: Path) -> Path:
     import torch
 
-    from megaqwen.kernels.registry import adamw_factory, resolve_ops
+    from megaqwen.kernels.registry import resolve_ops
     from megaqwen.parallel import setup as par
     from megaqwen.parallel.checkpoint import _load_legacy_deepspeed
-    from megaqwen.train.loop import build_model_for_run, use_bf16
-    from megaqwen.train.optim import build_optimizer, param_groups
+    from megaqwen.train.loop import build_engine, build_model_for_run
 
     t = cfg.train
     env = par.init_distributed(cfg.parallel, t.device)
@@ -84,14 +83,7 @@ def _convert(cfg, step: Path, meta: dict[str, Any], out_root: Path) -> Path:
         ops = resolve_ops(cfg.kernels, device=env.device.type)
         model, shards = build_model_for_run(cfg, env, ops, resuming=True)
         # as in train.loop.train: the same engine, so DeepSpeed's files fit it
-        model, optimizer = par.build_optimizer_or_engine(
-            model, cfg.parallel, env, t.engine,
-            native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
-            param_groups=lambda m: param_groups(m, t.weight_decay),
-            adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
-            micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
-            shards=shards, bf16=use_bf16(t.dtype, env.device),
-            optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
+        model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=True)
         _load_legacy_deepspeed(str(step), model, with_optim=True)
         extra = {k: v for k, v in meta.items() if k not in ("format", "step")}
         return ckpt.save_checkpoint(out_root, int(meta["step"]), model, optimizer, extra, shards=shards)

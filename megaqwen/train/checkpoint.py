@@ -139,11 +139,11 @@ class Checkpointer:
     A background save copies this rank's state to CPU memory (DCP's stager: one extra copy of the
     rank's weights and optimizer state in host memory while it is written) and returns; the shards
     are written by a thread that talks over a gloo process group of its own, so its collectives
-    never interleave with the training step's. DCP's coordinator (rank 0) finishes a save only
+    never interleave with the training step's (either engine: DeepSpeed's state is gathered into
+    fresh tensors first). DCP's coordinator (rank 0) finishes a save only
     after every rank's write has been gathered, so when rank 0's future is done the whole
     checkpoint is on disk and rank 0 commits it, at the next `poll`. A new save, a rollback and the
-    end of the run wait for the save in flight first (`wait`). Engines whose state only they can
-    describe (DeepSpeed) save synchronously.
+    end of the run wait for the save in flight first (`wait`).
 
     Metrics (returned; the trainer puts them on its next row): `checkpoint_blocking_s`, the time
     training stood still for the save (copy, plus any wait for the previous save), from `save`;
@@ -164,7 +164,7 @@ class Checkpointer:
         """Collective. Returns the metrics of this save (and of the one it waited for)."""
         t0 = time.perf_counter()
         out = self.wait()
-        if not self.async_save or parallel_ckpt._is_deepspeed(model):
+        if not self.async_save:
             save_checkpoint(self.root, step, model, optimizer, meta, self.keep_last, shards, self.keep_every)
             took = time.perf_counter() - t0
             return {**out, "checkpoint_blocking_s": took, "checkpoint_save_s": took,
@@ -175,7 +175,7 @@ class Checkpointer:
             for stale in self.root.glob("step_*.partial"):  # a crashed save's: nothing is in flight now
                 shutil.rmtree(stale)
         _barrier()
-        state = parallel_ckpt.sharded_state(model, optimizer, shards)
+        state = parallel_ckpt.save_state(model, optimizer, shards)
         future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group)
         blocking = time.perf_counter() - t0
         self._pending = _InFlight(step, meta, future, t0, blocking)

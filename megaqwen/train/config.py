@@ -75,7 +75,7 @@ class TrainConfig:
     async_save: bool = False
     """Write checkpoints in the background (DCP async_save): training waits only for a copy of the
     state to host memory; the checkpoint becomes `latest` once every rank's write is done.
-    Costs one extra host copy of this rank's weights and optimizer state. Native engine."""
+    Costs one extra host copy of this rank's weights and optimizer state."""
     resume: bool = True
     """Resume from the latest checkpoint in out_dir when there is one."""
     init_from: str | None = None

@@ -415,10 +415,7 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan
     if t.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
         from megaqwen.parallel.deepspeed_engine import materialize_zero3
 
-        if source is not None and source[0] == "native":
-            raise ValueError(f"train.init_from={t.init_from} is a native checkpoint; DeepSpeed ZeRO-3 "
-                             "builds partitioned and reads HF folders only: export it first with "
-                             "`megaqwen-convert to-hf` and point train.init_from at the export")
+        # a native checkpoint is read into the engine's partitions once it exists (`build_engine`)
         materialize_zero3(model, spec.layers(model), env.mesh, par._deepspeed_config(cfg.parallel),
                           env.device, filler)
     else:
@@ -427,9 +424,38 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan
             from megaqwen.parallel.checkpoint import load_model
 
             load_model(str(source[1]), model, shards)
-    if source is not None:
+    if source is not None and not _zero3_native_init(cfg, source):
         log.info("initialised weights from %s (this rank's slices only)", t.init_from)
     return model, shards
+
+
+def _zero3_native_init(cfg: Config, source: tuple[str, Path] | None) -> bool:
+    """DeepSpeed ZeRO-3 starting from a native checkpoint: read after the engine is built."""
+    return (source is not None and source[0] == "native" and cfg.train.engine == "deepspeed"
+            and cfg.parallel.zero_stage == 3)
+
+
+def build_engine(cfg: Config, env: par.DistEnv, model, shards: ShardMap | None, accum_steps: int,
+                 resuming: bool = False):
+    """The optimizer (native) or the DeepSpeed engine around `model`: (model or engine, optimizer).
+    ZeRO-3 started from a native checkpoint (`train.init_from`) reads it into its partitions here."""
+    t = cfg.train
+    model, optimizer = par.build_optimizer_or_engine(
+        model, cfg.parallel, env, t.engine,
+        native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
+        param_groups=lambda m: param_groups(m, t.weight_decay),
+        adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
+        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
+        shards=shards, bf16=use_bf16(t.dtype, env.device),
+        optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
+    if t.init_from and not resuming:
+        source = initial_source(t.init_from, cfg, get_spec(cfg.model))
+        if _zero3_native_init(cfg, source):
+            from megaqwen.parallel.checkpoint import load_model
+
+            load_model(str(source[1]), model, shards)  # fp32 partitions and the module's weights
+            log.info("initialised weights from %s (this rank's ZeRO-3 partitions only)", t.init_from)
+    return model, optimizer
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -481,14 +507,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                  100 * plan.bubble_fraction())
     if t.engine == "native":
         model = par.wrap_data_parallel(model, cfg.parallel, env, shards)  # DDP; FSDP2 was applied on meta
-    model, optimizer = par.build_optimizer_or_engine(
-        model, cfg.parallel, env, t.engine,
-        native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
-        param_groups=lambda m: param_groups(m, t.weight_decay),
-        adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
-        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
-        shards=shards, bf16=use_bf16(t.dtype, env.device),
-        optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
+    model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=latest is not None)
     # ZeRO-3 parameters keep their partition in `ds_tensor`
     n_params = sum(getattr(p, "ds_tensor", local_tensor(p)).numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,

@@ -116,3 +116,19 @@ def test_native_to_deepspeed_zero3(saved, tmp_path, shard):  # noqa: F811
                           nproc=2)
     assert loss == pytest.approx(saved[1][2], rel=1e-6)
     assert_same_checkpoint(state, saved[2], rel=1e-5)
+
+
+def test_deepspeed_zero3_starts_from_a_native_checkpoint(saved, tmp_path, shard):  # noqa: F811
+    """train.init_from a native (tp=2 x pp=2) checkpoint under ZeRO-3: the weights are read into the
+    engine's partitions after it is built, and the new run trains like one process started from the
+    same weights."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'megaqwen[deepspeed]')")
+    init = (f"train.init_from={saved[0] / 'checkpoints' / 'step_00000002'}", "model.num_layers=4",
+            "train.steps=2", "train.save_every=0")
+    ref = single_process(tmp_path / "one", shard, *init)
+    run = launch(tmp_path / "z3", shard, *init, "train.engine=deepspeed", "parallel.zero_stage=3")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "this rank's ZeRO-3 partitions only" in run.stdout + run.stderr
+    got = losses(tmp_path / "z3")
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)  # the same weights, partitioned
+    assert got[1] == pytest.approx(ref[1], rel=1e-5)  # and a fresh optimizer's first update

@@ -115,7 +115,8 @@ def test_torchrun_deepspeed_zero2_tp2(tmp_path, shard):
     pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'megaqwen[deepspeed]')")
     ref = single_process(tmp_path / "single", shard)
     out = tmp_path / "ds"
-    args = ("train.engine=deepspeed", "parallel.zero_stage=2", "parallel.tp=2")
+    # asynchronous saves: DeepSpeed's partitions gathered into fresh tensors, written in the background
+    args = ("train.engine=deepspeed", "parallel.zero_stage=2", "parallel.tp=2", "train.async_save=true")
     first = launch(out, shard, *args, "train.exit_at_step=2")
     assert first.returncode == 0, first.stderr[-4000:]
     second = launch(out, shard, *args)
