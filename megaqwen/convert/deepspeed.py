@@ -72,7 +72,7 @@ def _convert(cfg, step: Path, meta: dict[str, Any], out_root: Path) -> Path:
     from megaqwen.kernels.registry import resolve_ops
     from megaqwen.parallel import setup as par
     from megaqwen.parallel.checkpoint import _load_legacy_deepspeed
-    from megaqwen.train.loop import build_engine, build_model_for_run
+    from megaqwen.train.build import build_engine, build_model_for_run
 
     t = cfg.train
     env = par.init_distributed(cfg.parallel, t.device)

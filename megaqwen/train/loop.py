@@ -1,4 +1,5 @@
-"""The training loop: build model, optimizer and data; resume; step; log; checkpoint.
+"""The training loop: data, resume, step, log, checkpoint (building: `train.build`; pre-emption,
+non-finite steps and stragglers: `train.reliability`).
 
 One code path for one process and for torchrun: `megaqwen.parallel` plugs the process mesh, model
 sharding and data-parallel wrappers (or the DeepSpeed engine) in through its `DistEnv` (rank, dp
@@ -20,29 +21,24 @@ import torch
 from megaqwen.data.mix_metrics import MixMeter
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX, LossParts
-from megaqwen.kernels.registry import adamw_factory, resolve_ops
-from megaqwen.models.spec import get_spec
+from megaqwen.kernels.registry import resolve_ops
 from megaqwen.parallel import setup as par
 from megaqwen.parallel.data_parallel import unwrap
 from megaqwen.parallel.grad_norm import clip_grad_norm_
-from megaqwen.parallel.materialize import hf_filler, init_filler, materialize
 from megaqwen.parallel.metrics import local_peak_memory_gib
 from megaqwen.parallel.shards import ShardMap, local_tensor
 from megaqwen.parallel.watchdog import CollectiveWatch, begin_step, phase
 from megaqwen.train import checkpoint as ckpt
+from megaqwen.train.build import build_engine, build_model_for_run, use_bf16
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger
-from megaqwen.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from megaqwen.train.optim import lr_at, set_lr
 from megaqwen.train.profiling import StepProfiler
+from megaqwen.train.reliability import LossHealth, StopSignal, rollback, straggler_metrics
 from megaqwen.train.run_folder import RunFolder
 from megaqwen.train.validation import build_validator, training_documents
 
 log = logging.getLogger(__name__)
-
-
-def use_bf16(dtype: str, device: torch.device) -> bool:
-    """`train.dtype`: bf16, or auto on a bf16-capable GPU."""
-    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
 def autocast_ctx(dtype: str, device: torch.device):
@@ -262,104 +258,6 @@ def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
     return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
 
 
-def straggler_metrics(step_time_s: float, env: par.DistEnv) -> dict[str, float]:
-    """Collective: every rank's step time; the slowest rank and the spread (max / min - 1). A rank
-    that is persistently slowest points at a bad GPU, NIC or host."""
-    dist = torch.distributed
-    if not (dist.is_initialized() and env.world_size > 1):
-        return {}
-    t = torch.tensor([step_time_s], dtype=torch.float64, device=env.device)
-    times = [torch.zeros_like(t) for _ in range(env.world_size)]
-    dist.all_gather(times, t)
-    vals = [float(x) for x in times]
-    slow = max(range(len(vals)), key=vals.__getitem__)
-    return {"step_time_max_s": vals[slow], "step_time_min_s": min(vals), "slowest_rank": float(slow),
-            "step_time_spread": vals[slow] / max(min(vals), 1e-9) - 1.0}
-
-
-class LossHealth:
-    """Counts steps whose update was dropped (non-finite gradients) and flags loss spikes: a loss
-    above `spike_factor` times the mean of the previous (up to) 20 finite losses."""
-
-    def __init__(self, spike_factor: float, window: int = 20):
-        from collections import deque
-
-        self.spike_factor, self.recent, self.skipped = spike_factor, deque(maxlen=window), 0
-
-    def bad_step(self, step: int, policy: str) -> dict[str, float]:
-        self.skipped += 1
-        log.warning("step %d: non-finite gradients, update dropped (train.on_nonfinite=%s; %d so far)",
-                    step, policy, self.skipped)
-        return {"skipped_steps": float(self.skipped)}
-
-    def good_step(self, step: int, loss: float) -> dict[str, float]:
-        out = {"skipped_steps": float(self.skipped)}
-        if self.spike_factor and len(self.recent) >= 5:
-            mean = sum(self.recent) / len(self.recent)
-            if loss > self.spike_factor * mean:
-                log.warning("step %d: loss spike %.4f (> %.1f x the recent mean %.4f)", step, loss,
-                            self.spike_factor, mean)
-                out["loss_spike"] = 1.0
-        self.recent.append(loss)
-        return out
-
-
-def _rollback(ckpt_root: Path, model, optimizer, shards, step: int) -> float:
-    """Reload weights and optimizer state from the latest checkpoint (collective); the data stream
-    and the step counter go on, so the batches that led to the bad step are not replayed."""
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if latest is None:
-        raise FloatingPointError(f"non-finite gradients at step {step} and no checkpoint to roll back to "
-                                 f"in {ckpt_root} (train.on_nonfinite=rollback needs train.save_every)")
-    with phase("rollback: checkpoint load", step):
-        meta = ckpt.load_checkpoint(latest, model, optimizer, shards=shards)
-    log.warning("step %d: rolled back weights and optimizer state to %s (step %d)", step, latest,
-                meta["step"])
-    return float(meta["step"])
-
-
-class StopSignal:
-    """SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or a time limit) set a flag instead
-    of killing the process; the loop checks it after every step, saves a checkpoint and returns, so
-    the job exits 0 and a requeued rerun resumes. All ranks agree (an all-reduce of the flag), so
-    they stop at the same step even when only some received the signal."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self, device: torch.device):
-        import signal
-        import threading
-
-        self.device, self.received, self._old = device, None, {}
-        if threading.current_thread() is not threading.main_thread():
-            return  # handlers can only be installed from the main thread
-        for name in self.SIGNALS:
-            sig = getattr(signal, name)
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
-
-    def agreed(self) -> str | None:
-        """The signal's name if any rank received one (collective when distributed)."""
-        dist = torch.distributed
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([0 if self.received is None else 1 + self.SIGNALS.index(self.received)],
-                                device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return self.SIGNALS[int(flag) - 1] if int(flag) else None
-        return self.received
-
-    def close(self) -> None:
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
     """Collective over the pp group: the schedule's theoretical bubble, the measured one (1 - time in
     stage compute / step time, mean over pp ranks) and each stage rank's peak memory."""
@@ -370,92 +268,6 @@ def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str
     for r, peak in enumerate(pipe.stage_peaks(local_peak_memory_gib(device))):
         out[f"pp_rank{r}_peak_mem_gib"] = peak
     return out
-
-
-def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
-    """`train.init_from` -> ("hf" | "native", folder), after checking that the source's model
-    config matches the run's (HF folder: config.json + safetensors; native: a checkpoint)."""
-    src = Path(path)
-    if (src / "config.json").exists():
-        import json
-
-        hf_config = json.loads((src / "config.json").read_text())
-        kind, src_cfg = "hf", spec.hf.config_from_hf(hf_config, name=src.name)
-    else:
-        src = ckpt.resolve_checkpoint(src)
-        kind, src_cfg = "native", type(cfg.model).from_dict(ckpt.read_meta(src)["model_config"])
-    # training-only settings may differ from the source's: they shape the run, not the weights
-    free = ("name", "init_std", "router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor",
-            "moe_routing_bias_update_rate")
-    mismatched = {k: (getattr(src_cfg, k), getattr(cfg.model, k)) for k in src_cfg.to_dict()
-                  if k not in free and getattr(src_cfg, k) != getattr(cfg.model, k)}
-    if mismatched:
-        raise ValueError(f"train.init_from={path}: model config differs (checkpoint, run): {mismatched}")
-    return kind, src
-
-
-def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan=None):
-    """The run's model as this rank holds it: built on meta, planned (TP/SP, recompute, compile,
-    FSDP2), then only the local pieces allocated and filled - from `train.init_from` (HF slices or
-    native DCP pieces), from train.seed, or left for the resumed checkpoint. DeepSpeed ZeRO-3
-    materialises block by block inside its own partitioned construction. Returns (model, shards)."""
-    t = cfg.train
-    spec = get_spec(cfg.model)
-    source = initial_source(t.init_from, cfg, spec) if t.init_from and not resuming else None
-    model = spec.build(cfg.model, ops, device="meta")
-    mp_dtype = torch.bfloat16 if use_bf16(t.dtype, env.device) else None
-    shards = par.parallelize(model, spec, cfg.parallel, env, fsdp=t.engine == "native",
-                             mp_param_dtype=mp_dtype, plan=plan)
-    if source is not None and source[0] == "hf":
-        filler = hf_filler(model, shards, source[1], spec.hf.hf_key, spec.hf.optional_hf_keys(cfg.model))
-    elif resuming or source is not None:  # the checkpoint's values overwrite these right after
-        filler = lambda fqn, p: None  # noqa: E731  (allocate only)
-    else:
-        filler = init_filler(model, shards, seed=t.seed)
-    if t.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-        from megaqwen.parallel.deepspeed_engine import materialize_zero3
-
-        # a native checkpoint is read into the engine's partitions once it exists (`build_engine`)
-        materialize_zero3(model, spec.layers(model), env.mesh, par._deepspeed_config(cfg.parallel),
-                          env.device, filler)
-    else:
-        materialize(model, shards, env.device, filler=filler)
-        if source is not None and source[0] == "native":
-            from megaqwen.parallel.checkpoint import load_model
-
-            load_model(str(source[1]), model, shards)
-    if source is not None and not _zero3_native_init(cfg, source):
-        log.info("initialised weights from %s (this rank's slices only)", t.init_from)
-    return model, shards
-
-
-def _zero3_native_init(cfg: Config, source: tuple[str, Path] | None) -> bool:
-    """DeepSpeed ZeRO-3 starting from a native checkpoint: read after the engine is built."""
-    return (source is not None and source[0] == "native" and cfg.train.engine == "deepspeed"
-            and cfg.parallel.zero_stage == 3)
-
-
-def build_engine(cfg: Config, env: par.DistEnv, model, shards: ShardMap | None, accum_steps: int,
-                 resuming: bool = False):
-    """The optimizer (native) or the DeepSpeed engine around `model`: (model or engine, optimizer).
-    ZeRO-3 started from a native checkpoint (`train.init_from`) reads it into its partitions here."""
-    t = cfg.train
-    model, optimizer = par.build_optimizer_or_engine(
-        model, cfg.parallel, env, t.engine,
-        native=lambda m: build_optimizer(m, t, impl=cfg.kernels.adam, device=env.device.type),
-        param_groups=lambda m: param_groups(m, t.weight_decay),
-        adamw=dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
-        micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
-        shards=shards, bf16=use_bf16(t.dtype, env.device),
-        optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
-    if t.init_from and not resuming:
-        source = initial_source(t.init_from, cfg, get_spec(cfg.model))
-        if _zero3_native_init(cfg, source):
-            from megaqwen.parallel.checkpoint import load_model
-
-            load_model(str(source[1]), model, shards)  # fp32 partitions and the module's weights
-            log.info("initialised weights from %s (this rank's ZeRO-3 partitions only)", t.init_from)
-    return model, optimizer
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -569,7 +381,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                 metrics.update(health.bad_step(step + 1, t.on_nonfinite))
                 if t.on_nonfinite == "rollback":
                     metrics.update(saver.wait())  # the latest checkpoint may be the one in flight
-                    metrics["rolled_back_to"] = _rollback(ckpt_root, model, optimizer, shards, step + 1)
+                    metrics["rolled_back_to"] = rollback(ckpt_root, model, optimizer, shards, step + 1)
             elif not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}")
             else:

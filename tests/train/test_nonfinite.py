@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from megaqwen.train.loop import LossHealth, train
+from megaqwen.train.loop import train
+from megaqwen.train.reliability import LossHealth
 
 
 def _rows(out):
