@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
+# helpers shared by several test folders (peak_probe.py) are plain modules beside this file
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(autouse=True)

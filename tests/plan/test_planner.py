@@ -3,11 +3,9 @@ total memory against a measured CPU peak, the search and the command line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch.distributed as dist
+from peak_probe import measure_peak
 
 from megaqwen.models.config import get_config
 from megaqwen.plan.cli import main, run
@@ -81,33 +79,6 @@ def test_param_counts_equal_the_meta_build():
         assert got == rank_param_count(m72, best, pp_rank=p, fsdp=False), (best, rank)
 
 
-PEAK = r"""
-import gc, resource, sys, torch
-torch.set_num_threads(1)
-from megaqwen.kernels.registry import resolve_ops
-from megaqwen.models import build_model
-from megaqwen.models.config import get_config
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-def hwm():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-kw = eval(sys.argv[1]); b, t = int(sys.argv[2]), int(sys.argv[3])
-cfg = get_config("debug", **kw)
-tokens = torch.randint(0, cfg.vocab_size, (b, t + 1))
-def step(model, opt, tokens):
-    parts = model(tokens[:, :-1], labels=tokens[:, 1:])
-    (parts.sum / parts.count).backward(); opt.step(); opt.zero_grad()
-# warm-up on a tiny model: the kernels' code pages and thread pools are resident from here on
-tiny = build_model(get_config("debug", vocab_size=64, num_layers=1), resolve_ops(device="cpu"), seed=0)
-step(tiny, torch.optim.AdamW(tiny.parameters()), tokens[:, :17] % 64)
-del tiny
-gc.collect(); open("/proc/self/clear_refs", "w").write("5"); base = rss()
-model = build_model(cfg, resolve_ops(device="cpu"), seed=0)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-for _ in range(2):
-    step(model, opt, tokens)
-print(hwm() - base)
-"""
 CPU_CASES = [  # (model overrides, micro-batch, seq): one state-heavy, one activation-heavy
     (dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=8, num_heads=8,
           num_kv_heads=2), 1, 512),
@@ -122,10 +93,7 @@ def test_total_memory_within_tolerance_of_measured_cpu_peak(kw, b, t):
     """fp32 on CPU, one process, two AdamW steps: the peak resident set above the process's own
     baseline (interpreter, torch and its allocator arenas measured before the model exists) against
     the planner's total for the trivial layout with 4-byte activations."""
-    res = subprocess.run([sys.executable, "-c", PEAK, repr(kw), str(b), str(t)], capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    peak = int(res.stdout.strip().splitlines()[-1])
+    peak = measure_peak(kw, b, t, warm_up=True)
     est = estimate_memory(get_config("debug", **kw), Layout(dp_mode="ddp", micro_batch=b), t, 1,
                           act_bytes=4).total
     assert abs(est / peak - 1) <= TOLERANCE, (kw, est, peak, est / peak)
