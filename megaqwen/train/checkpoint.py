@@ -93,25 +93,33 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
                     keep_last: int = 0, shards: ShardMap | None = None, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     ckpt_root = Path(ckpt_root)
-    final = step_dir(ckpt_root, step)
-    partial = final.with_name(final.name + ".partial")
-    if _rank() == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob("step_*.partial"):  # left by a crashed save (this step or another)
-            shutil.rmtree(stale)
-    _barrier()
+    partial = _begin(ckpt_root, step)
     parallel_ckpt.save(str(partial), model, optimizer, shards)  # TP shards / ZeRO-1 / DeepSpeed aware
     _barrier()
     if _rank() == 0:
         _commit(ckpt_root, step, meta, keep_last, keep_every)
     _barrier()
-    return final
+    return step_dir(ckpt_root, step)
+
+
+def _partial(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"{step_dir(ckpt_root, step).name}.partial"
+
+
+def _begin(ckpt_root: Path, step: int) -> Path:
+    """Collective, with no save in flight: rank 0 removes the `.partial` folders crashed saves left
+    (this step's or another's); returns the folder this save writes, step_N.partial."""
+    if _rank() == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob("step_*.partial"):
+            shutil.rmtree(stale)
+    _barrier()
+    return _partial(ckpt_root, step)
 
 
 def _commit(ckpt_root: Path, step: int, meta: dict[str, Any], keep_last: int, keep_every: int) -> Path:
     """Rank 0, once every rank's shards of step_N.partial are written: meta.json, rename, `latest`."""
-    final = step_dir(ckpt_root, step)
-    partial = final.with_name(final.name + ".partial")
+    final, partial = step_dir(ckpt_root, step), _partial(ckpt_root, step)
     (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -169,12 +177,7 @@ class Checkpointer:
             took = time.perf_counter() - t0
             return {**out, "checkpoint_blocking_s": took, "checkpoint_save_s": took,
                     "checkpoint_step": float(step)}
-        partial = step_dir(self.root, step).with_name(step_dir(self.root, step).name + ".partial")
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step_*.partial"):  # a crashed save's: nothing is in flight now
-                shutil.rmtree(stale)
-        _barrier()
+        partial = _begin(self.root, step)  # nothing is in flight now: any .partial is a crashed save's
         state = parallel_ckpt.save_state(model, optimizer, shards)
         future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group)
         blocking = time.perf_counter() - t0
