@@ -102,8 +102,8 @@ def build_engine(cfg: Config, env: par.DistEnv, model, shards: ShardMap | None, 
         micro_batch_size=t.micro_batch_size, accum_steps=accum_steps, grad_clip=t.grad_clip,
         shards=shards, bf16=use_bf16(t.dtype, env.device),
         optimizer_class=adamw_factory(cfg.kernels.adam, env.device.type))
-    if t.init_from and not resuming:
-        source = initial_source(t.init_from, cfg, get_spec(cfg.model))
+    if t.init_from and not resuming and t.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        source = initial_source(t.init_from, cfg, get_spec(cfg.model))  # read again only here
         if _zero3_native_init(cfg, source):
             from megaqwen.parallel.checkpoint import load_model
 
