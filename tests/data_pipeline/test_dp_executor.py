@@ -27,6 +27,10 @@ def task(out, kill, sleep, t):
     time.sleep(sleep)
     Path(out, f"{t}.out").write_text("done")
     return {"task": t, "pid": os.getpid()}
+
+
+def divide(t):
+    return {"v": 1 / (t - 1)}
 '''
 
 
@@ -76,13 +80,11 @@ def test_killed_worker_fails_its_task_by_name_and_the_run_resumes(tmp_path, help
     assert done_tasks(tmp_path / "run", "filter") == set(range(5))
 
 
-def test_a_raising_task_is_named_with_its_traceback(tmp_path):
+def test_a_raising_task_is_named_with_its_traceback(tmp_path, helpers):
+    # the task lives in an importable helper module: a spawned worker cannot import a test module
+    # (pytest's importlib mode gives it no importable name)
     with pytest.raises(TaskError, match=r"task 1 of stage 'x' \(task 1\) raised ZeroDivisionError"):
-        run_tasks("x", 3, _divide, tmp_path, workers=2, progress=False)
-
-
-def _divide(t: int) -> dict:
-    return {"v": 1 / (t - 1)}
+        run_tasks("x", 3, helpers.divide, tmp_path, workers=2, progress=False)
 
 
 PARENT = textwrap.dedent("""
