@@ -34,21 +34,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     cosine: linear warmup to lr, then half-cosine to min_lr at the last step.
     wsd:    linear warmup, constant lr, then a linear decay to min_lr over the last
             `decay_fraction` of the steps (MiniCPM's warmup-stable-decay).
+    constant: linear warmup, then lr to the end (no decay).
     The schedule runs over [train.schedule_start, train.steps): a context-extension stage that
-    continues a run restarts its warmup and decay from its first step.
+    continues a run restarts its warmup and decay from its first step. Both decaying schedules end
+    at exactly min_lr on the last step, however short the run: with warmup_steps >= steps - 1
+    there is no room for a decay, and the last step alone drops to min_lr (steps = warmup + 1 used
+    to end at peak lr).
     """
     start = getattr(cfg, "schedule_start", 0)
     if start:
         from dataclasses import replace
 
         return lr_at(step - start, replace(cfg, steps=cfg.steps - start, schedule_start=0))
+    last = cfg.steps - 1
+    if cfg.schedule in ("cosine", "wsd") and step >= last:
+        return cfg.min_lr
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    last = max(cfg.steps - 1, 1)
     if cfg.schedule == "cosine":
-        progress = min(max(step - cfg.warmup_steps, 0) / max(last - cfg.warmup_steps, 1), 1.0)
+        # here warmup_steps <= step < last: progress runs from 0 (peak) towards 1 (min_lr at `last`)
+        progress = (step - cfg.warmup_steps) / (last - cfg.warmup_steps)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
         decay_start = cfg.steps - max(int(round(cfg.decay_fraction * cfg.steps)), 1)
