@@ -79,9 +79,9 @@ setup(
     install_requires=[
         TORCH,
         "numpy>=1.26",
-        "transformers>=4.45",
-        "tokenizers>=0.20",
-        "safetensors>=0.4",
+        "transformers>=4.56",  # 4.45-4.55 read a YaRN config.json as plain RoPE
+        "tokenizers>=0.22",
+        "safetensors>=0.4.3",
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "wandb>=0.17",

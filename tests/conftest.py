@@ -23,6 +23,23 @@ def _restore_torch_state():
         torch.distributed.destroy_process_group()
 
 
+# the dependencies whose releases have broken or changed us before: each run says which it tested
+REPORTED_VERSIONS = ("torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "kernels",
+                     "hydra-core", "deepspeed", "numpy", "triton", "wandb", "datasketch")
+
+
+def pytest_report_header(config):
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    return "dependencies: " + " ".join(f"{n}=={_v(n)}" for n in REPORTED_VERSIONS)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -15,10 +15,10 @@ from megaqwen.models.qwen2.hf_adapter import config_from_hf
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
 
 
-def _save(path: Path, **extra) -> HFQwen2:
+def _save(path: Path, max_position_embeddings: int = 1024, **extra) -> HFQwen2:
     hc = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
-                     max_position_embeddings=1024, **extra)
+                     max_position_embeddings=max_position_embeddings, **extra)
     torch.manual_seed(0)
     model = HFQwen2(hc)
     with torch.no_grad():
@@ -28,9 +28,12 @@ def _save(path: Path, **extra) -> HFQwen2:
     return model
 
 
-def test_round_trip_keeps_yarn_and_dca(tmp_path):
+# 256 = original_max_position_embeddings: Qwen2.5's published YaRN recipe (max_position_embeddings
+# 32768, factor 4, original 32768), which transformers 4.45-4.55 read as plain RoPE (the declared floor)
+@pytest.mark.parametrize("max_pos", [1024, 256])
+def test_round_trip_keeps_yarn_and_dca(tmp_path, max_pos):
     src, native, back = tmp_path / "hf", tmp_path / "native", tmp_path / "back"
-    hf = _save(src, rope_scaling=YARN)
+    hf = _save(src, max_position_embeddings=max_pos, rope_scaling=YARN)
     cfg = json.loads((src / "config.json").read_text())
     cfg["dual_chunk_attention_config"] = {"chunk_size": 512, "local_size": 64,
                                           "original_max_position_embeddings": 256}
@@ -46,12 +49,14 @@ def test_round_trip_keeps_yarn_and_dca(tmp_path):
     assert rs["original_max_position_embeddings"] == 256
     assert written["dual_chunk_attention_config"]["chunk_size"] == 512
     # transformers reads our config.json as yarn, and the converted model's logits equal the source's
-    assert AutoConfig.from_pretrained(back).rope_parameters["rope_type"] == "yarn"
+    read = AutoConfig.from_pretrained(back)
+    assert (getattr(read, "rope_parameters", None) or read.rope_scaling)["rope_type"] == "yarn"
     reloaded = HFQwen2.from_pretrained(back).eval()
     tokens = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf.eval()(tokens).logits
         torch.testing.assert_close(reloaded(tokens).logits, want, rtol=0, atol=1e-5)
+        # ours is independent of transformers' reading of the config: it catches a yarn read as plain RoPE
         torch.testing.assert_close(ours.eval()(tokens), want, rtol=0, atol=1e-4)
     assert config_from_hf(written).to_dict() == {**ours.cfg.to_dict(), "name": "hf"}
 
