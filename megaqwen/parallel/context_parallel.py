@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import LossParts
+from megaqwen.suggest import check_choice
 
 CP_MODES = ("ring", "alltoall")
 SEQUENCE_KEYS = ("tokens", "labels", "position_ids", "document_ids")
@@ -461,6 +462,17 @@ _SeqToHead = _a2a_pair("_SeqToHead", _seq_to_head, _head_to_seq)  # a2a seq->hea
 _HeadToSeq = _a2a_pair("_HeadToSeq", _head_to_seq, _seq_to_head)  # a2a head->seq / a2a seq->head
 
 
+def check_context_parallel(mode: str, tile: int, cp: int, heads_per_tp_rank: int) -> None:
+    """`parallel.cp_mode` / `cp_tile` (refused at any cp, as a typo is a typo) and, with cp > 1,
+    what the chosen core needs; pure arithmetic, so the launcher's pre-flight runs it too."""
+    check_choice("parallel.cp_mode", mode, CP_MODES)
+    if tile < 1:
+        raise ValueError(f"parallel.cp_tile={tile} must be >= 1 (the ring's tile edge in tokens; "
+                         f"default {DEFAULT_TILE})")
+    if cp > 1 and mode == "alltoall":
+        check_alltoall_heads(heads_per_tp_rank, cp)
+
+
 def check_alltoall_heads(num_heads: int, cp: int) -> None:
     if num_heads % cp:
         raise ValueError(f"context parallel all-to-all: {num_heads} query heads (per tp rank) are not "
@@ -517,8 +529,7 @@ def apply_context_parallel(model: nn.Module, spec, cp_group: dist.ProcessGroup |
     `core(q, k, v, attn)`) of every layer for the `mode` (ring | alltoall) context-parallel one, in
     place; parameter names are unchanged. Apply after TP/SP and EP, before recomputation, compile
     and data-parallel wrapping; a cp group of one leaves the model as it is. Works on meta."""
-    if mode not in CP_MODES:
-        raise ValueError(f"parallel.cp_mode={mode!r}; choose from {CP_MODES}")
+    check_choice("parallel.cp_mode", mode, CP_MODES)
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return
     cp = dist.get_world_size(cp_group)

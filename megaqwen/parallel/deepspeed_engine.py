@@ -10,6 +10,7 @@ compiled op, so the engine runs on CPU (`DS_ACCELERATOR=cpu`, gloo) and matches 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ import torch.nn as nn
 from megaqwen.parallel.data_parallel import dp_reduce_mesh
 from megaqwen.parallel.dims import ParallelMesh
 from megaqwen.parallel.shards import ShardMap
+
+INSTALL = "pip install -e '.[deepspeed]'"
+"""The extra that brings DeepSpeed, installed from the repository root."""
 
 
 @dataclass
@@ -173,6 +177,14 @@ def materialize_zero3(model: nn.Module, blocks: nn.ModuleDict, mesh: ParallelMes
     return model
 
 
+def check_installed() -> None:
+    """ValueError naming the install command when the `deepspeed` package is absent. Looked up, not
+    imported: the import takes seconds and picks DeepSpeed's accelerator for the whole process."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"train.engine=deepspeed needs the deepspeed package, which is not installed: "
+                         f"{INSTALL} (or use train.engine=native)")
+
+
 def _import_deepspeed():
     if not torch.cuda.is_available():
         # must be set before deepspeed is imported: its accelerator is chosen at import time
@@ -180,6 +192,5 @@ def _import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ImportError("train.engine=deepspeed needs the `deepspeed` package "
-                          "(pip install 'megaqwen[deepspeed]')") from e
+        raise ImportError(f"train.engine=deepspeed needs the `deepspeed` package ({INSTALL})") from e
     return deepspeed

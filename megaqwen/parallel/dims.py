@@ -15,7 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megaqwen.suggest import check_choice
+
 MESH_DIMS = ("pp", "dp", "cp", "tp")
+BACKENDS = ("auto", "nccl", "gloo")
+"""`parallel.backend` values: auto picks nccl when CUDA is present, gloo otherwise."""
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -69,7 +73,8 @@ class ParallelDims:
         return max(1, self.tp // num_kv_heads)
 
     def validate_model(self, cfg: Any, seq_len: int | None = None, sequence_parallel: bool = False) -> None:
-        """Check that the model (a `ModelConfig`) can be split this way; raise ValueError naming values."""
+        """Check that the model (a `ModelConfig`) can be split this way; raise ValueError naming values.
+        (Experts over ep: `expert_parallel.check_expert_parallel`, which `setup.validate_layout` runs.)"""
         name = getattr(cfg, "name", "model")
         errors = []
         tp = self.tp
@@ -86,9 +91,6 @@ class ParallelDims:
             errors.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
         if cfg.num_layers < self.pp:  # how they split is the pipeline plan's check (pp_layers)
             errors.append(f"num_layers={cfg.num_layers} is fewer than pp={self.pp} pipeline ranks")
-        experts = getattr(cfg, "num_experts", 0) or 0
-        if self.ep > 1 and (experts == 0 or experts % self.ep):
-            errors.append(f"num_experts={experts} is not divisible by ep={self.ep}")
         if seq_len is not None:
             if sequence_parallel and seq_len % tp:
                 errors.append(f"seq_len={seq_len} is not divisible by tp={tp} (sequence parallelism "
@@ -179,10 +181,9 @@ class ParallelMesh:
 
 def resolve_backend(backend: str) -> str:
     """`auto` -> nccl when CUDA is present, gloo otherwise."""
+    check_choice("parallel.backend", backend, BACKENDS)
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"parallel.backend must be auto|nccl|gloo, got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU")
     return backend

@@ -2,6 +2,8 @@
 
     env = init_distributed(cfg.parallel, cfg.train.device)            # before anything else
     check_layout(cfg.parallel, env, cfg.model, seq_len, engine)        # the one validation, before work
+                                                                       # (`megaqwen-train --check` runs
+                                                                       # start_settings + validate_layout)
     model = spec.build(cfg.model, ops, device="meta")                  # nothing allocated
     shards = parallelize(model, spec, cfg.parallel, env)               # TP/SP -> recompute -> compile
                                                                        # -> FSDP2, all on meta
@@ -30,10 +32,11 @@ import torch.nn as nn
 from megaqwen.parallel.activation import RECOMPUTE_MODES, apply_compile, apply_recompute
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.data_parallel import DP_MODES, apply_fsdp, wrap_ddp
-from megaqwen.parallel.dims import ParallelDims, ParallelMesh, resolve_backend
+from megaqwen.parallel.dims import BACKENDS, ParallelDims, ParallelMesh, resolve_backend
 from megaqwen.parallel.metrics import device_peak_flops, mfu, peak_memory_per_rank
 from megaqwen.parallel.shards import ShardMap
 from megaqwen.parallel.tensor_parallel import check_linear_backend
+from megaqwen.suggest import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +77,33 @@ def resolve_device(name: str, backend: str | None = None, local_rank: int = 0) -
     return torch.device("cpu")
 
 
-def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv:
-    """Join the torchrun job (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) and build the mesh; collective."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def start_settings(pcfg: ParallelConfig, device_name: str, world: int,
+                   local_rank: int = 0) -> tuple[ParallelDims, str | None, torch.device]:
+    """(degrees, backend, device) that `init_distributed` joins `world` processes with, checked
+    without a process group, so `megaqwen-train --check` refuses what the ranks would: degrees that
+    do not multiply to the world size, a backend or device this machine lacks. Backend None: one process."""
     try:
-        dims = ParallelDims.from_config(pcfg, world)  # a wrong world size fails here, before any work
+        dims = ParallelDims.from_config(pcfg, world)
     except ValueError as e:
         if world == 1:
             raise ValueError(f"{e} (a single process was started: launch several with "
                              "launch/torchrun.sh --nproc-per-node N)") from e
         raise
-    if pcfg.dp_mode not in DP_MODES:
-        raise ValueError(f"parallel.dp_mode={pcfg.dp_mode!r}; choose from {DP_MODES}")
+    check_choice("parallel.backend", pcfg.backend, BACKENDS)  # a typo is refused in one process too
     if world == 1:
-        return DistEnv(0, 1, 0, resolve_device(device_name), dims, None)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        return dims, None, resolve_device(device_name)
     backend = resolve_backend(pcfg.backend)
-    device = resolve_device(device_name, backend, local_rank)
+    return dims, backend, resolve_device(device_name, backend, local_rank)
+
+
+def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv:
+    """Join the torchrun job (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) and build the mesh; collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    dims, backend, device = start_settings(pcfg, device_name, world, local_rank)  # before any work
+    if world == 1:
+        return DistEnv(0, 1, 0, device, dims, None)
+    rank = int(os.environ["RANK"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=pcfg.collective_timeout_s)
@@ -135,26 +148,50 @@ def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatch
     return plan_from_config(pcfg, model_cfg.num_layers, microbatches)
 
 
-def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
-                 engine: str = "native", microbatches: int = 1):
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank; ValueError when the batch does
+    not split into whole micro-batches over `dp` ranks."""
+    steps, rem = divmod(global_batch_size, micro_batch_size * dp)
+    if rem or steps == 0:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is not a multiple of micro_batch_size "
+                         f"({micro_batch_size}) x dp ({dp}) = {micro_batch_size * dp}; use a multiple of it")
+    return steps
+
+
+def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, seq_len: int,
+                    engine: str = "native", microbatches: int = 1):
     """The one validation of the layout (and of the DeepSpeed settings with engine=deepspeed)
-    against the model, before anything is built; the plans rely on it. Returns the pipeline plan
-    (None without pipeline parallelism); `microbatches` per optimizer step feed its checks."""
-    env.dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
-    plan = check_pipeline(pcfg, model_cfg, engine, microbatches)
+    against the model: pure arithmetic and look-ups, no process group, so the ranks (`check_layout`)
+    and `megaqwen-train --check` ask the same questions. Fixed-choice settings are refused at any
+    degree (`pp_schedule` at pp=1 too). Returns the pipeline plan (None without pipeline
+    parallelism); `microbatches` per optimizer step feed its checks."""
+    from megaqwen.parallel.context_parallel import check_context_parallel
+    from megaqwen.parallel.pipeline import SCHEDULES
+
+    check_choice("parallel.dp_mode", pcfg.dp_mode, DP_MODES)
+    check_choice("parallel.recompute", pcfg.recompute, RECOMPUTE_MODES)
+    check_choice("parallel.pp_schedule", pcfg.pp_schedule, SCHEDULES)
+    dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
+    d, moe = dims, getattr(model_cfg, "is_moe", False)
+    check_context_parallel(pcfg.cp_mode, pcfg.cp_tile, d.cp, model_cfg.num_heads // d.tp)
     check_linear_backend(pcfg.tp_linear_backend)
-    if pcfg.recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"parallel.recompute={pcfg.recompute!r}; choose from {RECOMPUTE_MODES}")
+    plan = check_pipeline(pcfg, model_cfg, engine, microbatches)
+    if (plan is not None and plan.v_shape and getattr(model_cfg, "tie_word_embeddings", False)
+            and engine == "native" and pcfg.dp_mode == "fsdp" and d.dp * d.cp > 1):
+        raise ValueError(f"parallel.dp_mode=fsdp cannot shard the tied embedding that "
+                         f"parallel.pp_schedule={pcfg.pp_schedule} puts on pp rank 0 twice (first and last "
+                         "stage, model.tie_word_embeddings=true); use dp_mode=ddp or zero1, or a looped "
+                         "schedule (1f1b, interleaved_1f1b, zero_bubble)")
     if engine == "deepspeed":
+        from megaqwen.parallel.deepspeed_engine import check_installed
+
         _deepspeed_config(pcfg)
-        if env.mesh is None:
+        if d.world_size == 1:
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
         if pcfg.compile:
             raise ValueError("parallel.compile=true is not supported with train.engine=deepspeed "
                              "(DeepSpeed wraps the model itself); use train.engine=native")
-    if pcfg.sequence_parallel and env.dims.tp == 1:
-        log.warning("parallel.sequence_parallel=true has no effect with tp=1")
-    d, moe = env.dims, getattr(model_cfg, "is_moe", False)
+        check_installed()
     if moe or d.ep > 1:
         from megaqwen.parallel.expert_parallel import check_expert_parallel
 
@@ -164,19 +201,21 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
                              "DeepSpeed and ZeRO-1 would reduce or shard the expert parameters, which "
                              "differ between ranks, over the whole dp group")
     if d.cp > 1:
-        from megaqwen.parallel.context_parallel import CP_MODES, check_alltoall_heads
-
-        if pcfg.cp_mode not in CP_MODES:
-            raise ValueError(f"parallel.cp_mode={pcfg.cp_mode!r}; choose from {CP_MODES}")
-        if pcfg.cp_mode == "alltoall":
-            check_alltoall_heads(model_cfg.num_heads // d.tp, d.cp)
-        if pcfg.cp_tile < 1:
-            raise ValueError(f"parallel.cp_tile must be >= 1, got {pcfg.cp_tile}")
         not_yet = [why for cond, why in [
             (engine == "deepspeed", "train.engine=deepspeed (its gradient averaging is over dp only)"),
             (moe, "MoE models (the load-balancing loss is not a sum over sequence shards)")] if cond]
         if not_yet:
             raise ValueError(f"parallel.cp={d.cp} is not supported yet with " + "; ".join(not_yet))
+    return plan
+
+
+def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
+                 engine: str = "native", microbatches: int = 1):
+    """`validate_layout` on this rank's degrees, before anything is built; the plans rely on it.
+    Returns the pipeline plan (None without pipeline parallelism)."""
+    plan = validate_layout(pcfg, env.dims, model_cfg, seq_len, engine, microbatches)
+    if pcfg.sequence_parallel and env.dims.tp == 1:
+        log.warning("parallel.sequence_parallel=true has no effect with tp=1")
     return plan
 
 

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from megaqwen.kernels.registry import KernelConfig
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.config import ParallelConfig
+from megaqwen.suggest import check_choice
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
@@ -190,28 +191,20 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                              f"train.micro_batch_size={t.micro_batch_size}")
-        if t.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={t.schedule!r}; choose {' | '.join(SCHEDULES)}")
+        check_choice("train.schedule", t.schedule, SCHEDULES)
         if not 0 <= t.min_lr <= t.lr:
             raise ValueError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr})")
         if not 0 <= t.schedule_start < t.steps:
             raise ValueError(f"train.schedule_start={t.schedule_start} must be in [0, train.steps={t.steps})")
         if not 0 < t.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"train.dtype={t.dtype!r}; choose {' | '.join(DTYPES)}")
-        if t.device not in DEVICES:
-            raise ValueError(f"train.device={t.device!r}; choose {' | '.join(DEVICES)}")
-        if t.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; "
-                             f"choose {' | '.join(NONFINITE_POLICIES)}")
+        check_choice("train.dtype", t.dtype, DTYPES)
+        check_choice("train.device", t.device, DEVICES)
+        check_choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
         if t.spike_factor < 0 or 0 < t.spike_factor <= 1:
             raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
-        if t.engine not in ENGINES:
-            raise ValueError(f"train.engine={t.engine!r}; choose {' | '.join(ENGINES)}")
-        if self.logger.wandb.mode not in WANDB_MODES:
-            raise ValueError(f"logger.wandb.mode={self.logger.wandb.mode!r}; "
-                             f"choose {' | '.join(WANDB_MODES)}")
+        check_choice("train.engine", t.engine, ENGINES)
+        check_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
         if t.seq_len > self.model.max_position_embeddings:
             # an error, not a warning: the HF export writes max_position_embeddings into config.json,
             # so a model trained on longer samples would be published as unable to use them

@@ -8,10 +8,10 @@ and exit with status 2; `MEGAQWEN_DEBUG=1` (or `megaqwen-train --debug`) re-rais
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
-from collections.abc import Iterable
+
+from megaqwen.suggest import did_you_mean  # noqa: F401  (re-exported: train modules use it from here)
 
 DEBUG_ENV = "MEGAQWEN_DEBUG"
 EXIT_USAGE = 2
@@ -29,30 +29,6 @@ def is_rank0() -> bool:
     """Rank 0 of a torchrun job, or a plain process (decided from the environment, before any
     process group exists)."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
-    """` (did you mean X?)` for the closest candidates, or '' when none is close."""
-    candidates = list(candidates)
-    close = [c for c in candidates if _words(c) == _words(word)]  # train.lr_min -> train.min_lr
-    close = close or _best(word, candidates, n, cutoff=0.6)
-    if not close:  # a wrong section with the right field: `steps` or `model.steps` -> train.steps
-        tail = word.rsplit(".", 1)[-1]
-        by_tail = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [by_tail[t] for t in _best(tail, list(by_tail), n, cutoff=0.75)]
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def _words(key: str) -> tuple[str, list[str]]:
-    section, _, name = key.rpartition(".")
-    return section, sorted(name.split("_"))
-
-
-def _best(word: str, candidates: list[str], n: int, cutoff: float) -> list[str]:
-    """The candidates most similar to `word`: the best one and any as good (at most n)."""
-    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
-    scored = [(r, c) for r, c in scored if r >= cutoff]
-    return [c for r, c in scored[:n] if r >= scored[0][0] - 0.02] if scored else []
 
 
 def report(prog: str, err: BaseException) -> int:

@@ -275,10 +275,7 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg.validate()
     t = cfg.train
     env = par.init_distributed(cfg.parallel, t.device)  # torchrun env; a wrong world size fails here
-    accum_steps, rem = divmod(t.global_batch_size, t.micro_batch_size * env.dp_size)
-    if rem or accum_steps == 0:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"micro_batch_size ({t.micro_batch_size}) x dp ({env.dp_size})")
+    accum_steps = par.accumulation_steps(t.global_batch_size, t.micro_batch_size, env.dp_size)
     # before any model is built; the pipeline plan (pp > 1) runs all accum_steps micro-batches
     plan = par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine, microbatches=accum_steps)
 

@@ -19,8 +19,9 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from megaqwen.train.config import DEVICES, DTYPES, ENGINES, SCHEDULES, WANDB_MODES, Config
-from megaqwen.train.errors import UsageError, did_you_mean
+from megaqwen.suggest import check_choice, did_you_mean
+from megaqwen.train.config import Config
+from megaqwen.train.errors import UsageError
 
 
 def schema_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, type, dataclasses.Field]]:
@@ -51,14 +52,12 @@ def preset_groups() -> dict[str, list[str]]:
 
 
 def value_choices() -> dict[str, tuple[str, ...]]:
-    """Fields whose value is one of a fixed set, each set taken from the module that checks it."""
+    """kernels.* fields: one of a fixed set, each set taken from the kernel registry. The other
+    fixed-choice fields are checked the same way (`megaqwen.suggest.check_choice`) where they are
+    used: train.* and logger.* by `Config.validate`, parallel.* by `parallel.setup.validate_layout`."""
     from megaqwen.kernels.registry import IMPLS
-    from megaqwen.parallel.data_parallel import DP_MODES
 
-    choices = {"train.schedule": SCHEDULES, "train.dtype": DTYPES, "train.device": DEVICES,
-               "train.engine": ENGINES, "logger.wandb.mode": WANDB_MODES, "parallel.dp_mode": DP_MODES}
-    choices.update({f"kernels.{op}": ("auto", *impls) for op, impls in IMPLS.items()})
-    return choices
+    return {f"kernels.{op}": ("auto", *impls) for op, impls in IMPLS.items()}
 
 
 def is_hydra_override(override: str) -> bool:
@@ -99,9 +98,10 @@ def check_choices(cfg: Config) -> None:
         node: typing.Any = cfg
         for part in key.split("."):
             node = getattr(node, part)
-        if node not in choices:
-            raise UsageError(f"{key}={node!r} is not one of {' | '.join(choices)}"
-                             f"{did_you_mean(str(node), choices)}")
+        try:
+            check_choice(key, node, choices)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 _NOISE = ("To append to your config", "full_key:", "object_type=", "reference_type=",

@@ -5,8 +5,12 @@
 
   1. overrides: keys and presets exist (with "did you mean"), values parse and type-check;
   2. fixed-choice values (train.schedule, kernels.*, ...) are valid, then `Config.validate()`;
-  3. the parallel layout fits the world size and the model;
-  4. data.path / data.valid_path name shards; the resume contract holds; the run folder is free.
+  3. the parallel layout fits the world size, the machine and the model, kernels can run here:
+     the same functions the ranks call before their first step (`parallel.setup.start_settings`,
+     `accumulation_steps`, `validate_layout`, `kernels.registry.resolve_ops`), so every refusal a
+     rank could make is made here, once;
+  4. data.path / data.valid_path name shards; the resume contract holds; the run folder is free;
+     train.init_from matches the model.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megaqwen.parallel.dims import ParallelDims
 from megaqwen.train.config import Config
 from megaqwen.train.errors import UsageError
 from megaqwen.train.overrides import check_choices, check_overrides, hydra_message, is_hydra_override
@@ -36,30 +39,30 @@ def compose_config(overrides: list[str]) -> Config:
 
 def check_config(cfg: Config, world_size: int) -> RunFolder:
     """Steps 2-4 for `world_size` processes; returns the inspected run folder."""
-    check_choices(cfg)
-    cfg.validate()
-    try:
-        dims = ParallelDims.from_config(cfg.parallel, world_size)
-    except ValueError as e:
-        if world_size == 1:
-            raise UsageError(f"{e} (a single process was started: launch several with "
-                             "launch/torchrun.sh --nproc-per-node N)") from e
-        raise
-    dims.validate_model(cfg.model, seq_len=cfg.train.seq_len,
-                        sequence_parallel=cfg.parallel.sequence_parallel)
-    from megaqwen.parallel.setup import check_pipeline
+    from megaqwen.kernels.registry import adamw_factory, resolve_ops
+    from megaqwen.models.spec import get_spec
+    from megaqwen.parallel import setup as par
+    from megaqwen.train.build import initial_source
     from megaqwen.train.stages import check_recipe
 
+    check_choices(cfg)
+    cfg.validate()
+    t = cfg.train
+    # the functions every rank runs before it builds anything (train.loop.train, train.build): the
+    # ranks refuse nothing before their first step that this misses
+    dims, _, device = par.start_settings(cfg.parallel, t.device, world_size)
+    accum_steps = par.accumulation_steps(t.global_batch_size, t.micro_batch_size, dims.dp)
+    par.validate_layout(cfg.parallel, dims, cfg.model, t.seq_len, t.engine, microbatches=accum_steps)
+    resolve_ops(cfg.kernels, device=device.type)
+    adamw_factory(cfg.kernels.adam, device.type)
     # a blend recipe planned for another context stage (seq_length / rope_base) is an error
     for path in (cfg.data.path, cfg.data.valid_path):
         if path:
             check_recipe(path, cfg.train.seq_len, cfg.model.rope_theta)
-
-    t = cfg.train
-    check_pipeline(cfg.parallel, cfg.model, t.engine,
-                   max(1, t.global_batch_size // (t.micro_batch_size * dims.dp)))
     run = RunFolder(cfg, world_size)
     run.check()
+    if t.init_from and run.latest is None:  # what the run starts from must fit the model
+        initial_source(t.init_from, cfg, get_spec(cfg.model))
     return run
 
 

@@ -63,5 +63,7 @@ def test_sequence_parallel_needs_divisible_seq_len():
 
 def test_backend_choice():
     assert resolve_backend("gloo") == "gloo"
-    with pytest.raises(ValueError, match="parallel.backend must be auto|nccl|gloo"):
+    with pytest.raises(ValueError, match=r"^parallel.backend='mpi' is not one of auto \| nccl \| gloo$"):
         resolve_backend("mpi")
+    with pytest.raises(ValueError, match=r"parallel.backend='ncl' .* \(did you mean nccl\?\)"):
+        resolve_backend("ncl")
