@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             add_eod=not args.no_eod,
             log_every_s=args.log_every,
+            tokenizer=args.tokenizer,
         )
     except (ValueError, OSError) as e:
         print(f"megaqwen-data tokenize: {e}", file=sys.stderr)
@@ -84,4 +85,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokeniser call")
     p.add_argument("--no-eod", action="store_true", help="do not append <|endoftext|> to each document")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="Hugging Face tokenizer folder (default: the shipped Qwen2.5 one), recorded in "
+                        "PREFIX.shard.json; the trainer refuses shards of another tokenizer than its model's")
     p.set_defaults(func=run)

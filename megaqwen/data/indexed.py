@@ -17,10 +17,16 @@ little-endian (Megatron-LM `megatron/core/datasets/indexed_dataset.py`, `_IndexW
 We write one sequence per document (as Megatron's `preprocess_data.py` does without sentence
 splitting), so `document_indices == [0, 1, ..., S]`. Token ids are int32 by default: Qwen's
 151,665 ids do not fit uint16.
+
+Beside the two Megatron files our builder writes `PREFIX.shard.json` (`read_meta`): the smallest and
+largest token id, counts, and what the caller passes (`megaqwen.data.tokenize`: the tokenizer that
+made the shard). Megatron ignores it; shards without it (made by Megatron's tools) still load, and
+the trainer then checks their ids by scanning (`max_token_id`) and cannot check their tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -41,6 +47,13 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+META_FORMAT = 1  # version of PREFIX.shard.json
+# `max_token_id` of a shard without a sidecar: read all of it up to FULL_SCAN_TOKENS (64M tokens,
+# 256 MiB of int32: about 0.1 s from the page cache); above that SAMPLE_WINDOWS evenly spaced windows
+# of SAMPLE_WINDOW_TOKENS (16M tokens in all), which finds a wrong tokenizer (its ids are everywhere)
+# but may miss a few stray ids. Our own shards record the exact maximum instead.
+FULL_SCAN_TOKENS = 1 << 26
+SAMPLE_WINDOWS, SAMPLE_WINDOW_TOKENS = 256, 1 << 16
 
 
 def idx_path(prefix: str | Path) -> Path:
@@ -49,6 +62,10 @@ def idx_path(prefix: str | Path) -> Path:
 
 def bin_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.bin")
+
+
+def meta_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.shard.json")
 
 
 def exists(prefix: str | Path) -> bool:
@@ -60,12 +77,18 @@ class IndexedDatasetBuilder:
 
     Both files are written under temporary names and renamed at the end (.bin first, then .idx), so
     a crash leaves either no shard or the previous complete one, never a half-written shard that
-    readers would accept. Use as a context manager to remove the temporaries on error.
+    readers would accept. Use as a context manager to remove the temporaries on error. `meta` (JSON
+    values) goes into PREFIX.shard.json with the id range and counts; a previous shard's sidecar is
+    removed before the new .bin/.idx appear, so a sidecar never describes another shard.
     """
 
-    def __init__(self, prefix: str | Path, dtype: type[np.number] | np.dtype = np.int32):
+    def __init__(self, prefix: str | Path, dtype: type[np.number] | np.dtype = np.int32,
+                 meta: dict | None = None):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
+        self.meta = dict(meta or {})
+        self.min_token_id: int | None = None
+        self.max_token_id: int | None = None
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(
                 f"{self.prefix}: unsupported token dtype {self.dtype}, use one of "
@@ -75,6 +98,7 @@ class IndexedDatasetBuilder:
         suffix = f".tmp.{os.getpid()}"
         self._tmp_bin = Path(f"{bin_path(prefix)}{suffix}")
         self._tmp_idx = Path(f"{idx_path(prefix)}{suffix}")
+        self._tmp_meta = Path(f"{meta_path(prefix)}{suffix}")
         self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 (closed in finalize/abort)
         self._lengths: list[int] = []
         self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
@@ -85,10 +109,12 @@ class IndexedDatasetBuilder:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise ValueError(f"{self.prefix}: a document must be 1-D, got shape {arr.shape}")
-        if self._info is not None and arr.size and (arr.min() < self._info.min or arr.max() > self._info.max):
-            raise ValueError(
-                f"{self.prefix}: token ids in [{arr.min()}, {arr.max()}] do not fit {self.dtype}"
-            )
+        if arr.size:
+            lo, hi = arr.min().item(), arr.max().item()
+            if self._info is not None and (lo < self._info.min or hi > self._info.max):
+                raise ValueError(f"{self.prefix}: token ids in [{lo}, {hi}] do not fit {self.dtype}")
+            self.min_token_id = lo if self.min_token_id is None else min(self.min_token_id, lo)
+            self.max_token_id = hi if self.max_token_id is None else max(self.max_token_id, hi)
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
@@ -111,12 +137,18 @@ class IndexedDatasetBuilder:
             f.write(doc_index.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
+        meta = {"format": META_FORMAT, **self.meta, "dtype": str(self.dtype), "num_documents": n,
+                "num_tokens": self.num_tokens, "min_token_id": self.min_token_id,
+                "max_token_id": self.max_token_id}
+        self._tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+        meta_path(self.prefix).unlink(missing_ok=True)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
+        os.replace(self._tmp_meta, meta_path(self.prefix))
 
     def abort(self) -> None:
         self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx):
+        for p in (self._tmp_bin, self._tmp_idx, self._tmp_meta):
             p.unlink(missing_ok=True)
 
     def __enter__(self) -> IndexedDatasetBuilder:
@@ -199,3 +231,39 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.sizes.sum(dtype=np.int64))
+
+
+def read_meta(prefix: str | Path) -> dict | None:
+    """PREFIX.shard.json (None when the shard has none, e.g. one made by Megatron's tools)."""
+    path = meta_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-tokenise the shard, or delete the file "
+                         "(the shard then loads with its tokenizer unchecked)") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}; re-tokenise the "
+                         "shard or delete the file")
+    return meta
+
+
+def max_token_id(prefix: str | Path) -> tuple[int | None, str]:
+    """(largest token id, how it was found) of a shard: from its sidecar, else by reading the .bin
+    (all of it up to FULL_SCAN_TOKENS, evenly spaced windows above). None for an empty shard."""
+    meta = read_meta(prefix)
+    if meta is not None and "max_token_id" in meta:
+        value = meta["max_token_id"]
+        return (None if value is None else int(value)), f"recorded in {meta_path(prefix).name}"
+    ds = IndexedDataset(prefix)
+    n = ds.num_tokens
+    if n == 0:
+        return None, "empty shard"
+    flat = ds._bin[:n]  # Megatron writes sequences back to back from byte 0
+    if n <= FULL_SCAN_TOKENS:
+        return int(flat.max()), f"read all {n:,} tokens"
+    starts = np.linspace(0, n - SAMPLE_WINDOW_TOKENS, SAMPLE_WINDOWS).astype(np.int64)
+    top = max(int(flat[s : s + SAMPLE_WINDOW_TOKENS].max()) for s in starts)
+    return top, (f"read {SAMPLE_WINDOWS * SAMPLE_WINDOW_TOKENS:,} of {n:,} tokens in {SAMPLE_WINDOWS} "
+                 f"windows: the shard has no {meta_path(prefix).name}")

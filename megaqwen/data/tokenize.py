@@ -1,4 +1,4 @@
-"""Text records -> Qwen2.5 BPE -> one Megatron `.bin/.idx` shard, with progress and counts.
+"""Text records -> Qwen2.5 BPE (or any tokenizer folder) -> one Megatron `.bin/.idx` shard.
 
 The core of `megaqwen-data tokenize` and of the trainer's `data.path=sample`; it lives under
 `megaqwen.data` so the trainer never imports the curation pipeline (which uses this module).
@@ -10,6 +10,10 @@ number of workers, so the same inputs always give byte-identical shards. Records
 `megaqwen.data.readers.Reader` (malformed lines skipped and counted, invalid UTF-8 and lone surrogates
 repaired); a document the tokenizer still rejects is skipped, counted under `failed` and logged with
 its file, line and id.
+
+`tokenizer=PATH` takes any Hugging Face tokenizer folder (`megaqwen.tokenizer.open_tokenizer`); its
+eos token is then the appended EOD. The shard's PREFIX.shard.json records which tokenizer made it
+(name, size, EOD id, fingerprint) and the largest id, which the trainer checks against the model.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from megaqwen.data.indexed import IndexedDatasetBuilder
 from megaqwen.data.readers import InputPart, Reader, TextRecord
-from megaqwen.tokenizer import EOD_ID
+from megaqwen.tokenizer import TokenizerInfo
 
 log = logging.getLogger("megaqwen.tokenize")
 MAX_LOGGED = 20  # tokenizer failures logged with their source; the rest are counted
@@ -48,6 +53,7 @@ class Stats:
     seconds: float = 0.0
     malformed_by_file: dict[str, int] = field(default_factory=dict)
     corrupt_files: list[str] = field(default_factory=list)  # compressed streams that ended early / bad
+    tokenizer: str = ""  # TokenizerInfo.describe() of the tokenizer used
 
 
 def write_summary(stats: Stats) -> dict:
@@ -103,17 +109,27 @@ def _batches(records: Iterator[TextRecord], size: int, stats: Stats) -> Iterator
 
 
 @functools.lru_cache(maxsize=2)
+def _text_tokenizer(path: str | None) -> tuple[Any, TokenizerInfo]:
+    from megaqwen.tokenizer import open_tokenizer
+
+    tok, info = open_tokenizer(path)
+    backend = tok.backend_tokenizer
+    backend.encode_special_tokens = True
+    return backend, info
+
+
 def text_tokenizer(path: str | None = None):
     """The `tokenizers.Tokenizer` for document text (loaded once per process and path).
 
     Control-token strings in the text are encoded as ordinary text (a literal "<|endoftext|>" is
     not a document boundary), so token counts taken with it match the shards exactly.
     """
-    from megaqwen.tokenizer import load_tokenizer
+    return _text_tokenizer(path)[0]
 
-    tok = load_tokenizer(path).backend_tokenizer
-    tok.encode_special_tokens = True
-    return tok
+
+def text_tokenizer_info(path: str | None = None) -> TokenizerInfo:
+    """What identifies the tokenizer `text_tokenizer(path)` encodes with (recorded in the shard)."""
+    return _text_tokenizer(path)[1]
 
 
 def _init_worker() -> None:
@@ -129,8 +145,8 @@ def encode_texts(
     The batch call is tried first; only when it raises are the texts encoded one by one, so one bad
     document costs its own slot, not the batch's.
     """
-    tok = text_tokenizer(tokenizer)
-    tail = [EOD_ID] if add_eod else []
+    tok, info = _text_tokenizer(tokenizer)
+    tail = [info.eod_id] if add_eod else []
     try:
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids + tail, dtype=np.int32) for e in encs]
@@ -180,17 +196,23 @@ def tokenize_files(
     """Tokenise `files` into one shard at `output_prefix`; returns the run's counts.
 
     `tokenizer` is a tokenizer folder (None: the bundled Qwen2.5 one). Raises ValueError (and leaves
-    no shard) when no valid, non-empty document was found.
+    no shard) when no valid, non-empty document was found, or when EODs are asked for and the
+    tokenizer has no eos token.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size ({batch_size}) and workers ({workers}) must be >= 1")
-    stats = Stats(output_prefix=str(output_prefix))
+    info = text_tokenizer_info(tokenizer)  # loads it here: a wrong folder fails before any reading
+    if add_eod and info.eod_id is None:
+        raise ValueError(f"tokenizer {info.path} has no eos token to end documents with: set eos_token in "
+                         "its tokenizer_config.json, or tokenise without EODs (--no-eod)")
+    stats = Stats(output_prefix=str(output_prefix), tokenizer=info.describe())
     parts = [f if isinstance(f, InputPart) else InputPart(str(f)) for f in files]
     reader = Reader(text_key, metadata=False)
     progress = _Progress(reader, sum(p.nbytes for p in parts), log_every_s)
     batches = _batches(iter_records(parts, reader, stats), batch_size, stats)
     t0 = time.perf_counter()
-    with IndexedDatasetBuilder(output_prefix, dtype=np.int32) as builder:
+    meta = {"tokenizer": info.to_dict(), "add_eod": add_eod}
+    with IndexedDatasetBuilder(output_prefix, dtype=np.int32, meta=meta) as builder:
 
         def write(batch: list[TextRecord], encoded: list[np.ndarray | str]) -> None:
             for rec, d in zip(batch, encoded):
@@ -206,7 +228,7 @@ def tokenize_files(
             progress.maybe_log(stats)
 
         if workers <= 1:
-            for batch in batches:  # (the tokenizer loads on the first batch: no valid text fails fast)
+            for batch in batches:
                 write(batch, encode_texts([r.text for r in batch], add_eod, tokenizer))
         else:
             import multiprocessing as mp

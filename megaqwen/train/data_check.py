@@ -3,14 +3,34 @@
 Accepted: a shard prefix (PREFIX.bin + PREFIX.idx), a blend recipe (*.json) whose prefixes all
 exist, or `sample` (the shipped corpus, tokenised on first use). Anything else names what was looked
 for and how to make it: `megaqwen-data tokenize`.
+
+Then `check_shards_for_model` (pre-flight, after the paths exist): shards whose PREFIX.shard.json names
+another tokenizer than the model's are refused naming both, and so is any token id >= model.vocab_size
+(it would index past the embedding table: an IndexError on CPU, a device-side assert on GPU, mid-run).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megaqwen.data.indexed import bin_path, exists, idx_path
+import numpy as np
+
+from megaqwen.data.indexed import (
+    IndexedDataset,
+    bin_path,
+    exists,
+    idx_path,
+    max_token_id,
+    meta_path,
+    read_meta,
+)
+from megaqwen.models.config import ModelConfig
+from megaqwen.tokenizer import TokenizerInfo, tokenizer_info
 from megaqwen.train.errors import UsageError, did_you_mean
+
+if TYPE_CHECKING:
+    from megaqwen.train.config import Config
 
 SAMPLE = "sample"
 TOKENIZE = "megaqwen-data tokenize --input 'FILES' --output-prefix {prefix}"
@@ -57,3 +77,58 @@ def check_data_path(key: str, path: str, out_dir: str | Path) -> None:
     raise UsageError(f"{key}={path}: no shard {bin_path(p)} / {idx_path(p)} "
                      f"(looked in {p.parent.resolve()}){did_you_mean(path, have)}; make shards with "
                      + TOKENIZE.format(prefix=path) + f", or use {key}=sample (the shipped corpus)")
+
+
+def model_tokenizer(model: ModelConfig) -> TokenizerInfo:
+    """The tokenizer `model` reads. ModelConfig names none: every registered architecture (Qwen2 /
+    Qwen2.5 dense, Qwen2-MoE) is trained on the Qwen BPE, so it is the shipped Qwen2.5 tokenizer. The
+    comparison is by fingerprint, so shards made from an official Qwen2/2.5/3 folder match as well."""
+    return tokenizer_info(None)
+
+
+def check_run_shards(cfg: Config) -> None:
+    """`check_shards_for_model` for data.path and data.valid_path (pre-flight, once they exist)."""
+    for key, path in (("data.path", cfg.data.path), ("data.valid_path", cfg.data.valid_path)):
+        if path:
+            check_shards_for_model(key, path, cfg.model, cfg.train.out_dir)
+
+
+def check_shards_for_model(key: str, path: str, model: ModelConfig, out_dir: str | Path) -> None:
+    """UsageError when a shard of `path` (the value of config `key`) was made by another tokenizer
+    than `model`'s, or holds a token id >= model.vocab_size. Shards without PREFIX.shard.json (made by
+    Megatron's tools) have no tokenizer to compare; their ids are read (`max_token_id`)."""
+    if path == SAMPLE:  # tokenised by the run itself, with the model's tokenizer
+        return
+    try:
+        prefixes = list(dict.fromkeys(shard_prefixes(path, out_dir)))
+        for prefix in prefixes:
+            _check_shard(key, path, prefix, model)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{key}={path}: {e}") from e
+
+
+def _check_shard(key: str, path: str, prefix: str, model: ModelConfig) -> None:
+    meta = read_meta(prefix)
+    remake = TOKENIZE.format(prefix=prefix)
+    if meta is not None and meta.get("tokenizer"):
+        try:
+            made_by = TokenizerInfo.from_dict(meta["tokenizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{key}={path}: {meta_path(prefix)} has a malformed tokenizer record "
+                             f"({type(e).__name__}: {e}); re-tokenise: {remake}") from e
+        want = model_tokenizer(model)
+        if made_by.fingerprint != want.fingerprint:
+            raise UsageError(f"{key}={path}: shard {prefix} was tokenised with {made_by.describe()}, but "
+                             f"model {model.name} reads {want.describe()}; re-tokenise with the model's "
+                             f"tokenizer: {remake} (without --tokenizer)")
+    if meta is None:
+        dtype = IndexedDataset(prefix).dtype
+        if dtype.kind in "iu" and int(np.iinfo(dtype).max) < model.vocab_size:
+            return  # e.g. uint16 ids: none can reach the vocabulary size, nothing to read
+    top, how = max_token_id(prefix)
+    if top is not None and top >= model.vocab_size:
+        raise UsageError(f"{key}={path}: shard {prefix} holds token id {top} ({how}) but model.vocab_size="
+                         f"{model.vocab_size} (ids 0..{model.vocab_size - 1}); tokenise with the model's "
+                         f"tokenizer ({remake}) or give a model with model.vocab_size > {top}")

@@ -43,6 +43,7 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
     from megaqwen.models.spec import get_spec
     from megaqwen.parallel import setup as par
     from megaqwen.train.build import initial_source
+    from megaqwen.train.data_check import check_run_shards
     from megaqwen.train.stages import check_recipe
 
     check_choices(cfg)
@@ -61,6 +62,7 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
             check_recipe(path, cfg.train.seq_len, cfg.model.rope_theta)
     run = RunFolder(cfg, world_size)
     run.check()
+    check_run_shards(cfg)  # shards of another tokenizer than the model's, ids >= model.vocab_size
     if t.init_from and run.latest is None:  # what the run starts from must fit the model
         initial_source(t.init_from, cfg, get_spec(cfg.model))
     return run

@@ -168,14 +168,17 @@ def check_recipe(data_path: str, seq_len: int, rope_theta: float) -> dict[str, A
         log.info("%s has no plan %s: its seq_length/rope_base are not checked", data_path, plan_path.name)
         return None
     plan = json.loads(plan_path.read_text())
-    bad = []
+    bad, fix = [], []
     if "seq_length" in plan and int(plan["seq_length"]) != seq_len:
         bad.append(f"seq_length {plan['seq_length']} (the stage trains at {seq_len})")
+        fix.append(f"train.seq_len={int(plan['seq_length'])}")
     if "rope_base" in plan and float(plan["rope_base"]) != float(rope_theta):
         bad.append(f"rope_base {plan['rope_base']} (the stage uses {rope_theta})")
+        fix.append(f"model.rope_theta={float(plan['rope_base'])}")
     if bad:
         raise ValueError(f"data recipe {data_path} was made for " + " and ".join(bad) + f" ({plan_path}); "
-                         "use the recipe of this stage or change the stage to match it")
+                         f"in a plain run pass {' '.join(fix)}, in a stage chain use the recipe of this "
+                         "stage, or change the stage to match it")
     return plan
 
 

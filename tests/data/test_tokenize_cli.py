@@ -131,3 +131,60 @@ def test_truncated_compressed_file_is_reported_not_fatal(tmp_path, capsys, caplo
     assert rc == 0 and summary["corrupt_files"] == [str(tmp_path / "a.jsonl.gz")]
     assert "a.jsonl.gz: unreadable" in caplog.text
     assert 0 < summary["documents"] < 201  # the readable part of a.jsonl.gz, then b.jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.data.tiny_tokenizer import make_tiny_tokenizer
+
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny-bpe")
+
+
+def test_second_tokenizer_is_used_and_recorded(tmp_path, capsys, tiny_folder):
+    from transformers import AutoTokenizer
+
+    from megaqwen.data.indexed import read_meta
+    from megaqwen.tokenizer import tokenizer_info
+
+    texts = ["hello world", "the lazy dog and the fox"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rc, out = _run(capsys, "--input", src, "--output-prefix", tmp_path / "s", "--tokenizer", tiny_folder)
+    assert rc == 0, out.err
+    theirs = AutoTokenizer.from_pretrained(str(tiny_folder))
+    ds = IndexedDataset(tmp_path / "s")
+    # exactly the ids the folder's own tokenizer gives, each document closed by its eos token
+    assert [ds[i].tolist() for i in range(len(ds))] == [
+        theirs.encode(t, add_special_tokens=False) + [theirs.eos_token_id] for t in texts
+    ]
+    meta = read_meta(tmp_path / "s")
+    want = tokenizer_info(str(tiny_folder))
+    assert meta["tokenizer"] == want.to_dict() and want.name == "tiny-bpe" and want.size == len(theirs)
+    assert want.fingerprint != tokenizer_info().fingerprint  # not the Qwen tokenizer
+    assert meta["max_token_id"] == max(int(ds[i].max()) for i in range(len(ds)))
+    assert "tiny-bpe" in json.loads(out.out.strip().splitlines()[-1])["tokenizer"]
+
+
+def test_default_tokenizer_recorded_and_missing_eos_refused(tmp_path, capsys, tok):
+    from megaqwen.data.indexed import read_meta
+    from megaqwen.tokenizer import tokenizer_info
+    from tests.data.tiny_tokenizer import make_tiny_tokenizer
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": GOOD[0]}) + "\n")
+    assert _run(capsys, "--input", src, "--output-prefix", tmp_path / "q")[0] == 0
+    meta = read_meta(tmp_path / "q")
+    assert meta["tokenizer"]["fingerprint"] == tokenizer_info().fingerprint
+    assert (meta["tokenizer"]["name"], meta["tokenizer"]["eod_id"]) == ("Qwen2.5", EOD_ID)
+    assert meta["max_token_id"] == EOD_ID  # plain text ids are below the appended <|endoftext|>
+    # a Qwen folder saved elsewhere (as an official download would be) is the same tokenizer
+    tok.save_pretrained(tmp_path / "qwen-copy")
+    assert tokenizer_info(str(tmp_path / "qwen-copy")).fingerprint == meta["tokenizer"]["fingerprint"]
+    no_eos = make_tiny_tokenizer(tmp_path / "no-eos", eos=None)
+    rc, out = _run(capsys, "--input", src, "--output-prefix", tmp_path / "n", "--tokenizer", no_eos)
+    assert rc == 1 and "has no eos token" in out.err and "--no-eod" in out.err
+    assert not (tmp_path / "n.bin").exists()
+    rc, out = _run(capsys, "--input", src, "--output-prefix", tmp_path / "n", "--tokenizer", no_eos,
+                   "--no-eod")
+    assert rc == 0, out.err
+    assert read_meta(tmp_path / "n")["tokenizer"]["eod_id"] is None
