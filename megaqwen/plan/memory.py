@@ -14,10 +14,10 @@ zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO
 bf16 weights 2 + bf16 grads 2 + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the
 grads, stage 3 everything.
 
-Activations per micro-batch and layer: `megaqwen.train.memory_check.layer_activation_elements`, our
-derivation of Korthikanti et al. 2022 for SwiGLU + GQA + flash attention (their GPT figure is
-sbh(34 + 5as/h) bytes in fp16 without flash attention, 34 sbh with it or with selective
-recomputation, 2 sbh with full recomputation; ours per token and layer, in elements: norms 6h
+Activations per micro-batch and layer: `layer_activation_elements` below (the trainer's fit and stage
+memory checks use it too), our derivation of Korthikanti et al. 2022 for SwiGLU + GQA + flash attention
+(their GPT figure is sbh(34 + 5as/h) bytes in fp16 without flash attention, 34 sbh with it or with
+selective recomputation, 2 sbh with full recomputation; ours per token and layer, in elements: norms 6h
 (/tp under SP) + attention 5q + Hq + MLP 4I, all / tp; selective keeps 2q + 2kv, full h). Tokens per
 rank = micro_batch x seq / cp. In flight on pipeline rank i (p ranks, m micro-batches, v chunks):
 GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p v)) (Narayanan et
@@ -35,9 +35,27 @@ from dataclasses import dataclass, field, replace
 
 from megaqwen.kernels.cross_entropy import CHUNK_LOGITS_BYTES
 from megaqwen.models.config import ModelConfig
-from megaqwen.train.memory_check import layer_activation_elements
 
 GIB = 2**30
+
+
+def layer_activation_elements(m: ModelConfig, recompute: str, tp: int = 1,
+                              sequence_parallel: bool = False) -> float:
+    """Activation elements kept per token per layer on one rank (see the module docstring):
+    norms 6h (input, normalised, scaled output of both norms), attention 5q + Hq (q, k and v repeated
+    to Hq heads, output, o_proj input; fp32 log-sum-exp), MLP 4I (gate, silu(gate), up, down_proj
+    input); selective recomputation keeps q + 2kv + the o_proj input instead of the attention's 5q,
+    full keeps the layer's input only. Sequence parallelism divides the norms by tp, tp the rest."""
+    h, q, kv, i = m.hidden_size, m.num_heads * m.head_dim_, m.kv_dim, m.intermediate_size
+    mlp_i = i if not m.is_moe else m.num_experts_per_tok * m.moe_intermediate_size + \
+        m.shared_expert_intermediate_size
+    norms = 6 * h / (tp if sequence_parallel else 1)
+    if recompute == "full":
+        return h / (tp if sequence_parallel else 1)
+    attn = (q + 2 * kv + q) if recompute == "selective" else (5 * q + m.num_heads)
+    return norms + (attn + 4 * mlp_i) / tp
+
+
 BACKWARD_TEMP_LAYERS = 1.5
 """Backward's temporaries, in layers' worth of full (no-recompute) activations. Fitted to five fp32
 CPU runs (peak RSS above a warmed-up baseline, tests/plan/test_planner.py): residuals 0.7-2.6 layers.

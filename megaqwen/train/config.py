@@ -114,6 +114,12 @@ class TrainConfig:
     """A run-folder lock whose holder runs on another host counts as abandoned after this many
     minutes without a refresh (the holder refreshes it every step); same-host holders are checked
     by process id."""
+    fit_check: bool = True
+    """Refuse at start-up a run whose memory estimate per process (model state, activations, working
+    margin) exceeds 90% of the memory it may use (megaqwen/train/fit_check.py); false skips the check."""
+    memory_limit_gb: float = 0.0
+    """Memory one process may use, GiB, for the fit check (its GPU, or its share of RAM on CPU); 0
+    detects it (free GPU memory; or available RAM within any cgroup limit, over this node's processes)."""
 
 
 @dataclass
@@ -227,6 +233,8 @@ class Config:
                              f"{p.start_step} and {p.num_steps}")
         if t.lock_timeout_min <= 0:
             raise ValueError(f"train.lock_timeout_min must be positive, got {t.lock_timeout_min}")
+        if not t.memory_limit_gb >= 0:
+            raise ValueError(f"train.memory_limit_gb must be >= 0 (0 detects), got {t.memory_limit_gb}")
         if not self.parallel.collective_timeout_s > 0:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got "
                              f"{self.parallel.collective_timeout_s}")

@@ -11,6 +11,8 @@ Measured on CPU with saved-tensor hooks (debug model, fp32): 5,490 bytes per tok
 formula gives 5,648 (+2.9%). `selective` recomputation keeps q + 2kv + o_proj input instead of the
 attention's 5q; `full` keeps each layer's input (h) only, plus one layer's full set while it is
 re-run. Sequence parallelism divides the norms by tp, tp divides the rest; cp divides the tokens.
+The per-layer formula is `megaqwen.plan.memory.layer_activation_elements`, shared with the planner,
+whose per-rank estimate the run's start-up fit check uses (`megaqwen.train.fit_check`).
 Model state: weights and gradients (4 bytes each, fp32 master), Adam moments (8 bytes), divided by
 tp x pp, and by dp for what ZeRO-1 / FSDP shard. A working margin of one layer's activations plus
 one chunk of logits covers backward's temporaries.
@@ -27,26 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from megaqwen.kernels.cross_entropy import CHUNK_LOGITS_BYTES
 from megaqwen.models.config import ModelConfig
+from megaqwen.plan.memory import layer_activation_elements
 
 GIB = 2**30
 TEMPORARY_LAYERS = 5  # backward's working set, in layers' worth of activations (measured, see estimate)
-
-
-def layer_activation_elements(m: ModelConfig, recompute: str, tp: int = 1,
-                              sequence_parallel: bool = False) -> float:
-    """Activation elements kept per token per layer on one rank (see the module docstring)."""
-    h, q, kv, i = m.hidden_size, m.num_heads * m.head_dim_, m.kv_dim, m.intermediate_size
-    mlp_i = i if not m.is_moe else m.num_experts_per_tok * m.moe_intermediate_size + \
-        m.shared_expert_intermediate_size
-    norms = 6 * h / (tp if sequence_parallel else 1)
-    if recompute == "full":
-        return h / (tp if sequence_parallel else 1)
-    attn = (q + 2 * kv + q) if recompute == "selective" else (5 * q + m.num_heads)
-    return norms + (attn + 4 * mlp_i) / tp
 
 
 @dataclass
@@ -129,29 +117,17 @@ def _advice(m, seq_len, micro_batch, **kw) -> list[str]:
     return out or ["no single change fits: raise cp and tp together, or use more devices"]
 
 
-def device_memory(device: torch.device) -> tuple[float, str]:
-    """(bytes, description) of the memory a rank can use: the GPU's, or the host's available RAM."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return float(props.total_memory), props.name
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return float(info.get("MemAvailable", info["MemTotal"])), "host RAM (available)"
-
-
 def check_stage_memory(cfg, world_size: int = 1) -> MemoryReport:
-    """The estimate for a training Config (megaqwen.train.config.Config) on this machine's device,
-    each CPU rank getting an equal share of the host's memory."""
+    """The estimate for a training Config (megaqwen.train.config.Config) against the memory one of
+    its processes may use here (`fit_check.available_memory`: free GPU memory, or this process's share
+    of the RAM within any cgroup limit)."""
     from megaqwen.parallel.dims import ParallelDims
-    from megaqwen.parallel.setup import resolve_device
+    from megaqwen.train.fit_check import available_memory, run_shape
 
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims.from_config(p, world_size)
-    device = resolve_device(t.device)
-    total, name = device_memory(device)
-    if device.type == "cpu":
-        total /= world_size
-    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
+    total, where = available_memory(cfg, world_size)
     return estimate(cfg.model, t.seq_len, t.micro_batch_size, tp=dims.tp, cp=dims.cp, pp=dims.pp,
                     dp=dims.dp, dp_mode=p.dp_mode, sequence_parallel=p.sequence_parallel,
-                    recompute=p.recompute, act_bytes=2 if bf16 else 4, device_bytes=total, device=name)
+                    recompute=p.recompute, act_bytes=run_shape(cfg, world_size).act_bytes,
+                    device_bytes=total, device=where)

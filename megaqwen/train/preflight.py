@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megaqwen.train.config import Config
 from megaqwen.train.errors import UsageError
+from megaqwen.train.fit_check import check_fit
 from megaqwen.train.overrides import check_choices, check_overrides, hydra_message, is_hydra_override
 from megaqwen.train.run_folder import RunFolder
 
@@ -65,6 +66,7 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
     check_run_shards(cfg)  # shards of another tokenizer than the model's, ids >= model.vocab_size
     if t.init_from and run.latest is None:  # what the run starts from must fit the model
         initial_source(t.init_from, cfg, get_spec(cfg.model))
+    check_fit(cfg, world_size)  # the memory estimate against this machine's, before any model exists
     return run
 
 

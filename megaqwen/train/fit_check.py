@@ -1,0 +1,294 @@
+"""Will the run fit? Before any model is built, the planner's per-rank memory estimate for the run's
+layout (`megaqwen.plan.memory.estimate_memory`) against the memory one process may use; a run that
+cannot fit is refused with the estimate's terms and the changes that would make it fit.
+
+Memory one process may use: `train.memory_limit_gb` when set, else detected:
+  CUDA  free memory of this rank's GPU (LOCAL_RANK; one GPU per process), plus what this process's
+        caching allocator already holds (an earlier stage of a chain, run in the same process);
+  CPU   MemAvailable, or less where a cgroup limit (v2 memory.max, v1 memory.limit_in_bytes) leaves
+        less (limit - working set), shared equally by this node's processes: LOCAL_WORLD_SIZE, else
+        the world size (launch/torchrun.sh checks its one node before starting any rank).
+A run fits when the estimate is at most 90% of that (the planner's `MemoryEstimate.fits` rule: allocator
+fragmentation, CUDA context, NCCL buffers). A CPU process also holds its runtime (interpreter, torch
+and the trainer's modules: 370 MiB resident, measured on CPU torch 2.13) and, with train.async_save,
+a host copy of its weights and optimizer state; DeepSpeed offload moves state off the GPU.
+
+Why the planner's model and not the stage memory check's (`memory_check.estimate`): they share the
+activation formula, but the planner counts parameters exactly per rank (tp/pp/ep pieces, FSDP chunks,
+DeepSpeed stages) and pipeline micro-batches in flight, and its backward margin (1.5 layers) was
+fitted to measured fp32 CPU peaks (within 10%), where the stage check's 5 layers errs high for shallow
+models at long sequences (+52%, 2 layers at 16K). Uneven `parallel.pp_layers` are counted as if every
+stage held the largest one (an upper bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megaqwen.models.config import ModelConfig
+from megaqwen.plan.memory import GIB, Layout, estimate_memory
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 0.9
+"""Fraction of the available memory a run may plan to use (as `MemoryEstimate.fits`)."""
+RUNTIME_BYTES = 0.4 * GIB
+"""A CPU training process before its model exists (370 MiB resident after importing the trainer)."""
+MEMINFO = "/proc/meminfo"
+CGROUP_FILES = (  # (limit, usage, stat, reclaimable page-cache key): v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+     "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the estimate depends on: model, layout, batch, precision and where state lives."""
+
+    model: ModelConfig
+    layout: Layout
+    seq_len: int
+    global_batch: int
+    act_bytes: int
+    cpu: bool
+    async_save: bool = False
+    deepspeed: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def terms(self) -> dict[str, float]:
+        """Bytes per process, by term, on the most loaded pipeline rank."""
+        lay = self.layout
+        micro = max(1, self.global_batch // (lay.micro_batch * lay.dp))
+        e = estimate_memory(self.model, lay, self.seq_len, micro, act_bytes=self.act_bytes)
+        gpu = not self.cpu  # DeepSpeed offload keeps these in host memory, off the GPU
+        state = e.grads + (0 if gpu and self.offload_optimizer else e.optimizer) + \
+            (0 if gpu and self.offload_params else e.weights)
+        out = {"model state": state, "activations": e.activations, "working margin": e.margin}
+        if self.cpu:
+            out["runtime"] = RUNTIME_BYTES
+            if self.async_save:
+                out["async checkpoint copy"] = e.weights + e.optimizer
+        return out
+
+    def with_(self, **layout_changes) -> RunShape:
+        return dataclasses.replace(self, layout=dataclasses.replace(self.layout, **layout_changes))
+
+
+@dataclass
+class FitReport:
+    """The estimate by term, against the memory one process may use."""
+
+    name: str
+    terms: dict[str, float]
+    available: float
+    where: str
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= HEADROOM * self.available
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in self.terms.items())
+        return (f"model={self.name} needs about {_gib(self.total)} GiB per process ({parts}) "
+                f"{'of the' if self.fits else 'but'} {_gib(self.available)} GiB "
+                f"{'' if self.fits else 'is '}available ({self.where}; {HEADROOM:.0%} of it may be planned)")
+
+    def message(self) -> str:
+        return (f"{self.summary()}: {'; '.join(self.advice)} (train.memory_limit_gb sets the memory per "
+                "process, train.fit_check=false skips this check)")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}" if n >= GIB else f"{n / GIB:.2f}"
+
+
+def run_shape(cfg, world_size: int) -> RunShape:
+    """The RunShape of a training Config (megaqwen.train.config.Config) on `world_size` processes."""
+    from megaqwen.parallel.dims import ParallelDims
+
+    p, t = cfg.parallel, cfg.train
+    dims = ParallelDims.from_config(p, world_size)
+    device = _device(cfg, world_size)
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda" and _bf16_gpu())
+    mode = p.dp_mode
+    if t.engine == "deepspeed":  # bf16 ZeRO accounting for stages 2-3; fp32 DeepSpeed is 4 + 4 + 8
+        mode = f"zero{p.zero_stage}" if bf16 and p.zero_stage > 1 else \
+            ("fsdp" if p.zero_stage == 3 else "zero1")
+    m, virtual = cfg.model, p.pp_virtual_stages
+    if p.pp_layers is not None:  # every stage counted as the largest: an upper bound
+        virtual = len(p.pp_layers) // p.pp
+        m = dataclasses.replace(m, num_layers=max(p.pp_layers) * len(p.pp_layers))
+    lay = Layout(tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, dp=dims.dp,
+                 sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
+                 pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
+                 micro_batch=t.micro_batch_size)
+    return RunShape(m, lay, t.seq_len, t.global_batch_size, 2 if bf16 else 4, device.type == "cpu",
+                    t.async_save, t.engine == "deepspeed", t.engine == "deepspeed" and p.offload_optimizer,
+                    t.engine == "deepspeed" and p.offload_params)
+
+
+def check_fit(cfg, world_size: int) -> FitReport | None:
+    """Refuse (ValueError) a run whose estimate exceeds the memory one process may use; None when
+    train.fit_check is off."""
+    if not cfg.train.fit_check:
+        return None
+    shape = run_shape(cfg, world_size)
+    if cfg.train.memory_limit_gb > 0:
+        available, where = cfg.train.memory_limit_gb * GIB, "train.memory_limit_gb"
+    else:
+        available, where = available_memory(cfg, world_size)
+    report = FitReport(cfg.model.name, shape.terms(), available, where)
+    if not report.fits:
+        report.advice = advice(shape, available)
+        raise ValueError(report.message())
+    log.info("%s: fits", report.summary())
+    return report
+
+
+def advice(shape: RunShape, available: float) -> list[str]:
+    """Single changes that bring the estimate under HEADROOM x `available`, aimed at the largest term
+    (model state, or activations with the working margin); what reduces it most when none does."""
+    t = shape.terms()
+    state_bound = t["model state"] >= t["activations"] + t["working margin"]
+    lay, budget = shape.layout, HEADROOM * available
+    unit = "nodes like this one" if shape.cpu else "GPUs"
+    tries: list[tuple[str, RunShape]] = []
+    if state_bound:
+        shard = "parallel.zero_stage=3" if shape.deepspeed else "parallel.dp_mode=fsdp"
+        sharded = "zero3" if shape.deepspeed and shape.act_bytes == 2 else "fsdp"  # as run_shape maps it
+        if lay.dp > 1 and lay.dp_mode != sharded:
+            tries.append((f"{shard} (the same processes share the model state)",
+                          shape.with_(dp_mode=sharded)))
+        for k in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):  # more data-parallel ranks, sharded state
+            big = shape.with_(dp=lay.dp * k, dp_mode=sharded)
+            if (total := _total(big)) is not None and total <= budget:
+                n = k if shape.cpu else big.layout.world
+                tries.append((f"{shard} over {n} {unit} (dp={lay.dp * k})", big))
+                break
+        if not shape.cpu:  # on one CPU node more ranks share the same RAM: tp/pp do not help there
+            tries += [(f"parallel.tp={k} ({lay.world // lay.tp * k} GPUs)", shape.with_(tp=k))
+                      for k in (2, 4, 8) if k > lay.tp]
+            tries += [(f"parallel.pp={k} ({lay.world // lay.pp * k} GPUs)", shape.with_(pp=k))
+                      for k in (2, 4, 8, 16) if k > lay.pp]
+    else:
+        if lay.recompute == "none":
+            tries.append(("parallel.recompute=selective", shape.with_(recompute="selective")))
+        if lay.recompute != "full":
+            tries.append(("parallel.recompute=full", shape.with_(recompute="full")))
+        for mb in range(lay.micro_batch - 1, 0, -1):
+            if shape.global_batch % mb == 0:
+                tries.append((f"train.micro_batch_size={mb}", shape.with_(micro_batch=mb)))
+        if not shape.cpu:
+            tries += [(f"parallel.cp={k} ({lay.world // lay.cp * k} GPUs)", shape.with_(cp=k))
+                      for k in (2, 4, 8, 16) if k > lay.cp and shape.seq_len % (2 * k) == 0]
+    scored = [(text, total) for text, s in tries if (total := _total(s)) is not None]
+    fitting = _first_per_knob([text for text, total in scored if total <= budget])
+    if fitting:
+        return ["fits with " + " or with ".join(fitting[:3])]
+    better = _first_per_knob([text for total, text in sorted((total, text) for text, total in scored
+                                                              if total < sum(t.values()))])
+    lead = f"no single change fits; the largest term is the {'model state' if state_bound else 'activations'}"
+    if not better:
+        return [lead + (": use more memory per process (a larger GPU, more nodes) or a smaller model"
+                        if state_bound else ": use a larger device or a shorter train.seq_len")]
+    totals = dict(scored)
+    return [lead + ", reduced most by " + ", ".join(f"{text} (about {_gib(totals[text])} GiB)"
+                                                   for text in better[:3])]
+
+
+
+def _total(shape: RunShape) -> float | None:
+    """The estimate's total, or None for a layout the model cannot take."""
+    try:
+        return sum(shape.terms().values())
+    except ValueError:
+        return None
+
+
+def _first_per_knob(texts: list[str]) -> list[str]:
+    """Keep the first (least disruptive) fitting value of each setting: cp=2 rather than cp=2, 4, 8."""
+    seen, out = set(), []
+    for text in texts:
+        knob = text.split("=")[0]
+        if knob not in seen:
+            seen.add(knob)
+            out.append(text)
+    return out
+
+
+def _device(cfg, world_size: int):
+    """This rank's device as the trainer will pick it (`init_distributed`), before any process group."""
+    from megaqwen.parallel.dims import resolve_backend
+    from megaqwen.parallel.setup import resolve_device
+
+    backend = resolve_backend(cfg.parallel.backend) if world_size > 1 else None
+    return resolve_device(cfg.train.device, backend, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def node_processes(world_size: int) -> int:
+    """Processes of this job on this node (all share its RAM)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def available_memory(cfg, world_size: int) -> tuple[float, str]:
+    """(bytes one process may use, where they come from) for the run's device."""
+    device = _device(cfg, world_size)
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device)
+        return float(free), f"free on {torch.cuda.get_device_name(device)}, {device}"
+    ram, where = host_ram()
+    n = node_processes(world_size)
+    return ram / n, f"{where}, {n} process{'es' if n > 1 else ''} on this node"
+
+
+def host_ram() -> tuple[float, str]:
+    """(bytes, description) of the RAM this job may still take: MemAvailable, or the cgroup's room."""
+    info = {}
+    for line in Path(MEMINFO).read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    ram = float(info.get("MemAvailable", info["MemTotal"]))
+    room = cgroup_room()
+    if room is not None and room < ram:
+        return room, "RAM under the cgroup memory limit"
+    return ram, "RAM"
+
+
+def cgroup_room() -> float | None:
+    """Bytes the memory cgroup may still grow by (limit - working set), None without a limit."""
+    for limit_f, usage_f, stat_f, key in CGROUP_FILES:
+        try:
+            raw = Path(limit_f).read_text().strip()
+        except OSError:
+            continue
+        if raw == "max" or int(raw) >= 2**60:
+            return None
+        try:
+            usage = int(Path(usage_f).read_text())
+            stat = dict(line.split()[:2] for line in Path(stat_f).read_text().splitlines())
+            usage -= int(stat.get(key, 0))  # page cache the kernel reclaims before it kills
+        except (OSError, ValueError):
+            usage = 0
+        return float(max(0, int(raw) - usage))
+    return None

@@ -1,0 +1,138 @@
+"""The start-up fit check: a run whose memory estimate exceeds what one process may use is refused by
+`megaqwen-train --check` in one line, with the estimate's terms and changes that would make it fit.
+Host RAM is faked (or train.memory_limit_gb set) so that no assert depends on this machine's memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megaqwen.models.config import get_config
+from megaqwen.plan.memory import GIB, Layout
+from megaqwen.train import fit_check
+from megaqwen.train import main as train_main
+from megaqwen.train.errors import UsageError
+from megaqwen.train.fit_check import RunShape, advice, cgroup_room, host_ram
+from megaqwen.train.preflight import compose_config, preflight
+
+MODEL_BUILT = "parameters (this rank's shards)"
+TERMS = ("model state", "activations", "working margin", "runtime")
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["megaqwen-train", *args])
+    code = 0
+    try:
+        train_main.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def box_24g(monkeypatch):
+    """A 24 GiB CPU box: 23.1 GiB of it available."""
+    monkeypatch.setattr(fit_check, "host_ram", lambda: (23.1 * GIB, "RAM"))
+
+
+def test_7b_on_a_24g_cpu_box_is_refused_in_one_line_with_the_estimate(box_24g, monkeypatch, capsys,
+                                                                        tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, "--check", "model=qwen2.5-7b", "train.device=cpu",
+                             f"train.out_dir={tmp_path}")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("megaqwen-train: error: model=qwen2.5-7b needs about ")
+    assert "Traceback" not in err and "ready to train" not in err and MODEL_BUILT not in out + err
+    state = 16 * get_config("qwen2.5-7b").num_params() / GIB  # fp32 weights + grads + AdamW moments
+    assert f"model state {state:.1f}" in err, err
+    assert all(term in err for term in TERMS)
+    assert "but 23.1 GiB is available (RAM, 1 process on this node" in err
+    # the model state dominates: sharding it is the advice, not recomputation or smaller micro-batches
+    assert "parallel.dp_mode=fsdp over" in err and "recompute" not in err.split("available")[1]
+    assert "train.fit_check=false" in err
+
+
+def test_the_detected_ram_is_shared_by_the_node_processes(monkeypatch, tmp_path):
+    monkeypatch.setattr(fit_check, "host_ram", lambda: (3 * GIB, "RAM"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    cfg = compose_config(["model=qwen2.5-0.5b", "parallel.dp=4", "parallel.dp_mode=fsdp"])
+    with pytest.raises(ValueError, match=r"but 0.75 GiB is available \(RAM, 4 processes on this node"):
+        fit_check.check_fit(cfg, world_size=4)
+
+
+def test_memory_limit_decides_for_a_mid_size_model(tmp_path):
+    """qwen2.5-0.5b in fp32 on CPU: about 9 GiB (7.4 of it model state) against the limit set."""
+    args = [f"train.out_dir={tmp_path}", "model=qwen2.5-0.5b", "train.device=cpu"]
+    with pytest.raises(UsageError) as e:
+        preflight([*args, "train.memory_limit_gb=8"], world_size=1)
+    msg = str(e.value)
+    assert "needs about 9.1 GiB per process" in msg and "but 8.0 GiB is available (train.memory_limit_gb" in msg
+    preflight([*args, "train.memory_limit_gb=12"], world_size=1)  # 9.1 <= 0.9 x 12: accepted
+    with pytest.raises(UsageError, match="train.memory_limit_gb must be >= 0"):
+        preflight([*args, "train.memory_limit_gb=-1"], world_size=1)
+
+
+def test_fit_check_false_skips_it(box_24g, monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "--check", "model=qwen2.5-7b", "train.device=cpu",
+                           "train.fit_check=false", f"train.out_dir={tmp_path}")
+    assert code == 0 and "ready to train" in err
+
+
+def test_debug_model_and_the_demo_fit_with_room_to_spare(tmp_path):
+    """The default (debug) run and the demo's settings, detected memory and a 2 GiB limit."""
+    for extra in ([], ["train.memory_limit_gb=2"], ["train.eval_every=10", "train.eval_iters=2",
+                                                      "data.valid_fraction=0.05", "train.save_every=10"]):
+        cfg = compose_config([f"train.out_dir={tmp_path}", *extra])
+        report = fit_check.check_fit(cfg, world_size=1)
+        assert report.fits and report.total < 1 * GIB, report.summary()
+        assert set(TERMS) <= set(report.terms)
+
+
+def test_advice_targets_the_largest_term_and_each_suggestion_fits():
+    m = get_config("qwen2.5-7b")
+    # state-bound on one 80 GB GPU: more GPUs for sharded state, tp or pp; never recomputation
+    gpu = RunShape(m, Layout(dp_mode="ddp", sequence_parallel=False), 4096, 8, 2, cpu=False)
+    (tip,) = advice(gpu, 80 * GIB)
+    assert tip.startswith("fits with parallel.dp_mode=fsdp over ") and "parallel.tp=" in tip
+    assert "recompute" not in tip and "micro_batch" not in tip
+    # activation-bound: 7B, tp=4 x fsdp dp=16 (64 GPUs), 128K tokens per sample
+    long = RunShape(m, Layout(tp=4, dp=16, dp_mode="fsdp"), 131_072, 16, 2, cpu=False)
+    (tip,) = advice(long, 80 * GIB)
+    assert "parallel.cp=" in tip and "dp_mode" not in tip
+    for text in tip.removeprefix("fits with ").split(" or with "):  # each one really fits
+        knob, value = text.split(" ")[0].split("=")
+        key = {"parallel.recompute": "recompute", "parallel.cp": "cp",
+               "train.micro_batch_size": "micro_batch"}[knob]
+        changed = long.with_(**{key: value if key == "recompute" else int(value)})
+        assert sum(changed.terms().values()) <= 0.9 * 80 * GIB, text
+    # nothing single fits: say which term is largest and what reduces it most
+    (tip,) = advice(RunShape(m, Layout(dp_mode="ddp"), 4096, 8, 4, cpu=True), 0.5 * GIB)
+    assert tip.startswith("no single change fits; the largest term is the model state")
+
+
+def test_host_ram_takes_the_cgroup_room_when_smaller(tmp_path, monkeypatch):
+    (tmp_path / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n")  # 24 / 20 GiB
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{8 * GIB}\n")
+    (v2 / "memory.current").write_text(f"{3 * GIB}\n")
+    (v2 / "memory.stat").write_text(f"anon 1\ninactive_file {GIB}\n")
+    files = ((str(v2 / "memory.max"), str(v2 / "memory.current"), str(v2 / "memory.stat"), "inactive_file"),)
+    monkeypatch.setattr(fit_check, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(fit_check, "CGROUP_FILES", files)
+    assert cgroup_room() == 6 * GIB  # limit - (usage - reclaimable page cache)
+    assert host_ram() == (6 * GIB, "RAM under the cgroup memory limit")
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_room() is None and host_ram() == (20 * GIB, "RAM")
+
+
+@pytest.mark.slow
+def test_runtime_term_is_what_a_cpu_process_holds_before_its_model():
+    """RUNTIME_BYTES against the resident set of a fresh interpreter that imported the trainer."""
+    code = ("import resource, megaqwen.train.loop; from pathlib import Path; "
+            "print(int(Path('/proc/self/statm').read_text().split()[1]) * resource.getpagesize())")
+    rss = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             timeout=300).stdout.split()[-1])
+    assert 0.5 <= rss / fit_check.RUNTIME_BYTES <= 1.5, rss
