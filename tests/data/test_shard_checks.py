@@ -5,6 +5,7 @@ sides; Megatron shards without the sidecar still load, their ids read from the .
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,11 @@ def test_shards_of_another_tokenizer_are_refused_naming_both(tmp_path, tiny_shar
     assert f"Qwen2.5 ({want.size} ids, fingerprint {want.fingerprint}" in msg
     assert f"data.path={tiny_shard}" in msg and "--output-prefix" in msg and "\n" not in msg
     assert not (tmp_path / "run").exists()  # refused before any work
+    recipe = tmp_path / "mix.json"  # a blend recipe: every shard it names is checked
+    recipe.write_text(json.dumps({"name": "mix", "datasets": [{"prefix": str(tiny_shard), "weight": 1}]}))
+    want_msg = f"data.valid_path={recipe}: shard {tiny_shard} was tokenised with tiny-bpe"
+    with pytest.raises(UsageError, match=re.escape(want_msg)):
+        check_shards_for_model("data.valid_path", str(recipe), get_config("qwen2.5-7b"), tmp_path)
 
 
 def test_ids_past_the_vocabulary_are_refused_naming_max_id(tmp_path, qwen_shard):
