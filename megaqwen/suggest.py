@@ -16,6 +16,7 @@ def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """` (did you mean X?)` for the closest candidates, or '' when none is close."""
     candidates = list(candidates)
     close = [c for c in candidates if _words(c) == _words(word)]  # train.lr_min -> train.min_lr
+    close = close or [c for c in candidates if sorted(c) == sorted(word)]  # swapped letters: gpsu -> gpus
     close = close or _best(word, candidates, n, cutoff=0.6)
     if not close:  # a wrong section with the right field: `steps` or `model.steps` -> train.steps
         tail = word.rsplit(".", 1)[-1]

@@ -8,7 +8,9 @@
 Keys: model, gpus, seq, global_batch (sequences), gpu (h100 | h200 | a100 | a100-40g), efficiency
 (fraction of peak the kernels reach, default 0.6), top; a layout is evaluated alone when any of tp,
 pp, cp, ep, dp, dp_mode, recompute, pp_schedule, pp_virtual_stages, micro_batch is given (dp defaults
-to gpus / (tp pp cp); dp_mode zero2/zero3 mean the DeepSpeed engine).
+to gpus / (tp pp cp); dp_mode zero2/zero3 mean the DeepSpeed engine). The search lists only layouts
+the trainer accepts (it asks the trainer's own validation, `parallel.setup.validate_layout`); when
+none fits it says whether memory or divisibility (batch, heads, layers over the degrees) is why.
 """
 
 from __future__ import annotations
@@ -16,28 +18,53 @@ from __future__ import annotations
 import sys
 
 from megaqwen.models.config import get_config
+from megaqwen.parallel.activation import RECOMPUTE_MODES
+from megaqwen.parallel.data_parallel import DP_MODES
+from megaqwen.parallel.pipeline import SCHEDULES
 from megaqwen.plan.memory import GIB, GPUS, Layout
 from megaqwen.plan.perf import DEFAULT_EFFICIENCY
-from megaqwen.plan.search import Plan, evaluate, search
+from megaqwen.plan.search import Plan, Rejected, evaluate, search
+from megaqwen.suggest import check_choice, did_you_mean
 
+PROG = "megaqwen-plan"
 LAYOUT_INT = ("tp", "pp", "cp", "ep", "dp", "pp_virtual_stages", "micro_batch")
 LAYOUT_STR = ("dp_mode", "recompute", "pp_schedule")
 RUN_KEYS = ("model", "gpus", "seq", "global_batch", "gpu", "efficiency", "top")
+KEYS = (*RUN_KEYS, *LAYOUT_INT, *LAYOUT_STR)
+CHOICES = {"gpu": tuple(GPUS), "dp_mode": (*DP_MODES, "zero2", "zero3"), "recompute": RECOMPUTE_MODES,
+           "pp_schedule": tuple(SCHEDULES)}
+"""Fixed-choice keys: the trainer's own lists (dp_mode zero2 / zero3: the DeepSpeed engine)."""
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    out, bad = {}, []
+    """key=value arguments; ValueError naming the first one that is not, with the closest key."""
+    out = {}
     for a in argv:
         k, eq, v = a.partition("=")
-        if not eq or k not in (*RUN_KEYS, *LAYOUT_INT, *LAYOUT_STR):
-            bad.append(a)
+        if not eq:
+            raise ValueError(f"cannot read {a!r}: give key=value{did_you_mean(a, KEYS)}; "
+                             f"keys: {', '.join(KEYS)}")
+        if k not in KEYS:
+            raise ValueError(f"{a}: unknown key {k!r}{did_you_mean(k, KEYS)}; keys: {', '.join(KEYS)}")
         out[k] = v
-    if bad:
-        raise ValueError(f"megaqwen-plan: cannot read {bad}; give key=value with keys "
-                         f"{', '.join((*RUN_KEYS, *LAYOUT_INT, *LAYOUT_STR))}")
-    if out.get("gpu", "h100") not in GPUS:
-        raise ValueError(f"gpu={out['gpu']!r}; choose from {' | '.join(GPUS)}")
+    for k, choices in CHOICES.items():
+        if k in out:
+            check_choice(k, out[k], choices)
     return out
+
+
+def _number(a: dict[str, str], key: str, default: float, kind: type = int):
+    try:
+        return kind(a.get(key, default))
+    except ValueError:
+        raise ValueError(f"{key}={a[key]!r} must be {'an integer' if kind is int else 'a number'}") from None
+
+
+def _model(name: str):
+    try:
+        return get_config(name)
+    except ValueError as e:
+        raise ValueError(f"model={name}: {e}") from None
 
 
 def table(plans: list[Plan]) -> str:
@@ -62,15 +89,15 @@ def table(plans: list[Plan]) -> str:
 
 def run(argv: list[str]) -> str:
     a = parse(argv)
-    m = get_config(a.get("model", "qwen2.5-72b"))
+    m = _model(a.get("model", "qwen2.5-72b"))
     gpu = GPUS[a.get("gpu", "h100")]
-    gpus, seq, gb = int(a.get("gpus", 64)), int(a.get("seq", 4096)), int(a.get("global_batch", 1024))
-    eff = float(a.get("efficiency", DEFAULT_EFFICIENCY))
+    gpus, seq, gb = _number(a, "gpus", 64), _number(a, "seq", 4096), _number(a, "global_batch", 1024)
+    eff = _number(a, "efficiency", DEFAULT_EFFICIENCY, float)
     head = (f"{m.name}: {m.num_params() / 1e9:.1f}B parameters ({m.active_params() / 1e9:.1f}B active), "
             f"{gpus} x {gpu.name}, seq {seq}, global batch {gb} sequences ({gb * seq / 1e6:.1f}M tokens), "
             f"kernel efficiency {eff:.0%} of {gpu.peak_flops / 1e12:.0f} TFLOP/s (assumed)")
     if any(k in a for k in (*LAYOUT_INT, *LAYOUT_STR)):
-        kw = {k: int(a[k]) for k in LAYOUT_INT if k in a} | {k: a[k] for k in LAYOUT_STR if k in a}
+        kw = {k: _number(a, k, 0) for k in LAYOUT_INT if k in a} | {k: a[k] for k in LAYOUT_STR if k in a}
         kw.setdefault("dp", gpus // (kw.get("tp", 1) * kw.get("pp", 1) * kw.get("cp", 1)))
         lay = Layout(**{"sequence_parallel": kw.get("tp", 1) > 1, **kw})
         if lay.world != gpus:
@@ -86,10 +113,11 @@ def run(argv: list[str]) -> str:
         if p.error:
             lines.append(p.error)
         return "\n".join(lines)
-    plans = search(m, gpus, gpu, seq, gb, eff)
+    rejected = Rejected()
+    plans = search(m, gpus, gpu, seq, gb, eff, rejected)
     if not plans:
-        return head + "\nno layout fits: more GPUs, a shorter sequence or a smaller global batch"
-    return head + f"\n{len(plans)} layouts fit; the fastest:\n" + table(plans[: int(a.get("top", 15))])
+        return head + "\n" + rejected.explain(gpus, gb)
+    return head + f"\n{len(plans)} layouts fit; the fastest:\n" + table(plans[: _number(a, "top", 15)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(argv))
     except ValueError as e:
-        print(f"megaqwen-plan: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

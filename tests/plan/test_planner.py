@@ -142,3 +142,36 @@ def test_cli_table_and_errors(capsys):
     assert main(["gpu=v100"]) == 2 and "gpu='v100'" in capsys.readouterr().err
     assert main(["tp=8", "gpus=63"]) == 2
     assert main(["bogus"]) == 2
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["gpsu=64"], "megaqwen-plan: error: gpsu=64: unknown key 'gpsu' (did you mean gpus?)"),
+    (["global_bacth=64"], "(did you mean global_batch?)"),
+    (["gpu=h10"], "gpu='h10' is not one of h100 | h200 | a100 | a100-40g (did you mean h100?)"),
+    (["tp=8", "pp_schedule=1fb1"], "(did you mean 1f1b?)"),
+    (["tp=8", "dp_mode=zer1"], "(did you mean zero1?)"),
+    (["tp=eight"], "tp='eight' must be an integer"),
+])
+def test_cli_mistakes_are_one_line_with_the_closest_spelling(capsys, argv, says):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("megaqwen-plan: error: ") and says in err
+    assert "megaqwen-plan: megaqwen-plan" not in err
+
+
+def test_no_layout_says_whether_memory_or_divisibility_is_why():
+    out = run(["model=qwen2.5-72b", "gpus=60", "global_batch=1024"])
+    assert "memory is not why" in out and "does not split into micro-batches over dp = 15, 30, 60" in out
+    assert "multiple of 15" in out
+    out = run(["model=qwen2.5-72b", "gpus=8", "gpu=a100-40g", "global_batch=64"])
+    assert "no layout fits in memory" in out and "memory is not why" not in out
+
+
+def test_search_proposes_only_layouts_the_trainer_accepts():
+    """The trainer refuses pipeline stages with the HF load-balancing loss (parallel.setup): the
+    search, asking the trainer's validation, drops them; with the loss off they are proposed again."""
+    moe = get_config("qwen2-57b-a14b")
+    assert moe.router_aux_loss_coef > 0
+    assert all(p.layout.pp == 1 for p in search(moe, 64, GPUS["h200"], 4096, 256))
+    aux_free = get_config("qwen2-57b-a14b", router_aux_loss_coef=0.0)
+    assert any(p.layout.pp > 1 for p in search(aux_free, 64, GPUS["h200"], 4096, 256))
