@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ class MetricsLogger:
         self.wandb_run = None
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
+        self._cp = cp_label(config)
         self.last_step: int | None = None
         """The last step logged (on every rank, enabled or not)."""
         if not enabled:
@@ -69,10 +71,7 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self._t0
         rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
-        extra = f" mfu {m['mfu']:.1%}" if "mfu" in m else ""
-        log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | mem %.2f GiB%s | "
-                 "%.2f step/s | eta %s", step, self.total_steps, m["loss"], m["lr"], m["grad_norm"],
-                 m["tokens_per_s"], m["peak_mem_gib"], extra, rate, _fmt_eta(eta))
+        log.info("%s", step_line(step, self.total_steps, m, rate, eta, self._cp))
 
     def close(self) -> None:
         if not self.enabled:
@@ -101,6 +100,66 @@ def _wandb_id(out: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id)
     return run_id
+
+
+def cp_label(config: dict[str, Any]) -> str:
+    """`cp 4 ring` / `cp 2 alltoall` from a run's config dict; '' without context parallelism."""
+    par = config.get("parallel") or {}
+    cp = int(par.get("cp", 1) or 1)
+    return f"cp {cp} {par.get('cp_mode', 'ring')}" if cp > 1 else ""
+
+
+_PP_MEM = re.compile(r"pp_rank(\d+)_peak_mem_gib")
+_RANK_MEM = re.compile(r"peak_mem_gib/rank(\d+)")
+_MOE_LAYER = re.compile(r"moe/L(\d+)/load_max")
+
+
+def _argmax(m: dict[str, float], pattern: re.Pattern) -> tuple[str, float] | None:
+    """(the placeholder, the value) of the largest metric whose key matches `pattern`."""
+    hits = [(mt.group(1), v) for k, v in m.items() if (mt := pattern.fullmatch(k))]
+    return max(hits, key=lambda kv: kv[1]) if hits else None
+
+
+def step_line(step: int, total: int, m: dict[str, float], rate: float, eta_s: float, cp: str = "") -> str:
+    """The console line of one logged step, from its metrics row. Besides loss, LR, gradient norm,
+    throughput and memory it shows what a parallel run needs: the highest peak memory over the ranks
+    when it is not rank 0's, under pp the measured (and theoretical) bubble and the largest stage's
+    memory, for an MoE model the router losses and the worst layer's most loaded expert, and the cp
+    mode (`cp`, from `cp_label`)."""
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"mfu {m['mfu']:.1%}")
+    mem = f"mem {m['peak_mem_gib']:.2f} GiB"
+    top = m.get("peak_mem_gib_max", m["peak_mem_gib"])
+    if top > m["peak_mem_gib"] * 1.01 + 1e-3:  # rank 0 is not the largest: name the one that is
+        where = _argmax(m, _RANK_MEM)
+        mem += f" (max {top:.2f} GiB{f' on rank {where[0]}' if where else ''})"
+    parts.append(mem)
+    if "pp_bubble_measured" in m:
+        pp = f"pp bubble {m['pp_bubble_measured']:.0%}"
+        if "pp_bubble_theory" in m:
+            pp += f" (theory {m['pp_bubble_theory']:.0%})"
+        stage = _argmax(m, _PP_MEM)
+        if stage:
+            pp += f", largest stage pp{stage[0]} {stage[1]:.2f} GiB"
+        parts.append(pp)
+    moe = []
+    if "aux_loss" in m:
+        moe.append(f"aux {m['aux_loss']:.4f}")
+    if "z_loss" in m:
+        moe.append(f"z {m['z_loss']:.2e}")
+    if "moe/load_max" in m:
+        layer = _argmax(m, _MOE_LAYER)
+        moe.append(f"expert load max {m['moe/load_max']:.2f}x{f' (L{layer[0]})' if layer else ''}")
+    if m.get("moe/dropped_frac"):
+        moe.append(f"dropped {m['moe/dropped_frac']:.1%}")
+    if moe:
+        parts.append(", ".join(moe))
+    if cp:
+        parts.append(cp)
+    parts += [f"{rate:.2f} step/s", f"eta {_fmt_eta(eta_s)}"]
+    return " | ".join(parts)
 
 
 def _fmt_eta(seconds: float) -> str:
