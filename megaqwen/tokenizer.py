@@ -307,12 +307,16 @@ def open_tokenizer(path: str | Path | None = None) -> tuple[PreTrainedTokenizerF
     if path is not None and Path(path).suffix == ".json":
         raise ValueError(f"tokenizer {path}: not the Qwen BPE; give the folder holding tokenizer.json and "
                          f"tokenizer_config.json ({folder}), so its eos token is known")
+    vocab_files = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if not any((folder / f).is_file() for f in vocab_files):
+        raise FileNotFoundError(f"tokenizer folder {folder} holds none of {', '.join(vocab_files)}: not a "
+                                "Hugging Face tokenizer folder (save one with tokenizer.save_pretrained)")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:
+        why = " ".join(str(e).split())  # transformers' messages span several lines
         raise ValueError(f"tokenizer folder {folder} could not be loaded as a Hugging Face tokenizer "
-                         f"({type(e).__name__}: {e}); it needs tokenizer.json and tokenizer_config.json"
-                         ) from e
+                         f"({type(e).__name__}: {why})") from e
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"tokenizer folder {folder} gives a slow (Python) tokenizer {type(tok).__name__}; "

@@ -188,3 +188,6 @@ def test_default_tokenizer_recorded_and_missing_eos_refused(tmp_path, capsys, to
                    "--no-eod")
     assert rc == 0, out.err
     assert read_meta(tmp_path / "n")["tokenizer"]["eod_id"] is None
+    (empty := tmp_path / "empty").mkdir()
+    rc, out = _run(capsys, "--input", src, "--output-prefix", tmp_path / "e", "--tokenizer", empty)
+    assert rc == 1 and "not a Hugging Face tokenizer folder" in out.err and len(out.err.splitlines()) == 1
