@@ -65,7 +65,11 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
     run.check()
     check_run_shards(cfg)  # shards of another tokenizer than the model's, ids >= model.vocab_size
     if t.init_from and run.latest is None:  # what the run starts from must fit the model
-        initial_source(t.init_from, cfg, get_spec(cfg.model))
+        kind, src = initial_source(t.init_from, cfg, get_spec(cfg.model))
+        if kind == "hf":
+            from megaqwen.parallel.materialize import hf_weight_files
+
+            hf_weight_files(src)  # its weight files exist (their keys are matched once the model does)
     check_fit(cfg, world_size)  # the memory estimate against this machine's, before any model exists
     return run
 

@@ -6,6 +6,7 @@ can hit are also refused by the trainer itself with the same message (one check,
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 
@@ -113,6 +114,29 @@ def test_the_trainer_refuses_the_same_with_the_same_words(monkeypatch, capsys, t
     code, err = check(monkeypatch, capsys, tmp_path, 1, overrides)
     monkeypatch.delenv("WORLD_SIZE")
     cfg = compose_config([f"train.out_dir={tmp_path}", "logger.wandb.enabled=false", *overrides])
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        train(cfg)
+    assert err == f"megaqwen-train: error: {e.value}\n"
+
+
+@pytest.mark.parametrize("hf_overrides, says", [
+    ({}, "no model.safetensors or model.safetensors.index.json"),
+    ({"hidden_size": 96}, "model config differs (checkpoint, run): {'hidden_size': (96, 64)"),
+], ids=["no weight files", "another model"])
+def test_init_from_an_hf_folder_is_checked_before_the_ranks(monkeypatch, capsys, tmp_path, hf_overrides,
+                                                            says):
+    """An HF folder whose config differs from the run's model, or that holds no weights: refused by
+    --check with the words the trainer uses when it reaches the folder."""
+    from megaqwen.models.spec import get_spec
+
+    overrides = [f"train.init_from={tmp_path / 'hf'}"]
+    cfg = compose_config([f"train.out_dir={tmp_path}", "logger.wandb.enabled=false", *overrides])
+    (tmp_path / "hf").mkdir()
+    hf = get_spec(cfg.model).hf.config_to_hf(cfg.model, torch.float32) | hf_overrides
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    code, err = check(monkeypatch, capsys, tmp_path, 1, overrides)
+    assert_one_line(code, err, says)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         train(cfg)
     assert err == f"megaqwen-train: error: {e.value}\n"
