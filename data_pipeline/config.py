@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,13 +279,21 @@ def _beside_config(pattern: str, config_dir: Path) -> str:
     return alt if glob.glob(alt, recursive=True) or os.path.exists(alt) else pattern
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()
+) -> PipelineConfig:
     """Read a pipeline YAML (a path or a shipped config's name); output_dir stays relative to the
-    working directory, relative input paths fall back to the config's folder (see the module doc)."""
+    working directory, relative input paths fall back to the config's folder (see the module doc).
+
+    `overrides` replaces top-level keys; `sets` are `key=value` overrides (`overrides.py`), e.g.
+    `remix.stages.stage-4k.max_epochs=2`, each checked against the config's types."""
+    from megaqwen.data_pipeline.overrides import apply_overrides
+
     path = resolve_config_path(path)
     data = load_yaml(path)
     for k, v in (overrides or {}).items():
         data[k] = v
+    apply_overrides(data, sets, PipelineConfig)
     cfg = from_dict(PipelineConfig, data, str(path))
     cfg.input.paths = [_beside_config(p, path.resolve().parent) for p in cfg.input.paths]
     cfg.validate()

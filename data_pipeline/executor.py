@@ -7,6 +7,9 @@ a marker and redoes the rest from scratch (a killed task left only temporary fil
 overwritten). Rank r of a world of w processes (SLURM: array index / array size) runs tasks
 r, r + w, r + 2w, ... The markers are the same whatever ran the task (in-process, local worker
 processes, a Ray task, a SLURM array task), so a run can move between executors and resume.
+
+A marker also holds the stage's config fingerprint (`fingerprint.py`): a marker written under
+another config does not count as done, so a changed config re-runs the task instead of reusing it.
 """
 
 from __future__ import annotations
@@ -72,23 +75,40 @@ def marker_path(out_dir: Path, stage: str, task: int) -> Path:
     return out_dir / "markers" / stage / f"{task:05d}.json"
 
 
-def done_tasks(out_dir: Path, stage: str) -> set[int]:
+def marker_fingerprints(out_dir: Path, stage: str) -> dict[int, str | None]:
+    """`{task: fingerprint}` of the stage's markers (None: written before fingerprints existed)."""
     d = out_dir / "markers" / stage
-    return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
+    if not d.is_dir():
+        return {}
+    return {int(p.stem): json.loads(p.read_text()).get("fingerprint") for p in d.glob("*.json")}
 
 
-def require_complete(out_dir: Path, stage: str, n_tasks: int) -> None:
-    missing = sorted(set(range(n_tasks)) - done_tasks(out_dir, stage))
+def done_tasks(out_dir: Path, stage: str, fingerprint: str | None = None) -> set[int]:
+    """Tasks with a marker (written under `fingerprint`, when one is given)."""
+    if fingerprint is None:
+        d = out_dir / "markers" / stage
+        return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
+    return {t for t, fp in marker_fingerprints(out_dir, stage).items() if fp == fingerprint}
+
+
+def require_complete(out_dir: Path, stage: str, n_tasks: int, fingerprint: str | None = None) -> None:
+    missing = sorted(set(range(n_tasks)) - done_tasks(out_dir, stage, fingerprint))
     if missing:
+        why = "no marker" if fingerprint is None else "no marker written under this config"
         raise RuntimeError(
             f"stage {stage!r} is incomplete in {out_dir}: tasks {missing[:20]} of {n_tasks} "
-            f"have no marker; run that stage first"
+            f"have {why}; run that stage first"
         )
 
 
 def load_markers(out_dir: Path, stage: str) -> list[dict[str, Any]]:
     d = out_dir / "markers" / stage
     return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+
+def remove_markers(out_dir: Path, stage: str, tasks: set[int]) -> None:
+    for t in tasks:
+        marker_path(out_dir, stage, t).unlink(missing_ok=True)
 
 
 def _write_marker(out_dir: Path, stage: str, task: int, result: dict[str, Any]) -> None:
@@ -119,6 +139,7 @@ def run_tasks(
     executor: str = "local",
     ray_address: str = "",
     describe: Callable[[int], str] | None = None,
+    fingerprint: str | None = None,
 ) -> list[int]:
     """Run the unfinished tasks of `stage` owned by this rank; returns the task ids it ran.
 
@@ -126,7 +147,8 @@ def run_tasks(
     task's marker. With `workers > 1` tasks run in spawned processes (`executor="local"`) or as Ray
     tasks (`executor="ray"`, `workers` CPUs on a local instance or the cluster at `ray_address`), so
     `fn` must be picklable. Markers are the same for every executor, so a run can move between them.
-    Raises `TaskError` naming every task that failed (raised, or whose worker died).
+    Raises `TaskError` naming every task that failed (raised, or whose worker died). With a
+    `fingerprint`, only markers holding it count as done, and new markers hold it.
     """
     global _LOCAL_BAR
     if not 0 <= rank < world:
@@ -135,7 +157,7 @@ def run_tasks(
         raise ValueError(f"executor must be local or ray, got {executor!r}")
     describe = describe or (lambda t: f"task {t}")
     mine = [t for t in range(rank, n_tasks, world)]
-    finished = done_tasks(out_dir, stage)
+    finished = done_tasks(out_dir, stage, fingerprint)
     todo = [t for t in mine if t not in finished]
     if len(todo) < len(mine):
         log.info(
@@ -150,6 +172,8 @@ def run_tasks(
     bar = _Bar(stage, total_bytes, disable=not progress)
 
     def done(task: int, result: dict[str, Any]) -> None:
+        if fingerprint is not None:
+            result = {**result, "fingerprint": fingerprint}
         _write_marker(out_dir, stage, task, result)
         if executor == "ray":  # Ray tasks report no progress on the way: count the task's docs here
             bar.add(0, 0, 0)

@@ -1,20 +1,36 @@
-"""The stages in order, each a set of resumable tasks; `run_stage` is what a SLURM array task calls."""
+"""The stages in order, each a set of resumable tasks; `run_stage` is what a SLURM array task calls.
+
+A stage whose markers were written under another config (`fingerprint.py`: the keys it and the
+stages before it read) is refused, naming the changed keys, unless `rerun` is set: then its stale
+markers are dropped and its tasks run again, as do the stages after it, while stages whose keys did
+not change keep their results. Old and new results are never mixed.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from megaqwen.data_pipeline import stages as st
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
 from megaqwen.data_pipeline.domain_student import train_domains_task
-from megaqwen.data_pipeline.executor import load_markers, require_complete, run_tasks
+from megaqwen.data_pipeline.executor import (
+    load_markers,
+    marker_fingerprints,
+    remove_markers,
+    require_complete,
+    run_tasks,
+)
+from megaqwen.data_pipeline.fingerprint import changes, stage_records, upstream, write_record
+from megaqwen.data_pipeline.slug import domain_slugs
 
 log = logging.getLogger("megaqwen.data_pipeline")
 
@@ -25,18 +41,22 @@ STAGES = ["filter", "dedup", "judge", "train_scorer", "train_domains", "annotate
 
 
 def _domains_with_data(cfg: PipelineConfig) -> list[str]:
+    """Slugs of the domain folders under annotated/ that hold documents."""
     root = cfg.out / "annotated"
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.jsonl.zst")))
 
 
 def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
-    """Tokenise one domain's annotated documents into `shards/<domain>.bin/.idx`."""
+    """Tokenise one domain's annotated documents into `shards/<domain slug>.bin/.idx`."""
     from megaqwen.data.tokenize import tokenize_files
 
-    domain = _domains_with_data(cfg)[task]
-    files = sorted((cfg.out / "annotated" / domain).glob("*.jsonl.zst"))
+    shard = _domains_with_data(cfg)[task]
+    domain = {s: d for d, s in domain_slugs(cfg.domains.taxonomy).items()}.get(shard, shard)
+    files = sorted((cfg.out / "annotated" / shard).glob("*.jsonl.zst"))
     stats = tokenize_files(
-        files, str(cfg.out / "shards" / domain), log_every_s=60.0, tokenizer=cfg.remix.tokenizer
+        files, str(cfg.out / "shards" / shard), log_every_s=60.0, tokenizer=cfg.remix.tokenizer
     )
     # as a step: documents in, documents written to the shard, and why any were not
     step = StepStats(
@@ -52,6 +72,7 @@ def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     return {
         "task": task,
         "domain": domain,
+        "shard": shard,
         "documents": stats.documents,
         "tokens": stats.tokens,
         "steps": [step.to_json()],
@@ -61,13 +82,18 @@ def shards_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 def recipes_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     from megaqwen.data_pipeline.remix import plan_stage, write_recipe
 
-    tokens = {m["domain"]: m["tokens"] for m in load_markers(cfg.out, "shards")}
-    prefixes = {d: f"../shards/{d}" for d in tokens}
+    shards = load_markers(cfg.out, "shards")
+    tokens = {m["domain"]: m["tokens"] for m in shards}
+    prefixes = {m["domain"]: f"../shards/{m['shard']}" for m in shards}
     plans = {}
     for stage in cfg.remix.stages:
         plan = plan_stage(tokens, stage)
         write_recipe(cfg.out / "recipes" / f"{stage.name}.json", stage, plan, prefixes, tokens)
         plans[stage.name] = plan
+    keep = {f"{n}{ext}" for n in plans for ext in (".json", ".meta.json")}
+    for old in (cfg.out / "recipes").glob("*.json"):  # recipes of stages no longer configured
+        if old.name not in keep:
+            old.unlink()
     return {"task": task, "domain_tokens": tokens, "plans": plans}
 
 
@@ -125,15 +151,33 @@ def run_stage(
     world: int = 1,
     workers: int | None = None,
     progress: bool = True,
+    rerun: bool = False,
+    records: dict[str, dict[str, Any]] | None = None,
 ) -> list[int]:
+    """Run this rank's unfinished tasks of `stage`; `rerun`: redo results made under another config
+    (without it such results are refused). `records`: `fingerprint.stage_records` (computed if None)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    enabled = enabled_stages(cfg)
+    records = records or stage_records(cfg, [s for s in STAGES if s in enabled or s == stage])
+    for up in upstream(stage, enabled):
+        _require_current(cfg, up, records[up])
     cfg.out.mkdir(parents=True, exist_ok=True)
-    # record the resolved config once, beside the outputs (machine-readable record of the run)
-    cfg_path = cfg.out / "pipeline_config.json"
-    if not cfg_path.exists():
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    # record the resolved config beside the outputs (machine-readable record of the latest run)
+    _atomic_text(cfg.out / "pipeline_config.json", json.dumps(asdict(cfg), indent=1))
     n = n_tasks(cfg, stage)
+    rec = records[stage]
+    stale = {t for t, fp in marker_fingerprints(cfg.out, stage).items() if fp != rec["fingerprint"]}
+    if stale:
+        why = changes(cfg.out, stage, rec)
+        if not rerun:
+            raise ValueError(_refusal(cfg, {stage: why}))
+        log.info("%s: re-running: its results in %s were made with another config (%s)", stage, cfg.out, why)
+        # this rank drops its own stale markers, rank 0 also those of tasks that no longer exist
+        remove_markers(cfg.out, stage, {t for t in stale if (t % world == rank if t < n else rank == 0)})
+        if rank == 0:
+            _prune_outputs(cfg, stage, n)
+    write_record(cfg.out, stage, rec)
     total = st.input_bytes(cfg) if stage == "filter" else None
     fn = functools.partial(stage_fn(stage), cfg)
     procs = workers if workers is not None else cfg.workers
@@ -156,17 +200,78 @@ def run_stage(
         executor=cfg.executor.kind,
         ray_address=cfg.executor.ray_address,
         describe=functools.partial(describe_task, cfg, stage),
+        fingerprint=rec["fingerprint"],
     )
     log.info("%s: ran %d task(s) of %d", stage, len(ran), n)
     return ran
 
 
 def run_pipeline(
-    cfg: PipelineConfig, stages: list[str] | None = None, progress: bool = True
+    cfg: PipelineConfig, stages: list[str] | None = None, progress: bool = True, rerun: bool = False
 ) -> dict[str, list[int]]:
-    """All (or the named) enabled stages in order, locally; returns the tasks each stage ran."""
+    """All (or the named) enabled stages in order, locally; returns the tasks each stage ran.
+
+    Before any work: results made under another config are refused (naming the changed keys), or
+    with `rerun` re-run stage by stage from the first one affected."""
     todo = stages or enabled_stages(cfg)
-    return {s: run_stage(cfg, s, progress=progress) for s in todo}
+    enabled = set(enabled_stages(cfg)) | set(todo)
+    records = stage_records(cfg, [s for s in STAGES if s in enabled])
+    stale = stale_stages(cfg, todo, records)
+    if stale and not rerun:
+        raise ValueError(_refusal(cfg, stale))
+    return {s: run_stage(cfg, s, progress=progress, rerun=rerun, records=records) for s in todo}
+
+
+def stale_stages(
+    cfg: PipelineConfig, stages: list[str], records: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    """`{stage: what changed}` for the stages holding markers written under another config."""
+    out = {}
+    for s in stages:
+        if any(fp != records[s]["fingerprint"] for fp in marker_fingerprints(cfg.out, s).values()):
+            out[s] = changes(cfg.out, s, records[s])
+    return out
+
+
+def _refusal(cfg: PipelineConfig, stale: dict[str, str]) -> str:
+    first = next(iter(stale))
+    return (
+        f"{cfg.out} holds results made with another config (stage {first}: {stale[first]}); "
+        f"stages {', '.join(stale)} would re-run: pass --rerun to re-run them (their old results are "
+        f"replaced), or choose another output_dir"
+    )
+
+
+def _require_current(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> None:
+    """The results of `stage` are complete and were made under this config."""
+    try:
+        require_complete(cfg.out, stage, n_tasks(cfg, stage), record["fingerprint"])
+    except RuntimeError as e:
+        fps = marker_fingerprints(cfg.out, stage).values()
+        if any(fp != record["fingerprint"] for fp in fps):
+            e.add_note(f"{stage} was run with another config ({changes(cfg.out, stage, record)}): "
+                       f"run it again with --rerun")
+        raise
+
+
+def _prune_outputs(cfg: PipelineConfig, stage: str, n: int) -> None:
+    """Outputs a re-run would not overwrite: files of tasks that no longer exist, shards of domains
+    that no longer have documents."""
+    if stage == "annotate":
+        for p in cfg.out.glob("annotated/*/*.jsonl.zst"):
+            if int(p.name[:5]) >= n:
+                p.unlink()
+    if stage == "shards":
+        keep = set(_domains_with_data(cfg))
+        for p in cfg.out.glob("shards/*"):
+            if p.name.split(".")[0] not in keep:
+                p.unlink()
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def summary(cfg: PipelineConfig) -> dict[str, Any]:

@@ -110,7 +110,10 @@ def write_recipe(
     """Write the trainer's recipe `{"name", "description", "datasets": [{"prefix", "weight"}]}` and,
     beside it, `<name>.meta.json` with the stage's plan (seq_length, rope_base, caps, epochs).
 
-    Prefixes are relative to the recipe file's folder. The recipe is loaded back with the trainer's
+    `prefixes` maps each domain's name to its shard prefix, relative to the recipe file's folder (the
+    shard files are named by the domain's slug: `social media` -> `../shards/social-media`). The
+    recipe holds only prefixes, as the trainer reads it; the plan keeps the domain names, with
+    `shards` mapping each name to its prefix. The recipe is loaded back with the trainer's
     `load_blend_recipe` before it replaces an older one, so a recipe the trainer rejects is never kept.
     """
     from megaqwen.data.blend import load_blend_recipe
@@ -120,9 +123,12 @@ def write_recipe(
     ]
     recipe = {
         "name": stage.name,
+        # the trainer reads prefixes only; the description names each domain's shard for people
         "description": (
             f"data pipeline stage {stage.name}: seq_length {stage.seq_length}, rope_base {stage.rope_base}, "
-            f"token_budget {stage.token_budget}, max_epochs {stage.max_epochs} (plan: {meta_path(path).name})"
+            f"token_budget {stage.token_budget}, max_epochs {stage.max_epochs} "
+            f"(plan: {meta_path(path).name}); domains: "
+            + ", ".join(f"{d} = {prefixes[d]}" for d, w in sorted(plan["weights"].items()) if w > 0)
         ),
         "datasets": datasets,
     }
@@ -133,6 +139,7 @@ def write_recipe(
         "token_budget": stage.token_budget,
         "max_epochs": stage.max_epochs,
         "domain_tokens": tokens,
+        "shards": {d: prefixes[d] for d in sorted(plan["weights"])},
         "target_weights": plan["target"],
         "weights": plan["weights"],
         "capped": plan["capped"],
@@ -160,12 +167,17 @@ def measure_blend(recipe_path: Path, n_samples: int, seq_length: int) -> dict[st
 
     Built with the trainer's `build_dataset`, so the blend order (`BlendedDataset`, weights as exact
     integers over a common denominator) and the packing (`GPTDataset`, repeating epochs) are the
-    trainer's. Per shard (by prefix name): its recipe weight, the measured share of tokens, and the
-    epochs read (tokens drawn / tokens in the shard).
+    trainer's. Per shard (by domain name, from the plan beside the recipe; else by prefix name): its
+    recipe weight, the measured share of tokens, and the epochs read (tokens drawn / tokens in the
+    shard).
     """
     from megaqwen.data.blend import BlendedDataset, build_dataset, load_blend_recipe
 
     recipe = load_blend_recipe(recipe_path)
+    meta = meta_path(recipe_path)
+    by_prefix = {}
+    if meta.is_file():
+        by_prefix = {Path(p).name: d for d, p in json.loads(meta.read_text()).get("shards", {}).items()}
     ds = build_dataset(recipe, seq_len=seq_length, num_samples=n_samples)
     draws = [0] * len(recipe.prefixes)
     if isinstance(ds, BlendedDataset):
@@ -177,7 +189,7 @@ def measure_blend(recipe_path: Path, n_samples: int, seq_length: int) -> dict[st
         shards = [ds.indexed]
     total = sum(draws) * seq_length
     return {
-        Path(p).name: {
+        by_prefix.get(Path(p).name, Path(p).name): {
             "weight": w,
             "measured": draws[d] * seq_length / total,
             "epochs": draws[d] * seq_length / shards[d].num_tokens,

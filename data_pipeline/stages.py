@@ -7,8 +7,10 @@ Layout under `output_dir`:
     dedup/duplicates.json          {task: [positions in filtered/<task>]} to drop, with what they duplicate
     judge/<task>.jsonl             judge labels of a sample (text, per-dimension scores, domain probs)
     scorer/                        distilled heads (quality.npz, domain.npz) and agreement metrics
-    annotated/<domain>/<task>.jsonl.zst   deduplicated, scored, domain-labelled documents
-    markers/<stage>/<task>.json    completion markers holding each task's stats
+    annotated/<domain slug>/<task>.jsonl.zst   deduplicated, scored, domain-labelled documents
+                                   (folder names are `slug.slug(domain)`: `social media` -> social-media)
+    markers/<stage>/<task>.json    completion markers holding each task's stats and config fingerprint
+    markers/<stage>.config/<fp>.json   the config keys behind fingerprint fp (fingerprint.py)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
 from megaqwen.data_pipeline.executor import load_markers, report_progress, require_complete
 from megaqwen.data_pipeline.io import Reader, expand_inputs, open_writer, read_documents, write_lines
+from megaqwen.data_pipeline.slug import domain_slugs, slug
 from megaqwen.data_pipeline.steps import build_steps
 from megaqwen.data_pipeline.steps.dedup import Signer, exact_key, find_duplicates
 
@@ -329,6 +332,10 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     from megaqwen.data_pipeline.embed import get_encoder
     from megaqwen.data_pipeline.scorer import RidgeScorer
 
+    # a rerun first removes what this task wrote before (a domain it no longer feeds keeps no old file)
+    for old in cfg.out.glob(f"annotated/*/{task:05d}.jsonl.zst"):
+        old.unlink()
+    slugs = domain_slugs(cfg.domains.taxonomy)
     dedup_stats, quality_stats = StepStats("dedup"), StepStats("quality")
     # a document with no tokens (empty text, when no step removed it) would be a lone EOD in the
     # shard, and a domain of only such documents would have no shard at all: dropped here, counted
@@ -375,7 +382,7 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
             quality_stats.kept += 1
             dom = d.metadata["domain"]
             if dom not in writers:
-                p = cfg.out / "annotated" / dom / f"{task:05d}.jsonl.zst"
+                p = cfg.out / "annotated" / slugs.get(dom, slug(dom)) / f"{task:05d}.jsonl.zst"
                 writers[dom] = (p, open_writer(p.with_name(p.name + ".tmp")))
             writers[dom][1].write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
             domain_tokens[dom] += ntok[k]

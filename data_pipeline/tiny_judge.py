@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tiny-judge",
-        help="save a tiny random Qwen2 judge for demos and tests",
+        help="save a tiny random judge model, to try the judge-enabled pipeline offline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenize",
-        help="tokenise text into a Megatron .bin/.idx shard",
+        help="turn text files (jsonl, parquet) into one token shard for megaqwen-train, without filtering",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

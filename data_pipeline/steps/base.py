@@ -48,9 +48,8 @@ class Step:
         return doc
 
 
-def build_steps(specs: list[dict[str, Any]]) -> list[Step]:
-    """Steps from config entries such as `{"name": "gopher_quality", "min_doc_words": 50}`."""
-    # importing the modules registers their steps
+def step_types() -> dict[str, type[Step]]:
+    """Every step by name (importing the step modules registers their steps)."""
     from megaqwen.data_pipeline.steps import (  # noqa: F401
         code_filters,
         content,
@@ -62,6 +61,12 @@ def build_steps(specs: list[dict[str, Any]]) -> list[Step]:
         route,
     )
 
+    return STEP_TYPES
+
+
+def build_steps(specs: list[dict[str, Any]]) -> list[Step]:
+    """Steps from config entries such as `{"name": "gopher_quality", "min_doc_words": 50}`."""
+    step_types()
     steps = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or "name" not in spec:
