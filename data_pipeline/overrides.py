@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from megaqwen.train.errors import did_you_mean
+from megaqwen.suggest import did_you_mean
 
 EXAMPLE = "remix.stages.stage-4k.max_epochs=2"
 _STEP_LIST = list[dict[str, Any]]  # how the configs type a list of per-document steps
