@@ -21,6 +21,7 @@ DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("native", "deepspeed")
 NONFINITE_POLICIES = ("stop", "skip", "rollback")
+BAD_CHECKPOINT_POLICIES = ("fallback", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -79,6 +80,9 @@ class TrainConfig:
     Costs one extra host copy of this rank's weights and optimizer state."""
     resume: bool = True
     """Resume from the latest checkpoint in out_dir when there is one."""
+    on_bad_checkpoint: str = "fallback"
+    """A resumed checkpoint whose files fail their recorded sizes/CRCs: fallback (warn, resume from the
+    newest earlier checkpoint that passes) | stop (one-line error naming folder and file)."""
     init_from: str | None = None
     """Start from these weights (native checkpoint or HF folder) when there is nothing to resume;
     the model config must match the checkpoint's."""
@@ -207,6 +211,7 @@ class Config:
         check_choice("train.dtype", t.dtype, DTYPES)
         check_choice("train.device", t.device, DEVICES)
         check_choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+        check_choice("train.on_bad_checkpoint", t.on_bad_checkpoint, BAD_CHECKPOINT_POLICIES)
         if t.spike_factor < 0 or 0 < t.spike_factor <= 1:
             raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
         check_choice("train.engine", t.engine, ENGINES)

@@ -300,7 +300,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
     torch.manual_seed(t.seed)
     ops = resolve_ops(cfg.kernels, device=env.device.type)
-    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
+    latest = run.latest  # the checkpoint every rank agreed on (checksums verified), None: fresh start
     model, shards = build_model_for_run(cfg, env, ops, resuming=latest is not None, plan=plan)
     pipe = None
     if plan is not None:
@@ -347,7 +347,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     metrics: dict[str, float] = {}
     expert_load: dict | None = None  # MoE: loads summed over the run's steps, for the heat map
-    stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption): save, then exit cleanly
+    stop = StopSignal(env.device)  # SIGTERM / SIGUSR1 (SLURM pre-emption), Ctrl-C: save, exit cleanly
     health = LossHealth(t.spike_factor)
     saver = ckpt.Checkpointer(ckpt_root, t.async_save, keep_last=t.keep_last, keep_every=t.keep_every)
     saved: dict[str, float] = {}

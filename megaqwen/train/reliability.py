@@ -72,18 +72,26 @@ def rollback(ckpt_root: Path, model, optimizer, shards, step: int) -> float:
 
 
 class StopSignal:
-    """SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or a time limit) set a flag instead
-    of killing the process; the loop checks it after every step, saves a checkpoint and returns, so
-    the job exits 0 and a requeued rerun resumes. All ranks agree (an all-reduce of the flag), so
-    they stop at the same step even when only some received the signal."""
+    """SIGTERM and SIGUSR1 (what SLURM sends before pre-emption or a time limit) and SIGINT (Ctrl-C)
+    set a flag instead of killing the process; the loop checks it after every step, saves a
+    checkpoint and returns, so the job exits 0 and a rerun (or a requeued job) resumes. All ranks
+    agree (an all-reduce of the flag), so they stop at the same step even when only some received
+    the signal.
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    A second Ctrl-C while stopping gives up at once: the handlers are restored and KeyboardInterrupt
+    is raised wherever the process is (no checkpoint of this step; `latest` still names the previous
+    one). A SIGINT within `REPEAT_S` of the first is the same Ctrl-C again, not a second one: under
+    torchrun every rank gets the terminal's SIGINT and then the copy torchrun forwards to it."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    REPEAT_S = 1.0
 
     def __init__(self, device: torch.device):
         import signal
         import threading
 
         self.device, self.received, self._old = device, None, {}
+        self._since = 0.0
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
         for name in self.SIGNALS:
@@ -92,9 +100,21 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         import signal
+        import time
 
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if name == "SIGINT" and self.received is not None:
+            if now - self._since < self.REPEAT_S:
+                return  # the same Ctrl-C, forwarded by torchrun
+            self.close()  # a third Ctrl-C gets Python's default behaviour
+            raise KeyboardInterrupt(f"second SIGINT while stopping after {self.received}: stopped at once, "
+                                    "without a checkpoint of this step")
+        if self.received is None:
+            self._since = now
+        self.received = name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting%s", name,
+                    " (Ctrl-C again to stop at once, without that checkpoint)" if name == "SIGINT" else "")
 
     def agreed(self) -> str | None:
         """The signal's name if any rank received one (collective when distributed)."""

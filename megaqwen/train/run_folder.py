@@ -44,6 +44,8 @@ class RunFolder:
         self.resume_step = 0
         self.changes: dict[str, tuple[Any, Any]] = {}
         """Allowed differences from the checkpoint's contract: key -> (checkpoint, this run)."""
+        self.damaged: list[Path] = []
+        """Newer checkpoints that failed their checksums (train.on_bad_checkpoint=fallback)."""
 
     @property
     def contract(self) -> dict[str, Any]:
@@ -57,16 +59,23 @@ class RunFolder:
     def nothing_to_do(self) -> bool:
         return self.resume_step >= self.cfg.train.steps
 
-    def check(self, lock: bool = True) -> None:
+    def check(self, lock: bool = True, deep: bool = False) -> None:
         """Model-free checks of inputs and folder (and, with `lock`, that no other job holds it);
-        UsageError with what to change."""
+        UsageError with what to change. The checkpoint to resume is checked against the file sizes
+        in its meta.json, and with `deep` (collective when distributed) against the CRCs too."""
         t, d = self.cfg.train, self.cfg.data
         check_data_path("data.path", d.path, t.out_dir)
         if d.valid_path is not None:
             check_data_path("data.valid_path", d.valid_path, t.out_dir)
         resume.check_allow_changes(list(t.allow_changes), list(self._contract))
         try:
-            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            if t.resume:
+                latest, self.damaged = ckpt.resume_checkpoint(self.ckpt_root, t.on_bad_checkpoint, deep)
+                if latest is not None and not deep and ckpt.read_meta(latest)["step"] >= t.steps:
+                    # "nothing to train" is decided here, not after open()'s CRC check: check them now
+                    latest, self.damaged = ckpt.resume_checkpoint(self.ckpt_root, t.on_bad_checkpoint, True)
+            else:
+                latest = ckpt.latest_checkpoint(self.ckpt_root)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from e
         if latest is not None and not t.resume:
@@ -85,7 +94,7 @@ class RunFolder:
         any of that fails on any rank, every rank raises the same UsageError (so rank 0 reports it)."""
         error = ""
         try:
-            self.check(lock=False)  # (the lock: rank 0 alone, or the others would see rank 0's)
+            self.check(lock=False, deep=True)  # (the lock: rank 0 alone, or the others would see rank 0's)
             if rank == 0:
                 self.lock.acquire()
         except UsageError as e:
@@ -99,6 +108,8 @@ class RunFolder:
             raise UsageError(error)
         if rank != 0:
             return
+        if self.damaged:  # now that this job holds the folder
+            ckpt.set_aside(self.ckpt_root, self.damaged, self.latest)
         truncate_metrics(self.out_dir / METRICS, self.resume_step)
         if self.nothing_to_do:
             log.info("nothing to train: %s is at step %d and train.steps=%d (raise train.steps to go on)",
