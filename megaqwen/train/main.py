@@ -3,6 +3,7 @@
     megaqwen-train model=debug train.steps=20 train.lr=3e-4
     megaqwen-train model=qwen2.5-0.5b data.path=shards/recipe-4k.json logger.wandb.mode=online
     megaqwen-train --help        # every field with its default and doc
+    megaqwen-train model=qwen2.5-7b --help model   # one section, with the 7B's values
 
 Before Hydra starts the job, `preflight` checks everything that needs no model (overrides, values,
 layout, data, resume contract, run-folder lock); a problem is printed as one message by rank 0 and
@@ -64,20 +65,30 @@ def _check(overrides: list[str]) -> bool:
     return not run.nothing_to_do
 
 
-def _print_help() -> None:
-    from hydra import compose, initialize_config_module
-
+def _print_help(args: list[str]) -> None:
+    """`--help [SECTION]`, with the values of the config composed from the other arguments (so
+    `model=qwen2.5-7b --help model` shows the 7B's). Exits 2 on an unknown section or override."""
     from megaqwen.train.help import help_text
+    from megaqwen.train.preflight import compose_config
 
-    with initialize_config_module("megaqwen.conf", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config"))
-    print(help_text(cfg), end="")
+    at = next(i for i, a in enumerate(args) if a in ("--help", "-h"))
+    section = args[at + 1] if at + 1 < len(args) and "=" not in args[at + 1] \
+        and not args[at + 1].startswith("-") else None
+    skip = {at, at + 1} if section else {at}
+    overrides = [a for i, a in enumerate(args) if i not in skip and not a.startswith("-")]
+    try:
+        text = help_text(compose_config(overrides), section=section, overrides=overrides)
+    except UsageError as e:
+        if debug_enabled():
+            raise
+        sys.exit(report(PROG, e))
+    print(text, end="")
 
 
 def main() -> None:
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
-        _print_help()
+        _print_help(args)
         return
     if "--version" in args:
         print(version_text())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,32 @@ def test_help_text_shows_the_composed_defaults(tmp_path):
     text = help_text(cfg, width=105)
     assert "model.hidden_size=3584" in text and "train.allow_changes=[data.path]" in text
     assert max(len(line) for line in text.splitlines()) <= 105
+
+
+def test_help_section_shows_one_section_with_the_overrides_values(monkeypatch, capsys):
+    code, full, _ = run_cli(monkeypatch, capsys, "--help")
+    code2, out, _ = run_cli(monkeypatch, capsys, "--help", "parallel")
+    assert code == code2 == 0
+    assert "parallel.cp_mode=ring" in out and "tp4_zero1" in out  # its fields and its presets
+    sections = set(re.findall(r"^  ([a-z_]+)\.[a-z_.]+=", out, flags=re.M))
+    assert sections == {"parallel"} and "usage:" not in out
+    assert len(out.splitlines()) < len(full.splitlines()) / 3
+    code, out, _ = run_cli(monkeypatch, capsys, "model=qwen2.5-7b", "--help", "model")
+    assert code == 0 and "model.hidden_size=3584" in out and "model.name=qwen2.5-7b" in out
+    assert "values with the overrides model=qwen2.5-7b" in out
+    _, out, _ = run_cli(monkeypatch, capsys, "--help", "logger")
+    assert "logger.wandb.mode=" in out  # a section includes its subsections
+    code, out, _ = run_cli(monkeypatch, capsys, "model=qwen2.5-7b", "--help")  # the full help too
+    assert code == 0 and "model.hidden_size=3584" in out and "parallel.tp=1" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--help", "paralel"], "--help paralel: no such section (did you mean parallel?); sections: model,"),
+    (["model=qwen2.5-7", "--help"], "did you mean qwen2.5-7b?"),
+])
+def test_help_with_a_wrong_section_or_override_is_one_line(monkeypatch, capsys, args, match):
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and match in err
 
 
 @pytest.mark.parametrize("prog", ["megaqwen-train", "megaqwen-data", "megaqwen-eval", "megaqwen-convert"])
