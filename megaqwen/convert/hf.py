@@ -3,9 +3,10 @@
 Parameter names are identical (the model uses HF's names), so the weights map one to one; the only
 non-identity parts are the config keys (below) and the tied LM head, which HF's safetensors omit.
 Tensors keep their stored dtype in both directions, so HF -> megaqwen -> HF is bit-exact.
-The architecture comes from config.json's `model_type` (qwen2 | qwen2_moe) on import and from the
-checkpoint's ModelConfig.arch on export; each model spec's HF adapter maps its config. Qwen2-MoE's
-aux-free routing bias travels as an extra tensor, with a warning (see qwen2_moe/hf_adapter.py).
+The architecture comes from config.json's `model_type` (qwen2 | qwen2_moe | qwen3 | qwen3_moe) on
+import and from the checkpoint's ModelConfig.arch on export; each model spec's HF adapter maps its
+config. The MoE aux-free routing bias travels as an extra tensor, with a warning (see
+qwen2_moe/hf_adapter.py).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found")
     hf_config = json.loads(config_path.read_text())
-    cfg = _adapter(MODEL_TYPES.get(hf_config.get("model_type"), "qwen2")).config_from_hf(
-        hf_config, name=hf_dir.name)
+    adapter = _adapter(MODEL_TYPES.get(hf_config.get("model_type"), "qwen2"))
+    cfg = adapter.config_from_hf(hf_config, name=hf_dir.name)
     weights = read_hf_weights(hf_dir)
-    _warn_extras(weights)
+    _warn_extras(weights, adapter)
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return cfg, weights
@@ -60,7 +61,7 @@ def expected_keys(cfg: ModelConfig) -> set[str]:
     return set(get_spec(cfg).build(cfg, device="meta").state_dict())
 
 
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2_moe"}
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
 """HF config.json model_type -> our architecture (spec) name."""
 
 
@@ -70,10 +71,10 @@ def _adapter(arch: str):
     return get_spec(arch).hf
 
 
-def _warn_extras(keys) -> None:
-    from megaqwen.models.qwen2_moe.hf_adapter import bias_warning
-
-    msg = bias_warning(keys)
+def _warn_extras(keys, adapter) -> None:
+    """Log the adapter's warning about tensors stock transformers ignores (MoE routing bias)."""
+    warning = getattr(adapter, "bias_warning", None)
+    msg = warning(keys) if warning is not None else None
     if msg:
         log.warning(msg)
 
@@ -138,8 +139,9 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
-    hf_config = _adapter(cfg.arch).config_to_hf(cfg, dtype)
-    _warn_extras(state)
+    adapter = _adapter(cfg.arch)
+    hf_config = adapter.config_to_hf(cfg, dtype)
+    _warn_extras(state, adapter)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_generation_config(hf_dir, hf_config)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -1,13 +1,21 @@
-"""Typed model configuration for the Qwen2.5 dense decoder and the Qwen2-MoE family.
+"""Typed model configuration for the Qwen2.5 / Qwen3 dense decoders and their MoE families.
 
-Published sizes carry the values of the official Hugging Face `config.json` files; `debug` and
-`debug-moe` are tiny flavours for tests and the README demo. YAML twins of these live in `conf/model/`.
+Published sizes carry the values of the official Hugging Face `config.json` files; `debug`,
+`debug-moe`, `debug-qwen3` and `debug-qwen3-moe` are tiny flavours for tests and the README demo.
+YAML twins of these live in `conf/model/`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+MOE_TWIN: dict[str, str] = {"qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+"""Dense architecture -> its MoE sibling (same attention; num_experts > 0 exactly on the MoE one)."""
+QK_NORM_ARCHS = frozenset({"qwen3", "qwen3_moe"})
+"""Architectures with QK-norm and without QKV bias (Qwen3)."""
+NO_SHARED_EXPERT_ARCHS = frozenset({"qwen3_moe"})
+"""MoE architectures whose checkpoints have no shared expert."""
 
 
 @dataclass
@@ -55,7 +63,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     """Share the input embedding with the LM head (0.5B, 1.5B, 3B)."""
     qkv_bias: bool = True
-    """Bias on q/k/v projections (Qwen2 has it; o_proj and the MLP do not)."""
+    """Bias on q/k/v projections (Qwen2 has it; o_proj and the MLP do not; Qwen3 has none)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every q and k head, before RoPE (Qwen3's QK-norm; weights (D,))."""
     init_std: float = 0.02
     """Std of the normal init for linear and embedding weights."""
     num_experts: int = 0
@@ -121,6 +131,7 @@ class ModelConfig:
             raise ValueError(f"model {self.name!r}: head_dim={self.head_dim_} must be even for RoPE")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError(f"model {self.name!r}: rope_theta and rms_norm_eps must be positive")
+        self._validate_arch()
         self._validate_moe()
         self._validate_rope()
 
@@ -144,15 +155,31 @@ class ModelConfig:
         if bad:
             raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 
+    def _validate_arch(self) -> None:
+        """What the architecture's checkpoint format fixes: QK-norm and QKV bias."""
+        if self.arch in QK_NORM_ARCHS and (not self.qk_norm or self.qkv_bias):
+            raise ValueError(
+                f"model {self.name!r}: arch {self.arch!r} has QK-norm and no QKV bias (its checkpoints "
+                f"carry q_norm/k_norm and no q/k/v bias), got qk_norm={self.qk_norm}, "
+                f"qkv_bias={self.qkv_bias}")
+        if self.qk_norm and self.arch not in QK_NORM_ARCHS:
+            raise ValueError(f"model {self.name!r}: qk_norm=true needs arch {sorted(QK_NORM_ARCHS)} "
+                             f"(arch {self.arch!r} checkpoints have no q_norm/k_norm)")
+
     def _validate_moe(self) -> None:
         """MoE fields: all problems named at once."""
         bad = []
+        dense_of = {moe: dense for dense, moe in MOE_TWIN.items()}
         if self.num_experts < 0:
             bad.append(f"num_experts={self.num_experts} must be >= 0 (0 = dense)")
-        if self.arch == "qwen2_moe" and self.num_experts <= 0:
-            bad.append(f"arch 'qwen2_moe' needs num_experts > 0, got {self.num_experts}")
-        if self.arch == "qwen2" and self.num_experts > 0:
-            bad.append(f"num_experts={self.num_experts} needs arch 'qwen2_moe' (arch is 'qwen2')")
+        if self.arch in dense_of and self.num_experts <= 0:
+            bad.append(f"arch {self.arch!r} needs num_experts > 0, got {self.num_experts}")
+        if self.arch in MOE_TWIN and self.num_experts > 0:
+            bad.append(f"num_experts={self.num_experts} needs arch {MOE_TWIN[self.arch]!r} "
+                       f"(arch is {self.arch!r})")
+        if self.arch in NO_SHARED_EXPERT_ARCHS and self.shared_expert_intermediate_size:
+            bad.append(f"arch {self.arch!r} has no shared expert, got shared_expert_intermediate_size="
+                       f"{self.shared_expert_intermediate_size} (use 0)")
         if self.num_experts > 0:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 bad.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
@@ -198,7 +225,8 @@ class ModelConfig:
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim_
         q, kv = self.num_heads * hd, self.kv_dim
         bias = (q + 2 * kv) if self.qkv_bias else 0
-        attn_norms = h * q + 2 * h * kv + bias + q * h + 2 * h
+        qk_norm = 2 * hd if self.qk_norm else 0
+        attn_norms = h * q + 2 * h * kv + bias + q * h + 2 * h + qk_norm
         si = self.shared_expert_intermediate_size
         sparse_mlp = (self.num_experts * h + routed * 3 * h * self.moe_intermediate_size
                       + (3 * h * si + h if si else 0))  # router, experts, shared expert + its gate
@@ -286,18 +314,71 @@ DEBUG_MOE: dict[str, Any] = dict(
     mlp_only_layers=[0])
 
 
+# Official Hugging Face configs (Qwen/Qwen3-*/config.json). Every size: head_dim 128 (not
+# hidden / heads at 0.6B, 4B, 32B and both MoE), QK-norm, no QKV bias, the 151,936-row vocabulary,
+# rope_theta 1e6, rms_norm_eps 1e-6, 40,960 positions; the three small sizes tie the LM head.
+QWEN3_COMMON: dict[str, Any] = dict(qk_norm=True, qkv_bias=False, head_dim=128, vocab_size=151_936,
+                                    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                                    max_position_embeddings=40_960)
+PUBLISHED_QWEN3: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+                     num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                     num_kv_heads=8, tie_word_embeddings=False),
+    "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_layers=40, num_heads=40,
+                      num_kv_heads=8, tie_word_embeddings=False),
+    "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_layers=64, num_heads=64,
+                      num_kv_heads=8, tie_word_embeddings=False),
+}
+
+# Official Hugging Face configs (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B config.json): 128 experts,
+# top-8 renormalised (norm_topk_prob true), no shared expert, every layer sparse; intermediate_size
+# is in the config (a dense MLP for mlp_only_layers) but no published layer uses it.
+PUBLISHED_QWEN3_MOE: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                          num_kv_heads=4, moe_intermediate_size=768),
+    "qwen3-235b-a22b": dict(hidden_size=4096, intermediate_size=12288, num_layers=94, num_heads=64,
+                            num_kv_heads=4, moe_intermediate_size=1536),
+}
+QWEN3_MOE_COMMON: dict[str, Any] = dict(
+    QWEN3_COMMON, arch="qwen3_moe", tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+
+# Tiny Qwen3 flavours: the debug attention with QK-norm and head_dim 24 != hidden / heads (q is 96
+# wide, the residual 64), as Qwen3-0.6B's 2048-wide q on a 1024 residual; the MoE one mirrors
+# debug-moe (layer 0 dense, 1 and 3 sparse, 8 experts top-2) without its shared expert, untied.
+DEBUG_QWEN3: dict[str, Any] = dict(name="debug-qwen3", arch="qwen3", qk_norm=True, qkv_bias=False,
+                                   head_dim=24)
+DEBUG_QWEN3_MOE: dict[str, Any] = dict(
+    DEBUG_QWEN3, name="debug-qwen3-moe", arch="qwen3_moe", num_layers=4, num_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=2,
+    mlp_only_layers=[0], tie_word_embeddings=False)
+
+DEBUG: dict[str, dict[str, Any]] = {"debug": {}, "debug-moe": DEBUG_MOE, "debug-qwen3": DEBUG_QWEN3,
+                                    "debug-qwen3-moe": DEBUG_QWEN3_MOE}
+"""Debug flavours by name (ModelConfig defaults are the `debug` model)."""
+
+
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """A published or debug config by name, with field overrides."""
-    if name == "debug":
-        return ModelConfig(**overrides)
-    if name == "debug-moe":
-        return ModelConfig(**{**DEBUG_MOE, **overrides})
+    if name in DEBUG:
+        return ModelConfig(**{**DEBUG[name], **overrides})
     if name in PUBLISHED_MOE or name in ASSUMED_MOE:
         return ModelConfig(**{"name": name, "arch": "qwen2_moe", "rope_theta": 1_000_000.0,
                               "norm_topk_prob": False, "router_aux_loss_coef": 0.001,
                               **PUBLISHED_MOE.get(name, ASSUMED_MOE.get(name, {})), **overrides})
+    if name in PUBLISHED_QWEN3:
+        return ModelConfig(**{"name": name, "arch": "qwen3", **QWEN3_COMMON, **PUBLISHED_QWEN3[name],
+                              **overrides})
+    if name in PUBLISHED_QWEN3_MOE:
+        return ModelConfig(**{"name": name, **QWEN3_MOE_COMMON, **PUBLISHED_QWEN3_MOE[name],
+                              **overrides})
     if name not in PUBLISHED:
-        raise ValueError(f"unknown model {name!r}; choose from "
-                         f"{['debug', 'debug-moe', *PUBLISHED, *PUBLISHED_MOE, *ASSUMED_MOE]}")
+        names = [*DEBUG, *PUBLISHED, *PUBLISHED_MOE, *ASSUMED_MOE, *PUBLISHED_QWEN3, *PUBLISHED_QWEN3_MOE]
+        raise ValueError(f"unknown model {name!r}; choose from {names}")
     return ModelConfig(name=name, rope_theta=1_000_000.0, max_position_embeddings=32_768,
                        **{**PUBLISHED[name], **overrides})

@@ -7,8 +7,8 @@
     spec.selective_recompute                 # (module type, method) re-run in backward by "selective"
     spec.hf                                  # Hugging Face adapter: config + parameter names
 
-A second architecture (Qwen2-MoE) registers its own spec; `megaqwen.parallel` and the trainer name
-no model's modules (TorchTitan's model spec is the model for this).
+Each architecture (Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE) registers its own spec; `megaqwen.parallel`
+and the trainer name no model's modules (TorchTitan's model spec is the model for this).
 """
 
 from __future__ import annotations
@@ -58,3 +58,5 @@ def get_spec(arch_or_cfg: Any) -> ModelSpec:
 def _load_builtin() -> None:
     import megaqwen.models.qwen2.spec  # noqa: F401  (registers "qwen2")
     import megaqwen.models.qwen2_moe.spec  # noqa: F401  (registers "qwen2_moe")
+    import megaqwen.models.qwen3.spec  # noqa: F401  (registers "qwen3")
+    import megaqwen.models.qwen3_moe.spec  # noqa: F401  (registers "qwen3_moe")

@@ -32,13 +32,24 @@ CONFIG_KEYS = {
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    if hf.get("model_type") != "qwen2":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2'")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-    if hf.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported (no Qwen2.5 checkpoint uses it)")
+    check_hf_config(hf, "qwen2")
     return ModelConfig(name=name, **config_kwargs_from_hf(hf, CONFIG_KEYS))
+
+
+def check_hf_config(hf: dict[str, Any], model_type: str) -> None:
+    """Refuse what no adapter of the family maps: another model_type, a non-SiLU MLP, sliding
+    windows (no published Qwen2.5 / Qwen3 checkpoint uses them)."""
+    if hf.get("model_type") != model_type:
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not {model_type!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported ({model_type} uses silu)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported (no published checkpoint uses it)")
+
+
+# published config.json key -> the name transformers >= 5 writes it under (Qwen3MoeConfig's
+# attribute_map): read either, write the published one (transformers 4.x reads only that)
+HF_KEY_ALIASES = {"num_experts": "num_local_experts"}
 
 
 def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -47,6 +58,7 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
+    hf = {**{k: hf[a] for k, a in HF_KEY_ALIASES.items() if a in hf}, **hf}
     kw = {ours: hf[theirs] for ours, theirs in keys.items() if theirs in hf}
     kw["rope_theta"] = float(rope_theta)
     kw.update(rope_scaling_from_hf(hf))
@@ -105,12 +117,16 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype, config_cls: type, keys: dict[str, str],
-                   architectures: list[str]) -> dict[str, Any]:
-    """config.json contents for `cfg` through a transformers config class (shared by the family)."""
-    kw = {theirs: getattr(cfg, ours) for ours, theirs in keys.items()}
+                   architectures: list[str], **extra: Any) -> dict[str, Any]:
+    """config.json contents for `cfg` through a transformers config class (shared by the family);
+    `extra` are further keys of that class (Qwen3: head_dim, attention_bias)."""
+    kw = {theirs: getattr(cfg, ours) for ours, theirs in keys.items()} | extra
     hf = config_cls(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
                     eos_token_id=151643, architectures=architectures)
     d = hf.to_dict()
+    for key, alias in HF_KEY_ALIASES.items():
+        if key in keys.values() and alias in d:
+            d[key] = d.pop(alias)
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     d["rope_theta"] = cfg.rope_theta  # keep the flat key older transformers read
     scaling = rope_scaling_to_hf(cfg)

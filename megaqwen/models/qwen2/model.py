@@ -1,5 +1,9 @@
 """Qwen2.5 dense decoder as plain single-device PyTorch, with Hugging Face parameter names.
 
+Qwen3 is this decoder with three config switches the modules read (`qwen3/` registers it):
+QK-norm (`qk_norm`: `self_attn.q_norm` / `k_norm`, RMSNorm over head_dim per head before RoPE), no
+QKV bias (`qkv_bias`) and an explicit `head_dim` (q/k/v wider than the residual stream).
+
 Legend for shapes: B batch, T tokens (this rank's shard under sequence parallelism), H hidden,
 Hq/Hk query/KV heads (local to this rank once a tensor-parallel plan has sharded the projections),
 D head_dim, V vocabulary (or this rank's slice), I intermediate, N = B*T.
@@ -59,6 +63,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen3 QK-norm: one (D,) weight shared by every head (TP plans keep it whole on each rank)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.ops = ops
 
     def forward(self, x_BTH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -67,6 +74,8 @@ class Attention(nn.Module):
         q = self.q_proj(x_BTH).view(b, t, -1, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x_BTH).view(b, t, -1, self.head_dim)  # (B, T, Hk, D)
         v = self.v_proj(x_BTH).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None:  # before RoPE, as in HF Qwen3Attention
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.apply_rope(q, k, *rope)
         out = self.core(q, k, v, attn)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(b, t, -1))

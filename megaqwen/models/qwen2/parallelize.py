@@ -6,6 +6,9 @@ Per decoder layer (tp ranks, r = this rank's TP index):
   KV heads       split when tp <= num_kv_heads; when tp > num_kv_heads each rank keeps the KV head
                  its query heads use, and the tp/num_kv_heads replicas all-reduce its grad.
   norms (SP)     on (B, T/tp, H) shards, weight grads all-reduced over TP
+  q/k norms      (QK-norm, Qwen3) whole (D,) on every rank over its own heads: weight grads
+                 all-reduced over TP (each rank's covers its heads; replicated KV heads included,
+                 since each replica's grad comes from its own query heads only)
 Ends of the model: vocab-parallel embedding, column-parallel LM head over the vocabulary (a tied
 head reuses the embedding's shard), vocab-parallel loss (logits never gathered); under SP the
 final norm's output is all-gathered for the head.
@@ -61,6 +64,8 @@ def parallelize_tp(model: Qwen2ForCausalLM, mesh: ParallelMesh | None, sequence_
         for name in ("gate_proj", "up_proj"):
             column_parallel(mlp, name, f"{pre}.mlp.{name}", shards, *ff, backend=backend)
         row_parallel(mlp, "down_proj", f"{pre}.mlp.down_proj", shards, *ff, backend=backend)
+        if attn.q_norm is not None:  # same mechanics as an SP norm: whole weight, partial grads
+            attn.q_norm, attn.k_norm = _sp_norm(attn.q_norm, group), _sp_norm(attn.k_norm, group)
         tp_region(attn, group, sequence_parallel)
         tp_region(mlp, group, sequence_parallel)
         if sequence_parallel:

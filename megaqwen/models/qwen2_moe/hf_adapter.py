@@ -45,34 +45,40 @@ EXTRA_CONFIG_KEYS = ("router_z_loss_coef", "moe_routing_bias_update_rate", "moe_
 BIAS_SUFFIX = ".mlp.gate.e_score_correction_bias"
 
 
-def bias_warning(keys) -> str | None:
+def bias_warning(keys, hf_class: str = HF_ARCHITECTURES[0]) -> str | None:
     """The warning an HF export or import with routing-bias tensors must carry (None: none)."""
     n = sum(1 for k in keys if k.endswith(BIAS_SUFFIX))
     if not n:
         return None
     return (f"{n} aux-loss-free routing bias tensor(s) (*{BIAS_SUFFIX}) are kept in the HF folder; "
-            "stock transformers Qwen2MoeForCausalLM ignores them, so its top-k routing (and its "
+            f"stock transformers {hf_class} ignores them, so its top-k routing (and its "
             "outputs) differ from megaqwen's. Load the folder with megaqwen, or fold the bias into "
             "a routing-aware implementation")
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    if hf.get("model_type") != "qwen2_moe":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'qwen2_moe'")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2-MoE uses silu)")
-    if hf.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported")
-    kw = dense.config_kwargs_from_hf(hf, CONFIG_KEYS)
+    dense.check_hf_config(hf, "qwen2_moe")
+    return ModelConfig(name=name, arch="qwen2_moe", **moe_kwargs_from_hf(hf, CONFIG_KEYS))
+
+
+def moe_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """ModelConfig kwargs of an MoE config.json: the dense ones, mlp_only_layers as a list, our
+    extras (shared with Qwen3-MoE)."""
+    kw = dense.config_kwargs_from_hf(hf, keys)
     kw["mlp_only_layers"] = list(kw.get("mlp_only_layers") or [])
     kw.update({k: float(hf[k]) for k in EXTRA_CONFIG_KEYS if k in hf})
-    return ModelConfig(name=name, arch="qwen2_moe", **kw)
+    return kw
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import Qwen2MoeConfig
 
     d = dense.hf_config_dict(cfg, dtype, Qwen2MoeConfig, CONFIG_KEYS, HF_ARCHITECTURES)
+    return with_extras(cfg, d)
+
+
+def with_extras(cfg: ModelConfig, d: dict[str, Any]) -> dict[str, Any]:
+    """config.json dict `d` plus our non-zero extras (EXTRA_CONFIG_KEYS)."""
     d.update({k: getattr(cfg, k) for k in EXTRA_CONFIG_KEYS if getattr(cfg, k)})
     return d
 
