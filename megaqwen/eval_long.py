@@ -8,7 +8,12 @@ the pass key." inserted at a relative depth (0 = start, 1 = end of the filler), 
 key? The pass key is"; a trial passes when every token of " NNNNN" is the model's top choice given
 the tokens before it (what greedy decoding would write). Each cell is the mean over --trials keys;
 the mean log-probability of the key is reported too (informative before a model retrieves anything).
-Writes passkey.json, a markdown table and passkey.png (heat map, depth x length).
+Keys are uniform over KEYS (90,000 of them), so a model that knows the format but not the key scores
+1/90,000 (the chance level, marked on the heat map's colour bar) and a mean log-probability of
+ln(1/90,000) / len(answer tokens). Lengths beyond the positions the model was trained at (its
+max_position_embeddings, or YaRN's original length) are warned about and marked on the heat map:
+retrieval there measures length extrapolation. Writes passkey.json, a markdown table and passkey.png
+(heat map, depth x length).
 
 Perplexity vs length: the documents are joined into one token stream and cut into windows of each
 length (at most --max-windows); ppl(L) is exp of the mean loss over every predicted token of those
@@ -18,12 +23,15 @@ windows. Writes ppl_length.json and ppl_length.png. Both take --yarn / --dca lik
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("megaqwen.eval")
+KEYS = range(10_000, 100_000)  # the pass keys drawn: every 5-digit number
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key? The pass key is"
 
@@ -65,13 +73,42 @@ def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], tria
         for depth in depths:
             hits, logps = [], []
             for _ in range(trials):
-                prompt, answer = passkey_prompt(tokenizer, length, depth, rng.randint(10_000, 99_999))
+                prompt, answer = passkey_prompt(tokenizer, length, depth, rng.randint(KEYS[0], KEYS[-1]))
                 ok, logp = score_answer(model, prompt, answer, device)
                 hits.append(ok)
                 logps.append(logp)
             cells.append({"length": length, "depth": depth, "accuracy": sum(hits) / trials,
                           "mean_logprob": sum(logps) / trials})
-    return {"lengths": lengths, "depths": depths, "trials": trials, "cells": cells}
+    n_answer = len(tokenizer.encode(f" {KEYS[0]}", add_special_tokens=False))  # the same for every key
+    return {"lengths": lengths, "depths": depths, "trials": trials, "cells": cells,
+            "chance": chance_level(n_answer)}
+
+
+def chance_level(answer_tokens: int) -> dict[str, float]:
+    """What guessing a uniform key scores: accuracy 1/len(KEYS), and the mean log-probability per
+    answer token of a model that puts 1/len(KEYS) on the whole answer."""
+    return {"accuracy": 1 / len(KEYS), "mean_logprob": -math.log(len(KEYS)) / answer_tokens}
+
+
+def trained_positions(cfg) -> tuple[int, str]:
+    """(positions the model was trained at, where that number comes from) of a ModelConfig."""
+    if getattr(cfg, "rope_scaling", "none") == "yarn" and cfg.rope_original_max_position > 0:
+        return cfg.rope_original_max_position, (
+            f"YaRN's original length; x{cfg.rope_scaling_factor:g} stretches RoPE to "
+            f"{int(cfg.rope_original_max_position * cfg.rope_scaling_factor)}")
+    return cfg.max_position_embeddings, "model.max_position_embeddings"
+
+
+def warn_beyond_trained(lengths: list[int], cfg) -> list[int]:
+    """Log one warning naming the lengths beyond the model's trained positions; returns them."""
+    trained, source = trained_positions(cfg)
+    beyond = [n for n in lengths if n > trained]
+    if beyond:
+        dca = " (Dual Chunk Attention on)" if getattr(cfg, "dca_chunk_size", 0) else ""
+        log.warning("passkey lengths %s exceed the %d positions the model was trained at (%s)%s: retrieval "
+                    "there measures length extrapolation; --yarn FACTOR or --dca CHUNK LOCAL extend it",
+                    beyond, trained, source, dca)
+    return beyond
 
 
 def passkey_table(result: dict) -> str:
@@ -80,10 +117,27 @@ def passkey_table(result: dict) -> str:
     rows = [head, "|---|" + "---:|" * len(result["lengths"])]
     for d in result["depths"]:
         rows.append(f"| {d:g} | " + " | ".join(f"{acc[(n, d)]:.2f}" for n in result["lengths"]) + " |")
+    if "chance" in result:
+        c = result["chance"]
+        rows += ["", f"chance: accuracy {c['accuracy']:.1e} (1 in {len(KEYS):,} keys), mean log-prob "
+                 f"{c['mean_logprob']:.2f} per answer token"]
+    if result.get("trained_positions"):
+        rows.append(f"trained positions: {result['trained_positions']} (longer columns extrapolate)")
     return "\n".join(rows)
 
 
 def plot_passkey(result: dict, path: Path, title: str = "") -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = passkey_figure(result, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def passkey_figure(result: dict, title: str = ""):
+    """The heat map (depth x length) as a matplotlib Figure: the chance level as a line on the colour
+    bar, and a dashed line before the first length beyond the trained positions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +146,7 @@ def plot_passkey(result: dict, path: Path, title: str = "") -> Path:
     lengths, depths = result["lengths"], result["depths"]
     acc = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"]}
     grid = [[acc[(n, d)] for n in lengths] for d in depths]  # rows: depth, columns: length
-    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.5 * len(depths) + 2.3))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -101,12 +155,23 @@ def plot_passkey(result: dict, path: Path, title: str = "") -> Path:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title or f"passkey retrieval ({result['trials']} keys per cell)")
-    fig.colorbar(im, ax=ax, label="accuracy")
+    head = title or f"passkey retrieval ({result['trials']} keys per cell)"
+    bar = fig.colorbar(im, ax=ax, label="accuracy")
+    chance = result.get("chance", {}).get("accuracy")
+    if chance is not None:
+        bar.ax.axhline(chance, color="black", lw=2)
+        bar.ax.text(0.5, chance + 0.01, "chance", transform=bar.ax.get_yaxis_transform(), ha="center",
+                    va="bottom", rotation=90, color="white", fontsize=7)
+        head += f"\nchance: 1 in {round(1 / chance):,} keys"
+    trained = result.get("trained_positions")
+    first_beyond = next((j for j, n in enumerate(lengths) if trained and n > trained), None)
+    if first_beyond is not None:
+        ax.axvline(first_beyond - 0.5, color="black", ls="--", lw=1.5)
+        ax.text(first_beyond - 0.45, -0.45, f"beyond the {trained}\ntrained positions", va="top",
+                fontsize=7)
+    ax.set_title(head, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 @torch.no_grad()
@@ -154,7 +219,11 @@ def run_passkey(model, out_dir: Path, lengths: list[int], depths: list[float], t
     from megaqwen.tokenizer import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model, "cfg", None)
+    beyond = warn_beyond_trained(lengths, cfg) if cfg is not None else []
     result = passkey_grid(model, load_tokenizer(), lengths, depths, trials, device)
+    if cfg is not None:
+        result.update(trained_positions=trained_positions(cfg)[0], beyond_trained=beyond)
     (out_dir / "passkey.json").write_text(json.dumps(result, indent=1))
     (out_dir / "passkey.md").write_text(passkey_table(result) + "\n")
     result["png"] = str(plot_passkey(result, out_dir / "passkey.png", title))

@@ -1,6 +1,7 @@
 """Long-context evaluation helpers: passkey prompts and scoring, perplexity by context length."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -66,3 +67,27 @@ def test_perplexity_by_length_and_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ppl_length"][1]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)
     assert (tmp_path / "o" / "ppl_length.png").stat().st_size > 1000
+
+
+def test_passkey_marks_chance_and_warns_beyond_the_trained_positions(tmp_path, caplog):
+    """A debug model trained for 64 positions, asked at 48 and 96 tokens: one warning naming 96, the
+    chance level in the result, the table and on the heat map's colour bar, a line before 96."""
+    from megaqwen.eval_long import KEYS, passkey_figure, passkey_table, run_passkey, trained_positions
+
+    cfg = get_config("debug", max_position_embeddings=64, num_layers=1)
+    model = build_model(cfg, seed=0).eval()
+    with caplog.at_level(logging.WARNING, logger="megaqwen.eval"):
+        result = run_passkey(model, tmp_path, [48, 96], [0.5], 1, "cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "passkey lengths [96] exceed the 64 positions" in warnings[0]
+    assert result["beyond_trained"] == [96] and result["trained_positions"] == 64
+    # " NNNNN" is 6 tokens (space + one per digit): ln(1/90000) / 6
+    assert result["chance"] == {"accuracy": 1 / 90_000, "mean_logprob": pytest.approx(-math.log(90_000) / 6)}
+    assert len(KEYS) == 90_000 and "1 in 90,000 keys" in passkey_table(result)
+    fig = passkey_figure(result)
+    bar_ax = fig.axes[1]
+    assert any(tuple(line.get_ydata()) == (1 / 90_000, 1 / 90_000) for line in bar_ax.get_lines())
+    assert [tuple(line.get_xdata()) for line in fig.axes[0].get_lines()] == [(0.5, 0.5)]  # before column 1
+    assert (tmp_path / "passkey.png").stat().st_size > 1000
+    yarn = get_config("debug", rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_position=32)
+    assert trained_positions(yarn)[0] == 32 and "stretches RoPE to 128" in trained_positions(yarn)[1]
