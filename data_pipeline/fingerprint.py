@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ def _own_keys(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
 
 def upstream(stage: str, enabled: list[str]) -> list[str]:
     return [s for s in UPSTREAM[stage] if s in enabled]
+
+
+def ancestors(stage: str, enabled: list[str]) -> list[str]:
+    """Every enabled stage whose results `stage` depends on, directly or not, in pipeline order (a
+    stage may read any of them: annotate reads the filter's files, report reads every stage's)."""
+    seen: set[str] = set()
+    todo = upstream(stage, enabled)
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo += upstream(s, enabled)
+    return [s for s in enabled if s in seen]
 
 
 def _label(items: list[Any], i: int) -> str:
@@ -150,7 +164,7 @@ def record_path(out_dir: Path, stage: str, fingerprint: str) -> Path:
 def write_record(out_dir: Path, stage: str, record: dict[str, Any]) -> None:
     p = record_path(out_dir, stage, record["fingerprint"])
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
+    tmp = p.with_name(p.name + f".{uuid.uuid4().hex}.tmp")  # unique across SLURM nodes sharing the folder
     tmp.write_text(json.dumps(record, indent=1, default=str))
     os.replace(tmp, p)
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from megaqwen.data_pipeline.executor import (
     require_complete,
     run_tasks,
 )
-from megaqwen.data_pipeline.fingerprint import changes, stage_records, upstream, write_record
+from megaqwen.data_pipeline.fingerprint import ancestors, changes, stage_records, write_record
 from megaqwen.data_pipeline.slug import domain_slugs
 
 log = logging.getLogger("megaqwen.data_pipeline")
@@ -160,7 +161,7 @@ def run_stage(
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     enabled = enabled_stages(cfg)
     records = records or stage_records(cfg, [s for s in STAGES if s in enabled or s == stage])
-    for up in upstream(stage, enabled):
+    for up in ancestors(stage, enabled):
         _require_current(cfg, up, records[up])
     cfg.out.mkdir(parents=True, exist_ok=True)
     # record the resolved config beside the outputs (machine-readable record of the latest run)
@@ -269,7 +270,7 @@ def _prune_outputs(cfg: PipelineConfig, stage: str, n: int) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique across nodes sharing the folder
     tmp.write_text(text)
     os.replace(tmp, path)
 

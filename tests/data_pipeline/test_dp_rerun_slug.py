@@ -8,6 +8,7 @@ whole pipeline run stays a few seconds of work.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -153,7 +154,7 @@ def test_slurm_ranks_rerun_their_own_tasks_and_downstream_waits(tmp_path: Path):
     data = yaml.safe_load(cfg_path.read_text())
     from megaqwen.data_pipeline.config_util import from_dict
 
-    old = from_dict(PipelineConfig, data)
+    old = from_dict(PipelineConfig, copy.deepcopy(data))
     for stage in ("filter", "dedup"):
         run_stage(old, stage, progress=False)
     data["steps"][1]["min_doc_words"] = 60
@@ -168,3 +169,7 @@ def test_slurm_ranks_rerun_their_own_tasks_and_downstream_waits(tmp_path: Path):
     assert run_stage(new, "dedup", progress=False, rerun=True) == [0]
     kept = {d.id for t in range(2) for d in read_documents(new.out / "filtered" / f"{t:05d}.jsonl.zst")}
     assert kept == {k for k, t in docs.items() if len(t.split()) >= 60}
+    # the old config again: its own dedup results would read the new filter's files, so it is refused
+    with pytest.raises(RuntimeError, match="stage 'filter' is incomplete") as e:
+        run_stage(old, "dedup", progress=False)
+    assert "min_doc_words 60 -> 10" in "".join(e.value.__notes__)
