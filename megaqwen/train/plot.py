@@ -1,5 +1,7 @@
 """Loss (training, and validation when logged) and learning-rate curves of a run folder as a PNG
-(rank 0, at the end of training).
+(rank 0, at the end of training). In the run folder of a stage chain (`megaqwen-stages`, which
+records its stages in stages.json) a dashed line and the stage's name and length mark where each
+stage begins.
 
     python -m megaqwen.train.plot runs/demo        # writes runs/demo/loss.png
 """
@@ -12,6 +14,30 @@ from pathlib import Path
 
 
 def plot_run(out_dir: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(out_dir) / "loss.png"
+    fig = loss_figure(out_dir)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stage_starts(out_dir: str | Path) -> list[tuple[int, str]]:
+    """(first step, label) of every stage a stage chain has started in `out_dir` (from its
+    stages.json; [] for a plain run)."""
+    from megaqwen.train.stages import RECORD
+
+    path = Path(out_dir) / RECORD
+    if not path.is_file():
+        return []
+    stages = json.loads(path.read_text()).get("stages", [])
+    return [(s["start_step"] + 1, f"{s['name']} ({s['seq_len']:,} tok)") for s in stages
+            if s.get("start_step") is not None]
+
+
+def loss_figure(out_dir: str | Path):
+    """The figure plot_run saves: loss (and validation loss) over lr, stage starts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,6 +57,12 @@ def plot_run(out_dir: str | Path) -> Path:
         ax_loss.plot(val, [rows[s]["val_loss"] for s in val], "o-", color="tab:green", lw=1.5, ms=4,
                      label="validation")
         ax_loss.legend()
+    for i, (first, label) in enumerate(stage_starts(out_dir)):
+        if i:  # a switch: between the previous stage's last step and this one's first
+            for ax in (ax_loss, ax_lr):
+                ax.axvline(first - 0.5, color="grey", ls="--", lw=1)
+        ax_loss.text(first - 0.5, 0.98, f" {label}", transform=ax_loss.get_xaxis_transform(), va="top",
+                     fontsize=8, color="dimgrey")
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{out_dir.name}: {len(steps)} steps")
     ax_loss.grid(alpha=0.3)
@@ -39,10 +71,7 @@ def plot_run(out_dir: str | Path) -> Path:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    path = out_dir / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 if __name__ == "__main__":
