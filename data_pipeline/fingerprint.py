@@ -92,22 +92,24 @@ def _label(items: list[Any], i: int) -> str:
     return str(names[i]) if names[i] is not None and names.count(names[i]) == 1 else str(i)
 
 
-def _full_steps(specs: list[Any]) -> list[Any]:
+def _full_steps(specs: list[Any], where: str = "steps") -> list[Any]:
     """Step entries with every parameter (defaults filled in), recursively for routed sub-steps."""
     from megaqwen.data_pipeline.config_util import from_dict
     from megaqwen.data_pipeline.steps.base import step_types
 
     types_ = step_types()
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         cls = types_.get(spec.get("name")) if isinstance(spec, dict) else None
         if cls is None:
             out.append(spec)  # build_steps refuses it with its own message when the stage runs
             continue
-        params = dataclasses.asdict(from_dict(cls.Config, {k: v for k, v in spec.items() if k != "name"}))
+        here = f"{where}[{i}] ({spec['name']})"
+        given = {k: v for k, v in spec.items() if k != "name"}
+        params = dataclasses.asdict(from_dict(cls.Config, given, here))
         for name, tp in typing.get_type_hints(cls.Config).items():
             if tp == list[dict[str, Any]]:
-                params[name] = _full_steps(params[name])
+                params[name] = _full_steps(params[name], f"{here}.{name}")
         out.append({"name": spec["name"], **params})
     return out
 

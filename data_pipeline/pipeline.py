@@ -163,9 +163,6 @@ def run_stage(
     records = records or stage_records(cfg, [s for s in STAGES if s in enabled or s == stage])
     for up in ancestors(stage, enabled):
         _require_current(cfg, up, records[up])
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    # record the resolved config beside the outputs (machine-readable record of the latest run)
-    _atomic_text(cfg.out / "pipeline_config.json", json.dumps(asdict(cfg), indent=1))
     n = n_tasks(cfg, stage)
     rec = records[stage]
     stale = {t for t, fp in marker_fingerprints(cfg.out, stage).items() if fp != rec["fingerprint"]}
@@ -178,7 +175,10 @@ def run_stage(
         remove_markers(cfg.out, stage, {t for t in stale if (t % world == rank if t < n else rank == 0)})
         if rank == 0:
             _prune_outputs(cfg, stage, n)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     write_record(cfg.out, stage, rec)
+    # the resolved config beside the outputs (machine-readable record of the latest run)
+    _atomic_text(cfg.out / "pipeline_config.json", json.dumps(asdict(cfg), indent=1))
     total = st.input_bytes(cfg) if stage == "filter" else None
     fn = functools.partial(stage_fn(stage), cfg)
     procs = workers if workers is not None else cfg.workers
