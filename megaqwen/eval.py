@@ -30,13 +30,19 @@ from megaqwen.cli_common import add_version_flag, silence_known_warnings
 log = logging.getLogger("megaqwen.eval")
 
 
-def read_documents(path: Path, tokenizer_loader) -> tuple[list[list[int]], int]:
-    """Token-id lists from a jsonl file; malformed rows are reported and skipped."""
+def read_documents(path: Path, tokenizer_loader, limit: int = 0) -> tuple[list[list[int]], int]:
+    """Token-id lists from a jsonl file (its first `limit` documents when > 0, reading no further);
+    malformed rows are skipped, counted and reported in one summary line."""
+    from megaqwen.data.readers import SkipSummary
+
     docs: list[list[int]] = []
     malformed = 0
     tokenizer = None
+    skips = SkipSummary(str(path), log)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if limit and len(docs) == limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -50,9 +56,11 @@ def read_documents(path: Path, tokenizer_loader) -> tuple[list[list[int]], int]:
                     raise ValueError('row has neither a string "text" nor a list "input_ids"')
             except (ValueError, TypeError) as e:
                 malformed += 1
-                log.warning("%s:%d: skipped malformed row (%s)", path, lineno, e)
+                reason = "invalid_json" if isinstance(e, json.JSONDecodeError) else "no_text_or_input_ids"
+                skips.skip(f"{path}:{lineno}", reason, str(e), unit="row")
                 continue
             docs.append(ids)
+    skips.report()
     return docs, malformed
 
 
@@ -184,7 +192,7 @@ def _run(args, model, data: Path | None, device) -> dict | None:
         r = eval_long.run_passkey(model, Path(args.out), args.lengths, args.depths, args.trials, device)
         print(eval_long.passkey_table(r), file=sys.stderr)
         return {"passkey": r["cells"], "png": r["png"], "checkpoint": str(args.checkpoint)}
-    docs, malformed = read_documents(data, load_tokenizer)
+    docs, malformed = read_documents(data, load_tokenizer, getattr(args, "max_docs", 0))
     if args.command == "ppl-length":
         rows = eval_long.perplexity_by_length(model, docs, args.lengths, args.max_windows, device)
         out = Path(args.out)

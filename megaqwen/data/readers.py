@@ -2,8 +2,8 @@
 on one bad line.
 
 - A malformed record (bad JSON, not an object, no text, non-string text) is counted under a reason
-  in `Reader.stats` and the first few are logged with their file and *file* line number (also for
-  byte-range parts of a file).
+  in `Reader.stats`; each input ends with one summary line (counts by reason, the first *file* line
+  numbers, also for byte-range parts of a file), and the first few records are logged at DEBUG.
 - Bytes that are not valid UTF-8 (a Latin-1 line, a cut multi-byte character) are decoded with
   U+FFFD replacement characters: the record is kept and counted under `repairs["invalid_utf8"]`.
 - Lone UTF-16 surrogates (`"\\ud83d"` escapes, common in scraped JSON) cannot be encoded as UTF-8,
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("megaqwen.data.readers")
-MAX_LOGGED = 20  # malformed lines logged per reader; the rest are only counted
+MAX_EXAMPLES = 5  # skipped records per input named in its summary and logged (at DEBUG) with the reason
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -96,6 +96,50 @@ class ReadStats:
             "reasons": dict(sorted(self.reasons.items())),
             "changes": dict(sorted(self.repairs.items())),
         }
+
+
+class SkipSummary:
+    """What reading one input skipped (by reason) and repaired (by kind): the first MAX_EXAMPLES
+    skipped records logged at DEBUG, then one summary line for the input (`report`), instead of a
+    warning per bad line."""
+
+    def __init__(self, name: str, logger: logging.Logger = log):
+        self.name, self.log = name, logger
+        self.skipped: Counter = Counter()
+        self.repaired: Counter = Counter()
+        self.unit = "record"
+        self._first: list[str] = []  # positions (line or row numbers) of the first skipped records
+
+    def skip(self, where: str, reason: str, detail: str = "", unit: str = "record") -> None:
+        """Count a skipped record at `where` (`file:line`) under `reason`."""
+        reason, self.unit = reason.removeprefix("malformed:"), unit
+        self.skipped[reason] += 1
+        if len(self._first) < MAX_EXAMPLES:
+            self._first.append(where.rsplit(":", 1)[-1])
+            why = reason + (f" ({detail})" if detail else "")
+            self.log.debug("%s: malformed %s skipped: %s", where, unit, why)
+
+    def summary(self) -> str | None:
+        """`NAME: 7 malformed lines skipped (invalid_json 3, ...) at lines 166, 171, ...`; None if clean."""
+        def counts(c: Counter) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+        out = []
+        n = sum(self.skipped.values())
+        if n:
+            more = ", ..." if n > len(self._first) else ""
+            out.append(f"{n} malformed {self.unit}{'s' * (n > 1)} skipped ({counts(self.skipped)}) at "
+                       f"{self.unit}{'s' * (n > 1)} {', '.join(self._first)}{more}")
+        r = sum(self.repaired.values())
+        if r:
+            out.append(f"{r} record{'s' * (r > 1)} kept after repair ({counts(self.repaired)})")
+        return f"{self.name}: " + "; ".join(out) if out else None
+
+    def report(self) -> None:
+        """The summary as one WARNING when records were skipped (INFO when only repaired)."""
+        line = self.summary()
+        if line:
+            self.log.log(logging.WARNING if self.skipped else logging.INFO, "%s", line)
 
 
 def _is_hf_dataset_dir(p: Path) -> bool:
@@ -205,6 +249,7 @@ class Reader:
         self._done_bytes = 0  # of the parts finished so far
         self._position = lambda: 0  # (compressed) bytes read of the current part
         self._unit = "record"  # what a position in a log line counts: "line" (jsonl) or "row"
+        self._skips = SkipSummary("")  # of the part being read
 
     @property
     def bytes_read(self) -> int:
@@ -235,21 +280,19 @@ class Reader:
         if repaired:
             self.stats.modified += 1
             self.stats.repairs.update(set(repaired))
+            self._skips.repaired.update(set(repaired))
         doc_id = rec.get(self.id_key)
         return TextRecord(default_id if doc_id is None else str(doc_id), text, meta, where)
 
     def _bad(self, where: str, reason: str, detail: str = "") -> None:
         self.stats.remove(reason)
-        n = self.malformed
-        if n <= MAX_LOGGED:
-            why = reason.removeprefix("malformed:") + (f" ({detail})" if detail else "")
-            log.warning("%s: malformed %s skipped: %s", where, self._unit, why)
-        if n == MAX_LOGGED:
-            log.warning("further malformed records are counted but not logged")
+        self._skips.skip(where, reason, detail, self._unit)
         return None
 
     def read(self, part: InputPart) -> Iterator[TextRecord]:
+        """The records of `part`; what it skipped or repaired is logged as one line at the end."""
         p = part.path
+        skips = self._skips = SkipSummary(part.name)
         try:
             if Path(p).is_dir():
                 yield from self._read_hf(p)
@@ -260,6 +303,7 @@ class Reader:
         finally:
             self._done_bytes += part.nbytes
             self._position = lambda: 0
+            skips.report()
 
     def _read_jsonl(self, part: InputPart) -> Iterator[TextRecord]:
         with open(part.path, "rb") as raw, _decompressed(part.path, raw) as f:

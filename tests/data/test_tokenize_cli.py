@@ -39,13 +39,17 @@ def _run(capsys, *argv):
 def test_jsonl_with_malformed_lines(tmp_path, capsys, caplog, tok):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(_jsonl_lines()) + "\n")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="megaqwen.data.readers"):
         rc, out = _run(capsys, "--input", src, "--output-prefix", tmp_path / "out" / "s")
     assert rc == 0
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert (summary["documents"], summary["malformed"], summary["empty"]) == (4, 4, 1)
-    for line in (2, 4, 6, 8):  # each malformed line is reported with file and line number
-        assert f"in.jsonl:{line}: malformed line" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w for w in warnings if "in.jsonl" in w] == [  # one line for the file: counts, reasons, lines
+        f"{src}: 4 malformed lines skipped (invalid_json 1, missing_text 1, not_an_object 1, text_is_int 1) "
+        "at lines 2, 4, 6, 8"]
+    for line in (2, 4, 6, 8):  # and each at DEBUG with file, line number and reason
+        assert f"in.jsonl:{line}: malformed line skipped" in caplog.text
     ds = IndexedDataset(tmp_path / "out" / "s")
     docs = [ds[i].tolist() for i in range(len(ds))]
     assert all(d[-1] == EOD_ID and EOD_ID not in d[:-1] for d in docs)  # literal "<|endoftext|>" stays text

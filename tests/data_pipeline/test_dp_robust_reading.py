@@ -56,10 +56,11 @@ def test_byte_range_parts_report_file_line_numbers(tmp_path: Path, caplog):
     lines[33] = "{broken"
     p.write_text("\n".join(lines) + "\n")
     r = Reader()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="megaqwen.data.readers"):
         ids = [d.id for k in range(4) for d in r.read(InputPart(str(p), k, 4))]
     assert ids == [str(i) for i in range(40) if i != 33]
     assert f"{p}:34: malformed line skipped" in caplog.text  # the file's line, not the part's
+    assert f"{p}[3/4]: 1 malformed line skipped (invalid_json 1) at line 34" in caplog.text
     sources = {d.id: d.source for k in range(4) for d in Reader().read(InputPart(str(p), k, 4))}
     assert sources["39"] == f"{p}:40"
 

@@ -85,3 +85,22 @@ def test_errors_are_named(tmp_path, capsys):
     assert "token id 999999 outside the model's vocabulary" in capsys.readouterr().err
     assert eval_main(["loss", "--checkpoint", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
     assert "no megaqwen checkpoint" in capsys.readouterr().err
+
+
+def test_read_documents_reports_bad_rows_once_and_stops_at_the_limit(tmp_path, caplog):
+    import logging
+
+    from megaqwen.eval import read_documents
+
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps({"input_ids": [i, i + 1]}) for i in range(4)]
+    data.write_text("\n".join(rows[:2] + ["{broken", json.dumps({"body": 1}), "[1,"] + rows[2:]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="megaqwen.eval"):
+        docs, malformed = read_documents(data, lambda: None)
+    assert docs == [[0, 1], [1, 2], [2, 3], [3, 4]] and malformed == 3
+    assert caplog.messages == [f"{data}: 3 malformed rows skipped (invalid_json 2, no_text_or_input_ids 1) "
+                               "at rows 3, 4, 5"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megaqwen.eval"):
+        assert read_documents(data, lambda: None, limit=2) == ([[0, 1], [1, 2]], 0)  # reads no further
+    assert caplog.messages == []
