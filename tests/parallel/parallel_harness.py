@@ -22,7 +22,6 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from megaqwen.models.config import get_config
-from megaqwen.models.qwen2 import build_model
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.collectives import _all_gather
 from megaqwen.parallel.config import ParallelConfig
@@ -95,7 +94,7 @@ def batches(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(cfg) -> dict[str, Any]:
-    model = build_model(cfg, seed=SEED)
+    model = get_spec(cfg).build(cfg, seed=SEED)  # the config's architecture
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     tokens, labels = batches(cfg)
     losses, grads = [], {}

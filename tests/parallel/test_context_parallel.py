@@ -16,7 +16,6 @@ from parallel_harness import gather_full, spawn
 
 from megaqwen.kernels.attention import AttentionMeta, sdpa_attention
 from megaqwen.models.config import get_config
-from megaqwen.models.qwen2 import build_model
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.activation import apply_recompute
 from megaqwen.parallel.context_parallel import (
@@ -241,7 +240,7 @@ def model_batches(cfg, seed: int = 5) -> list[dict[str, torch.Tensor]]:
 
 
 def model_reference(cfg) -> dict:
-    model = build_model(cfg, seed=SEED)
+    model = get_spec(cfg).build(cfg, seed=SEED)  # the config's architecture
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses, grads = [], {}
     for s, b in enumerate(model_batches(cfg)):
