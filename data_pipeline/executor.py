@@ -14,6 +14,7 @@ another config does not count as done, so a changed config re-runs the task inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megaqwen.data_pipeline.process_pool import run_in_processes
 
@@ -51,6 +53,10 @@ class _Bar:
     def __init__(self, stage: str, total_bytes: int | None, disable: bool):
         self.t0 = time.perf_counter()
         self.docs = self.tokens = 0
+        # while the bar is drawn, this process's log lines go through tqdm.write: printed above the
+        # bar instead of into the middle of it
+        self._redirect = contextlib.nullcontext() if disable else logging_redirect_tqdm()
+        self._redirect.__enter__()
         self.bar = tqdm(
             total=total_bytes or None, unit="B", unit_scale=True, desc=stage, disable=disable, mininterval=0.5
         )
@@ -66,6 +72,7 @@ class _Bar:
 
     def close(self) -> None:
         self.bar.close()
+        self._redirect.__exit__(None, None, None)
 
 
 _LOCAL_BAR: _Bar | None = None
