@@ -1,16 +1,14 @@
-"""The Qwen3 dense model spec (Qwen3-0.6B ... Qwen3-32B): Qwen2's plan and attention core."""
+"""The Qwen3 dense model spec (Qwen3-0.6B ... Qwen3-32B): Qwen2's, with its own build and HF adapter.
 
-from megaqwen.models.qwen2.model import Attention
-from megaqwen.models.qwen2.parallelize import parallelize_tp
+Qwen2's TP plan (which keeps the q/k norm weights whole and sums their grads over TP), layer list
+and selective-recompute target (`Attention.core`) serve Qwen3 unchanged.
+"""
+
+from dataclasses import replace
+
+from megaqwen.models.qwen2.spec import SPEC as QWEN2
 from megaqwen.models.qwen3 import hf_adapter
 from megaqwen.models.qwen3.model import build_model
-from megaqwen.models.spec import ModelSpec, register_spec
+from megaqwen.models.spec import register_spec
 
-SPEC = register_spec(ModelSpec(
-    arch="qwen3",
-    build=build_model,
-    parallelize_tp=parallelize_tp,
-    layers=lambda model: model.model.layers,
-    selective_recompute=(Attention, "core"),
-    hf=hf_adapter,
-))
+SPEC = register_spec(replace(QWEN2, arch="qwen3", build=build_model, hf=hf_adapter))

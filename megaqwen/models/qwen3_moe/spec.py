@@ -1,16 +1,11 @@
-"""The Qwen3-MoE model spec (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen2-MoE's plan and attention core."""
+"""The Qwen3-MoE model spec (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen2-MoE's, with its own build and
+HF adapter (Qwen2-MoE's TP plan keeps sparse blocks whole and, through Qwen2's, the q/k norms)."""
 
-from megaqwen.models.qwen2.model import Attention
-from megaqwen.models.qwen2_moe.parallelize import parallelize_tp
+from dataclasses import replace
+
+from megaqwen.models.qwen2_moe.spec import SPEC as QWEN2_MOE
 from megaqwen.models.qwen3_moe import hf_adapter
 from megaqwen.models.qwen3_moe.model import build_model
-from megaqwen.models.spec import ModelSpec, register_spec
+from megaqwen.models.spec import register_spec
 
-SPEC = register_spec(ModelSpec(
-    arch="qwen3_moe",
-    build=build_model,
-    parallelize_tp=parallelize_tp,
-    layers=lambda model: model.model.layers,
-    selective_recompute=(Attention, "core"),
-    hf=hf_adapter,
-))
+SPEC = register_spec(replace(QWEN2_MOE, arch="qwen3_moe", build=build_model, hf=hf_adapter))
