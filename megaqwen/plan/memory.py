@@ -23,9 +23,12 @@ rank = micro_batch x seq / cp. In flight on pipeline rank i (p ranks, m micro-ba
 GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p v)) (Narayanan et
 al. 2021, the extra warm-up chunks); ZB-V p; DualPipeV p + 1 (DeepSeek-V3 table 2) micro-batches of a
 rank's layers. The working margin: BACKWARD_TEMP_LAYERS (1.5) layers' full activations (backward's
-temporaries), on the last stage one chunk of fp32 logits and the fp32 head grad; FSDP adds two
-gathered layers (current + prefetch) in the compute dtype. Two constants (1.5 layers, one logits
-chunk) were fitted to five fp32 CPU runs; the total lands within 10% of each measured peak there.
+temporaries), on the last stage the fp32 logits up to LOGITS_CHUNKS (2) chunks and the fp32 head
+grad; FSDP adds two gathered layers (current + prefetch) in the compute dtype. The 1.5 layers were
+fitted to five fp32 CPU runs with a 1,024-row vocabulary (the total within 10% of each measured
+peak); the 2 chunks come from the debug model's real 151,936-row vocabulary, where logits dominate
+backward's temporaries (counting one chunk: 0.67-0.78 of the measured peak at 256-8,192 tokens; two:
+0.88-1.09).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ BACKWARD_TEMP_LAYERS = 1.5
 """Backward's temporaries, in layers' worth of full (no-recompute) activations. Fitted to five fp32
 CPU runs (peak RSS above a warmed-up baseline, tests/plan/test_planner.py): residuals 0.7-2.6 layers.
 (memory_check's 5 also absorbs the ~100 MB of code pages a cold process faults in on its first step.)"""
+LOGITS_CHUNKS = 2
+"""Chunked cross-entropy's working set, in chunks of fp32 logits (CHUNK_LOGITS_BYTES each): its loop
+computes the next chunk's logits before rebinding `logits` frees the previous one (kernels/cross_entropy
+`_chunked_pass`), so past one chunk two are alive (measured, debug model's 151,936-row vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +302,7 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     acts += 2 * m.head_dim_ * tokens * 4  # RoPE cos/sin (fp32), shared by every layer
     margin = BACKWARD_TEMP_LAYERS * full_layer if layers else 0.0
     if last:
-        logits = min(tokens * m.vocab_size / lay.tp * 4, CHUNK_LOGITS_BYTES)
+        logits = min(tokens * m.vocab_size / lay.tp * 4, LOGITS_CHUNKS * CHUNK_LOGITS_BYTES)
         margin += logits + 4 * m.vocab_size * m.hidden_size / lay.tp
     if mode == "fsdp" and dpc > 1 and layers:
         margin += 2 * act_bytes * full / max(1, len(layers))  # two gathered layers (about)

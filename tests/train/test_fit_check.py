@@ -4,8 +4,10 @@ Host RAM is faked (or train.memory_limit_gb set) so that no assert depends on th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,13 +65,18 @@ def test_the_detected_ram_is_shared_by_the_node_processes(monkeypatch, tmp_path)
 
 
 def test_memory_limit_decides_for_a_mid_size_model(tmp_path):
-    """qwen2.5-0.5b in fp32 on CPU: about 9 GiB (7.4 of it model state) against the limit set."""
+    """qwen2.5-0.5b in fp32 on CPU: about 9-10 GiB, 7.4 of it model state, against the limit set."""
     args = [f"train.out_dir={tmp_path}", "model=qwen2.5-0.5b", "train.device=cpu"]
+    terms = fit_check.run_shape(compose_config(args), 1).terms()
+    total = sum(terms.values())
+    assert terms["model state"] == 16 * get_config("qwen2.5-0.5b").num_params()
+    assert 0.9 * 8 * GIB < total <= 0.9 * 12 * GIB, total / GIB
     with pytest.raises(UsageError) as e:
         preflight([*args, "train.memory_limit_gb=8"], world_size=1)
     msg = str(e.value)
-    assert "needs about 9.1 GiB per process" in msg and "but 8.0 GiB is available (train.memory_limit_gb" in msg
-    preflight([*args, "train.memory_limit_gb=12"], world_size=1)  # 9.1 <= 0.9 x 12: accepted
+    assert f"needs about {total / GIB:.1f} GiB per process" in msg
+    assert "but 8.0 GiB is available (train.memory_limit_gb" in msg
+    preflight([*args, "train.memory_limit_gb=12"], world_size=1)  # accepted
     with pytest.raises(UsageError, match="train.memory_limit_gb must be >= 0"):
         preflight([*args, "train.memory_limit_gb=-1"], world_size=1)
 
@@ -86,7 +93,7 @@ def test_debug_model_and_the_demo_fit_with_room_to_spare(tmp_path):
                                                       "data.valid_fraction=0.05", "train.save_every=10"]):
         cfg = compose_config([f"train.out_dir={tmp_path}", *extra])
         report = fit_check.check_fit(cfg, world_size=1)
-        assert report.fits and report.total < 1 * GIB, report.summary()
+        assert report.fits and report.total < 1.2 * GIB, report.summary()
         assert set(TERMS) <= set(report.terms)
 
 
@@ -128,11 +135,42 @@ def test_host_ram_takes_the_cgroup_room_when_smaller(tmp_path, monkeypatch):
     assert cgroup_room() is None and host_ram() == (20 * GIB, "RAM")
 
 
+def test_gpu_memory_is_the_free_memory_plus_this_process_cache(monkeypatch):
+    """CUDA runs: free memory of this rank's GPU (LOCAL_RANK) plus what this process already caches."""
+    import torch
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    seen = []
+
+    def mem_get_info(device):
+        seen.append(device)
+        return 70 * GIB, 80 * GIB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "H100")
+    cfg = compose_config(["train.device=cuda", "parallel.dp=4"])
+    total, where = fit_check.available_memory(cfg, world_size=4)
+    assert total == 72 * GIB and where == "free on H100, cuda:3" and seen == [torch.device("cuda", 3)]
+
+
 @pytest.mark.slow
-def test_runtime_term_is_what_a_cpu_process_holds_before_its_model():
-    """RUNTIME_BYTES against the resident set of a fresh interpreter that imported the trainer."""
-    code = ("import resource, megaqwen.train.loop; from pathlib import Path; "
-            "print(int(Path('/proc/self/statm').read_text().split()[1]) * resource.getpagesize())")
-    rss = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             timeout=300).stdout.split()[-1])
-    assert 0.5 <= rss / fit_check.RUNTIME_BYTES <= 1.5, rss
+def test_whole_cpu_trainer_peak_is_within_the_stated_band_of_the_estimate(tmp_path, shard):
+    """The real trainer in a fresh process (debug model, its 151,936-row vocabulary, 2 AdamW steps):
+    its peak resident set (ru_maxrss, the peak_mem_gib_max metric) against the fit check's total.
+    Measured: 1.10 and 1.14 x here, 0.92 and 1.02 x with data.path=sample (the tokenizer in-process)."""
+    import json
+
+    args = [f"data.path={shard}", "train.steps=2", "train.save_every=0", "logger.wandb.enabled=false"]
+    for extra in (["train.seq_len=128"], ["train.seq_len=2048", "train.micro_batch_size=4",
+                                          "train.global_batch_size=4"]):
+        out = tmp_path / extra[0].split("=")[1]
+        run = subprocess.run([str(Path(sys.executable).parent / "megaqwen-train"), f"train.out_dir={out}",
+                              *args, *extra], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        peak = max(r["peak_mem_gib_max"] for r in rows if "peak_mem_gib_max" in r) * GIB
+        est = fit_check.check_fit(compose_config([f"train.out_dir={tmp_path / 'x'}", *args, *extra]), 1).total
+        assert abs(est / peak - 1) <= 0.15, (extra, est / GIB, peak / GIB)
