@@ -37,6 +37,7 @@ export PATH="$VENV/bin:$PATH" WANDB_MODE=offline HF_HUB_OFFLINE=1
 rm -rf "$RUN"
 
 echo "== 1/5 tokenise $CORPUS"
+echo "   (the corpus plants a few malformed lines on purpose: they are skipped and counted in one line)"
 megaqwen-data tokenize --input "$CORPUS" --output-prefix "$RUN/data/sample"
 
 TRAIN=(megaqwen-train "train.out_dir=$RUN" "data.path=$RUN/data/sample" train.steps=40
