@@ -235,12 +235,11 @@ def _first_per_knob(texts: list[str]) -> list[str]:
 
 
 def _device(cfg, world_size: int):
-    """This rank's device as the trainer will pick it (`init_distributed`), before any process group."""
-    from megaqwen.parallel.dims import resolve_backend
-    from megaqwen.parallel.setup import resolve_device
+    """This rank's device as the trainer picks it (`parallel.setup.start_settings`), before any group."""
+    from megaqwen.parallel.setup import start_settings
 
-    backend = resolve_backend(cfg.parallel.backend) if world_size > 1 else None
-    return resolve_device(cfg.train.device, backend, int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    return start_settings(cfg.parallel, cfg.train.device, world_size, local_rank)[2]
 
 
 def _bf16_gpu() -> bool:
