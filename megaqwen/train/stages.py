@@ -17,9 +17,10 @@ written by the data pipeline) gives another `seq_length` or `rope_base` is an er
 stage the activation-memory estimate (`memory_check`) is compared with the device's memory.
 
 A chain may end with `passkey: {lengths: [...], depths: [...], trials: N}`: passkey retrieval on the
-final checkpoint, heat map in <out_dir>/passkey/ (`--no-passkey` skips it; `--no-memory-check` the
-memory estimate). The chain and each stage's outcome (steps, final checkpoint, loss) are recorded in
-`<out_dir>/stages.json`; a rerun skips the stages recorded as done, so the command is resumable.
+final checkpoint, heat map in <out_dir>/passkey/ (`--no-passkey` skips it; `--no-memory-check` both
+memory estimates: this one and the start-up fit check). The chain and each stage's outcome (steps,
+final checkpoint, loss) are recorded in `<out_dir>/stages.json`; a rerun skips the stages recorded as
+done, so the command is resumable.
 Each stage's LR schedule (warmup, decay to min_lr) runs over its own steps (`train.schedule_start` =
 the stage's first step).
 """
@@ -310,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     import megaqwen.train.main  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 
     try:
-        record = run_chain(load_chain(args[0]), args[1:], memory_check, passkey)
+        extra = args[1:]
+        if not memory_check and not any(a.startswith("train.fit_check=") for a in extra):
+            extra.append("train.fit_check=false")  # --no-memory-check skips the start-up fit check too
+        record = run_chain(load_chain(args[0]), extra, memory_check, passkey)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
