@@ -5,7 +5,7 @@
 
 Every parameter's local piece is a box of its full tensor (`ShardMap.box`: the TP piece, then
 FSDP2's chunk of it). A *filler* writes one parameter's piece: `init_filler` draws it from
-`megaqwen.models.init` (seeded per parameter name and tile, so any layout assembles the same full
+`megaqwen.parallel.init` (seeded per parameter name and tile, so any layout assembles the same full
 tensors); `hf_filler` reads only the box from the safetensors file, opening and closing the file per
 tensor so a rank never maps more than one full tensor's pages. DeepSpeed ZeRO-3 uses the same
 fillers block by block inside its own partitioned construction (`deepspeed_engine.materialize_zero3`).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from megaqwen.models.init import default_seed, fill_box
+from megaqwen.parallel.init import default_seed, fill_box
 from megaqwen.parallel.shards import ShardMap, local_tensor
 
 log = logging.getLogger(__name__)

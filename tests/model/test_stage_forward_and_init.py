@@ -8,9 +8,9 @@ import torch
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX, LossParts
 from megaqwen.models import build_model, get_config
-from megaqwen.models.init import TILE, fill_box
 from megaqwen.models.qwen2 import ParamInit
 from megaqwen.models.spec import get_spec
+from megaqwen.parallel.init import TILE, fill_box
 
 
 def _model(**kw):

@@ -235,6 +235,6 @@ def build_on_meta(model_cls: type[nn.Module], cfg: ModelConfig, ops: KernelOps |
     model.to(dtype)
     if torch.device(device).type == "meta":
         return model
-    from megaqwen.models.init import materialize_single  # local import: keeps the module tiny
+    from megaqwen.parallel.init import materialize_single  # local import: keeps the module tiny
 
     return materialize_single(model, device, seed)
