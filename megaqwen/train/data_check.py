@@ -7,12 +7,17 @@ for and how to make it: `megaqwen-data tokenize`.
 Then `check_shards_for_model` (pre-flight, after the paths exist): shards whose PREFIX.shard.json names
 another tokenizer than the model's are refused naming both, and so is any token id >= model.vocab_size
 (it would index past the embedding table: an IndexError on CPU, a device-side assert on GPU, mid-run).
+
+`check_recipe`: a blend recipe's plan (`<recipe>.meta.json`) must match the run's seq_len and RoPE
+base (pre-flight and every stage of a chain).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 SAMPLE = "sample"
 TOKENIZE = "megaqwen-data tokenize --input 'FILES' --output-prefix {prefix}"
+
+log = logging.getLogger(__name__)
 
 
 def shard_prefixes(path: str, out_dir: str | Path) -> list[str]:
@@ -132,3 +139,27 @@ def _check_shard(key: str, path: str, prefix: str, model: ModelConfig) -> None:
         raise UsageError(f"{key}={path}: shard {prefix} holds token id {top} ({how}) but model.vocab_size="
                          f"{model.vocab_size} (ids 0..{model.vocab_size - 1}); tokenise with the model's "
                          f"tokenizer ({remake}) or give a model with model.vocab_size > {top}")
+
+
+def check_recipe(data_path: str, seq_len: int, rope_theta: float) -> dict[str, Any] | None:
+    """A blend recipe's plan (`<recipe>.meta.json`) must agree with the stage's length and RoPE base;
+    returns the plan (None when `data_path` is no recipe or has no plan)."""
+    if not data_path.endswith(".json"):
+        return None
+    plan_path = Path(data_path[:-len(".json")] + ".meta.json")
+    if not plan_path.is_file():
+        log.info("%s has no plan %s: its seq_length/rope_base are not checked", data_path, plan_path.name)
+        return None
+    plan = json.loads(plan_path.read_text())
+    bad, fix = [], []
+    if "seq_length" in plan and int(plan["seq_length"]) != seq_len:
+        bad.append(f"seq_length {plan['seq_length']} (the stage trains at {seq_len})")
+        fix.append(f"train.seq_len={int(plan['seq_length'])}")
+    if "rope_base" in plan and float(plan["rope_base"]) != float(rope_theta):
+        bad.append(f"rope_base {plan['rope_base']} (the stage uses {rope_theta})")
+        fix.append(f"model.rope_theta={float(plan['rope_base'])}")
+    if bad:
+        raise ValueError(f"data recipe {data_path} was made for " + " and ".join(bad) + f" ({plan_path}); "
+                         f"in a plain run pass {' '.join(fix)}, in a stage chain use the recipe of this "
+                         "stage, or change the stage to match it")
+    return plan

@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+STAGES_RECORD = "stages.json"
+"""A stage chain's record in its run folder (written by train.stages; its stage starts are marked)."""
+
 
 def plot_run(out_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
@@ -26,9 +29,7 @@ def plot_run(out_dir: str | Path) -> Path:
 def stage_starts(out_dir: str | Path) -> list[tuple[int, str]]:
     """(first step, label) of every stage a stage chain has started in `out_dir` (from its
     stages.json; [] for a plain run)."""
-    from megaqwen.train.stages import RECORD
-
-    path = Path(out_dir) / RECORD
+    path = Path(out_dir) / STAGES_RECORD
     if not path.is_file():
         return []
     stages = json.loads(path.read_text()).get("stages", [])

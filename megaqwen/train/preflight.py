@@ -44,8 +44,7 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
     from megaqwen.models.spec import get_spec
     from megaqwen.parallel import setup as par
     from megaqwen.train.build import initial_source
-    from megaqwen.train.data_check import check_run_shards
-    from megaqwen.train.stages import check_recipe
+    from megaqwen.train.data_check import check_recipe, check_run_shards
 
     check_choices(cfg)
     cfg.validate()

@@ -41,10 +41,11 @@ import yaml
 
 from megaqwen.train import resume
 from megaqwen.train.config import Config
+from megaqwen.train.data_check import check_recipe
+from megaqwen.train.plot import STAGES_RECORD as RECORD
 
 log = logging.getLogger("megaqwen.stages")
 PROG = "megaqwen-stages"
-RECORD = "stages.json"
 
 def _stage_dir() -> Path:
     import megaqwen.conf  # conf/ ships as this package
@@ -157,30 +158,6 @@ def stage_overrides(chain: Chain, i: int, extra: list[str]) -> list[str]:
         if getattr(s, key) is not None:
             out.append(f"train.{key}={getattr(s, key)}")
     return out + list(s.overrides) + list(extra)
-
-
-def check_recipe(data_path: str, seq_len: int, rope_theta: float) -> dict[str, Any] | None:
-    """A blend recipe's plan (`<recipe>.meta.json`) must agree with the stage's length and RoPE base;
-    returns the plan (None when `data_path` is no recipe or has no plan)."""
-    if not data_path.endswith(".json"):
-        return None
-    plan_path = Path(data_path[:-len(".json")] + ".meta.json")
-    if not plan_path.is_file():
-        log.info("%s has no plan %s: its seq_length/rope_base are not checked", data_path, plan_path.name)
-        return None
-    plan = json.loads(plan_path.read_text())
-    bad, fix = [], []
-    if "seq_length" in plan and int(plan["seq_length"]) != seq_len:
-        bad.append(f"seq_length {plan['seq_length']} (the stage trains at {seq_len})")
-        fix.append(f"train.seq_len={int(plan['seq_length'])}")
-    if "rope_base" in plan and float(plan["rope_base"]) != float(rope_theta):
-        bad.append(f"rope_base {plan['rope_base']} (the stage uses {rope_theta})")
-        fix.append(f"model.rope_theta={float(plan['rope_base'])}")
-    if bad:
-        raise ValueError(f"data recipe {data_path} was made for " + " and ".join(bad) + f" ({plan_path}); "
-                         f"in a plain run pass {' '.join(fix)}, in a stage chain use the recipe of this "
-                         "stage, or change the stage to match it")
-    return plan
 
 
 def changed_keys(prev: Config, cur: Config, world_size: int) -> list[str]:
@@ -308,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a not in ("--no-memory-check", "--no-passkey")]
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import megaqwen.train.main  # noqa: F401  (registers the schema in Hydra's ConfigStore)
+    from megaqwen.train.config import register_configs
+
+    register_configs()  # the schema in Hydra's ConfigStore, as megaqwen-train does
 
     try:
         extra = args[1:]

@@ -14,12 +14,11 @@ import megaqwen.train.main  # noqa: F401  (registers the config schema in Hydra'
 from megaqwen.data import indexed
 from megaqwen.data.indexed import IndexedDataset, IndexedDatasetBuilder, max_token_id, meta_path, read_meta
 from megaqwen.data.tokenize import tokenize_files
-from megaqwen.models.config import PUBLISHED, PUBLISHED_MOE, get_config
+from megaqwen.models.config import get_config, model_names
 from megaqwen.tokenizer import tokenizer_info
-from megaqwen.train.data_check import check_shards_for_model
+from megaqwen.train.data_check import check_recipe, check_shards_for_model
 from megaqwen.train.errors import UsageError
 from megaqwen.train.preflight import preflight
-from megaqwen.train.stages import check_recipe
 from tests.data.tiny_tokenizer import SENTENCES, make_tiny_tokenizer
 
 SMALL = ["train.seq_len=32", "train.global_batch_size=2", "train.micro_batch_size=1", "train.steps=1",
@@ -55,8 +54,8 @@ def _preflight(tmp_path, data, *extra):
 def test_default_tokenizer_shards_are_accepted(tmp_path, qwen_shard):
     run = _preflight(tmp_path, qwen_shard)
     assert run.cfg.data.path == str(qwen_shard)
-    # every published Qwen2.5 / Qwen2-MoE model reads them (vocab 151,936 or 152,064 > the max id)
-    for name in [*PUBLISHED, *PUBLISHED_MOE]:
+    # every shipped model config reads them (vocab 151,936 or 152,064 > the max id)
+    for name in model_names():
         check_shards_for_model("data.path", str(qwen_shard), get_config(name), tmp_path)
 
 

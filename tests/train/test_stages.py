@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megaqwen.train.checkpoint import read_meta
-from megaqwen.train.stages import check_recipe, load_chain, main, stage_configs
+from megaqwen.train.data_check import check_recipe
+from megaqwen.train.stages import load_chain, main, stage_configs
 
 SMALL = ["model.vocab_size=512", "train.lock_timeout_min=1"]
 
