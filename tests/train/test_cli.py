@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_cli import MODEL_BUILT, run_cli
 
 from megaqwen import __version__
-from megaqwen.train import main as train_main
 from megaqwen.train.errors import UsageError
 from megaqwen.train.help import field_docs, help_text
 from megaqwen.train.overrides import schema_fields
@@ -18,19 +18,6 @@ from megaqwen.train.preflight import compose_config, preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-MODEL_BUILT = "parameters (this rank's shards)"
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`megaqwen-train ARGS` in this process; (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["megaqwen-train", *args])
-    code = 0
-    try:
-        train_main.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("override, suggestion", [

@@ -10,28 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_cli import MODEL_BUILT, run_cli
 
 from megaqwen.models.config import get_config
 from megaqwen.plan.memory import GIB, Layout
 from megaqwen.train import fit_check
-from megaqwen.train import main as train_main
 from megaqwen.train.errors import UsageError
 from megaqwen.train.fit_check import RunShape, advice, cgroup_room, host_ram
 from megaqwen.train.preflight import compose_config, preflight
 
-MODEL_BUILT = "parameters (this rank's shards)"
 TERMS = ("model state", "activations", "working margin", "runtime")
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["megaqwen-train", *args])
-    code = 0
-    try:
-        train_main.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
