@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from megaqwen.data import readers
-from megaqwen.data.readers import InputPart, _decompressed, expand_inputs
+from megaqwen.data.readers import InputPart, decompressed, expand_inputs
 from megaqwen.data_pipeline.document import Document
 
 __all__ = ["InputPart", "Reader", "expand_inputs", "open_writer", "read_documents", "write_documents",
@@ -47,7 +47,7 @@ def open_writer(path: Path) -> io.TextIOBase:
 
 def read_documents(path: Path) -> Iterator[Document]:
     """Documents written by this pipeline (trusted format: every line is a `Document.to_json`)."""
-    with open(path, "rb") as raw, _decompressed(str(path), raw) as f:
+    with open(path, "rb") as raw, decompressed(str(path), raw) as f:
         for line in f:
             if line.strip():
                 yield Document.from_json(json.loads(line))

@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from megaqwen.kernels.registry import KernelOps
-from megaqwen.kernels.rope import _rotate_half, rope_cos_sin
+from megaqwen.kernels.rope import rope_cos_sin, rotate_half
 
 
 def _check_sizes(chunk_size: int, local_size: int) -> int:
@@ -69,8 +69,8 @@ def dca_apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
                          "set model.dca_chunk_size / dca_local_size")
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     q_ = q[:, :, None]  # (B, T, 1, Hq, D)
-    q3 = q_ * cos[:, :, :3, None] + _rotate_half(q_) * sin[:, :, :3, None]
-    k_ = k * cos[:, :, 3:] + _rotate_half(k) * sin[:, :, 3:]
+    q3 = q_ * cos[:, :, :3, None] + rotate_half(q_) * sin[:, :, :3, None]
+    k_ = k * cos[:, :, 3:] + rotate_half(k) * sin[:, :, 3:]
     return q3, k_
 
 
@@ -159,7 +159,7 @@ def dca_attention_ref(q, k, v, inv_freq, rope_scale, chunk_size, local_size, sca
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, T, D)
     q_, k_, v_ = (x.double().transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     k_, v_ = k_.repeat_interleave(groups, 1), v_.repeat_interleave(groups, 1)
-    qr = q_[:, :, :, None] * cos + _rotate_half(q_)[:, :, :, None] * sin  # (B, H, T, T, D)
+    qr = q_[:, :, :, None] * cos + rotate_half(q_)[:, :, :, None] * sin  # (B, H, T, T, D)
     scores = (qr * k_[:, :, None]).sum(-1) * (rope_scale**2 * scale)
     scores = scores.masked_fill(rel < 0, float("-inf"))
     return (scores.softmax(-1) @ v_).transpose(1, 2).to(q.dtype)

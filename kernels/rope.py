@@ -76,7 +76,7 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
 # ----------------------------------------------------------------------------- reference
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -87,7 +87,7 @@ def apply_rope_ref(
     """q (B, T, Hq, D), k (B, T, Hk, D); cos/sin (B, T, D) broadcast over heads."""
     cos = cos.unsqueeze(2).to(q.dtype)
     sin = sin.unsqueeze(2).to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # ----------------------------------------------------------------------------- Triton kernel

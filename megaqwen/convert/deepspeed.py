@@ -71,7 +71,7 @@ def _convert(cfg, step: Path, meta: dict[str, Any], out_root: Path) -> Path:
 
     from megaqwen.kernels.registry import resolve_ops
     from megaqwen.parallel import setup as par
-    from megaqwen.parallel.checkpoint import _load_legacy_deepspeed
+    from megaqwen.parallel.checkpoint import load_legacy_deepspeed
     from megaqwen.train.build import build_engine, build_model_for_run
 
     t = cfg.train
@@ -84,7 +84,7 @@ def _convert(cfg, step: Path, meta: dict[str, Any], out_root: Path) -> Path:
         model, shards = build_model_for_run(cfg, env, ops, resuming=True)
         # as in train.loop.train: the same engine, so DeepSpeed's files fit it
         model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=True)
-        _load_legacy_deepspeed(str(step), model, with_optim=True)
+        load_legacy_deepspeed(str(step), model, with_optim=True)
         extra = {k: v for k, v in meta.items() if k not in ("format", "step")}
         return ckpt.save_checkpoint(out_root, int(meta["step"]), model, optimizer, extra, shards=shards)
     finally:

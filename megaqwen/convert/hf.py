@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from megaqwen.models.config import ModelConfig
 from megaqwen.models.qwen2.hf_adapter import CONFIG_KEYS, config_from_hf, config_to_hf  # noqa: F401
-from megaqwen.train.checkpoint import FORMAT, read_meta, resolve_checkpoint
+from megaqwen.parallel.checkpoint_folder import FORMAT, read_meta, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 

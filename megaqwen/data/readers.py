@@ -167,7 +167,7 @@ def expand_inputs(patterns: list[str], parts_per_file: int = 1) -> list[InputPar
     return parts
 
 
-def _decompressed(path: str, raw: io.BufferedIOBase) -> io.BufferedIOBase:
+def decompressed(path: str, raw: io.BufferedIOBase) -> io.BufferedIOBase:
     """`raw` itself, or a decompressing reader over it (chosen by the suffix of `path`)."""
     lower = path.lower()
     if lower.endswith(".gz"):
@@ -306,7 +306,7 @@ class Reader:
             skips.report()
 
     def _read_jsonl(self, part: InputPart) -> Iterator[TextRecord]:
-        with open(part.path, "rb") as raw, _decompressed(part.path, raw) as f:
+        with open(part.path, "rb") as raw, decompressed(part.path, raw) as f:
             # byte range [start, end) of the file (compressed files are one part): a line belongs
             # to the part where it starts
             start, end, lineno = 0, None, 0

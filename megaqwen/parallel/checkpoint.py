@@ -1,8 +1,8 @@
 """Make model/optimizer state of a TP / DP / ZeRO-1 layout saveable with torch.distributed.checkpoint.
 
 DCP de-duplicates plain tensors that share a key across ranks (it assumes they are replicas). TP
-shards are plain local tensors with the same FQN on every TP rank, so they are wrapped here as
-DTensors that say where each shard sits in the full tensor:
+shards are plain local tensors with the same FQN on every TP rank, so they are wrapped
+(`dtensor_shards`) as DTensors that say where each shard sits in the full tensor:
   TP only       DTensor over the tp mesh, Shard(tp_shard_dim)
   TP + FSDP2    FSDP's dp-sharded DTensor re-described over a (tp, dp) mesh:
                 [Shard(tp_shard_dim), Shard(0)] - tp splits first, dp splits each TP shard.
@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
-from megaqwen.parallel.dims import ParallelMesh
+from megaqwen.parallel.dtensor_shards import DTensorWrapper, contiguous_stride, param_tags
 from megaqwen.parallel.shards import ShardMap
 
 ZERO1_KEY = "optim_zero1"
@@ -42,26 +41,6 @@ def _is_zero1(optimizer) -> bool:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return isinstance(optimizer, ZeroRedundancyOptimizer)
-
-
-def _shard_mesh(mesh: ParallelMesh, reps: int, fsdp: bool) -> DeviceMesh:
-    """Mesh over which a TP-sharded tensor is described, reusing (or making) the groups:
-    tp | (kv_shard, kv_replica) when KV heads are replicated, each followed by dp under FSDP2."""
-    coord = mesh.mesh.get_coordinate()
-    pp, dp, cp = coord[0], coord[1], coord[2]
-    ranks = mesh.mesh.mesh[pp, :, cp, :].T  # (tp, dp) global ranks
-    if not fsdp:
-        ranks = ranks[:, dp]
-    if reps == 1:
-        groups, names = [mesh.tp_group], ["tp"]
-    else:
-        tp = mesh.dims.tp
-        ranks = ranks.reshape(tp // reps, reps, *ranks.shape[1:])
-        groups = [mesh.tp_subgroup(reps, strided=True), mesh.tp_subgroup(reps)]
-        names = ["kv_shard", "kv_replica"]
-    if fsdp:
-        groups, names = [*groups, mesh.dp_group], [*names, "dp"]
-    return DeviceMesh.from_group(groups, mesh.mesh.device_type, mesh=ranks, mesh_dim_names=tuple(names))
 
 
 # Optimizer state flattened per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): keys are
@@ -77,50 +56,15 @@ def _state_fqn(key: str) -> str | None:
     return key[len("state."):].rsplit(".", 1)[0]
 
 
-def _param_tags(shards: ShardMap | None) -> dict[str, tuple[int, int]]:
-    """FQN -> (sharded dim, replicas) of every TP-sharded parameter (none without TP)."""
-    if shards is None or shards.tp == 1:
-        return {}
-    return {fqn: (sh.dim, sh.replicas) for fqn, sh in shards}
-
-
-class _Wrapper:
-    """Describes TP-local (and FSDP-local) tensors as DTensors of the full tensor; caches meshes."""
-
-    def __init__(self, mesh: ParallelMesh):
-        self.mesh = mesh
-        self._meshes: dict[tuple[int, bool], DeviceMesh] = {}
-
-    def __call__(self, t: torch.Tensor, dim: int, reps: int) -> torch.Tensor:
-        fsdp = isinstance(t, DTensor)  # FSDP2: Shard(0) of the TP-local tensor over dp
-        key = (reps, fsdp)
-        if key not in self._meshes:
-            self._meshes[key] = _shard_mesh(self.mesh, reps, fsdp)
-        placements = [Shard(dim)] + ([Replicate()] if reps > 1 else []) + ([Shard(0)] if fsdp else [])
-        full = list(t.shape)
-        full[dim] *= self.mesh.dims.tp // reps  # replicas hold the same rows: stored once
-        local = t.to_local() if fsdp else t
-        return DTensor.from_local(local, self._meshes[key], placements, run_check=False,
-                                  shape=torch.Size(full), stride=_contiguous_stride(full))
-
-
-def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= s
-    return tuple(reversed(stride))
-
-
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                   shards: ShardMap | None) -> dict[str, Any]:
     """{"model": ..., "optim": ...} ready for dcp.save / dcp.load (values share memory with the model)."""
     zero1 = optimizer is not None and _is_zero1(optimizer)
     opts = [] if optimizer is None or zero1 else optimizer
     model_sd, optim_sd = get_state_dict(model, opts, options=_OPTIONS)
-    tags = _param_tags(shards)
+    tags = param_tags(shards)
     if tags:
-        wrap = _Wrapper(shards.mesh)
+        wrap = DTensorWrapper(shards.mesh)
         for fqn, (dim, reps) in tags.items():
             if fqn in model_sd:
                 model_sd[fqn] = wrap(model_sd[fqn], dim, reps)
@@ -142,7 +86,7 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 def load_sharded_state(state: dict[str, Any], model: nn.Module,
                        optimizer: torch.optim.Optimizer | None, shards: ShardMap | None) -> None:
     """After `dcp.load(state, ...)`: copy the loaded values into model and optimizer."""
-    tags = _param_tags(shards)
+    tags = param_tags(shards)
     mesh = shards.mesh if shards is not None else None
 
     def back(fqn: str, v: Any) -> Any:
@@ -154,7 +98,7 @@ def load_sharded_state(state: dict[str, Any], model: nn.Module,
             shape = list(v.shape)
             shape[dim] //= mesh.dims.tp // reps
             return DTensor.from_local(local, mesh.dp_mesh, [Shard(0)], run_check=False,
-                                      shape=torch.Size(shape), stride=_contiguous_stride(shape))
+                                      shape=torch.Size(shape), stride=contiguous_stride(shape))
         return local
 
     model_sd = {k: back(k, v) for k, v in state["model"].items()}
@@ -205,7 +149,7 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
         from megaqwen.parallel.deepspeed_checkpoint import load_deepspeed
 
         if os.path.isdir(os.path.join(path, LEGACY_DEEPSPEED_TAG)):
-            _load_legacy_deepspeed(path, model, optimizer is not None)
+            load_legacy_deepspeed(path, model, optimizer is not None)
         else:
             load_deepspeed(path, model, shards, with_optim=optimizer is not None)
         return
@@ -214,7 +158,9 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
     load_sharded_state(state, model, optimizer, shards)
 
 
-def _load_legacy_deepspeed(path: str, engine, with_optim: bool) -> None:
+def load_legacy_deepspeed(path: str, engine, with_optim: bool) -> None:
+    """DeepSpeed's own format (the `deepspeed/` tag folder) into a DeepSpeed engine of the layout that
+    wrote it (the converter `megaqwen-convert from-deepspeed` and a legacy resume)."""
     loaded, _ = engine.load_checkpoint(path, tag=LEGACY_DEEPSPEED_TAG, load_optimizer_states=with_optim)
     if loaded is None:
         raise FileNotFoundError(f"{path}: DeepSpeed could not read its checkpoint "

@@ -102,10 +102,10 @@ def _moment_keys(engine, entries: list[_Entry]) -> list[str]:
 
 def _tp_wrap(shards: ShardMap | None):
     """fqn, full TP-local tensor -> what DCP stores (a DTensor of the full tensor when TP-sharded)."""
-    from megaqwen.parallel.checkpoint import _param_tags, _Wrapper
+    from megaqwen.parallel.dtensor_shards import DTensorWrapper, param_tags
 
-    tags = _param_tags(shards)
-    wrap = _Wrapper(shards.mesh) if tags else None
+    tags = param_tags(shards)
+    wrap = DTensorWrapper(shards.mesh) if tags else None
 
     def f(fqn: str, t: torch.Tensor) -> torch.Tensor:
         return wrap(t, *tags[fqn]) if fqn in tags else t

@@ -120,7 +120,7 @@ def init_distributed(pcfg: ParallelConfig, device_name: str = "auto") -> DistEnv
     return DistEnv(rank, world, local_rank, device, dims, mesh)
 
 
-def _deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool = False):
+def deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool = False):
     """The DeepSpeed engine's settings from `parallel.*` (validated on construction)."""
     from megaqwen.parallel.deepspeed_engine import DeepSpeedConfig
 
@@ -185,7 +185,7 @@ def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, se
     if engine == "deepspeed":
         from megaqwen.parallel.deepspeed_engine import check_installed
 
-        _deepspeed_config(pcfg)
+        deepspeed_config(pcfg)
         if d.world_size == 1:
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
         if pcfg.compile:
@@ -301,7 +301,7 @@ def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistE
 
         if env.mesh is None:  # check_layout says so before the model is built
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
-        eng = build_deepspeed_engine(model, env.mesh, _deepspeed_config(pcfg, grad_clip, bf16),
+        eng = build_deepspeed_engine(model, env.mesh, deepspeed_config(pcfg, grad_clip, bf16),
                                      micro_batch_size, accum_steps, param_groups=param_groups(model),
                                      shards=shards, optimizer_class=optimizer_class, **adamw)
         return eng, eng.optimizer

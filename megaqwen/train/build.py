@@ -70,7 +70,7 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan
         from megaqwen.parallel.deepspeed_engine import materialize_zero3
 
         # a native checkpoint is read into the engine's partitions once it exists (`build_engine`)
-        materialize_zero3(model, spec.layers(model), env.mesh, par._deepspeed_config(cfg.parallel),
+        materialize_zero3(model, spec.layers(model), env.mesh, par.deepspeed_config(cfg.parallel),
                           env.device, filler)
     else:
         materialize(model, shards, env.device, filler=filler)

@@ -3,6 +3,7 @@
 Layout of a run folder:
     checkpoints/step_00000020/   DCP shards (.metadata, __<rank>_0.distcp) + meta.json
     checkpoints/latest           text file naming the newest complete step folder
+(read side: `parallel/checkpoint_folder.py`, shared with convert and eval)
 
 A save goes to `step_N.partial/` first; only after every rank has written its shard does rank 0
 rename it to `step_N/` and then atomically replace `latest` (write + os.replace). A crash at any
@@ -41,14 +42,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megaqwen.parallel import checkpoint as parallel_ckpt
+from megaqwen.parallel.checkpoint_folder import (
+    FORMAT,
+    LATEST,
+    latest_checkpoint,  # noqa: F401  (the trainer's modules reach the read side through here)
+    read_meta,
+    resolve_checkpoint,
+)
 from megaqwen.parallel.shards import ShardMap
 from megaqwen.train import integrity
 from megaqwen.train.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "megaqwen-dcp-v1"
-LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d{8})")
 
 
@@ -63,40 +69,6 @@ def _barrier() -> None:
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step_{step:08d}"
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder named by `latest`, or None if there is none."""
-    ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / LATEST
-    if not pointer.exists():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint "
-                                "(no meta.json); remove the pointer or restore the folder")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a step folder, a checkpoints/ folder, or a run folder; return the step folder."""
-    path = Path(path)
-    if (path / "meta.json").exists():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root) if (root / LATEST).exists() else None
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no megaqwen checkpoint at {path} (looked for meta.json, "
-                            f"{LATEST} and checkpoints/{LATEST})")
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    meta_path = Path(path) / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    return meta
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module,
