@@ -1,4 +1,4 @@
-from megaqwen.models.config import PUBLISHED, ModelConfig, get_config
+from megaqwen.models.config import ModelConfig, get_config, model_names
 from megaqwen.models.qwen2 import Qwen2ForCausalLM, build_model
 
-__all__ = ["PUBLISHED", "ModelConfig", "Qwen2ForCausalLM", "build_model", "get_config"]
+__all__ = ["ModelConfig", "Qwen2ForCausalLM", "build_model", "get_config", "model_names"]

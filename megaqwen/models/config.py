@@ -1,14 +1,24 @@
 """Typed model configuration for the Qwen2.5 / Qwen3 dense decoders and their MoE families.
 
-Published sizes carry the values of the official Hugging Face `config.json` files; `debug`,
-`debug-moe`, `debug-qwen3` and `debug-qwen3-moe` are tiny flavours for tests and the README demo.
-YAML twins of these live in `conf/model/`.
+The sizes themselves are not here: `conf/model/NAME.yaml` is the one table (published sizes carry
+the values of the official Hugging Face `config.json` files; `debug`, `debug-moe`, `debug-qwen3` and
+`debug-qwen3-moe` are tiny flavours for tests and the README demo). `get_config(NAME)` reads it the
+way the trainer's `model=NAME` does.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import copy
+import functools
+import importlib.resources
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megaqwen.suggest import did_you_mean
 
 MOE_TWIN: dict[str, str] = {"qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 """Dense architecture -> its MoE sibling (same attention; num_experts > 0 exactly on the MoE one)."""
@@ -249,136 +259,45 @@ class ModelConfig:
         return 6 * n + attn
 
 
-# Official Hugging Face configs (Qwen/Qwen2.5-*/config.json). vocab_size is the padded embedding
-# size, which differs between the small (151,936) and large (152,064) checkpoints.
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                         num_kv_heads=2, vocab_size=151_936, tie_word_embeddings=True,
-                         rms_norm_eps=1e-6),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                         num_kv_heads=2, vocab_size=151_936, tie_word_embeddings=True,
-                         rms_norm_eps=1e-6),
-    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
-                       num_kv_heads=2, vocab_size=151_936, tie_word_embeddings=True,
-                       rms_norm_eps=1e-6),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                       num_kv_heads=4, vocab_size=152_064, tie_word_embeddings=False,
-                       rms_norm_eps=1e-6),
-    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_layers=48, num_heads=40,
-                        num_kv_heads=8, vocab_size=152_064, tie_word_embeddings=False,
-                        rms_norm_eps=1e-5),
-    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
-                        num_kv_heads=8, vocab_size=152_064, tie_word_embeddings=False,
-                        rms_norm_eps=1e-5),
-    "qwen2.5-72b": dict(hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64,
-                        num_kv_heads=8, vocab_size=152_064, tie_word_embeddings=False,
-                        rms_norm_eps=1e-5),
-}
+MODEL_GROUP = "model"
+"""Folder of `megaqwen.conf` (the repository's `conf/`) holding one YAML per model: Hydra's `model` group."""
 
 
-# Official Hugging Face configs of the public Qwen2-MoE checkpoints (Qwen/Qwen1.5-MoE-A2.7B,
-# Qwen/Qwen2-57B-A14B config.json). Every layer is sparse (decoder_sparse_step 1, no mlp_only_layers).
-PUBLISHED_MOE: dict[str, dict[str, Any]] = {
-    "qwen1.5-moe-a2.7b": dict(hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16,
-                              num_kv_heads=16, vocab_size=151_936, tie_word_embeddings=False,
-                              rms_norm_eps=1e-6, max_position_embeddings=8192, num_experts=60,
-                              num_experts_per_tok=4, moe_intermediate_size=1408,
-                              shared_expert_intermediate_size=5632),
-    "qwen2-57b-a14b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                           num_kv_heads=4, vocab_size=151_936, tie_word_embeddings=False,
-                           rms_norm_eps=1e-6, max_position_embeddings=131_072, num_experts=64,
-                           num_experts_per_tok=8, moe_intermediate_size=2560,
-                           shared_expert_intermediate_size=20480),
-}
-
-# Qwen2.5-Turbo, ASSUMED: its architecture is not public. Known: an MoE of the Qwen2-MoE family with
-# fine-grained experts and shared-expert routing, competitive with Qwen2.5-14B (Qwen2.5 technical
-# report), 1M-token context (Qwen2.5-Turbo release; the 1M models use rope_theta 1e7 and
-# max_position_embeddings 1,010,000). Assumed: Qwen2-57B-A14B's attention and width, each of its 64
-# experts of 2560 split in two (128 x 1280, DeepSeekMoE-style segmentation), top-8 of those (half the
-# routed compute), a shared expert 4 fine experts wide (5120), Qwen2.5's 152,064-row vocabulary:
-# 52.8B total, 6.5B active parameters. Change any of it by config (every MoE size is config only).
-ASSUMED_MOE: dict[str, dict[str, Any]] = {
-    "qwen2.5-turbo": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                          num_kv_heads=4, vocab_size=152_064, tie_word_embeddings=False,
-                          rms_norm_eps=1e-6, rope_theta=10_000_000.0,
-                          max_position_embeddings=1_010_000, num_experts=128, num_experts_per_tok=8,
-                          moe_intermediate_size=1280, shared_expert_intermediate_size=5120),
-}
-
-# Tiny MoE: 4 layers, layer 0 dense (mlp_only_layers), layers 1 and 3 sparse (decoder_sparse_step 2),
-# 8 experts top-2 with a shared expert; the debug model's attention and vocabulary.
-DEBUG_MOE: dict[str, Any] = dict(
-    name="debug-moe", arch="qwen2_moe", num_layers=4, num_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=48, shared_expert_intermediate_size=96, decoder_sparse_step=2,
-    mlp_only_layers=[0])
+def _model_files() -> importlib.resources.abc.Traversable:
+    return importlib.resources.files("megaqwen.conf").joinpath(MODEL_GROUP)
 
 
-# Official Hugging Face configs (Qwen/Qwen3-*/config.json). Every size: head_dim 128 (not
-# hidden / heads at 0.6B, 4B, 32B and both MoE), QK-norm, no QKV bias, the 151,936-row vocabulary,
-# rope_theta 1e6, rms_norm_eps 1e-6, 40,960 positions; the three small sizes tie the LM head.
-QWEN3_COMMON: dict[str, Any] = dict(qk_norm=True, qkv_bias=False, head_dim=128, vocab_size=151_936,
-                                    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                                    max_position_embeddings=40_960)
-PUBLISHED_QWEN3: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-                       num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                       num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
-                     num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
-                     num_kv_heads=8, tie_word_embeddings=False),
-    "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_layers=40, num_heads=40,
-                      num_kv_heads=8, tie_word_embeddings=False),
-    "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_layers=64, num_heads=64,
-                      num_kv_heads=8, tie_word_embeddings=False),
-}
-
-# Official Hugging Face configs (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B config.json): 128 experts,
-# top-8 renormalised (norm_topk_prob true), no shared expert, every layer sparse; intermediate_size
-# is in the config (a dense MLP for mlp_only_layers) but no published layer uses it.
-PUBLISHED_QWEN3_MOE: dict[str, dict[str, Any]] = {
-    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
-                          num_kv_heads=4, moe_intermediate_size=768),
-    "qwen3-235b-a22b": dict(hidden_size=4096, intermediate_size=12288, num_layers=94, num_heads=64,
-                            num_kv_heads=4, moe_intermediate_size=1536),
-}
-QWEN3_MOE_COMMON: dict[str, Any] = dict(
-    QWEN3_COMMON, arch="qwen3_moe", tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
-    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
-
-# Tiny Qwen3 flavours: the debug attention with QK-norm and head_dim 24 != hidden / heads (q is 96
-# wide, the residual 64), as Qwen3-0.6B's 2048-wide q on a 1024 residual; the MoE one mirrors
-# debug-moe (layer 0 dense, 1 and 3 sparse, 8 experts top-2) without its shared expert, untied.
-DEBUG_QWEN3: dict[str, Any] = dict(name="debug-qwen3", arch="qwen3", qk_norm=True, qkv_bias=False,
-                                   head_dim=24)
-DEBUG_QWEN3_MOE: dict[str, Any] = dict(
-    DEBUG_QWEN3, name="debug-qwen3-moe", arch="qwen3_moe", num_layers=4, num_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=2,
-    mlp_only_layers=[0], tie_word_embeddings=False)
-
-DEBUG: dict[str, dict[str, Any]] = {"debug": {}, "debug-moe": DEBUG_MOE, "debug-qwen3": DEBUG_QWEN3,
-                                    "debug-qwen3-moe": DEBUG_QWEN3_MOE}
-"""Debug flavours by name (ModelConfig defaults are the `debug` model)."""
+def model_names() -> list[str]:
+    """Every model config by name: the `conf/model/*.yaml` files, what `model=NAME` accepts."""
+    return sorted(f.name.removesuffix(".yaml") for f in _model_files().iterdir() if f.name.endswith(".yaml"))
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
-    """A published or debug config by name, with field overrides."""
-    if name in DEBUG:
-        return ModelConfig(**{**DEBUG[name], **overrides})
-    if name in PUBLISHED_MOE or name in ASSUMED_MOE:
-        return ModelConfig(**{"name": name, "arch": "qwen2_moe", "rope_theta": 1_000_000.0,
-                              "norm_topk_prob": False, "router_aux_loss_coef": 0.001,
-                              **PUBLISHED_MOE.get(name, ASSUMED_MOE.get(name, {})), **overrides})
-    if name in PUBLISHED_QWEN3:
-        return ModelConfig(**{"name": name, "arch": "qwen3", **QWEN3_COMMON, **PUBLISHED_QWEN3[name],
-                              **overrides})
-    if name in PUBLISHED_QWEN3_MOE:
-        return ModelConfig(**{"name": name, **QWEN3_MOE_COMMON, **PUBLISHED_QWEN3_MOE[name],
-                              **overrides})
-    if name not in PUBLISHED:
-        names = [*DEBUG, *PUBLISHED, *PUBLISHED_MOE, *ASSUMED_MOE, *PUBLISHED_QWEN3, *PUBLISHED_QWEN3_MOE]
-        raise ValueError(f"unknown model {name!r}; choose from {names}")
-    return ModelConfig(name=name, rope_theta=1_000_000.0, max_position_embeddings=32_768,
-                       **{**PUBLISHED[name], **overrides})
+    """The model config `conf/model/NAME.yaml`, with field overrides.
+
+    The YAML is read as Hydra's `model=NAME` reads it: its keys set fields of `ModelConfig`, merged
+    onto the dataclass defaults (types checked, ints widened to floats), so this equals the `model`
+    section the trainer composes. Unknown keys, Hydra directives included, are errors.
+    """
+    cfg = copy.deepcopy(_read(name))  # a fresh object each call: callers may change its lists
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+@functools.cache
+def _read(name: str) -> ModelConfig:  # ~10 ms each (OmegaConf's structured merge), so read once
+    names = model_names()
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, names)}; choose from {', '.join(names)}")
+    path = f"conf/{MODEL_GROUP}/{name}.yaml"
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                               OmegaConf.create(_model_files().joinpath(f"{name}.yaml").read_text("utf-8")))
+        cfg = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:  # one line: the key, then OmegaConf's reason
+        raise ValueError(f"{path}: {e.full_key}: {str(e.msg).splitlines()[0]} (a model YAML holds only "
+                         "ModelConfig fields)") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not YAML: {' '.join(str(e).split())}") from None
+    if cfg.name != name:
+        raise ValueError(f"{path} says name: {cfg.name!r}; the name is the file's ({name!r})")
+    return cfg

@@ -1,24 +1,19 @@
 """Qwen2-MoE against transformers' Qwen2MoeForCausalLM on the same random weights; configs; counts."""
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 from transformers import Qwen2MoeConfig
 from transformers import Qwen2MoeForCausalLM as HFQwen2Moe
 
 from megaqwen.models import ModelConfig, get_config
-from megaqwen.models.config import PUBLISHED_MOE
 from megaqwen.models.qwen2_moe import MoELossParts, SparseMoeBlock, build_model
 from megaqwen.models.qwen2_moe.hf_adapter import config_from_hf, from_fused_state_dict
 from megaqwen.models.spec import get_spec
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
-
 # Total parameters of the official HF checkpoint. Qwen2-57B-A14B is not asserted: the closed form
 # and the built model agree on 57,408,658,944, 668,160 fewer than the 57,409,327,104 quoted for it.
 OFFICIAL_PARAMS = {"qwen1.5-moe-a2.7b": 14_315_784_192}
+PUBLISHED_MOE = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]  # (building the assumed Turbo costs ~6 s)
 
 CASES = {
     # name: (hidden, layers, heads, kv, experts, top_k, moe_i, shared_i, dense_i, sparse_step,
@@ -156,12 +151,6 @@ def test_meta_model_parameter_count(name):
 def test_active_params_of_published_moe():
     assert round(get_config("qwen1.5-moe-a2.7b").active_params() / 1e9, 1) == 2.7
     assert round(get_config("qwen2-57b-a14b").active_params() / 1e9) == 14
-
-
-@pytest.mark.parametrize("name", [*PUBLISHED_MOE, "debug-moe"])
-def test_yaml_matches_dataclass(name):
-    data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    assert ModelConfig(**data) == get_config(name)
 
 
 def test_hf_config_round_trip():
