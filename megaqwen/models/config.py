@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from megaqwen.suggest import did_you_mean
 
@@ -294,8 +294,8 @@ def _read(name: str) -> ModelConfig:  # ~10 ms each (OmegaConf's structured merg
                                OmegaConf.create(_model_files().joinpath(f"{name}.yaml").read_text("utf-8")))
         cfg = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:  # one line: the key, then OmegaConf's reason
-        raise ValueError(f"{path}: {e.full_key}: {str(e.msg).splitlines()[0]} (a model YAML holds only "
-                         "ModelConfig fields)") from None
+        hint = " (a model YAML holds only ModelConfig fields)" if isinstance(e, ConfigKeyError) else ""
+        raise ValueError(f"{path}: {e.full_key}: {str(e.msg).splitlines()[0]}{hint}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not YAML: {' '.join(str(e).split())}") from None
     if cfg.name != name:
