@@ -80,10 +80,10 @@ def load_for_eval(checkpoint, device, attention: str = "auto", yarn: float | Non
                   yarn_original: int | None = None, dca: tuple[int, int] | None = None):
     """Model in eval mode from a native or HF checkpoint, with the long-context options applied;
     DCA (`attention` dca, or auto with DCA in the config) swaps the RoPE and attention ops."""
-    from megaqwen.convert.hf import read_weights
     from megaqwen.kernels.dca import dca_ops
     from megaqwen.kernels.registry import resolve_ops
     from megaqwen.models.spec import get_spec
+    from megaqwen.models.weights import read_weights
 
     if attention not in ("auto", "plain", "dca"):
         raise ValueError(f"attention={attention!r}; choose auto | plain | dca")

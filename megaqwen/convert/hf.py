@@ -19,64 +19,27 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from megaqwen.models.config import ModelConfig
 from megaqwen.models.qwen2.hf_adapter import CONFIG_KEYS, config_from_hf, config_to_hf  # noqa: F401
-from megaqwen.parallel.checkpoint_folder import FORMAT, read_meta, resolve_checkpoint
+from megaqwen.models.weights import (
+    MODEL_TYPES,  # noqa: F401  (re-exported: where callers of the converter found it)
+    hf_adapter,
+    read_hf,
+    read_model_weights,
+    read_weights,
+    warn_extras,
+)
+from megaqwen.parallel.checkpoint_folder import FORMAT
 
 log = logging.getLogger(__name__)
-
-MODEL_PREFIX = "model."  # top-level key of the model state inside a DCP checkpoint
-
-
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF folder (single file or index-sharded), whole: conversion and eval."""
-    from megaqwen.parallel.materialize import hf_weight_files
-
-    weights: dict[str, torch.Tensor] = {}
-    for f in sorted(set(hf_weight_files(hf_dir).values())):
-        weights.update(load_file(f))
-    return weights
-
-
-def read_hf(hf_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and weights of an HF folder; a tied checkpoint's redundant lm_head is dropped."""
-    config_path = hf_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    hf_config = json.loads(config_path.read_text())
-    adapter = _adapter(MODEL_TYPES.get(hf_config.get("model_type"), "qwen2"))
-    cfg = adapter.config_from_hf(hf_config, name=hf_dir.name)
-    weights = read_hf_weights(hf_dir)
-    _warn_extras(weights, adapter)
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    return cfg, weights
 
 
 def expected_keys(cfg: ModelConfig) -> set[str]:
     from megaqwen.models.spec import get_spec
 
     return set(get_spec(cfg).build(cfg, device="meta").state_dict())
-
-
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
-"""HF config.json model_type -> our architecture (spec) name."""
-
-
-def _adapter(arch: str):
-    from megaqwen.models.spec import get_spec
-
-    return get_spec(arch).hf
-
-
-def _warn_extras(keys, adapter) -> None:
-    """Log the adapter's warning about tensors stock transformers ignores (MoE routing bias)."""
-    warning = getattr(adapter, "bias_warning", None)
-    msg = warning(keys) if warning is not None else None
-    if msg:
-        log.warning(msg)
 
 
 def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
@@ -99,27 +62,6 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_model_weights(ckpt_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Model tensors of a native checkpoint in their stored dtypes, with its ModelConfig."""
-    path = resolve_checkpoint(ckpt_dir)
-    cfg = ModelConfig.from_dict(read_meta(path)["model_config"])
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    state: dict[str, torch.Tensor] = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith(MODEL_PREFIX) and hasattr(md, "size"):
-            state[key[len(MODEL_PREFIX):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    if not state:
-        raise ValueError(f"{path}: checkpoint holds no model tensors")
-    dcp.load({"model": state}, checkpoint_id=str(path))
-    return cfg, state
-
-
-def read_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and model tensors from a native checkpoint folder or an HF folder."""
-    path = Path(path)
-    return read_hf(path) if (path / "config.json").exists() else read_model_weights(path)
-
-
 def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32):
     """A model from a native checkpoint folder or an HF folder (config.json + safetensors)."""
@@ -139,9 +81,9 @@ def to_hf(ckpt_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = 5 * 2
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
-    adapter = _adapter(cfg.arch)
+    adapter = hf_adapter(cfg.arch)
     hf_config = adapter.config_to_hf(cfg, dtype)
-    _warn_extras(state, adapter)
+    warn_extras(state, adapter)
     (hf_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_generation_config(hf_dir, hf_config)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -13,10 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 FORMAT = "megaqwen-dcp-v1"
 """meta.json's `format` of a checkpoint in our DCP layout."""
 LATEST = "latest"
 """File in a checkpoints/ folder naming its newest complete step folder."""
+MODEL_PREFIX = "model."
+"""Top-level key of the model state inside a DCP checkpoint."""
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -51,3 +55,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta
+
+
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a checkpoint step folder, whole and in its stored dtype (one process)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state: dict[str, torch.Tensor] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith(MODEL_PREFIX) and hasattr(md, "size"):
+            state[key[len(MODEL_PREFIX):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not state:
+        raise ValueError(f"{path}: checkpoint holds no model tensors")
+    dcp.load({"model": state}, checkpoint_id=str(path))
+    return state
