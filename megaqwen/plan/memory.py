@@ -1,13 +1,13 @@
 """Per-GPU memory of a training layout: exact parameter counts per rank, state by ZeRO stage / FSDP,
 activations with recomputation and pipeline in-flight micro-batches.
 
-Parameters are counted tensor by tensor as the plans shard them (`megaqwen.models.qwen2.parallelize`):
-q/k/v/gate/up split on rows and o/down on columns over tp (KV heads replicated when tp > KV heads),
-vocab-parallel embedding and head, norms whole; MoE sparse blocks whole over tp with experts split
-over ep; a pipeline rank keeps its stages' layers, the first stage the embedding, the last the final
-norm and head (a tied embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in
-`torch.chunk` pieces (expert tensors over the dp x cp / ep expert-data-parallel ranks). This is exact:
-it equals `local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
+Parameters are counted tensor by tensor from the model spec's shapes on one tp rank
+(`ModelSpec.param_shapes`: the spec's own build and TP plan applied on meta, so whatever the
+architecture declares is counted and sharded as the run shards it); experts split over ep; a pipeline
+rank keeps its stages' layers, the first stage the embedding, the last the final norm and head (a tied
+embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in `torch.chunk` pieces
+(expert tensors over the dp x cp / ep expert-data-parallel ranks). This is exact: it equals
+`local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
 
 Bytes per parameter (fp32 master weights, AdamW), native engine: weights 4 + grads 4 + moments 8;
 zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO paper accounting):
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from megaqwen.kernels.cross_entropy import CHUNK_LOGITS_BYTES
 from megaqwen.models.config import ModelConfig
+from megaqwen.models.spec import ParamShape, get_spec
 
 GIB = 2**30
 
@@ -148,28 +149,6 @@ class Layout:
             raise ValueError(f"layout {self}: " + "; ".join(bad))
 
 
-def _layer_tensors(m: ModelConfig, tp: int, sparse: bool) -> list[tuple[str, tuple[int, ...], int]]:
-    """(kind "dense" | "expert", local shape on a tp rank, how many such tensors) of one decoder layer.
-    TP pieces are equal on every tp rank; expert tensors are counted per expert (3 per expert)."""
-    h, hd = m.hidden_size, m.head_dim_
-    q = m.num_heads * hd // tp
-    kv = m.kv_dim // tp if tp <= m.num_kv_heads else hd
-    ff = m.intermediate_size // tp
-    d = [(q, h), (kv, h), (kv, h), (h, q), (h,), (h,)]
-    if m.qkv_bias:
-        d += [(q,), (kv,), (kv,)]
-    out = []
-    if sparse:
-        mi, si = m.moe_intermediate_size, m.shared_expert_intermediate_size
-        d += [(m.num_experts, h)]
-        if si:
-            d += [(si, h), (si, h), (h, si), (1, h)]
-        out += [("expert", s, 1) for s in ((mi, h), (mi, h), (h, mi))]
-    else:
-        d += [(ff, h), (ff, h), (h, ff)]
-    return [("dense", s, 1) for s in d] + out
-
-
 def _chunk(n0: int, parts: int, rank: int) -> int:
     """Rows of dim 0 that `torch.chunk(t, parts)[rank]` holds (FSDP2's Shard(0))."""
     c = math.ceil(n0 / parts)
@@ -193,34 +172,28 @@ def stage_layers(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[list[int], 
 
 def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int = 0,
                      fsdp: bool | None = None) -> int:
-    """Parameter elements held by one rank (its tp piece, pp stages, ep experts, FSDP chunk).
-    dp_rank indexes the dp x cp group (FSDP's mesh); expert tensors are chunked over the
-    expert-data-parallel group (dp x cp / ep ranks, position dp_rank // ep). Every ep rank holds
-    E / ep experts of each sparse layer, so the count does not depend on the ep rank."""
+    """Parameter elements held by one rank (its tp piece, pp stages, ep experts, FSDP chunk), from the
+    model spec's shapes on a tp rank (`ModelSpec.param_shapes`). dp_rank indexes the dp x cp group
+    (FSDP's mesh); expert tensors are chunked over the expert-data-parallel group (dp x cp / ep ranks,
+    position dp_rank // ep). Every ep rank holds E / ep of each sparse layer's equal-shaped experts, so
+    the count does not depend on the ep rank."""
     fsdp = lay.dp_mode == "fsdp" if fsdp is None else fsdp
+    shapes = get_spec(m).param_shapes(m, lay.tp)
     layers, first, last = stage_layers(m, lay, pp_rank)
     dpc = lay.dp * lay.cp
 
     def size(shape: tuple[int, ...], parts: int, r: int) -> int:
         return (_chunk(shape[0], parts, r) if fsdp else shape[0]) * math.prod(shape[1:])
 
-    def layer(sparse: bool) -> int:
-        n = 0
-        for kind, shape, _ in _layer_tensors(m, lay.tp, sparse):
-            if kind == "expert":
-                n += (m.num_experts // lay.ep) * size(shape, dpc // lay.ep, dp_rank // lay.ep)
-            else:
-                n += size(shape, dpc, dp_rank)
-        return n
+    def count(tensors: tuple[ParamShape, ...]) -> int:
+        dense = sum(size(t.shape, dpc, dp_rank) for t in tensors if not t.expert)
+        experts = sum(size(t.shape, dpc // lay.ep, dp_rank // lay.ep) for t in tensors if t.expert)
+        return dense + experts // lay.ep
 
-    n_sparse = sum(m.is_sparse_layer(i) for i in layers)
-    n = n_sparse * (layer(True) if n_sparse else 0) + (len(layers) - n_sparse) * layer(False)
-    emb = (m.vocab_size // lay.tp, m.hidden_size)
+    n = sum(count(shapes.layers[i]) for i in layers)
     if first or (last and m.tie_word_embeddings):
-        n += size(emb, dpc, dp_rank)
-    if last:
-        n += size((m.hidden_size,), dpc, dp_rank) + (0 if m.tie_word_embeddings else size(emb, dpc, dp_rank))
-    return n
+        n += count(shapes.first)
+    return n + (count(shapes.last) if last else 0)
 
 
 @dataclass

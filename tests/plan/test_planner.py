@@ -79,6 +79,31 @@ def test_param_counts_equal_the_meta_build():
         assert got == rank_param_count(m72, best, pp_rank=p, fsdp=False), (best, rank)
 
 
+ARCH_CASES = [  # (model, world, layout): every architecture, tp 1/2/4, pp 1/2, ep on the MoE models
+    ("qwen2.5-7b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="fsdp")),
+    ("qwen2.5-7b", 4, Layout(tp=4, dp=1, dp_mode="ddp")),
+    ("qwen3-8b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="fsdp")),
+    ("qwen3-8b", 8, Layout(tp=4, dp=2, dp_mode="fsdp")),
+    ("qwen2-57b-a14b", 8, Layout(tp=2, dp=4, ep=2, dp_mode="fsdp")),
+    ("qwen2-57b-a14b", 8, Layout(tp=1, pp=2, dp=4, ep=4, dp_mode="fsdp")),
+    ("qwen3-30b-a3b", 8, Layout(tp=4, dp=2, ep=2, dp_mode="fsdp")),
+    ("qwen3-30b-a3b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="ddp")),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, lay", ARCH_CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_param_counts_equal_the_meta_build_for_every_architecture(name, world, lay):
+    """The spec's shapes (`ModelSpec.param_shapes`) make the count exact for Qwen3's q/k norms and
+    Qwen3-MoE's shared-expert-free blocks as for Qwen2: first and last rank of each layout."""
+    m = get_config(name)
+    for rank in (0, world - 1):
+        got, (p, d) = _meta_count(m, world, rank, tp=lay.tp, pp=lay.pp, fsdp=lay.dp_mode == "fsdp",
+                                  ep=lay.ep)
+        assert got == rank_param_count(m, lay, pp_rank=p, dp_rank=d), (name, lay, rank)
+
+
 CPU_CASES = [  # (model overrides, micro-batch, seq): one state-heavy, one activation-heavy
     (dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=8, num_heads=8,
           num_kv_heads=2), 1, 512),
