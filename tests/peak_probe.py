@@ -1,6 +1,7 @@
 """Peak resident memory of two fp32 AdamW steps of a debug-family model, in a fresh process (freed
 memory stays resident, so a second measurement in one process would see nothing). Used by the
-planner's and the stage memory check's tests against their estimates.
+planner's tests against its estimate (the one memory model; the fit check's whole-trainer test
+measures the trainer itself).
 
     python tests/peak_probe.py '{"vocab_size": 1024, "num_layers": 3}' B T [recompute] [--warm-up]
 

@@ -1,5 +1,7 @@
 """Per-GPU memory of a training layout: exact parameter counts per rank, state by ZeRO stage / FSDP,
-activations with recomputation and pipeline in-flight micro-batches.
+activations with recomputation and pipeline in-flight micro-batches. The one memory model: the planner
+searches with it, and the trainer's fit check (`megaqwen.train.fit_check`, also the stage memory check
+of `megaqwen-stages`) refuses runs with it.
 
 Parameters are counted tensor by tensor from the model spec's shapes on one tp rank
 (`ModelSpec.param_shapes`: the spec's own build and TP plan applied on meta, so whatever the
@@ -14,10 +16,10 @@ zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO
 bf16 weights 2 + bf16 grads 2 + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the
 grads, stage 3 everything.
 
-Activations per micro-batch and layer: `layer_activation_elements` below (the trainer's fit and stage
-memory checks use it too), our derivation of Korthikanti et al. 2022 for SwiGLU + GQA + flash attention
-(their GPT figure is sbh(34 + 5as/h) bytes in fp16 without flash attention, 34 sbh with it or with
-selective recomputation, 2 sbh with full recomputation; ours per token and layer, in elements: norms 6h
+Activations per micro-batch and layer: `layer_activation_elements` below, our derivation of Korthikanti
+et al. 2022 for SwiGLU + GQA + flash attention (their GPT figure is sbh(34 + 5as/h) bytes in fp16
+without flash attention, 34 sbh with it or with selective recomputation, 2 sbh with full
+recomputation; ours per token and layer, in elements: norms 6h
 (/tp under SP) + attention 5q + Hq + MLP 4I, all / tp; selective keeps 2q + 2kv, full h). Tokens per
 rank = micro_batch x seq / cp. In flight on pipeline rank i (p ranks, m micro-batches, v chunks):
 GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p v)) (Narayanan et
@@ -63,7 +65,8 @@ def layer_activation_elements(m: ModelConfig, recompute: str, tp: int = 1,
 BACKWARD_TEMP_LAYERS = 1.5
 """Backward's temporaries, in layers' worth of full (no-recompute) activations. Fitted to five fp32
 CPU runs (peak RSS above a warmed-up baseline, tests/plan/test_planner.py): residuals 0.7-2.6 layers.
-(memory_check's 5 also absorbs the ~100 MB of code pages a cold process faults in on its first step.)"""
+A cold process also faults in ~100 MB of code pages on its first step: the trainer's fit check counts
+those in its RUNTIME_BYTES (megaqwen/train/fit_check.py), not this margin."""
 LOGITS_CHUNKS = 2
 """Chunked cross-entropy's working set, in chunks of fp32 logits (CHUNK_LOGITS_BYTES each): its loop
 computes the next chunk's logits before rebinding `logits` frees the previous one (kernels/cross_entropy

@@ -15,12 +15,12 @@ train.async_save, a host copy of its weights and optimizer state; DeepSpeed offl
 the GPU. Against the whole CPU trainer's measured peak resident set (debug model, the four runs in
 RUNTIME_BYTES) the total is 0.92-1.14x (tests/train/test_fit_check.py holds it within 15%).
 
-Why the planner's model and not the stage memory check's (`memory_check.estimate`): they share the
-activation formula, but the planner counts parameters exactly per rank (tp/pp/ep pieces, FSDP chunks,
-DeepSpeed stages) and pipeline micro-batches in flight, and its backward margin (1.5 layers) was
-fitted to measured fp32 CPU peaks (within 10%), where the stage check's 5 layers errs high for shallow
-models at long sequences (+52%, 2 layers at 16K). Uneven `parallel.pp_layers` are counted as if every
-stage held the largest one (an upper bound).
+One memory model: the planner's (`megaqwen.plan.memory`), so `megaqwen-plan` proposes per-rank
+memory this check computes for the same layout (tests/train/test_fit_check.py); `megaqwen-stages`
+runs the same `fit_report` before each stage of a chain. It counts parameters exactly per rank from
+the model spec's shapes (tp/pp/ep pieces, FSDP chunks, DeepSpeed stages) and pipeline micro-batches
+in flight; its backward margin (1.5 layers) was fitted to measured fp32 CPU peaks (within 10%).
+Uneven `parallel.pp_layers` are counted as if every stage held the largest one (an upper bound).
 """
 
 from __future__ import annotations
@@ -145,11 +145,10 @@ def run_shape(cfg, world_size: int) -> RunShape:
                     t.engine == "deepspeed" and p.offload_params)
 
 
-def check_fit(cfg, world_size: int) -> FitReport | None:
-    """Refuse (ValueError) a run whose estimate exceeds the memory one process may use; None when
-    train.fit_check is off."""
-    if not cfg.train.fit_check:
-        return None
+def fit_report(cfg, world_size: int) -> FitReport:
+    """The estimate of a training Config against the memory one process may use, with advice when it
+    does not fit. The start-up fit check (`check_fit`) and the stage memory check of `megaqwen-stages`
+    (before each stage of a chain) are this one call."""
     shape = run_shape(cfg, world_size)
     if cfg.train.memory_limit_gb > 0:
         available, where = cfg.train.memory_limit_gb * GIB, "train.memory_limit_gb"
@@ -158,6 +157,16 @@ def check_fit(cfg, world_size: int) -> FitReport | None:
     report = FitReport(cfg.model.name, shape.terms(), available, where)
     if not report.fits:
         report.advice = advice(shape, available)
+    return report
+
+
+def check_fit(cfg, world_size: int) -> FitReport | None:
+    """Refuse (ValueError) a run whose estimate exceeds the memory one process may use; None when
+    train.fit_check is off."""
+    if not cfg.train.fit_check:
+        return None
+    report = fit_report(cfg, world_size)
+    if not report.fits:
         raise ValueError(report.message())
     log.info("%s: fits", report.summary())
     return report

@@ -14,7 +14,8 @@ stage k resumes stage k-1's final checkpoint: `train.steps` is the cumulative st
 (sequence length, RoPE base, context length, batch in samples, data). OVERRIDES on the command line
 apply to every stage, after the chain's. A stage's data recipe whose plan (`<recipe>.meta.json`,
 written by the data pipeline) gives another `seq_length` or `rope_base` is an error. Before each
-stage the activation-memory estimate (`memory_check`) is compared with the device's memory.
+stage the trainer's memory estimate (`fit_check.fit_report`, the planner's model) is compared with the
+memory one process may use.
 
 A chain may end with `passkey: {lengths: [...], depths: [...], trials: N}`: passkey retrieval on the
 final checkpoint, heat map in <out_dir>/passkey/ (`--no-passkey` skips it; `--no-memory-check` both
@@ -205,8 +206,8 @@ def run_chain(chain: Chain, extra: list[str], memory_check: bool = True,
 
     from megaqwen.parallel.setup import destroy
     from megaqwen.train.checkpoint import latest_checkpoint
+    from megaqwen.train.fit_check import fit_report
     from megaqwen.train.loop import train
-    from megaqwen.train.memory_check import check_stage_memory
     from megaqwen.train.preflight import check_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -226,11 +227,11 @@ def run_chain(chain: Chain, extra: list[str], memory_check: bool = True,
             log.info("stage %s: done before (steps to %d), skipped", stage.name, entry["end_step"])
             continue
         if memory_check:
-            report = check_stage_memory(cfg, world)
+            report = fit_report(cfg, world)  # the trainer's start-up fit check, before the stage starts
             log.info("stage %s: %s", stage.name, report.summary())
             if not report.fits:
-                raise ValueError(f"stage {stage.name!r} does not fit: {report.summary()}; "
-                                 "or run with --no-memory-check")
+                raise ValueError(f"stage {stage.name!r} does not fit: {report.summary()}: "
+                                 f"{'; '.join(report.advice)}; or run with --no-memory-check")
         run = check_config(cfg, world)  # resume contract with this stage's allowed changes
         log.info("stage %s (%d/%d): seq_len %d, rope_theta %g, %d samples/step, steps %d..%d, data %s, "
                  "allowed changes %s", stage.name, i + 1, len(cfgs), cfg.train.seq_len,

@@ -13,7 +13,8 @@ import pytest
 from train_cli import MODEL_BUILT, run_cli
 
 from megaqwen.models.config import get_config
-from megaqwen.plan.memory import GIB, Layout
+from megaqwen.plan.memory import GIB, GPUS, Layout
+from megaqwen.plan.search import evaluate
 from megaqwen.train import fit_check
 from megaqwen.train.errors import UsageError
 from megaqwen.train.fit_check import RunShape, advice, cgroup_room, host_ram
@@ -162,3 +163,29 @@ def test_whole_cpu_trainer_peak_is_within_the_stated_band_of_the_estimate(tmp_pa
         peak = max(r["peak_mem_gib_max"] for r in rows if "peak_mem_gib_max" in r) * GIB
         est = fit_check.check_fit(compose_config([f"train.out_dir={tmp_path / 'x'}", *args, *extra]), 1).total
         assert abs(est / peak - 1) <= 0.15, (extra, est / GIB, peak / GIB)
+
+
+@pytest.mark.parametrize("model, world, knobs, lay", [
+    ("qwen2.5-7b", 16, ["parallel.tp=4", "parallel.pp=2", "parallel.dp_mode=fsdp", "train.micro_batch_size=1",
+                        "parallel.sequence_parallel=true", "parallel.recompute=selective"],
+     Layout(tp=4, pp=2, dp=2, dp_mode="fsdp", recompute="selective")),
+    ("qwen3-8b", 8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                     "parallel.dp_mode=zero1", "train.micro_batch_size=4"],
+     Layout(tp=2, pp=2, dp=2, pp_schedule="interleaved_1f1b", dp_mode="zero1", micro_batch=4,
+            sequence_parallel=False)),
+    ("qwen3-30b-a3b", 16, ["parallel.tp=2", "parallel.ep=4", "parallel.dp_mode=fsdp",
+                           "parallel.recompute=full", "train.micro_batch_size=2"],
+     Layout(tp=2, ep=4, dp=8, dp_mode="fsdp", recompute="full", micro_batch=2, sequence_parallel=False)),
+])
+def test_the_planner_per_rank_memory_equals_the_fit_check(tmp_path, model, world, knobs, lay):
+    """One memory model: for the same run shape (layout, 4,096 tokens, 64 samples per step, bf16),
+    the trainer's fit check asks for what `megaqwen-plan` evaluates on the most loaded pipeline rank,
+    plus only what a CPU process holds besides (its runtime)."""
+    cfg = compose_config([f"model={model}", "train.device=cpu", "train.dtype=bf16", "train.seq_len=4096",
+                          "train.global_batch_size=64", "train.memory_limit_gb=100000",
+                          f"train.out_dir={tmp_path}", *knobs])
+    report = fit_check.check_fit(cfg, world_size=world)
+    plan = evaluate(get_config(model), lay, GPUS["h100"], 4096, 64)
+    assert report.total - report.terms["runtime"] == pytest.approx(plan.memory.total, rel=1e-12)
+    assert report.terms["runtime"] == fit_check.RUNTIME_BYTES
+    assert report.terms["model state"] == plan.memory.state
