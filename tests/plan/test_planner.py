@@ -79,15 +79,17 @@ def test_param_counts_equal_the_meta_build():
         assert got == rank_param_count(m72, best, pp_rank=p, fsdp=False), (best, rank)
 
 
-ARCH_CASES = [  # (model, world, layout): every architecture, tp 1/2/4, pp 1/2, ep on the MoE models
+ARCH_CASES = [  # (model, world, layout): every architecture, tp 1/2/4/8, pp 1/2, ep on the MoE models
     ("qwen2.5-7b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="fsdp")),
     ("qwen2.5-7b", 4, Layout(tp=4, dp=1, dp_mode="ddp")),
+    ("qwen2.5-1.5b", 4, Layout(tp=4, dp=1, dp_mode="ddp")),  # tp > KV heads (2): KV heads replicated
     ("qwen3-8b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="fsdp")),
     ("qwen3-8b", 8, Layout(tp=4, dp=2, dp_mode="fsdp")),
     ("qwen2-57b-a14b", 8, Layout(tp=2, dp=4, ep=2, dp_mode="fsdp")),
     ("qwen2-57b-a14b", 8, Layout(tp=1, pp=2, dp=4, ep=4, dp_mode="fsdp")),
     ("qwen3-30b-a3b", 8, Layout(tp=4, dp=2, ep=2, dp_mode="fsdp")),
     ("qwen3-30b-a3b", 8, Layout(tp=2, pp=2, dp=2, dp_mode="ddp")),
+    ("qwen3-30b-a3b", 16, Layout(tp=8, dp=2, ep=2, dp_mode="fsdp")),  # tp > KV heads (4)
 ]
 
 
