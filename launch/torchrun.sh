@@ -72,5 +72,9 @@ done
 
 WORLD_SIZE=$NPROC "$TRAIN" --check "${EXTRA[@]+"${EXTRA[@]}"}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" || exit $?
 echo "torchrun.sh: $NPROC process(es), backend $BACKEND, trainer $TRAIN" >&2
-exec "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
-  --no-python "$TRAIN" "${EXTRA[@]+"${EXTRA[@]}"}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
+# Ctrl-C reaches every rank from the terminal: each finishes its step, saves and exits 0, and the
+# agent (megaqwen.train.torchrun: torchrun that leaves SIGINT to the ranks) then exits 0 too. SIGTERM
+# is forwarded by torchrun; ranks still running --shutdown-timeout s later are SIGKILLed (torchrun's
+# own default, 30 s, is shorter than a large model's checkpoint write).
+exec "$PY" -m megaqwen.train.torchrun --standalone --nnodes=1 --nproc-per-node="$NPROC" \
+  --signals-to-handle=SIGTERM,SIGHUP,SIGQUIT --shutdown-timeout="${MEGAQWEN_SHUTDOWN_TIMEOUT:-600}" --no-python "$TRAIN" "${EXTRA[@]+"${EXTRA[@]}"}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"

@@ -30,6 +30,7 @@ CMD=("$PY" -m torch.distributed.run
      --nnodes="$MEGAQWEN_NNODES" --nproc-per-node="$GPN"
      --rdzv-backend=c10d --rdzv-endpoint="$MEGAQWEN_RDZV_HOST:${MASTER_PORT:-29500}"
      --rdzv-id="${MEGAQWEN_RDZV_ID:-megaqwen}" --max-restarts=0
+     --shutdown-timeout="${MEGAQWEN_SHUTDOWN_TIMEOUT:-600}"  # ranks saving after a signal (as torchrun.sh)
      --no-python "$TRAIN" "${EXTRA[@]+"${EXTRA[@]}"}" "$@")
 
 if [ "${MEGAQWEN_DRY_RUN:-0}" = 1 ]; then
