@@ -193,7 +193,10 @@ def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int
         experts = sum(size(t.shape, dpc // lay.ep, dp_rank // lay.ep) for t in tensors if t.expert)
         return dense + experts // lay.ep
 
-    n = sum(count(shapes.layers[i]) for i in layers)
+    kinds: dict[int, list] = {}  # layers of one kind share one shapes tuple: count each kind once
+    for i in layers:
+        kinds.setdefault(id(shapes.layers[i]), [shapes.layers[i], 0])[1] += 1
+    n = sum(k * count(tensors) for tensors, k in kinds.values())
     if first or (last and m.tie_word_embeddings):
         n += count(shapes.first)
     return n + (count(shapes.last) if last else 0)
