@@ -7,6 +7,7 @@
     spec.selective_recompute                 # (module type, method) re-run in backward by "selective"
     spec.hf                                  # Hugging Face adapter: config + parameter names
     spec.param_shapes(cfg, tp)               # one tp rank's parameter shapes (the memory model's input)
+    spec.mlp_activation_width(cfg)           # MLP activation width per token (the memory model's input)
 
 Each architecture (Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE) registers its own spec; `megaqwen.parallel`
 and the trainer name no model's modules (TorchTitan's model spec is the model for this).
@@ -36,6 +37,9 @@ class ModelSpec:
     """(module class, method name) whose call selective recomputation re-runs in backward."""
     hf: Any
     """HF adapter module: config_from_hf, config_to_hf, hf_key(fqn), hf_architectures."""
+    mlp_activation_width: Callable[[Any], int] = lambda cfg: cfg.intermediate_size
+    """Width of the MLP activations one token keeps per layer (the memory model's 4I): the dense
+    MLP's intermediate size; an MoE block's top-k experts' plus its shared expert's."""
 
     def param_shapes(self, cfg: Any, tp: int = 1) -> ParamShapes:
         """One tp rank's parameters, as this spec builds and shards them: `build` on meta, then

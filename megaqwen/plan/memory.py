@@ -50,11 +50,11 @@ def layer_activation_elements(m: ModelConfig, recompute: str, tp: int = 1,
     """Activation elements kept per token per layer on one rank (see the module docstring):
     norms 6h (input, normalised, scaled output of both norms), attention 5q + Hq (q, k and v repeated
     to Hq heads, output, o_proj input; fp32 log-sum-exp), MLP 4I (gate, silu(gate), up, down_proj
-    input); selective recomputation keeps q + 2kv + the o_proj input instead of the attention's 5q,
-    full keeps the layer's input only. Sequence parallelism divides the norms by tp, tp the rest."""
-    h, q, kv, i = m.hidden_size, m.num_heads * m.head_dim_, m.kv_dim, m.intermediate_size
-    mlp_i = i if not m.is_moe else m.num_experts_per_tok * m.moe_intermediate_size + \
-        m.shared_expert_intermediate_size
+    input; I is the spec's `mlp_activation_width`); selective recomputation keeps q + 2kv + the o_proj
+    input instead of the attention's 5q, full keeps the layer's input only. Sequence parallelism
+    divides the norms by tp, tp the rest."""
+    h, q, kv = m.hidden_size, m.num_heads * m.head_dim_, m.kv_dim
+    mlp_i = get_spec(m).mlp_activation_width(m)
     norms = 6 * h / (tp if sequence_parallel else 1)
     if recompute == "full":
         return h / (tp if sequence_parallel else 1)

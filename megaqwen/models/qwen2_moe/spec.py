@@ -13,4 +13,6 @@ SPEC = register_spec(ModelSpec(
     layers=lambda model: model.model.layers,
     selective_recompute=(Attention, "core"),
     hf=hf_adapter,
+    mlp_activation_width=lambda cfg: cfg.num_experts_per_tok * cfg.moe_intermediate_size
+    + cfg.shared_expert_intermediate_size,  # a token's top-k experts and the shared expert (0 if none)
 ))
