@@ -7,7 +7,7 @@ import pytest
 import torch.distributed as dist
 from peak_probe import measure_peak
 
-from megaqwen.models.config import get_config
+from megaqwen.models.config import get_config, model_names
 from megaqwen.plan.cli import main, run
 from megaqwen.plan.memory import GPUS, Layout, estimate_memory, rank_param_count
 from megaqwen.plan.search import evaluate, search
@@ -77,6 +77,14 @@ def test_param_counts_equal_the_meta_build():
         got, (p, _) = _meta_count(m72, 512, rank, tp=best.tp, pp=best.pp, schedule=best.pp_schedule,
                                   microbatches=1024 // best.dp)
         assert got == rank_param_count(m72, best, pp_rank=p, fsdp=False), (best, rank)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_one_rank_holds_every_parameter_of_every_shipped_model(name):
+    """The spec's shapes against the config's closed form (`ModelConfig.num_params`), every YAML in
+    conf/model, on one rank (sharded layouts: against the meta build, the slow tests in this file)."""
+    m = get_config(name)
+    assert rank_param_count(m, Layout(dp_mode="ddp")) == m.num_params()
 
 
 ARCH_CASES = [  # (model, world, layout): every architecture, tp 1/2/4/8, pp 1/2, ep on the MoE models
