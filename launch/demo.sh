@@ -70,7 +70,7 @@ what = {
     "metrics.jsonl": "one row per step (loss, lr, grad norm, tokens/s, memory; val_loss every 10)",
     "run.json": "resolved config, git revision, command line",
     "checkpoints": "torch.distributed.checkpoint folders + meta.json, `latest` pointer",
-    "data": "the tokenised corpus (sample.bin/.idx/.stats.json)",
+    "data": "the tokenised corpus (sample.bin/.idx, .stats.json, .shard.json: its tokenizer)",
     "hf": "Hugging Face export (config.json, generation_config.json, model.safetensors, tokenizer)",
     "eval.json": "eval loss of the final checkpoint", "eval_hf.json": "eval loss of the HF export",
     "wandb": "offline W&B run (wandb sync to upload)", ".hydra": "Hydra's config and overrides",
