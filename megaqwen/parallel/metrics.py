@@ -57,10 +57,19 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_device: floa
 
 
 def local_peak_memory_gib(device: torch.device) -> float:
-    """This rank's peak: CUDA allocator peak, or the process's max RSS on CPU."""
+    """This rank's peak: CUDA allocator peak, or the process's peak resident set on CPU.
+
+    On Linux that is VmHWM (this address space's high-water mark). Not ru_maxrss: Linux carries it
+    over from the parent through fork and exec, so a trainer started from a 1.5 GiB process (a
+    notebook, a test runner) would report at least 1.5 GiB whatever it used itself."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return hwm_kib / 2**20
+    except (OSError, StopIteration, ValueError):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # units as on Linux (KiB)
 
 
 def peak_memory_per_rank(device: torch.device, max_ranks_listed: int = 16) -> dict[str, float]:

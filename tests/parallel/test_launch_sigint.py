@@ -47,14 +47,20 @@ def _launch(out: Path, shard: str, *extra: str, **popen) -> subprocess.Popen:
                             text=True, **popen)
 
 
-def test_child_pids_lists_direct_children():
-    kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2)]
+def test_child_pids_lists_direct_children_not_grandchildren():
+    # a child that starts a grandchild and prints its pid (the test process may have other children)
+    code = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); print(g.pid, flush=True); time.sleep(60)")
+    kid = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert sorted(child_pids(os.getpid())) == sorted(k.pid for k in kids)
+        grandchild = int(kid.stdout.readline())
+        found = child_pids(os.getpid())
+        assert kid.pid in found and grandchild not in found
+        assert child_pids(kid.pid) == [grandchild]
     finally:
-        for k in kids:
-            k.kill()
-            k.wait()
+        os.kill(grandchild, signal.SIGKILL)
+        kid.kill()
+        kid.wait()
 
 
 def test_ctrl_c_under_the_launcher_saves_exits_0_and_the_rerun_continues(tmp_path):

@@ -147,7 +147,7 @@ def test_gpu_memory_is_the_free_memory_plus_this_process_cache(monkeypatch):
 @pytest.mark.slow
 def test_whole_cpu_trainer_peak_is_within_the_stated_band_of_the_estimate(tmp_path, shard):
     """The real trainer in a fresh process (debug model, its 151,936-row vocabulary, 2 AdamW steps):
-    its peak resident set (ru_maxrss, the peak_mem_gib_max metric) against the fit check's total.
+    its peak resident set (VmHWM, the peak_mem_gib_max metric) against the fit check's total.
     Measured: 1.10 and 1.14 x here, 0.92 and 1.02 x with data.path=sample (the tokenizer in-process)."""
     import json
 
