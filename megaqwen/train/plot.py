@@ -62,8 +62,9 @@ def loss_figure(out_dir: str | Path):
         if i:  # a switch: between the previous stage's last step and this one's first
             for ax in (ax_loss, ax_lr):
                 ax.axvline(first - 0.5, color="grey", ls="--", lw=1)
-        ax_loss.text(first - 0.5, 0.98, f" {label}", transform=ax_loss.get_xaxis_transform(), va="top",
-                     fontsize=8, color="dimgrey")
+        note = ax_loss.text(first - 0.5, 0.98, f" {label}", transform=ax_loss.get_xaxis_transform(),
+                            va="top", fontsize=8, color="dimgrey", clip_on=True)
+        note.set_in_layout(False)  # a label by the right edge must not squeeze the axes (tight_layout)
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{out_dir.name}: {len(steps)} steps")
     ax_loss.grid(alpha=0.3)
