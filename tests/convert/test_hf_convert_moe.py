@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from hf_random import randomise_
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2MoeConfig
 from transformers import Qwen2MoeForCausalLM as HFQwen2Moe
@@ -25,12 +26,7 @@ def save_random_hf(path: Path, dtype=torch.bfloat16) -> HFQwen2Moe:
                         max_position_embeddings=512, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = HFQwen2Moe(hc)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.normal_(0, 0.5 if n.endswith("mlp.gate.weight") else 0.1)
-            if n.endswith("norm.weight"):
-                p.add_(1.0)
-    model = model.to(dtype)
+    model = randomise_(model, mlp_std=0.1, std=0.1).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

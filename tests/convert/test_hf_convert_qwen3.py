@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_random import randomise_
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers import Qwen3ForCausalLM as HFQwen3
@@ -31,12 +32,7 @@ def save_random_hf(path: Path, moe: bool, tied: bool = False, dtype=torch.bfloat
         hc, cls = Qwen3Config(**common, num_hidden_layers=2), HFQwen3
     torch.manual_seed(0)
     model = cls(hc)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.normal_(0, 0.5 if n.endswith("mlp.gate.weight") else 0.1)
-            if n.endswith("norm.weight"):
-                p.add_(1.0)
-    model = model.to(dtype)
+    model = randomise_(model, mlp_std=0.1, std=0.1).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

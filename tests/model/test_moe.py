@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hf_random import randomise_
 from transformers import Qwen2MoeConfig
 from transformers import Qwen2MoeForCausalLM as HFQwen2Moe
 
@@ -34,16 +35,7 @@ def _hf_model(case, seed=0):
                         rope_theta=1_000_000.0, max_position_embeddings=512, rms_norm_eps=1e-6,
                         router_aux_loss_coef=0.01)
     torch.manual_seed(seed)
-    hf = HFQwen2Moe(hc)
-    # Randomise everything. A wide router spreads the routing; experts at 0.2 and norms near 1 (not
-    # 0.05 everywhere, which leaves logits ~0.1 and a wrong expert output below the 1e-4 tolerance).
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            std = 0.5 if name.endswith("mlp.gate.weight") else 0.2 if ".mlp." in name else 0.05
-            p.normal_(0.0, std)
-            if name.endswith("norm.weight"):
-                p.add_(1.0)
-    return hf
+    return randomise_(HFQwen2Moe(hc))
 
 
 def _ours(hf):

@@ -7,6 +7,7 @@ the closed form `ModelConfig.num_params` (exact), and against the model cards' t
 
 import pytest
 import torch
+from hf_random import randomise_
 from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers import Qwen3ForCausalLM as HFQwen3
 from transformers import Qwen3MoeForCausalLM as HFQwen3Moe
@@ -186,16 +187,6 @@ MOE = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> None:
-    """Everything random: a wide router spreads the routing; experts at 0.2, norms near 1."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.5 if name.endswith("mlp.gate.weight") else 0.2 if ".mlp." in name else 0.05
-            p.normal_(0.0, std)
-            if name.endswith("norm.weight"):
-                p.add_(1.0)
-
-
 def hf_dense(case: str) -> HFQwen3:
     h, i, n, heads, kv, hd, vocab, tied = DENSE[case]
     hc = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
@@ -203,7 +194,7 @@ def hf_dense(case: str) -> HFQwen3:
                      rope_theta=1_000_000.0, max_position_embeddings=512, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = HFQwen3(hc)
-    _randomise(model)
+    randomise_(model)
     return model
 
 
@@ -217,7 +208,7 @@ def hf_moe(case: str) -> HFQwen3Moe:
                         router_aux_loss_coef=0.01, output_router_logits=True)
     torch.manual_seed(0)
     model = HFQwen3Moe(hc)
-    _randomise(model)
+    randomise_(model)
     return model
 
 
