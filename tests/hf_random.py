@@ -15,3 +15,14 @@ def randomise_(model: torch.nn.Module, mlp_std: float = 0.2, std: float = 0.05) 
             if name.endswith("norm.weight"):
                 p.add_(1.0)
     return model
+
+
+def assert_logits_match(hf: torch.nn.Module, ours: torch.nn.Module, vocab_size: int,
+                        atol: float = 1e-4) -> None:
+    """Our model's logits equal transformers' (`.logits`) on the same random tokens (3 x 41, fp32)."""
+    tokens = torch.randint(0, vocab_size, (3, 41), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= atol

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hf_random import assert_logits_match
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM as HFQwen2
 
@@ -37,12 +38,7 @@ def test_logits_match_transformers(case):
     ours = build_model(cfg).eval()
     sd = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     ours.load_state_dict(sd, strict=True)
-    tokens = torch.randint(0, cfg.vocab_size, (3, 41), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(tokens).logits
-        got = ours(tokens)
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max().item() <= 1e-4
+    assert_logits_match(hf, ours, cfg.vocab_size)
 
 
 def test_loss_and_grads_match_transformers():
