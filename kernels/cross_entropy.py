@@ -331,3 +331,9 @@ class LMLoss(nn.Module):
         kw = {"tp_group": self.tp_group} if self.tp_group is not None else {}
         total = self.ce(hidden_NH, weight_VH, labels_N, ignore_index=self.ignore_index, reduction="sum", **kw)
         return LossParts(total, (labels_N != self.ignore_index).sum())
+
+    def per_token(self, hidden_NH: torch.Tensor, weight_VH: torch.Tensor,
+                  labels_N: torch.Tensor) -> torch.Tensor:
+        """(N,) cross-entropy of each row (0 where the label is ignored), same kernel and vocab split."""
+        kw = {"tp_group": self.tp_group} if self.tp_group is not None else {}
+        return self.ce(hidden_NH, weight_VH, labels_N, ignore_index=self.ignore_index, reduction="none", **kw)

@@ -8,6 +8,7 @@
     spec.hf                                  # Hugging Face adapter: config + parameter names
     spec.param_shapes(cfg, tp)               # one tp rank's parameter shapes (the memory model's input)
     spec.mlp_activation_width(cfg)           # MLP activation width per token (the memory model's input)
+    spec.pipeline                            # the pipeline split (prune, boundary modules, tied params)
 
 Each architecture (Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE) registers its own spec; `megaqwen.parallel`
 and the trainer name no model's modules (TorchTitan's model spec is the model for this).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch.nn as nn
 
@@ -41,6 +42,9 @@ class ModelSpec:
     """Width of the MLP activations one token keeps per layer (the memory model's 4I): the dense
     MLP's intermediate size; an MoE block's top-k experts' plus its shared expert's."""
 
+    pipeline: PipelineSplit | None = None
+    """How the model splits into pipeline stages (None: pp > 1 is refused for this architecture)."""
+
     def param_shapes(self, cfg: Any, tp: int = 1) -> ParamShapes:
         """One tp rank's parameters, as this spec builds and shards them: `build` on meta, then
         `parallelize_tp` as tp rank 0 (every rank's pieces have the same shapes once the layout divides
@@ -52,6 +56,24 @@ class ModelSpec:
         if key not in _SHAPES:
             _SHAPES[key] = _param_shapes(self, cfg, tp)
         return _SHAPES[key]
+
+
+class PipelineSplit(Protocol):
+    """A spec's pipeline split. Stages run the model's own `hidden_states(x, positions, attn,
+    layers=..., final_norm=...)`, `loss` and `aux_terms(records, partial=True)` on a model whose
+    other parts were pruned (`megaqwen.parallel.pipeline`); parameter names never change."""
+
+    def prune(self, model: nn.Module, keep_layers: set[int], first: bool, last: bool) -> None:
+        """On meta: delete the layers not in `keep_layers` and the boundary modules a rank holding
+        (`first`, `last`) stage does not run."""
+
+    def boundary_modules(self, model: nn.Module, first: bool, last: bool) -> dict[str, nn.Module]:
+        """The modules besides its layers a chunk runs (the pipeline registers them on the chunk, so
+        FSDP2 shards them with it)."""
+
+    def shared_params(self, model: nn.Module) -> list[str]:
+        """FQNs of parameters both the first and the last stage hold (tied embeddings): their
+        gradients are summed between the two."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +136,8 @@ def _param_shapes(spec: ModelSpec, cfg: Any, tp: int) -> ParamShapes:
 
     fqn = {id(m): name + "." for name, m in model.named_modules()}
     per_kind = {kind: shapes(layers[str(i)], fqn[id(layers[str(i)])]) for kind, i in kinds.items()}
-    embed = model.model.embed_tokens  # the pipeline's first-stage module (`parallel.pipeline.prune_to_rank`)
-    first = shapes(embed, fqn[id(embed)])
+    first = tuple(s for m in spec.pipeline.boundary_modules(model, True, False).values()
+                  for s in shapes(m, fqn[id(m)]))  # what the first stage holds besides its layers
     inside = {s.name for s in first} | {s.name for group in per_kind.values() for s in group}
     last = tuple(s for s in shapes(model, "") if s.name not in inside)
     return ParamShapes(first, tuple(per_kind[cfg.is_sparse_layer(i)] for i in range(cfg.num_layers)), last)

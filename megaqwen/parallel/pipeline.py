@@ -1,12 +1,12 @@
 """Pipeline parallelism on `torch.distributed.pipelining`: stages cut from the meta-device model.
 
     plan = plan_pipeline(cfg.num_layers, pcfg, microbatches)   # arithmetic only: errors before work
-    prune_to_rank(model, plan, pp_rank)                        # on meta: keep this rank's layers
+    prune_to_rank(model, plan, pp_rank, spec.pipeline)         # on meta: keep this rank's part
     ... TP/SP -> recompute -> compile on what is left ...
     views = stage_modules(model, plan, pp_rank, act_shape)     # one module per local model chunk
     ... FSDP2 per layer and per chunk, materialise / load ...
     pipe = Pipeline(plan, views, mesh, device)                 # PipelineStages + the schedule
-    loss_sum = pipe.step(micro_batches, scale)                 # one optimizer step's fwd + bwd
+    pipe.step(micro_batches, meter)                            # one optimizer step's fwd + bwd
     pipe.reduce_grads(dp_mode)                                 # dp all-reduce, tied embedding sum
 
 Stages: `pp * v` chunks of consecutive layers, `v` per rank (virtual stages). Looped schedules put
@@ -17,16 +17,23 @@ Parameter names never change: each rank's model keeps the full module tree minus
 own (layers of other stages, the embedding off the first stage, norm and head off the last), so a
 DCP checkpoint saved under one pp loads under any other, including pp=1.
 
-Tied embeddings (0.5B-3B): the last stage keeps its own `model.embed_tokens` as the LM head. The
-first and last stage ranks that share dp/cp/tp coordinates form an *embedding group* (Megatron's);
-after every step their embedding gradients are summed there, so both copies receive the full
-gradient and stay bit-identical through identical optimizer updates. When one rank holds both ends
-(V-shaped schedules) the chunks share the one Parameter and autograd sums the two uses itself.
+Stages run the model's own code: the spec's pipeline split (`ModelSpec.pipeline`) prunes each
+rank's meta model and names the modules a chunk runs besides its layers; a chunk calls the model's
+`hidden_states` over its layers, its `aux_terms` share, and on the last chunk the step's objective
+(`megaqwen.train.objective`). Nothing here names a model's modules.
 
-Loss: the last chunk computes the LM loss inside its forward (head weight and labels at hand, as
-Megatron's last stage does) and returns `sum * scale`, the same token-weighted objective the
-single-process trainer backpropagates (scale = dp / global valid tokens of the step), so
-`scale_grads=False` and the gradients equal one process over any number of micro-batches.
+Shared parameters (tied embeddings, 0.5B-3B): the last stage keeps its own copy of what the split
+calls `shared_params`. The first and last stage ranks that share dp/cp/tp coordinates form an
+*embedding group* (Megatron's); after every step their gradients are summed there, so both copies
+receive the full gradient and stay bit-identical through identical optimizer updates. When one rank
+holds both ends (V-shaped schedules) the chunks share the one Parameter and autograd sums the two
+uses itself.
+
+Objective: the last chunk computes the objective inside its forward (head weight and labels at
+hand, as Megatron's last stage does) and returns what `StepMeter.add` gives: `sum * scale` plus the
+aux terms, the same objective the single-process trainer backpropagates (scale = dp / global units
+of the step), so `scale_grads=False` and the gradients equal one process over any number of
+micro-batches. Earlier chunks attach their aux-term share to their output activations.
 """
 
 from __future__ import annotations
@@ -186,57 +193,46 @@ def plan_from_config(pcfg: Any, num_layers: int, microbatches: int) -> PipelineP
                          list(pcfg.pp_layers) if pcfg.pp_layers is not None else None, microbatches)
 
 
-def prune_to_rank(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> None:
-    """Delete, on the meta model, everything this pp rank does not run (names of the rest unchanged)."""
+def prune_to_rank(model: nn.Module, plan: PipelinePlan, pp_rank: int, split: Any) -> None:
+    """Delete, on the meta model, everything this pp rank does not run (the spec's pipeline split
+    `split` knows which modules those are; names of the rest unchanged)."""
     stages = plan.stages_of(pp_rank)
-    keep = {str(i) for s in stages for i in plan.layer_ids(s)}
-    layers = model.model.layers
-    for name in [n for n in layers if n not in keep]:
-        del layers[name]
-    has_first, has_last = 0 in stages, plan.num_stages - 1 in stages
-    tied = model.cfg.tie_word_embeddings
-    if not has_first and not (has_last and tied):
-        model.model.embed_tokens = None
-    if not has_last:
-        model.model.norm = None
-        model.lm_head = None
+    keep = {i for s in stages for i in plan.layer_ids(s)}
+    split.prune(model, keep, first=0 in stages, last=plan.num_stages - 1 in stages)
 
 
 class StageModule(nn.Module):
-    """One model chunk as a pipeline stage: embedding (first), its layers, final norm + head + loss
-    (last). It references the rank's model's modules (its own names are never saved)."""
+    """One model chunk as a pipeline stage. Its forward is the model's own: `hidden_states` over the
+    chunk's layers (embedding first when given token ids, final norm on the last chunk), the
+    model's `aux_terms` share of these layers, and on the last chunk the step's objective. It
+    registers the modules the chunk runs (its layers and the split's boundary modules) so the
+    schedule and FSDP2 see them; their names here are never saved."""
 
     def __init__(self, model: nn.Module, stage: int, plan: PipelinePlan, act_dtype: torch.dtype,
-                 cp_group: dist.ProcessGroup | None = None, cp_tile: int = 512):
+                 cp_group: dist.ProcessGroup | None = None, cp_tile: int = 512, spec: Any = None):
         super().__init__()
+        from megaqwen.models.spec import get_spec
+
+        spec = spec or get_spec(model.cfg)
         self.cp_group, self.cp_tile = cp_group, cp_tile
         """Context parallelism: every stage gets the full (B, T) inputs and runs its zig-zag shard."""
         self.stage_index = stage
         self.is_first, self.is_last = stage == 0, stage == plan.num_stages - 1
-        self.embed_tokens = model.model.embed_tokens if self.is_first else None
-        self.layers = nn.ModuleList(model.model.layers[str(i)] for i in plan.layer_ids(stage))
-        self.norm = model.model.norm if self.is_last else None
-        self.lm_head = model.lm_head if self.is_last else None
-        # tied head: the same module as the first chunk's embedding when this rank holds both
-        self.head_embed = model.model.embed_tokens if self.is_last and model.cfg.tie_word_embeddings else None
+        self.layer_ids = list(plan.layer_ids(stage))
+        layers = spec.layers(model)
+        self.layers = nn.ModuleList(layers[str(i)] for i in self.layer_ids)
+        self.boundary = nn.ModuleDict(spec.pipeline.boundary_modules(model, self.is_first, self.is_last))
         self.act_dtype = act_dtype
-        # MoE: the router z-loss is a sum over every sparse layer's tokens, so each stage adds its
-        # part (scaled by aux_scale = z coefficient / micro-batches) to the step's objective
-        cfg = model.cfg
-        self.n_sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers)) if cfg.is_moe else 0
-        self.aux_scale = 0.0
-        self.z_records: list[torch.Tensor] = []
-        self.loss_scale = 1.0
-        """Set per step: the LM loss sum is multiplied by it (dp / global valid tokens)."""
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        """(loss sum, valid tokens) of each forward of the last chunk, for logging."""
-        object.__setattr__(self, "_model", model)  # for rope/criterion; not a submodule
-
-    def head_weight(self) -> torch.Tensor:
-        return (self.lm_head if self.lm_head is not None else self.head_embed).weight
+        self.meter = None
+        """The step's `StepMeter` while `Pipeline.step` runs (None: forward only, for evaluation)."""
+        self.objective = None
+        """The step's objective (set with the meter)."""
+        self.records: list = []
+        """Forward-only: the objective's parts of each forward of the last chunk."""
+        object.__setattr__(self, "_model", model)  # the rank's model: its methods run the chunk
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                **fields: torch.Tensor) -> torch.Tensor:
         m = self._model
         if self.cp_group is not None:  # full (B, T) inputs on every cp rank: this rank's zig-zag shard
             from megaqwen.parallel.context_parallel import ContextParallelMeta, shard_sequence
@@ -245,38 +241,27 @@ class StageModule(nn.Module):
             attn = ContextParallelMeta(document_ids, self.cp_group, shape=tuple(position_ids.shape),
                                        device=position_ids.device, tile=self.cp_tile)
             position_ids = shard_sequence(position_ids, cp, r)
-            labels = shard_sequence(labels, cp, r) if labels is not None else None
-            if self.embed_tokens is not None:
+            fields = {k: shard_sequence(v, cp, r) for k, v in fields.items()}
+            if not x.is_floating_point():
                 x = shard_sequence(x, cp, r)
         else:
             attn = AttentionMeta(document_ids) if document_ids is not None else None
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        rope = m.rope(position_ids)
-        routing: list = []
-        blocks = [layer.mlp for layer in self.layers if hasattr(getattr(layer, "mlp", None), "router_out")]
-        for block in blocks:  # sparse blocks append their routing while this chunk runs
-            block.router_out = routing
-        try:
-            for layer in self.layers:
-                h = layer(h, rope, attn)
-        finally:
-            for block in blocks:
-                block.router_out = None
-        z = None
-        if routing:  # this chunk's share of the z-loss: its layers' sum / every sparse layer's rows
-            z = sum(r.z_sum for r in routing) / (routing[0].probs_NE.shape[0] * self.n_sparse)
-            self.z_records.append(z.detach().float())
+        records: list = []
+        h = m.hidden_states(x, position_ids, attn, layers=self.layer_ids, final_norm=self.is_last,
+                            records=records)
+        aux = m.aux_terms(records, partial=True)  # this chunk's share of the model's aux terms
         if not self.is_last:
-            if z is not None and self.aux_scale:
-                h = _AttachLoss.apply(h, z * self.aux_scale)
+            extra = self.meter.aux_objective(aux) if self.meter is not None else None
+            if extra is not None and extra.requires_grad:
+                h = _AttachLoss.apply(h, extra)
             return h.to(self.act_dtype)
-        h = self.norm(h)
-        parts = m.criterion(h.reshape(-1, h.shape[-1]), self.head_weight(), labels.reshape(-1))
-        self.records.append((parts.sum.detach().float(), parts.count.detach().float()))
-        objective = parts.sum.float() * self.loss_scale
-        if z is not None and self.aux_scale:
-            objective = objective + z * self.aux_scale
-        return objective
+        from megaqwen.train.objective import LM
+
+        parts = (self.objective or LM)(m, h, fields)
+        if self.meter is None:
+            self.records.append(parts)
+            return parts.sum.detach().float()
+        return self.meter.add(parts, aux)
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -308,7 +293,12 @@ def apply_fsdp_stages(views: list[StageModule], layers: nn.ModuleDict, dp_mesh, 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=mp_param_dtype, reduce_dtype=torch.float32)
-    shared = [v for v in views if v.head_embed is not None and v.head_embed is views[0].embed_tokens]
+    seen: set[int] = set()
+    shared = False
+    for v in views:  # a module two chunks of this rank both run (a tied embedding, V schedules)
+        ids = {id(m) for m in v.boundary.values()}
+        shared |= bool(ids & seen)
+        seen |= ids
     if shared:
         raise ValueError("dp_mode=fsdp cannot shard a tied embedding used by two chunks of one rank "
                          "(V-shaped schedules zbv/dualpipev with tie_word_embeddings); use dp_mode=ddp "
@@ -391,8 +381,11 @@ class Pipeline:
         self.plan, self.views, self.model, self.mesh, self.device = plan, views, model, mesh, device
         self.pp_group = mesh.group("pp")
         self.pp_rank = mesh.rank("pp")
-        self.tied = model.cfg.tie_word_embeddings  # (this rank's lm_head may just be pruned)
-        self.embed_group = embedding_group(mesh, plan, self.tied)
+        from megaqwen.models.spec import get_spec
+
+        # parameters the first and the last stage both hold (tied embedding): summed between them
+        self.shared_params = get_spec(model.cfg).pipeline.shared_params(model)
+        self.embed_group = embedding_group(mesh, plan, bool(self.shared_params))
         self.has_first = any(v.is_first for v in views)
         self.has_last = any(v.is_last for v in views)
         self.act_shape = (micro_batch_size, seq_len // seq_shard, hidden)
@@ -412,56 +405,45 @@ class Pipeline:
         kwargs = dict(n_microbatches=plan.microbatches, loss_fn=_loss_passthrough, scale_grads=False)
         self.schedule = cls(self.stages if SCHEDULES[plan.schedule].multi else self.stages[0], **kwargs)
         self.last_busy_s = 0.0
-        self.last_z: torch.Tensor | None = None
-        """MoE: the step's router z-loss summed over micro-batches (every pp rank), after `step`."""
-        for v in views:
-            v.aux_scale = getattr(model.cfg, "router_z_loss_coef", 0.0) / plan.microbatches
 
-    def step(self, micro: list[dict[str, torch.Tensor]], scale: float | torch.Tensor,
-             document_mask: bool = True) -> torch.Tensor:
-        """Forward + backward of every micro-batch through the schedule; returns the step's summed LM
-        loss (the same on every pp rank)."""
+    def step(self, micro: list[dict[str, torch.Tensor]], meter: Any, document_mask: bool = True,
+             objective: Any = None) -> None:
+        """Forward + backward of every micro-batch through the schedule for `objective` (default
+        `lm`): the last chunk adds each micro-batch's objective parts and every chunk its share of
+        the model's aux terms to `meter` (a `megaqwen.train.objective.StepMeter`), whose `reduce`
+        sums them over the pp group."""
+        from megaqwen.train.objective import LM
+
         if len(micro) != self.plan.microbatches:
             raise ValueError(f"pipeline built for {self.plan.microbatches} micro-batches, got {len(micro)}")
+        objective = objective or LM
         batch = {k: torch.cat([b[k] for b in micro]).to(self.device) for k in micro[0]}
         for v in self.views:
-            v.loss_scale = scale
-            v.records.clear()
-            v.z_records.clear()
+            v.meter, v.objective = meter, objective
         for st in self.stages:
             st.busy_s = 0.0
-        kwargs = {"position_ids": batch["position_ids"], "labels": batch["labels"]}
+        kwargs = {"position_ids": batch["position_ids"], **{f: batch[f] for f in objective.fields}}
         if document_mask:
             kwargs["document_ids"] = batch["document_ids"]
         args = (batch["tokens"],) if self.has_first else ()
-        target = batch["labels"] if self.has_last else None
-        self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
-        self.last_busy_s = sum(st.busy_s for st in self.stages)
-        if any(v.n_sparse for v in self.views):
-            z = torch.zeros((), device=self.device)
+        target = batch[objective.fields[0]] if self.has_last else None
+        try:
+            self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        finally:
             for v in self.views:
-                z += sum(v.z_records[-self.plan.microbatches:], torch.zeros((), device=self.device))
-            dist.all_reduce(z, group=self.pp_group)
-            self.last_z = z
-        return self._loss_sum(self.plan.microbatches)
-
-    def _loss_sum(self, n: int) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
-        for v in self.views:
-            if v.is_last:
-                total += sum(r[0] for r in v.records[-n:])
-        if dist.get_world_size(self.pp_group) > 1:
-            dist.all_reduce(total, group=self.pp_group)
-        return total
+                v.meter = v.objective = None
+        self.last_busy_s = sum(st.busy_s for st in self.stages)
 
     @torch.no_grad()
-    def eval_parts(self, batch: dict[str, torch.Tensor], document_mask: bool = True):
+    def eval_parts(self, batch: dict[str, torch.Tensor], document_mask: bool = True, objective: Any = None):
         """Forward only, one micro-batch, stage after stage (no schedule needed without backward):
-        (loss sum, valid tokens), the same on every pp rank."""
+        (objective sum, units) of `objective` (default `lm`), the same on every pp rank."""
         from megaqwen.kernels.cross_entropy import LossParts
+        from megaqwen.train.objective import LM
 
+        objective = objective or LM
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        kw = {"position_ids": batch["position_ids"], "labels": batch["labels"],
+        kw = {"position_ids": batch["position_ids"], **{f: batch[f] for f in objective.fields},
               "document_ids": batch["document_ids"] if document_mask else None}
         shape = (batch["tokens"].shape[0], *self.act_shape[1:])
         by_stage = {v.stage_index: v for v in self.views}
@@ -476,11 +458,12 @@ class Pipeline:
             elif self.plan.stage_rank(s - 1) != self.pp_rank:
                 x = torch.empty(shape, dtype=self.act_dtype, device=self.device)
                 dist.recv(x, group=self.pp_group, group_src=self.plan.stage_rank(s - 1))
-            v.loss_scale = 1.0
+            v.objective = objective
             y = v(x, **kw)
+            v.objective = None
             if v.is_last:
-                sum_, count = v.records.pop()
-                out = torch.stack([sum_, count])
+                parts = v.records.pop()
+                out = torch.stack([parts.sum.detach().float(), parts.count.float()])
                 if v.cp_group is not None:  # this rank's sequence shard: sum over the cp group
                     dist.all_reduce(out, group=v.cp_group)
             elif self.plan.stage_rank(s + 1) != self.pp_rank:
@@ -502,9 +485,10 @@ class Pipeline:
         if dp_mode != "fsdp" and dp_mesh.size() > 1:
             _all_reduce_mean([p.grad for p in params], dp_mesh.get_group(), dp_mesh.size())
         if self.embed_group is not None:
-            g = self.model.model.embed_tokens.weight.grad
-            if g is not None:
-                dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.embed_group)
+            for name in self.shared_params:
+                g = self.model.get_parameter(name).grad
+                if g is not None:
+                    dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.embed_group)
 
     def stage_peaks(self, local_peak_gib: float) -> list[float]:
         """Peak memory of every pp rank (collective over the pp group)."""

@@ -231,7 +231,9 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     if plan is not None:
         from megaqwen.parallel.pipeline import prune_to_rank
 
-        prune_to_rank(model, plan, pp_rank)
+        if spec.pipeline is None:
+            raise ValueError(f"parallel.pp={plan.pp}: architecture {spec.arch!r} declares no pipeline split")
+        prune_to_rank(model, plan, pp_rank, spec.pipeline)
     shards = spec.parallelize_tp(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
                                  linear_backend=pcfg.tp_linear_backend)
     use_fsdp = fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp"
@@ -264,8 +266,9 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     cp_group = env.mesh.group("cp") if env.dims.cp > 1 else None
     shards.pp_views = stage_modules(model, plan, pp_rank, act_dtype=act_dtype, cp_group=cp_group,
                                     cp_tile=pcfg.cp_tile)
-    if model.cfg.tie_word_embeddings and plan.first_rank != plan.last_rank:
-        shards.extra_copies["model.embed_tokens.weight"] = 2  # first and last stage: one tensor
+    if plan.first_rank != plan.last_rank:
+        for name in spec.pipeline.shared_params(model):  # first and last stage: one tensor
+            shards.extra_copies[name] = 2
     if use_fsdp:
         apply_fsdp_stages(shards.pp_views, layers, dp_reduce_mesh(env.mesh), mp_param_dtype,
                           reshard_after_forward=pcfg.fsdp_reshard_after_forward)

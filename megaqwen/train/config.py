@@ -103,6 +103,9 @@ class TrainConfig:
     """Fault injection for tests and drills: make step N's loss NaN (0 never)."""
     engine: str = "native"
     """native (our optimizer + DP wrappers) | deepspeed."""
+    objective: str = "lm"
+    """What the step minimises (megaqwen/train/objective.py): lm = next-token cross-entropy over every
+    valid label (pretraining); post-training objectives register their own names."""
     peak_flops: float = 0.0
     """Device peak FLOP/s for MFU; 0 looks the device up in a table (no MFU on CPU)."""
     eval_every: int = 0
@@ -215,6 +218,9 @@ class Config:
         if t.spike_factor < 0 or 0 < t.spike_factor <= 1:
             raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
         check_choice("train.engine", t.engine, ENGINES)
+        from megaqwen.train.objective import get_objective
+
+        get_objective(t.objective)
         check_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
         if t.seq_len > self.model.max_position_embeddings:
             # an error, not a warning: the HF export writes max_position_embeddings into config.json,

@@ -20,8 +20,8 @@ import torch
 
 from megaqwen.data.mix_metrics import MixMeter
 from megaqwen.kernels.attention import AttentionMeta
-from megaqwen.kernels.cross_entropy import IGNORE_INDEX, LossParts
 from megaqwen.kernels.registry import resolve_ops
+from megaqwen.models.outputs import ForwardOut
 from megaqwen.parallel import setup as par
 from megaqwen.parallel.data_parallel import unwrap
 from megaqwen.parallel.grad_norm import clip_grad_norm_
@@ -32,6 +32,7 @@ from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.build import build_engine, build_model_for_run, use_bf16
 from megaqwen.train.config import Config
 from megaqwen.train.metrics import MetricsLogger
+from megaqwen.train.objective import Objective, StepMeter, get_objective
 from megaqwen.train.optim import lr_at, set_lr
 from megaqwen.train.profiling import StepProfiler
 from megaqwen.train.reliability import LossHealth, StopSignal, rollback, straggler_metrics
@@ -97,53 +98,54 @@ def model_inputs(batch: dict[str, torch.Tensor], cfg: Config,
             "document_ids": batch["document_ids"]}
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
-                 cp_group=None) -> LossParts:
-    """One micro-batch through the model: LossParts (sum over valid tokens, their count). Positions
-    are always explicit; the document boundaries become one AttentionMeta for every layer. Under
-    context parallelism (`cp_group`) every cp rank holds the whole micro-batch and runs its zig-zag
-    shard of the sequence: the parts are then this shard's."""
+def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
+                 objective: Objective, cp_group=None) -> ForwardOut:
+    """One micro-batch through the model (its wrapper's forward) for `objective`: ForwardOut(the
+    objective's parts, the model's named aux terms). Positions are always explicit; the document
+    boundaries become one AttentionMeta for every layer. Under context parallelism (`cp_group`) every
+    cp rank holds the whole micro-batch and runs its zig-zag shard of the sequence: the parts are
+    then this shard's (the objective sees the shard's fields)."""
     b = model_inputs(batch, cfg, device)
     if cp_group is not None:
         from megaqwen.parallel.context_parallel import context_parallel_inputs
 
         local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
                                               tile=cfg.parallel.cp_tile)
-        return model(local["tokens"], labels=local["labels"], position_ids=local["position_ids"],
-                     document_ids=meta)
+        return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
+                     objective=objective, batch=local)
     attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
-    return model(b["tokens"], labels=b["labels"], position_ids=b["position_ids"], document_ids=attn)
+    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective, batch=b)
 
 
 def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
-                  scale: torch.Tensor, shards: ShardMap | None = None) -> torch.Tensor:
-    """All micro-batches of one step through the pipeline schedule (forward and backward), then the
-    dp and tied-embedding gradient reductions; returns the step's summed LM loss."""
+                  meter: StepMeter, shards: ShardMap | None = None) -> None:
+    """All micro-batches of one step through the pipeline schedule (forward and backward, each
+    stage adding its share to `meter`), then the dp and tied-embedding gradient reductions."""
     inputs = [model_inputs(b, cfg, env.device) for b in micro]
     with autocast_ctx(cfg.train.dtype, env.device):
-        loss_sum = pipe.step(inputs, scale, document_mask=cfg.data.document_mask)
+        pipe.step(inputs, meter, document_mask=cfg.data.document_mask)
     exclude = shards.expert_fqns if shards is not None and env.dims.ep > 1 else frozenset()
     pipe.reduce_grads(cfg.parallel.dp_mode, exclude)  # experts: their edp group, in train_step
-    return loss_sum
 
 
 def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
                accum_steps: int, shards: ShardMap | None = None, pipe=None) -> dict[str, float]:
     """One optimizer step over `accum_steps` micro-batches; returns the step's metrics.
 
-    The loss is the mean over every valid token of the step, on all dp ranks and micro-batches:
-    each micro-batch backpropagates its summed loss divided by the step's global token count
-    (times dp, since DDP/FSDP/DeepSpeed average gradients over dp; times accum for DeepSpeed, which
-    divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process.
-    An MoE model's load-balancing loss (`parts.aux`, one per micro-batch, as in HF) is added with
-    `model.router_aux_loss_coef`, averaged over micro-batches and dp ranks, and logged as `aux_loss`.
-    Under pipeline parallelism (`pipe`) the schedule runs every micro-batch at once with the same
-    objective (the last stage multiplies its loss sum by the same scale).
+    The objective (`train.objective`, `megaqwen.train.objective`) is the mean over every unit
+    (valid token for `lm`) of the step, on all dp ranks and micro-batches: each micro-batch
+    backpropagates its summed objective divided by the step's global unit count (times dp x cp,
+    since DDP/FSDP/DeepSpeed average gradients over those ranks; times accum for DeepSpeed, which
+    divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process. The
+    model's auxiliary terms (MoE router losses) are added by name with their coefficients, averaged
+    over micro-batches, and logged under their names (`StepMeter`). Under pipeline parallelism
+    (`pipe`) the schedule runs every micro-batch at once with the same meter.
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
+    objective = get_objective(cfg.train.objective)
     micro = [next(batches) for _ in range(accum_steps)]
-    count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+    count = sum(int(objective.units(b)) for b in micro)
     with phase("token count all-reduce", step + 1):
         global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
     deepspeed = cfg.train.engine == "deepspeed"
@@ -153,36 +155,22 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     scale = env.dp_size * cp * (accum_steps if deepspeed else 1) / global_count
     if cfg.train.inject_nan_at_step == step + 1:  # fault drill: this step's loss and gradients NaN
         scale = scale * float("nan")
-    aux_coef = getattr(cfg.model, "router_aux_loss_coef", 0.0)
-    z_coef = getattr(cfg.model, "router_z_loss_coef", 0.0)
-    loss_sum = torch.zeros((), device=env.device)
-    aux_sum = z_sum = None
+    meter = StepMeter(scale, aux_weight=1.0 if deepspeed else 1.0 / accum_steps)
     if pipe is not None:
         with phase("pipeline schedule"):
-            loss_sum = pipeline_step(pipe, micro, cfg, env, scale, shards)
-        if pipe.last_z is not None:
-            z_sum = pipe.last_z
+            pipeline_step(pipe, micro, cfg, env, meter, shards)
         micro = []
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device), phase("forward/backward"):
-            parts = forward_loss(model, batch, cfg, env.device, cp_group)
-        objective = parts.sum * scale
-        aux = getattr(parts, "aux", None)  # MoE: load balancing, a mean already
-        if aux is not None:
-            objective = objective + aux_coef * aux * (1 if deepspeed else 1 / accum_steps)
-            aux_sum = aux.detach().float() + (aux_sum if aux_sum is not None else 0.0)
-        z = getattr(parts, "z", None)  # MoE: router z-loss, a mean too
-        if z is not None:
-            objective = objective + z_coef * z * (1 if deepspeed else 1 / accum_steps)
-            z_sum = z.detach().float() + (z_sum if z_sum is not None else 0.0)
+            out = forward_step(model, batch, cfg, env.device, objective, cp_group)
+            loss = meter.add(out.parts, out.aux)
         with phase("forward/backward"):
             if deepspeed:  # it divides by accumulation and steps at the boundary itself
-                model.backward(objective)
+                model.backward(loss)
                 model.step()
             else:
                 with par.grad_sync(model, sync=i == accum_steps - 1):
-                    objective.backward()
-        loss_sum += parts.sum.detach().float()
+                    loss.backward()
     ep = shards is not None and shards.ep_groups is not None and env.dims.ep > 1
     if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
@@ -203,16 +191,13 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with phase("loss all-reduce"):
-        loss = par.dp_sum(loss_sum, env.mesh, with_cp=True) / global_count
-    out = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        pp_group = pipe.pp_group if pipe is not None else None
+        reduced = meter.reduce(global_count, accum_steps, env.mesh, pp_group)
+    out = {"loss": reduced.pop("loss"), "lr": lr, "grad_norm": grad_norm.item(), **reduced}
     if not deepspeed and nonfinite:
         out["nonfinite"] = 1.0
-    if aux_sum is not None:
-        out["aux_loss"] = (par.dp_sum(aux_sum, env.mesh) / (accum_steps * env.dp_size)).item()
-    if z_sum is not None:
-        out["z_loss"] = (par.dp_sum(z_sum, env.mesh) / (accum_steps * env.dp_size)).item()
-    if getattr(cfg.model, "is_moe", False) and not deepspeed:
-        out.update(_moe_step(unwrap(model), cfg, env, out, update_bias="nonfinite" not in out))
+    if not deepspeed:
+        out.update(_routing_step(unwrap(model), cfg, env, out, update_bias="nonfinite" not in out))
     return out
 
 
@@ -229,17 +214,19 @@ def _clip_grads(plain, max_norm: float, cfg: Config, shards: ShardMap | None, ep
                               shards.ep_groups)
 
 
-def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
-              update_bias: bool = True) -> dict[str, Any]:
+def _routing_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
+                  update_bias: bool = True) -> dict[str, Any]:
     """Collective over dp (x cp): this step's per-layer expert load (summed over the data-parallel
-    ranks), the aux-loss-free routing-bias update from it, and the load metrics. The raw loads ride
-    along under "_moe_loads" for the trainer's heat map."""
+    ranks; nothing for a model without routers), the aux-loss-free routing-bias update from it, and
+    the load metrics. The raw loads ride along under "_moe_loads" for the trainer's heat map."""
     from megaqwen.parallel.data_parallel import dp_reduce_mesh
     from megaqwen.parallel.expert_parallel import collect_load, update_routing_bias
     from megaqwen.train.moe_metrics import moe_metrics
 
     group = dp_reduce_mesh(env.mesh).get_group() if env.mesh is not None else None
     loads = collect_load(plain, group)
+    if not loads:
+        return {}
     if update_bias:  # not on a step whose update was dropped
         update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
     res: dict[str, Any] = moe_metrics(loads, aux_loss=out.get("aux_loss"), z_loss=out.get("z_loss"))
@@ -248,14 +235,15 @@ def _moe_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
 
 
 def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
-    """Validation loss parts of one micro-batch; under context parallelism summed over the cp
-    group, so every cp rank reports the whole micro-batch."""
+    """Validation parts (sum, count) of one micro-batch under the run's objective; under context
+    parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
+    objective = get_objective(cfg.train.objective)
     if env.mesh is None or env.dims.cp == 1:
-        return forward_loss(model, batch, cfg, env.device)
+        return forward_step(model, batch, cfg, env.device, objective).parts
     from megaqwen.parallel.context_parallel import cp_loss_parts
 
     group = env.mesh.group("cp")
-    return cp_loss_parts(forward_loss(model, batch, cfg, env.device, group), group)
+    return cp_loss_parts(forward_step(model, batch, cfg, env.device, objective, group).parts, group)
 
 
 def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
@@ -321,8 +309,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     n_params = sum(getattr(p, "ds_tensor", local_tensor(p)).numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
              n_params / 1e6, env.device, ops.describe())
-    if getattr(cfg.model, "is_moe", False):
-        log.info("MoE: %.3fB parameters in total, %.3fB active per token (MFU counts the active ones); "
+    if cfg.model.active_params() != cfg.model.num_params():
+        log.info("%.3fB parameters in total, %.3fB active per token (MFU counts the active ones); "
                  "ep=%d", cfg.model.num_params() / 1e9, cfg.model.active_params() / 1e9, env.dims.ep)
 
     start_step, consumed = 0, 0
@@ -334,7 +322,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
-    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask))
+    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask,
+                                             get_objective(t.objective)))
                if pipe is not None else (lambda m, b: _eval_parts(m, b, cfg, env)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
                                 lambda: autocast_ctx(t.dtype, env.device))

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def _sum_and_count(out: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(out, tuple):
-        loss_sum, count = out
+    if isinstance(out, tuple):  # LossParts / ObjectiveParts: (sum, count, ...)
+        loss_sum, count = out[0], out[1]
         return loss_sum.detach().float(), torch.as_tensor(count, dtype=torch.float32, device=loss_sum.device)
     count = (batch["labels"] != IGNORE_INDEX).sum().to(device=out.device, dtype=torch.float32)
     return out.detach().float() * count, count

@@ -82,7 +82,7 @@ def test_router_z_loss():
     model = build_model(get_config("debug-moe", **SMALL))
     tokens = torch.randint(0, 64, (2, 11))
     routing = []
-    h = model.hidden_states(tokens, torch.arange(11).expand(2, 11), None, routing)
+    h = model.hidden_states(tokens, torch.arange(11).expand(2, 11), None, records=routing)
     parts = model(tokens, tokens)
     assert len(routing) == 2
     # by hand from each sparse layer's router input

@@ -24,6 +24,7 @@ forward infers head counts from the projection widths, so sharded layers need no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,7 @@ from megaqwen.kernels.dca import dca_rope, uses_dca
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.kernels.rope import rope_cos_sin, rope_inv_freq, yarn_inv_freq
 from megaqwen.models.config import ModelConfig
+from megaqwen.models.outputs import AuxTerm, ForwardOut
 
 
 class ParamInit(NamedTuple):
@@ -168,17 +170,33 @@ class Qwen2ForCausalLM(nn.Module):
         return rope_cos_sin(position_ids, inv_freq, scale)
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                      attn: AttentionMeta | None = None) -> torch.Tensor:
-        """tokens (B, T) ids, or (B, T, H) activations when this stage has no embedding ->
-        (B, T, H), after the final norm when this stage has it. position_ids (B, T) are the full
-        sequence's, whatever shard of it the activations are."""
-        h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
+                      attn: AttentionMeta | None = None, layers: Iterable[int] | None = None,
+                      final_norm: bool = True, records: list | None = None) -> torch.Tensor:
+        """tokens (B, T) ids (embedded here), or (B, T, H) activations from an earlier stage ->
+        (B, T, H). `layers`: the decoder layers to run (default: every one this model holds; a
+        pipeline chunk passes its own); the final norm runs when `final_norm` and this model holds
+        it. position_ids (B, T) are the full sequence's, whatever shard of it the activations are.
+        `records`: where the layers append what `aux_terms` needs (MoE routing); None: nothing kept."""
+        if tokens.is_floating_point():
+            h = tokens
+        elif self.model.embed_tokens is None:
+            raise RuntimeError("token ids given to a model (stage) without the input embedding")
+        else:
+            h = self.model.embed_tokens(tokens)
         rope = self.rope(position_ids)
-        for layer in self.model.layers.values():
+        blocks = (self.model.layers.values() if layers is None
+                  else [self.model.layers[str(i)] for i in layers])
+        for layer in blocks:
             h = layer(h, rope, attn)
-        if self.model.norm is not None:
+        if final_norm and self.model.norm is not None:
             h = self.model.norm(h)
         return h
+
+    def aux_terms(self, records: list, partial: bool = False) -> dict[str, AuxTerm]:
+        """Named auxiliary loss terms of one forward from its `records` (see
+        `megaqwen.models.outputs`); `partial`: the records cover one pipeline stage's layers, return
+        that stage's additive share. A dense model has none."""
+        return {}
 
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
         return h_BTH @ self.head_weight().t()  # (B, T, V)
@@ -186,6 +204,14 @@ class Qwen2ForCausalLM(nn.Module):
     def loss(self, h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> LossParts:
         """labels already shifted (labels[:, i] is the target of position i); -100 is ignored."""
         return self.criterion(h_BTH.reshape(-1, h_BTH.shape[-1]), self.head_weight(), labels_BT.reshape(-1))
+
+    def token_logprobs(self, h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T) fp32 log-probability of each label under the model (0 where the label is -100),
+        through the same head and (vocab-parallel, chunked) cross-entropy as `loss`: the logits of
+        the 152K vocabulary are never materialised whole."""
+        b, t, hidden = h_BTH.shape
+        nll = self.criterion.per_token(h_BTH.reshape(-1, hidden), self.head_weight(), labels_BT.reshape(-1))
+        return -nll.float().view(b, t)
 
     @staticmethod
     def prepare_inputs(tokens: torch.Tensor, position_ids: torch.Tensor | None,
@@ -203,14 +229,22 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | AttentionMeta | None = None):
+                document_ids: torch.Tensor | AttentionMeta | None = None,
+                objective: Callable | None = None, batch: dict | None = None):
         """The whole model in one call: LossParts with labels, else logits (B, T, V); a stage
         without the final norm returns its hidden states.
 
         position_ids default to 0..T-1 per row and may be omitted only when `tokens` are ids (the
         full sequence); document_ids (B, T) (or a prebuilt `AttentionMeta`) mask packed documents.
+        With an `objective` (the trainer's, `megaqwen.train.objective`): `ForwardOut(objective(self,
+        h, batch), self.aux_terms(...))`, the objective's parts of `batch` and this forward's named
+        auxiliary terms (through the wrappers' forward: DDP, FSDP2 and DeepSpeed see one call).
         """
         position_ids, attn = self.prepare_inputs(tokens, position_ids, document_ids)
+        if objective is not None:
+            records: list = []
+            h = self.hidden_states(tokens, position_ids, attn, records=records)
+            return ForwardOut(objective(self, h, batch), self.aux_terms(records))
         h = self.hidden_states(tokens, position_ids, attn)
         if self.model.norm is None:
             return h

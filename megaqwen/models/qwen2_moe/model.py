@@ -27,7 +27,7 @@ bias `mlp.gate.e_score_correction_bias` (E,) added to the probabilities for the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -40,6 +40,7 @@ from megaqwen.kernels.cross_entropy import LossParts
 from megaqwen.kernels.moe import expert_mlp, pick_backend
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
+from megaqwen.models.outputs import AuxTerm
 from megaqwen.models.qwen2.model import (
     MLP,
     DecoderLayer,
@@ -263,33 +264,53 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     decoder_cls = MoeDecoder
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                      attn: AttentionMeta | None = None,
-                      router_out: list[RouterOut] | None = None) -> torch.Tensor:
-        """As Qwen2's; each sparse layer appends its routing to `router_out` when given (only during
+                      attn: AttentionMeta | None = None, layers: Iterable[int] | None = None,
+                      final_norm: bool = True, records: list | None = None) -> torch.Tensor:
+        """As Qwen2's; each sparse layer appends its `RouterOut` to `records` when given (only during
         this call: a forward re-run by activation recomputation appends nothing)."""
         blocks = list(self.moe_blocks().values())
         for block in blocks:
-            block.router_out = router_out
+            block.router_out = records
         try:
-            return super().hidden_states(tokens, position_ids, attn)
+            return super().hidden_states(tokens, position_ids, attn, layers, final_norm)
         finally:
             for block in blocks:
                 block.router_out = None
 
+    def aux_terms(self, records: list[RouterOut], partial: bool = False) -> dict[str, AuxTerm]:
+        """`aux_loss` (HF's load balancing, `router_aux_loss_coef`) and `z_loss` (ST-MoE,
+        `router_z_loss_coef`) of one forward's routing. `partial` (a pipeline stage's layers): the
+        z-loss share of these layers, its sum divided by every sparse layer's rows, so the stages'
+        shares add up to the whole; the aux loss is a product of means over all layers, not a sum,
+        so it has no share (`validate` refuses it under pp when its coefficient is not 0)."""
+        c = self.cfg
+        if partial:  # the same names on every stage, a zero share where it has no sparse layer
+            if not records:
+                return {"z_loss": AuxTerm(torch.zeros(()), c.router_z_loss_coef)}
+            sparse = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
+            z = sum(r.z_sum for r in records) / (records[0].probs_NE.shape[0] * sparse)
+            return {"z_loss": AuxTerm(z, c.router_z_loss_coef)}
+        device = records[0].probs_NE.device if records else None
+        aux = load_balancing_loss(records, c.num_experts).to(device)
+        return {"aux_loss": AuxTerm(aux, c.router_aux_loss_coef),
+                "z_loss": AuxTerm(router_z_loss(records).to(device), c.router_z_loss_coef)}
+
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | AttentionMeta | None = None):
+                document_ids: torch.Tensor | AttentionMeta | None = None,
+                objective: Callable | None = None, batch: dict | None = None):
         """As Qwen2's forward, but with labels the result is `MoELossParts` (LM loss + aux loss)."""
+        if objective is not None or labels is None:
+            return super().forward(tokens, labels, position_ids, document_ids, objective, batch)
         position_ids, attn = self.prepare_inputs(tokens, position_ids, document_ids)
         routing: list[RouterOut] = []
-        h = self.hidden_states(tokens, position_ids, attn, routing)
+        h = self.hidden_states(tokens, position_ids, attn, records=routing)
         if self.model.norm is None:
             return h
-        if labels is None:
-            return self.logits(h)
         lm = self.loss(h, labels)
-        aux = load_balancing_loss(routing, self.cfg.num_experts).to(lm.sum.device)
-        return MoELossParts(lm.sum, lm.count, aux, router_z_loss(routing).to(lm.sum.device))
+        aux = self.aux_terms(routing)
+        return MoELossParts(lm.sum, lm.count, aux["aux_loss"].value.to(lm.sum.device),
+                            aux["z_loss"].value.to(lm.sum.device))
 
     def param_init(self, name: str) -> ParamInit:
         """As Qwen2's; the aux-free routing bias starts at zero."""

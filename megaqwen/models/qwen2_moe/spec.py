@@ -1,6 +1,7 @@
 """The Qwen2-MoE model spec (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B)."""
 
 from megaqwen.models.qwen2.model import Attention
+from megaqwen.models.qwen2.stages import Qwen2Stages
 from megaqwen.models.qwen2_moe import hf_adapter
 from megaqwen.models.qwen2_moe.model import build_model
 from megaqwen.models.qwen2_moe.parallelize import parallelize_tp
@@ -13,6 +14,7 @@ SPEC = register_spec(ModelSpec(
     layers=lambda model: model.model.layers,
     selective_recompute=(Attention, "core"),
     hf=hf_adapter,
+    pipeline=Qwen2Stages(),
     mlp_activation_width=lambda cfg: cfg.num_experts_per_tok * cfg.moe_intermediate_size
     + cfg.shared_expert_intermediate_size,  # a token's top-k experts and the shared expert (0 if none)
 ))

@@ -1,0 +1,195 @@
+"""Training objectives: what a step minimises, as one contract for every path through the trainer.
+
+An objective turns a micro-batch and the model's final hidden states into `ObjectiveParts(sum,
+count, metrics)`: the objective summed over the micro-batch's units (valid tokens for `lm`), how many
+units, and detached metric sums. The step's objective is `sum` over every micro-batch and rank
+divided by the global unit count, so ignored tokens and uneven micro-batches weigh as in one process.
+It asks the model only for what the model exposes to every objective:
+
+    model.loss(h, labels)            -> LossParts(sum, count)   next-token cross-entropy (chunked,
+                                                                vocab-parallel under tp)
+    model.token_logprobs(h, labels)  -> (B, T) log p(label)     per-token log-probabilities
+    sequence_sums(values, batch)     -> per-document sums       per-sequence (per packed document)
+
+The model's auxiliary terms (MoE router losses: `megaqwen.models.outputs.AuxTerm`) are added by
+`StepMeter`, by name, in one place, whether the step is pipelined or not; the meter also reduces
+everything the step logs (`loss`, each aux term, each objective metric) over micro-batches,
+pipeline stages and data-parallel ranks.
+
+Where each path calls it:
+- the trainer step (`megaqwen.train.loop.train_step`): `model(tokens, ..., objective=obj, batch=b)`
+  through the DDP / FSDP2 / DeepSpeed wrapper's forward -> `ForwardOut(parts, aux)` -> `StepMeter.add`;
+- the last pipeline stage (`megaqwen.parallel.pipeline.StageModule`): the same `obj(model, h, batch)`
+  and `StepMeter.add`; earlier stages add their share of the aux terms;
+- validation: the same objective's `sum` / `count`, no aux terms.
+
+`train.objective=lm` is the pretraining objective; post-training objectives (`sft`, `dpo`, `grpo`)
+register here with `register_objective`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.models.outputs import AuxTerm
+
+
+class ObjectiveParts(NamedTuple):
+    """One micro-batch's (or one sequence shard's) share of the step's objective."""
+
+    sum: torch.Tensor
+    """Scalar with grad: the objective summed over this micro-batch's units."""
+    count: torch.Tensor
+    """Its units (valid tokens for `lm`)."""
+    metrics: dict[str, torch.Tensor] = {}
+    """Detached sums over the same units, logged as sum / step's global count under their name."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective (see the module docstring). `fields`: the batch fields the objective
+    reads besides the model inputs (a pipeline hands them to its last stage); `needs_reference`: it
+    needs a frozen reference model's outputs in the batch (`reference_<field>`)."""
+
+    name: str
+    parts: Callable[[Any, torch.Tensor, dict[str, torch.Tensor]], ObjectiveParts]
+    """parts(model, h (B, T, H) after the final norm, batch) -> ObjectiveParts."""
+    units: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    """units(batch) -> the micro-batch's unit count (before the forward: it sets the step's scale)."""
+    fields: tuple[str, ...] = ("labels",)
+    needs_reference: bool = False
+
+    def __call__(self, model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveParts:
+        return self.parts(model, h, batch)
+
+
+def _lm_parts(model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveParts:
+    parts = model.loss(h, batch["labels"])
+    return ObjectiveParts(parts.sum, parts.count)
+
+
+def _valid_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+LM = Objective("lm", _lm_parts, _valid_labels)
+"""Next-token cross-entropy over every label that is not -100 (pretraining)."""
+
+_OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(obj: Objective) -> Objective:
+    if obj.name in _OBJECTIVES and _OBJECTIVES[obj.name] is not obj:
+        raise ValueError(f"objective {obj.name!r} is already registered")
+    _OBJECTIVES[obj.name] = obj
+    return obj
+
+
+register_objective(LM)
+
+
+def objective_names() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def get_objective(name: str) -> Objective:
+    """The objective `train.objective` names; a clear error for an unknown one."""
+    from megaqwen.suggest import check_choice
+
+    check_choice("train.objective", name, _OBJECTIVES)
+    return _OBJECTIVES[name]
+
+
+def sequence_sums(values_BT: torch.Tensor,
+                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of per-token values (log-probabilities, rewards): one sum per packed
+    document, masked where the label is -100. Returns (sums (S,), row (S,)) for the S documents in
+    row order; `batch["document_ids"]` (B, T) numbers the documents within each row (a row without
+    packing is one document)."""
+    labels = batch["labels"]
+    doc = batch.get("document_ids")
+    if doc is None:
+        doc = torch.zeros_like(labels)
+    b, t = labels.shape
+    # a global id per (row, document): documents never straddle rows
+    width = int(doc.max().item()) + 1 if doc.numel() else 1
+    gid = doc + torch.arange(b, device=doc.device)[:, None] * width
+    uniq, inverse = torch.unique(gid.reshape(-1), return_inverse=True)
+    vals = torch.where(labels != IGNORE_INDEX, values_BT, torch.zeros_like(values_BT)).reshape(-1)
+    sums = torch.zeros(uniq.numel(), dtype=values_BT.dtype, device=values_BT.device)
+    sums = sums.index_add(0, inverse, vals)
+    return sums, uniq // width
+
+
+@dataclass
+class StepMeter:
+    """One optimizer step's objective and what it logs, for every micro-batch and stage on this rank.
+
+    `add` returns the tensor to back-propagate: `parts.sum * scale + sum_i coef_i * aux_i *
+    aux_weight`, where scale = (ranks the wrappers average over) / (global units of the step) and
+    aux_weight = 1 / micro-batches (1 under DeepSpeed, which divides by them itself). It records the
+    detached values; `reduce` turns them into the step's metrics (collective)."""
+
+    scale: float | torch.Tensor
+    aux_weight: float
+    loss_sum: torch.Tensor | None = None
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def aux_objective(self, aux: dict[str, AuxTerm]) -> torch.Tensor | None:
+        """sum coef * value * aux_weight of the trained terms (None when there are none); records
+        every term's value, trained or not (sums stay on the device: no sync per micro-batch)."""
+        total = None
+        for name, term in aux.items():
+            _accumulate(self.aux_sums, name, term.value)
+            if term.coef:
+                t = term.coef * term.value.float() * self.aux_weight
+                total = t if total is None else total + t
+        return total
+
+    def add(self, parts: ObjectiveParts, aux: dict[str, AuxTerm] | None = None) -> torch.Tensor:
+        v = parts.sum.detach().float()
+        self.loss_sum = v if self.loss_sum is None else self.loss_sum + v
+        for name, m in parts.metrics.items():
+            _accumulate(self.metric_sums, name, m)
+        objective = parts.sum.float() * self.scale
+        extra = self.aux_objective(aux or {})
+        return objective if extra is None else objective + extra
+
+    def reduce(self, global_count: torch.Tensor, micro_batches: int, env_mesh,
+               pp_group=None) -> dict[str, float]:
+        """Collective over the pipeline group (stages' shares add up: the loss lives on the last
+        stage, each aux term's share on every stage) and then the dp (x cp for the objective's sums)
+        ranks: `loss` and each objective metric are sums / global units; each aux term (a mean per
+        micro-batch) is averaged over micro-batches and dp ranks. Same names on every rank."""
+        import torch.distributed as dist
+
+        from megaqwen.parallel import setup as par
+
+        names = sorted(self.metric_sums)
+        aux_names = sorted(self.aux_sums)
+        device = global_count.device
+        loss = self.loss_sum if self.loss_sum is not None else torch.zeros((), device=device)
+        sums = torch.stack([loss.to(device), *(self.metric_sums[n].to(device) for n in names)])
+        aux = torch.stack([self.aux_sums[n].to(device) for n in aux_names]) if aux_names else None
+        if pp_group is not None and dist.get_world_size(pp_group) > 1:
+            dist.all_reduce(sums, group=pp_group)
+            if aux is not None:
+                dist.all_reduce(aux, group=pp_group)
+        sums = par.dp_sum(sums, env_mesh, with_cp=True) / global_count
+        out = {"loss": sums[0].item(), **{n: sums[i + 1].item() for i, n in enumerate(names)}}
+        if aux is not None:
+            dp = env_mesh.dims.dp if env_mesh is not None else 1
+            aux = par.dp_sum(aux, env_mesh) / (micro_batches * dp)
+            out.update({n: aux[i].item() for i, n in enumerate(aux_names)})
+        return out
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    v = value.detach().float()
+    sums[name] = v if name not in sums else sums[name] + v.to(sums[name].device)
