@@ -104,9 +104,16 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> 
 
 
 def shard_batch(batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
-    """The (B, T) sequence tensors of `batch` (tokens, labels, position_ids, document_ids) cut to this
-    rank's zig-zag shard (B, T/cp); any other entry is passed through."""
-    return {k: shard_sequence(v, cp, rank) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+    """The sequence tensors of `batch` (tokens, labels, position_ids, document_ids, and any other
+    per-token field an objective reads: a tensor whose first two dims are the tokens' (B, T)) cut to
+    this rank's zig-zag shard (B, T/cp); any other entry is passed through."""
+    bt = tuple(batch["tokens"].shape[:2]) if "tokens" in batch else None
+
+    def per_token(k, v) -> bool:
+        return k in SEQUENCE_KEYS or (isinstance(v, torch.Tensor) and v.dim() >= 2
+                                      and tuple(v.shape[:2]) == bt)
+
+    return {k: shard_sequence(v, cp, rank) if per_token(k, v) else v for k, v in batch.items()}
 
 
 def document_segments(document_ids: torch.Tensor) -> torch.Tensor:

@@ -258,9 +258,9 @@ class StageModule(nn.Module):
         from megaqwen.train.objective import LM
 
         parts = (self.objective or LM)(m, h, fields)
-        if self.meter is None:
+        if self.meter is None:  # forward only (`Pipeline.forward_only`): any result, kept here
             self.records.append(parts)
-            return parts.sum.detach().float()
+            return h.new_zeros(())
         return self.meter.add(parts, aux)
 
 
@@ -435,22 +435,20 @@ class Pipeline:
         self.last_busy_s = sum(st.busy_s for st in self.stages)
 
     @torch.no_grad()
-    def eval_parts(self, batch: dict[str, torch.Tensor], document_mask: bool = True, objective: Any = None):
-        """Forward only, one micro-batch, stage after stage (no schedule needed without backward):
-        (objective sum, units) of `objective` (default `lm`), the same on every pp rank."""
-        from megaqwen.kernels.cross_entropy import LossParts
-        from megaqwen.train.objective import LM
-
-        objective = objective or LM
+    def forward_only(self, batch: dict[str, torch.Tensor], head: Any, fields: tuple[str, ...] = (),
+                     document_mask: bool = True) -> Any:
+        """One micro-batch forward, stage after stage (no schedule needed without backward); the
+        last chunk returns `head(model, h, batch fields)` (an objective, or any function of the final
+        hidden states, e.g. per-token log-probabilities). Returns that result on the pp rank
+        holding the last stage (this rank's cp shard of it), None on the others."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        kw = {"position_ids": batch["position_ids"], **{f: batch[f] for f in objective.fields},
+        kw = {"position_ids": batch["position_ids"], **{f: batch[f] for f in fields},
               "document_ids": batch["document_ids"] if document_mask else None}
         shape = (batch["tokens"].shape[0], *self.act_shape[1:])
         by_stage = {v.stage_index: v for v in self.views}
-        x, out = None, torch.zeros(2, device=self.device)
+        x, result = None, None
         for s in range(self.plan.num_stages):
-            owner = self.plan.stage_rank(s)
-            if owner != self.pp_rank:
+            if self.plan.stage_rank(s) != self.pp_rank:
                 continue
             v = by_stage[s]
             if s == 0:
@@ -458,17 +456,32 @@ class Pipeline:
             elif self.plan.stage_rank(s - 1) != self.pp_rank:
                 x = torch.empty(shape, dtype=self.act_dtype, device=self.device)
                 dist.recv(x, group=self.pp_group, group_src=self.plan.stage_rank(s - 1))
-            v.objective = objective
-            y = v(x, **kw)
-            v.objective = None
+            v.objective = head
+            try:
+                y = v(x, **kw)
+            finally:
+                v.objective = None
             if v.is_last:
-                parts = v.records.pop()
-                out = torch.stack([parts.sum.detach().float(), parts.count.float()])
-                if v.cp_group is not None:  # this rank's sequence shard: sum over the cp group
-                    dist.all_reduce(out, group=v.cp_group)
+                result = v.records.pop()
             elif self.plan.stage_rank(s + 1) != self.pp_rank:
                 dist.send(y.contiguous(), group=self.pp_group, group_dst=self.plan.stage_rank(s + 1))
             x = y
+        return result
+
+    def eval_parts(self, batch: dict[str, torch.Tensor], document_mask: bool = True, objective: Any = None):
+        """Forward only, one micro-batch: (objective sum, units) of `objective` (default `lm`), summed
+        over the cp group, the same on every pp rank."""
+        from megaqwen.kernels.cross_entropy import LossParts
+        from megaqwen.train.objective import LM
+
+        objective = objective or LM
+        parts = self.forward_only(batch, objective, objective.fields, document_mask)
+        out = torch.zeros(2, device=self.device)
+        if parts is not None:
+            out = torch.stack([parts.sum.detach().float(), parts.count.float()])
+            cp_group = self.views[-1].cp_group
+            if cp_group is not None:  # this rank's sequence shard: sum over the cp group
+                dist.all_reduce(out, group=cp_group)
         dist.all_reduce(out, group=self.pp_group)
         return LossParts(out[0], out[1])
 

@@ -105,7 +105,11 @@ class TrainConfig:
     """native (our optimizer + DP wrappers) | deepspeed."""
     objective: str = "lm"
     """What the step minimises (megaqwen/train/objective.py): lm = next-token cross-entropy over every
-    valid label (pretraining); post-training objectives register their own names."""
+    valid label (pretraining); post-training objectives register their own names; `package.module:NAME`
+    imports a user's `Objective`."""
+    reference_from: str | None = None
+    """Weights of the frozen reference model an objective may need (HF folder or native checkpoint);
+    default: train.init_from."""
     peak_flops: float = 0.0
     """Device peak FLOP/s for MFU; 0 looks the device up in a table (no MFU on CPU)."""
     eval_every: int = 0

@@ -86,16 +86,14 @@ def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_le
 
 def model_inputs(batch: dict[str, torch.Tensor], cfg: Config,
                  device: torch.device) -> dict[str, torch.Tensor]:
-    """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids) and
-    document_ids of one micro-batch, on `device`."""
+    """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids),
+    document_ids and whatever other fields an objective reads (e.g. `reference_logprobs`) of one
+    micro-batch, on `device`."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     tokens = batch["tokens"]
-    if cfg.data.reset_position_ids:
-        position_ids = batch["position_ids"]
-    else:
-        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
-    return {"tokens": tokens, "labels": batch["labels"], "position_ids": position_ids,
-            "document_ids": batch["document_ids"]}
+    if not cfg.data.reset_position_ids:
+        batch["position_ids"] = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
+    return batch
 
 
 def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
@@ -118,18 +116,20 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
 
 
 def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
-                  meter: StepMeter, shards: ShardMap | None = None) -> None:
+                  meter: StepMeter, shards: ShardMap | None = None,
+                  objective: Objective | None = None) -> None:
     """All micro-batches of one step through the pipeline schedule (forward and backward, each
     stage adding its share to `meter`), then the dp and tied-embedding gradient reductions."""
     inputs = [model_inputs(b, cfg, env.device) for b in micro]
     with autocast_ctx(cfg.train.dtype, env.device):
-        pipe.step(inputs, meter, document_mask=cfg.data.document_mask)
+        pipe.step(inputs, meter, document_mask=cfg.data.document_mask, objective=objective)
     exclude = shards.expert_fqns if shards is not None and env.dims.ep > 1 else frozenset()
     pipe.reduce_grads(cfg.parallel.dp_mode, exclude)  # experts: their edp group, in train_step
 
 
 def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
-               accum_steps: int, shards: ShardMap | None = None, pipe=None) -> dict[str, float]:
+               accum_steps: int, shards: ShardMap | None = None, pipe=None,
+               reference=None) -> dict[str, float]:
     """One optimizer step over `accum_steps` micro-batches; returns the step's metrics.
 
     The objective (`train.objective`, `megaqwen.train.objective`) is the mean over every unit
@@ -139,12 +139,21 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     divides by it), so ignored tokens and uneven micro-batches weigh exactly as in one process. The
     model's auxiliary terms (MoE router losses) are added by name with their coefficients, averaged
     over micro-batches, and logged under their names (`StepMeter`). Under pipeline parallelism
-    (`pipe`) the schedule runs every micro-batch at once with the same meter.
+    (`pipe`) the schedule runs every micro-batch at once with the same meter. An objective that
+    needs a reference model gets its per-token log-probabilities (`reference`, a
+    `megaqwen.train.reference.ReferenceModel`) in each micro-batch first.
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
     objective = get_objective(cfg.train.objective)
     micro = [next(batches) for _ in range(accum_steps)]
+    if objective.needs_reference:
+        from megaqwen.train.reference import REFERENCE_FIELD
+
+        if reference is None:
+            raise ValueError(f"train.objective={cfg.train.objective} needs a reference model; none was built")
+        with phase("reference forward"):
+            micro = [{**b, REFERENCE_FIELD: reference.token_logprobs(b)} for b in micro]
     count = sum(int(objective.units(b)) for b in micro)
     with phase("token count all-reduce", step + 1):
         global_count = par.dp_sum(torch.tensor(float(count), device=env.device), env.mesh).clamp(min=1)
@@ -155,10 +164,11 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     scale = env.dp_size * cp * (accum_steps if deepspeed else 1) / global_count
     if cfg.train.inject_nan_at_step == step + 1:  # fault drill: this step's loss and gradients NaN
         scale = scale * float("nan")
-    meter = StepMeter(scale, aux_weight=1.0 if deepspeed else 1.0 / accum_steps)
+    meter = StepMeter(scale, aux_weight=1.0 if deepspeed else 1.0 / accum_steps,
+                      metric_names=objective.metrics)
     if pipe is not None:
         with phase("pipeline schedule"):
-            pipeline_step(pipe, micro, cfg, env, meter, shards)
+            pipeline_step(pipe, micro, cfg, env, meter, shards, objective)
         micro = []
     for i, batch in enumerate(micro):
         with autocast_ctx(cfg.train.dtype, env.device), phase("forward/backward"):
@@ -302,6 +312,11 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                  "this rank's stages %s; theoretical bubble %.1f%%", plan.schedule, plan.pp, plan.virtual,
                  list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
                  100 * plan.bubble_fraction())
+    reference = None
+    if get_objective(t.objective).needs_reference:
+        from megaqwen.train.reference import ReferenceModel
+
+        reference = ReferenceModel.build(cfg, env, ops, plan)
     if t.engine == "native":
         model = par.wrap_data_parallel(model, cfg.parallel, env, shards)  # DDP; FSDP2 was applied on meta
     model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=latest is not None)
@@ -345,7 +360,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             profiler.before_step(step + 1)
             begin_step(step + 1)
             t0 = time.perf_counter()
-            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe)
+            metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe,
+                                 reference)
             dt = time.perf_counter() - t0
             if "_moe_loads" in metrics:
                 from megaqwen.train.moe_metrics import add_loads

@@ -54,7 +54,8 @@ class ObjectiveParts(NamedTuple):
 class Objective:
     """A training objective (see the module docstring). `fields`: the batch fields the objective
     reads besides the model inputs (a pipeline hands them to its last stage); `needs_reference`: it
-    needs a frozen reference model's outputs in the batch (`reference_<field>`)."""
+    needs a frozen reference model's per-token log-probabilities in the batch (`reference_logprobs`,
+    `megaqwen.train.reference`)."""
 
     name: str
     parts: Callable[[Any, torch.Tensor, dict[str, torch.Tensor]], ObjectiveParts]
@@ -63,6 +64,9 @@ class Objective:
     """units(batch) -> the micro-batch's unit count (before the forward: it sets the step's scale)."""
     fields: tuple[str, ...] = ("labels",)
     needs_reference: bool = False
+    metrics: tuple[str, ...] = ()
+    """Names of the metric sums `parts` returns (declared: pipeline ranks without the last stage
+    reduce them too, as zeros)."""
 
     def __call__(self, model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveParts:
         return self.parts(model, h, batch)
@@ -98,7 +102,20 @@ def objective_names() -> list[str]:
 
 
 def get_objective(name: str) -> Objective:
-    """The objective `train.objective` names; a clear error for an unknown one."""
+    """The objective `train.objective` names: a registered name, or `package.module:NAME` for a
+    user's `Objective` (imported, so it exists in every torchrun rank too); a clear error otherwise."""
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"train.objective={name}: cannot import it ({e})") from e
+        if not isinstance(obj, Objective):
+            raise ValueError(f"train.objective={name} is a {type(obj).__name__}, not a "
+                             "megaqwen.train.objective.Objective")
+        return obj
     from megaqwen.suggest import check_choice
 
     check_choice("train.objective", name, _OBJECTIVES)
@@ -137,6 +154,8 @@ class StepMeter:
 
     scale: float | torch.Tensor
     aux_weight: float
+    metric_names: tuple[str, ...] = ()
+    """The objective's declared metrics (`Objective.metrics`): every rank reduces exactly these."""
     loss_sum: torch.Tensor | None = None
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -156,6 +175,9 @@ class StepMeter:
         v = parts.sum.detach().float()
         self.loss_sum = v if self.loss_sum is None else self.loss_sum + v
         for name, m in parts.metrics.items():
+            if name not in self.metric_names:
+                raise ValueError(f"the objective returned metric {name!r} it did not declare in "
+                                 f"Objective.metrics {self.metric_names}")
             _accumulate(self.metric_sums, name, m)
         objective = parts.sum.float() * self.scale
         extra = self.aux_objective(aux or {})
@@ -171,11 +193,12 @@ class StepMeter:
 
         from megaqwen.parallel import setup as par
 
-        names = sorted(self.metric_sums)
+        names = sorted(self.metric_names)
         aux_names = sorted(self.aux_sums)
         device = global_count.device
-        loss = self.loss_sum if self.loss_sum is not None else torch.zeros((), device=device)
-        sums = torch.stack([loss.to(device), *(self.metric_sums[n].to(device) for n in names)])
+        zero = torch.zeros((), device=device)
+        loss = self.loss_sum if self.loss_sum is not None else zero
+        sums = torch.stack([loss.to(device), *(self.metric_sums.get(n, zero).to(device) for n in names)])
         aux = torch.stack([self.aux_sums[n].to(device) for n in aux_names]) if aux_names else None
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.all_reduce(sums, group=pp_group)

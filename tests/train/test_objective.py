@@ -1,0 +1,117 @@
+"""The objective contract (megaqwen/train/objective.py): per-token log-probabilities and
+per-sequence sums against plain PyTorch, the step meter's weighting of named aux terms, objective
+look-up errors, and a reference-model objective loaded by import path, in one process and under
+layouts (pp x cp, tp x FSDP) through the real launcher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.models.config import get_config
+from megaqwen.models.outputs import AuxTerm
+from megaqwen.models.spec import get_spec
+from megaqwen.train.objective import LM, ObjectiveParts, StepMeter, get_objective, sequence_sums
+from tests.parallel.test_launch import launch, shard, single_process  # noqa: F401  (fixture)
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _model(name="debug"):
+    torch.manual_seed(0)
+    cfg = get_config(name, vocab_size=512)
+    return get_spec(cfg).build(cfg, seed=0), cfg
+
+
+def test_token_logprobs_equal_log_softmax_and_the_loss():
+    model, cfg = _model()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels[0, :3] = IGNORE_INDEX
+    pos, _ = model.prepare_inputs(tokens, None, None)
+    h = model.hidden_states(tokens, pos)
+    got = model.token_logprobs(h, labels)
+    want = F.log_softmax(model.logits(h).float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    want = want.masked_fill(labels == IGNORE_INDEX, 0.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(-got.sum(), model.loss(h, labels).sum, atol=1e-4, rtol=1e-5)
+
+
+def test_sequence_sums_per_packed_document():
+    values = torch.arange(12, dtype=torch.float32).view(2, 6)
+    labels = torch.ones(2, 6, dtype=torch.long)
+    labels[1, 5] = IGNORE_INDEX
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    sums, rows = sequence_sums(values, {"labels": labels, "document_ids": docs})
+    assert sums.tolist() == [0 + 1, 2 + 3 + 4, 5, 6 + 7 + 8 + 9 + 10]
+    assert rows.tolist() == [0, 0, 0, 1]
+
+
+def test_step_meter_adds_named_aux_terms_with_their_coefficients():
+    meter = StepMeter(scale=0.5, aux_weight=0.25)
+    parts = ObjectiveParts(torch.tensor(8.0, requires_grad=True), torch.tensor(4))
+    z = torch.tensor(2.0, requires_grad=True)
+    aux = {"z_loss": AuxTerm(z, 0.1), "aux_loss": AuxTerm(torch.tensor(3.0), 0.0)}
+    total = meter.add(parts, aux)
+    assert total.item() == pytest.approx(8 * 0.5 + 0.1 * 2 * 0.25)
+    total.backward()
+    assert z.grad.item() == pytest.approx(0.1 * 0.25)  # a coefficient-0 term is logged, not trained
+    out = meter.reduce(torch.tensor(4.0), micro_batches=2, env_mesh=None)
+    assert out == pytest.approx({"loss": 2.0, "z_loss": 1.0, "aux_loss": 1.5})
+
+
+def test_objective_lookup_errors_name_the_problem():
+    assert get_objective("lm") is LM
+    with pytest.raises(ValueError, match="train.objective='lmm'.*did you mean lm"):
+        get_objective("lmm")
+    with pytest.raises(ValueError, match="cannot import"):
+        get_objective("no_such_module_xyz:OBJ")
+    with pytest.raises(ValueError, match="not a megaqwen.train.objective.Objective"):
+        get_objective("megaqwen.train.objective:sequence_sums")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+PLUGIN = ("train.objective=objective_plugin:REF_GAP",)
+
+
+@pytest.fixture
+def init_run(tmp_path, shard, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(TESTS))
+    single_process(tmp_path / "init", shard)
+    return tmp_path / "init"
+
+
+def test_reference_objective_in_one_process(tmp_path, shard, init_run):  # noqa: F811
+    """The reference is the init checkpoint, frozen: at step 1 the policy equals it (gap 0, its
+    NLL is the loss); after two updates the policy has moved and the reference has not."""
+    single_process(tmp_path / "ref", shard, *PLUGIN, f"train.init_from={init_run}")
+    rows = _rows(tmp_path / "ref")
+    assert rows[0]["ref_gap"] < 1e-6 and rows[0]["ref_nll"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+    assert rows[-1]["ref_gap"] > 1e-3 and rows[-1]["ref_nll"] != pytest.approx(rows[-1]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [("parallel.pp=2", "parallel.cp=2"),
+                                    ("parallel.tp=2", "parallel.dp_mode=fsdp")],
+                         ids=["pp2-cp2", "tp2-fsdp-dp2"])
+def test_reference_objective_under_layouts_equals_one_process(tmp_path, shard, init_run, layout):  # noqa: F811
+    """The reference model sharded like the policy (pipeline forward only / cp gather / tp vocab
+    split / FSDP2): losses and both reference metrics equal one process."""
+    common = (*PLUGIN, f"train.init_from={init_run}")
+    single_process(tmp_path / "one", shard, *common)
+    run = launch(tmp_path / "lay", shard, *common, *layout, nproc=4)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for got, want in zip(_rows(tmp_path / "lay"), _rows(tmp_path / "one"), strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["ref_nll"] == pytest.approx(want["ref_nll"], rel=1e-5)
+        assert got["ref_gap"] == pytest.approx(want["ref_gap"], rel=1e-4, abs=1e-6)
