@@ -94,7 +94,8 @@ GPUS: dict[str, GPU] = {
     "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9),
 }
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
+DEEPSPEED_MODES = ("zero2", "zero3")
+"""Layout dp_modes that mean the DeepSpeed engine (bf16 ZeRO stages 2 and 3)."""
 
 
 @dataclass(frozen=True)
@@ -120,36 +121,76 @@ class Layout:
 
     @property
     def virtual(self) -> int:
+        from megaqwen.parallel.pipeline import SCHEDULES
+
         if self.pp_virtual_stages:
             return self.pp_virtual_stages
-        return 1 if self.pp_schedule in ("gpipe", "1f1b") else 2
+        return SCHEDULES[self.pp_schedule].default_virtual if self.pp_schedule in SCHEDULES else 1
 
-    def validate(self, m: ModelConfig) -> None:
-        bad = []
-        for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch"):
-            if getattr(self, f) < 1:
-                bad.append(f"{f}={getattr(self, f)} must be >= 1")
-        if self.pp_schedule not in SCHEDULE_NAMES:
-            bad.append(f"pp_schedule={self.pp_schedule!r}; choose from {' | '.join(SCHEDULE_NAMES)}")
-        if self.dp_mode not in ("ddp", "zero1", "fsdp", "zero2", "zero3"):
-            bad.append(f"dp_mode={self.dp_mode!r}; choose ddp | zero1 | fsdp | zero2 | zero3")
-        if self.recompute not in ("none", "selective", "full"):
-            bad.append(f"recompute={self.recompute!r}; choose none | selective | full")
+    @property
+    def engine(self) -> str:
+        """The trainer's `train.engine` for this dp_mode: zero2 / zero3 are DeepSpeed's stages."""
+        return "deepspeed" if self.dp_mode in DEEPSPEED_MODES else "native"
+
+    def parallel_config(self):
+        """The trainer's `ParallelConfig` for this layout (DeepSpeed modes: dp_mode=ddp, zero_stage)."""
+        from megaqwen.parallel.config import ParallelConfig
+
+        ds = self.engine == "deepspeed"
+        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, dp=self.dp,
+                              dp_mode="ddp" if ds else self.dp_mode, zero_stage=int(self.dp_mode[-1]) if ds else 1,
+                              recompute=self.recompute, pp_schedule=self.pp_schedule,
+                              pp_virtual_stages=self.pp_virtual_stages, sequence_parallel=self.sequence_parallel)
+
+    def validate(self, m: ModelConfig, seq: int, microbatches: int) -> None:
+        """Refuse (ValueError) what the trainer refuses: its own validation,
+        `parallel.setup.validate_layout`, on this layout's `ParallelConfig`; only the degrees' being
+        positive is checked here (the trainer reads them from a config that cannot be < 1)."""
+        bad = [f"{f}={getattr(self, f)} must be >= 1" for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch")
+               if getattr(self, f) < 1]
         if not bad:
-            if m.num_heads % self.tp or (m.num_kv_heads % self.tp and self.tp % m.num_kv_heads):
-                bad.append(f"tp={self.tp} must divide num_heads={m.num_heads} and divide or be a multiple "
-                           f"of num_kv_heads={m.num_kv_heads}")
-            if m.intermediate_size % self.tp or m.vocab_size % self.tp:
-                bad.append(f"tp={self.tp} must divide intermediate_size={m.intermediate_size} and "
-                           f"vocab_size={m.vocab_size}")
-            if m.num_layers % (self.pp * self.virtual):
-                bad.append(f"num_layers={m.num_layers} is not divisible by pp x virtual stages = "
-                           f"{self.pp} x {self.virtual}")
-            if self.ep > 1 and (not m.is_moe or m.num_experts % self.ep or (self.dp * self.cp) % self.ep):
-                bad.append(f"ep={self.ep} needs an MoE model whose num_experts ({m.num_experts}) it "
-                           f"divides, and must divide dp x cp = {self.dp * self.cp}")
+            from megaqwen.parallel.dims import ParallelDims
+            from megaqwen.parallel.setup import validate_layout
+
+            pcfg = self.parallel_config()
+            try:
+                validate_layout(pcfg, ParallelDims.from_config(pcfg, self.world), m, seq, self.engine,
+                                microbatches)
+            except ValueError as e:
+                bad.append(str(e))
         if bad:
             raise ValueError(f"layout {self}: " + "; ".join(bad))
+
+
+@dataclass(frozen=True)
+class RoutedExperts:
+    """A mixture-of-experts model's routed experts, read from the model spec's parameter shapes (the
+    tensors flagged `expert`) so the planner names no model field."""
+
+    experts: int
+    """Routed experts per sparse layer."""
+    active: int
+    """Experts each token runs through (top-k): the config's active count fixes it, since its
+    inactive parameters are the (experts - active) unused experts of every sparse layer."""
+    sparse_layers: int
+    """Decoder layers with routed experts."""
+    expert_shapes: tuple[tuple[int, ...], ...]
+    """One expert's weight shapes (each (out, in))."""
+
+
+def routed_experts(m: ModelConfig) -> RoutedExperts | None:
+    """The routed experts of `m` (None for a dense model)."""
+    shapes = get_spec(m).param_shapes(m, 1)
+    sparse = [layer for layer in shapes.layers if any(t.expert for t in layer)]
+    if not sparse:
+        return None
+    one: dict[str, list[tuple[int, ...]]] = {}  # expert module (name minus "module.param") -> shapes
+    for t in sparse[0]:
+        if t.expert:
+            one.setdefault(t.name.rsplit(".", 2)[0], []).append(t.shape)
+    per_expert = sum(math.prod(x) for x in next(iter(one.values())))
+    unused = (m.num_params() - m.active_params()) // (per_expert * len(sparse))
+    return RoutedExperts(len(one), len(one) - unused, len(sparse), tuple(next(iter(one.values()))))
 
 
 def _chunk(n0: int, parts: int, rank: int) -> int:
@@ -159,18 +200,17 @@ def _chunk(n0: int, parts: int, rank: int) -> int:
 
 
 def stage_layers(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[list[int], bool, bool]:
-    """(decoder layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`,
-    even split, V schedules placing stage s and 2p-1-s on one rank."""
-    p, v = lay.pp, lay.virtual
-    per = m.num_layers // (p * v)
-    v_shape = lay.pp_schedule in ("zbv", "dualpipev")
+    """(decoder layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`, as
+    the trainer's pipeline plan places them (`parallel.pipeline.plan_pipeline`: even split, V-shaped
+    schedules putting stage s and 2p-1-s on one rank)."""
+    from megaqwen.parallel.pipeline import plan_pipeline
 
-    def rank_of(s: int) -> int:
-        return (s if s < p else 2 * p - 1 - s) if v_shape else s % p
-
-    stages = [s for s in range(p * v) if rank_of(s) == pp_rank]
-    layers = [i for s in stages for i in range(s * per, (s + 1) * per)]
-    return layers, 0 in stages, p * v - 1 in stages
+    if lay.pp == 1:
+        return list(range(m.num_layers)), True, True
+    stages = lay.pp * lay.virtual  # enough micro-batches for every schedule: placement only
+    plan = plan_pipeline(m.num_layers, lay.pp, lay.pp_schedule, lay.virtual, None, stages)
+    mine = plan.stages_of(pp_rank)
+    return [i for s in mine for i in plan.layer_ids(s)], 0 in mine, plan.num_stages - 1 in mine
 
 
 def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int = 0,
@@ -248,9 +288,10 @@ def in_flight(lay: Layout, pp_rank: int, microbatches: int) -> float:
 
 def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *, act_bytes: int = 2,
                     device_bytes: float = 0.0, pp_rank: int | None = None) -> MemoryEstimate:
-    """Memory of the worst pipeline rank (or of `pp_rank`), dp/ep rank 0 (FSDP's largest chunk)."""
-    lay.validate(m)
+    """Memory of the worst pipeline rank (or of `pp_rank`), dp/ep rank 0 (FSDP's largest chunk); a
+    layout the trainer refuses raises its ValueError."""
     if pp_rank is None:
+        lay.validate(m, seq, microbatches)
         ests = [estimate_memory(m, lay, seq, microbatches, act_bytes=act_bytes, device_bytes=device_bytes,
                                 pp_rank=r) for r in range(lay.pp)]
         return max(ests, key=lambda e: e.total)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.pipeline import plan_pipeline
-from megaqwen.plan.memory import GPU, Layout, rank_param_count
+from megaqwen.plan.memory import GPU, Layout, rank_param_count, routed_experts
 
 DEFAULT_EFFICIENCY = 0.60
 
@@ -70,8 +70,8 @@ def estimate_step(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch:
     ep_comm = 0.0
     if lay.ep > 1:
         bw = gpu.intra_bw if lay.tp * lay.ep <= gpu.per_node else gpu.inter_bw
-        sparse = sum(m.is_sparse_layer(i) for i in range(m.num_layers)) / lay.pp
-        ep_comm = microbatches * sparse * 4 * act_bytes * m.num_experts_per_tok * (lay.ep - 1) / lay.ep / bw
+        moe = routed_experts(m)
+        ep_comm = microbatches * moe.sparse_layers / lay.pp * 4 * act_bytes * moe.active * (lay.ep - 1) / lay.ep / bw
     dpc = lay.dp * lay.cp
     dp_exposed = 0.0
     if dpc > 1:
