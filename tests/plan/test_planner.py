@@ -220,7 +220,7 @@ def test_search_proposes_only_layouts_the_trainer_accepts():
     (Layout(pp=2, dp=2, dp_mode="zero3"), "with train.engine=deepspeed is not supported"),
     (Layout(dp=1, dp_mode="zero2"), "train.engine=deepspeed needs a distributed launch"),
     (Layout(ep=2, dp=2), "ep=2 needs an MoE model"),
-    (Layout(pp=4, pp_schedule="zbv", dp_mode="ddp"), "needs at least 8 micro-batches"),
+    (Layout(pp=7, pp_schedule="zbv", dp_mode="ddp"), "needs at least 14 micro-batches"),
 ])
 def test_layout_refusals_are_the_trainers_own(lay, says):
     """`Layout.validate` asks `parallel.setup.validate_layout` (DeepSpeed modes as engine=deepspeed):
