@@ -21,7 +21,6 @@ from megaqwen.parallel.dims import ParallelDims
 from megaqwen.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_fsdp_experts,
-    check_expert_parallel,
     clip_grad_norm_ep_,
     collect_load,
     ddp_ignore_experts,
@@ -240,25 +239,31 @@ def test_ep4_ep2_x_edp2_and_ep2_x_tp2_sp_world4_equal_one_process():
     _check(out, 4, 2, cfg.num_experts)
 
 
-@pytest.mark.parametrize("kw, ep, dp_world, match", [
-    (dict(), 3, 6, r"num_experts=8 is not divisible by ep=3; pick ep from \[1, 2\]"),
-    (dict(), 4, 6, r"ep=4 must divide dp\*cp=6"),
-])
-def test_bad_expert_layout_is_refused_before_work(kw, ep, dp_world, match):
-    with pytest.raises(ValueError, match=match):
-        check_expert_parallel(get_config("debug-moe", **kw), ep, dp_world)
+def _refusal(cfg, **dims) -> str:
+    """What the layout validation says of `cfg` under these degrees (the model's spec's rules)."""
+    with pytest.raises(ValueError) as e:
+        ParallelDims(**dims).validate_model(cfg, get_spec(cfg))
+    return str(e.value)
+
+
+def test_bad_expert_layout_is_refused_before_work():
+    cfg = get_config("debug-moe")  # 8 experts
+    assert "num_experts=8 is not divisible by ep=3; pick ep from [1, 2]" in _refusal(cfg, world_size=6, ep=3)
+    ParallelDims(world_size=8, ep=8).validate_model(cfg, get_spec(cfg))
+    with pytest.raises(ValueError, match=r"ep=4 must divide dp\*cp=6"):
+        ParallelDims(world_size=6, ep=4)
 
 
 def test_top_k_above_experts_is_refused():
-    from types import SimpleNamespace
+    from dataclasses import replace
 
-    cfg = SimpleNamespace(name="x", num_experts=4, num_experts_per_tok=6)
-    with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
-        check_expert_parallel(cfg, 2, 2)
+    cfg = replace(get_config("debug-moe"), num_experts=8, num_experts_per_tok=2)
+    cfg.num_experts_per_tok = 9  # past the config's own check: the spec refuses it too
+    assert "num_experts_per_tok=9 must be in [1, num_experts=8]" in _refusal(cfg, world_size=2, ep=2)
     with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
         get_config("debug-moe", num_experts=4, num_experts_per_tok=6)
 
 
 def test_ep_on_dense_model_is_refused():
-    with pytest.raises(ValueError, match="needs an MoE model"):
-        check_expert_parallel(get_config("debug"), 2, 2)
+    assert "ep=2 needs an MoE model (arch 'qwen2' has no routed experts)" in \
+        _refusal(get_config("debug"), world_size=2, ep=2)

@@ -3,6 +3,7 @@
 from megaqwen.models.qwen2 import hf_adapter
 from megaqwen.models.qwen2.model import Attention, build_model
 from megaqwen.models.qwen2.parallelize import parallelize_tp
+from megaqwen.models.qwen2.validate import attention_heads, local_attention_heads, validate
 from megaqwen.models.spec import ModelSpec, register_spec
 
 SPEC = register_spec(ModelSpec(
@@ -12,4 +13,7 @@ SPEC = register_spec(ModelSpec(
     layers=lambda model: model.model.layers,
     selective_recompute=(Attention, "core"),
     hf=hf_adapter,
+    validate=validate,
+    attention_heads=attention_heads,
+    local_attention_heads=local_attention_heads,
 ))
