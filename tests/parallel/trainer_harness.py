@@ -107,19 +107,40 @@ def micro_batches(global_batches: list[Batch], cfg: Config, env: par.DistEnv) ->
 
 def capture_grads(run: Run, gather: Callable[[torch.Tensor, str, ShardMap], torch.Tensor],
                   also: Callable[[Run], Any] | None = None) -> dict[str, Any]:
-    """Filled at the first optimizer step (native engine): "grads", every trainable parameter's
-    gradient as the optimizer sees it, made whole by `gather(grad, fqn, shards)`, and "also", what
-    `also(run)` returns then. Collective inside the step: every rank steps."""
+    """Filled at the first optimizer step: "grads", every trainable parameter's gradient as the
+    optimizer gets it (native: after clipping; DeepSpeed clips inside its step, so before), made
+    whole by `gather(grad, fqn, shards)`, and "also", what `also(run)` returns then. Collective
+    inside the step: every rank steps."""
     out: dict[str, Any] = {}
+    deepspeed = run.cfg.train.engine == "deepspeed"
 
-    def hook(optimizer, args, kwargs):
-        handle.remove()
-        out["grads"] = {n: gather(p.grad, n, run.shards) for n, p in run.plain.named_parameters()
+    def take(*_):
+        if deepspeed:
+            from megaqwen.parallel.deepspeed_engine import full_grad_deepspeed
+
+            grad = lambda p: full_grad_deepspeed(p, run.model)  # noqa: E731
+        else:
+            grad = lambda p: p.grad  # noqa: E731
+        out["grads"] = {n: gather(grad(p), n, run.shards) for n, p in run.plain.named_parameters()
                         if p.requires_grad}
         if also is not None:
             out["also"] = also(run)
 
-    handle = run.optimizer.register_step_pre_hook(hook)
+    if deepspeed:  # the engine's ZeRO optimizer is no torch Optimizer: wrap its first step
+        opt = run.model.optimizer
+
+        def first_step(*args, **kwargs):
+            del opt.step  # back to the class's step
+            take()
+            return opt.step(*args, **kwargs)
+
+        opt.step = first_step
+    else:
+        def hook(*_):
+            handle.remove()
+            take()
+
+        handle = run.optimizer.register_step_pre_hook(hook)
     return out
 
 
