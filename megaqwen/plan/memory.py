@@ -85,13 +85,15 @@ class GPU:
     inter_bw: float
     """Achievable bus bandwidth per GPU between nodes, bytes/s (one 400 Gb/s NIC per GPU)."""
     per_node: int = 8
+    hbm_bw: float = 3.35e12
+    """Device memory bandwidth, bytes/s (datasheet)."""
 
 
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 SXM 80GB", 79.6 * GIB, 989e12, 360e9, 45e9),
-    "h200": GPU("H200 SXM 141GB", 139.8 * GIB, 989e12, 360e9, 45e9),
-    "a100": GPU("A100 SXM 80GB", 79.2 * GIB, 312e12, 230e9, 22e9),  # 200 Gb/s HDR per GPU
-    "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9),
+    "h100": GPU("H100 SXM 80GB", 79.6 * GIB, 989e12, 360e9, 45e9, hbm_bw=3.35e12),
+    "h200": GPU("H200 SXM 141GB", 139.8 * GIB, 989e12, 360e9, 45e9, hbm_bw=4.8e12),
+    "a100": GPU("A100 SXM 80GB", 79.2 * GIB, 312e12, 230e9, 22e9, hbm_bw=2.04e12),  # 200 Gb/s HDR per GPU
+    "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9, hbm_bw=1.56e12),
 }
 
 DEEPSPEED_MODES = ("zero2", "zero3")
@@ -138,16 +140,18 @@ class Layout:
 
         ds = self.engine == "deepspeed"
         return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, dp=self.dp,
-                              dp_mode="ddp" if ds else self.dp_mode, zero_stage=int(self.dp_mode[-1]) if ds else 1,
+                              dp_mode="ddp" if ds else self.dp_mode,
+                              zero_stage=int(self.dp_mode[-1]) if ds else 1,
                               recompute=self.recompute, pp_schedule=self.pp_schedule,
-                              pp_virtual_stages=self.pp_virtual_stages, sequence_parallel=self.sequence_parallel)
+                              pp_virtual_stages=self.pp_virtual_stages,
+                              sequence_parallel=self.sequence_parallel)
 
     def validate(self, m: ModelConfig, seq: int, microbatches: int) -> None:
         """Refuse (ValueError) what the trainer refuses: its own validation,
         `parallel.setup.validate_layout`, on this layout's `ParallelConfig`; only the degrees' being
         positive is checked here (the trainer reads them from a config that cannot be < 1)."""
-        bad = [f"{f}={getattr(self, f)} must be >= 1" for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch")
-               if getattr(self, f) < 1]
+        bad = [f"{f}={getattr(self, f)} must be >= 1"
+               for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch") if getattr(self, f) < 1]
         if not bad:
             from megaqwen.parallel.dims import ParallelDims
             from megaqwen.parallel.setup import validate_layout

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from megaqwen.models.config import ModelConfig
 from megaqwen.plan.memory import GPU, Layout, MemoryEstimate, estimate_memory, routed_experts
-from megaqwen.plan.perf import DEFAULT_EFFICIENCY, StepEstimate, estimate_step
+from megaqwen.plan.perf import DEFAULT_EFFICIENCY, ERROR_BAND, StepEstimate, estimate_step
 
 
 @dataclass
@@ -84,9 +84,10 @@ def _divisors(n: int, cap: int) -> list[int]:
 def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
                rejected: Rejected | None = None) -> Iterator[Layout]:
     """tp within a node (1-8, sequence parallel on), pp up to 16 (1F1B, interleaved with v=2, ZB-V),
-    cp up to 8 (only when seq >= 8K), ep over the MoE experts, dp the rest; ddp | zero1 | fsdp;
-    every recompute mode; micro-batches of 1, 2, 4: those the trainer accepts (the others counted in
-    `rejected`)."""
+    cp up to 8 (only when seq >= 8K), ep over the MoE experts (a model whose spec flags routed-expert
+    tensors), dp the rest; ddp | zero1 | fsdp (under pipelining too: the step estimate counts FSDP's
+    gathers per micro-batch); every recompute mode; micro-batches of 1, 2, 4: those the trainer
+    accepts (the others counted in `rejected`)."""
     from megaqwen.parallel.setup import accumulation_steps
 
     rejected = rejected if rejected is not None else Rejected()
@@ -98,8 +99,6 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
                 for ep in eps:
                     for sched in (("1f1b", "interleaved_1f1b", "zbv") if pp > 1 else ("1f1b",)):
                         for mode in ("ddp", "zero1", "fsdp"):
-                            if pp > 1 and mode == "fsdp":
-                                continue  # FSDP re-gathers per micro-batch under pipelining: skip
                             for rc in ("none", "selective", "full"):
                                 for mb in (1, 2, 4):
                                     try:
@@ -135,3 +134,17 @@ def search(m: ModelConfig, gpus: int, gpu: GPU, seq: int, global_batch: int,
             out.append(plan)
     out.sort(key=lambda p: (p.step.step_s, p.memory.total))
     return out
+
+
+def tied(plans: list[Plan], band: float = ERROR_BAND) -> list[int]:
+    """Rank of each plan (fastest first), equal for plans whose step times lie within `band` of the
+    first plan of their group: the model cannot order them (its error band, `perf.ERROR_BAND`)."""
+    ranks, lead = [], None
+    for i, p in enumerate(plans):
+        if p.step is None:
+            ranks.append(i + 1)
+            continue
+        if lead is None or p.step.step_s > lead[1] * (1 + band):
+            lead = (i + 1, p.step.step_s)
+        ranks.append(lead[0])
+    return ranks

@@ -153,7 +153,7 @@ def test_state_bytes_by_dp_mode_and_inflight_by_schedule():
     assert acts["interleaved_1f1b"].in_flight == pytest.approx(4 * (1 + 3 / 8))
     last = estimate_memory(m, Layout(pp=4, dp_mode="ddp"), 1024, 16, pp_rank=3)
     assert last.in_flight == 1 and last.activations < acts["1f1b"].activations
-    with pytest.raises(ValueError, match="num_layers=48 is not divisible by pp\*virtual"):
+    with pytest.raises(ValueError, match=r"num_layers=48 is not divisible by pp\*virtual"):
         estimate_memory(m, Layout(pp=5), 1024, 8)
     with pytest.raises(ValueError, match="dp_mode='zero4'"):
         estimate_memory(m, Layout(dp_mode="zero4"), 1024, 8)
