@@ -142,7 +142,7 @@ def gather_full(t: torch.Tensor, fqn: str, shards: ShardMap) -> torch.Tensor:
     return full
 
 
-def layout_config(cfg, layout: Layout, world: int, grad_clip: float = 0.0) -> Config:
+def layout_config(cfg, layout: Layout, grad_clip: float = 0.0) -> Config:
     """The run's Config for `layout`: one micro-batch of GLOBAL_B / dp rows per rank and step."""
     ds = layout.mode.startswith("ds")
     pcfg = ParallelConfig(tp=layout.tp, dp=layout.dp, sequence_parallel=layout.sp,
@@ -164,17 +164,10 @@ def full_weights(run: trainer.Run) -> dict[str, torch.Tensor]:
         return {n: gather_full(p.detach().clone(), n, run.shards) for n, p in params.items()}
 
 
-def build_parallel(cfg, layout: Layout, world: int):
-    """The trainer's assembly for `layout` (meta build -> plans -> local pieces -> DDP / engine):
-    (mesh, model to call, optimizer, plain model, shards, full initial weights)."""
-    run = trainer.build_run(layout_config(cfg, layout, world))
-    return run.env.mesh, run.model, run.optimizer, run.plain, run.shards, full_weights(run)
-
-
 def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str, Any]:
     """STEPS steps of `layout` through the trainer's builders and `train_step`, against `ref`."""
     clip = ref["grad_norm"] / 2
-    run = trainer.build_run(layout_config(cfg, layout, world, grad_clip=clip))
+    run = trainer.build_run(layout_config(cfg, layout, grad_clip=clip))
     weights = full_weights(run)
     init_equal = set(weights) == set(ref["weights"]) and \
         all(torch.equal(w, ref["weights"][n]) for n, w in weights.items())

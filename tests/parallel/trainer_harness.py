@@ -144,8 +144,8 @@ def capture_grads(run: Run, gather: Callable[[torch.Tensor, str, ShardMap], torc
     return out
 
 
-def run_steps(run: Run, global_batches: list[Batch]) -> list[dict[str, float]]:
-    """`train_step` once per global batch; its metrics per step."""
+def run_steps(run: Run, global_batches: list[Batch], first_step: int = 0) -> list[dict[str, float]]:
+    """`train_step` once per global batch (steps first_step, first_step + 1, ...); its metrics."""
     data = micro_batches(global_batches, run.cfg, run.env)
-    return [train_step(run.model, run.optimizer, data, run.cfg, run.env, step, run.accum_steps, run.shards,
-                       run.pipe) for step in range(len(global_batches))]
+    return [train_step(run.model, run.optimizer, data, run.cfg, run.env, first_step + i, run.accum_steps,
+                       run.shards, run.pipe) for i in range(len(global_batches))]
