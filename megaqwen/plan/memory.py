@@ -12,9 +12,17 @@ embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in `torch
 `local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
 
 Bytes per parameter (fp32 master weights, AdamW), native engine: weights 4 + grads 4 + moments 8;
-zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO paper accounting):
-bf16 weights 2 + bf16 grads 2 + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the
-grads, stage 3 everything.
+zero1 divides the moments by dp x cp, fsdp everything, except that FSDP2 accumulates unsharded fp32
+gradients over the micro-batches before the last (the trainer's `grad_sync`). DeepSpeed (ZeRO paper
+accounting): compute-dtype weights and grads (2 + 2 in bf16, 4 + 4 in fp32) + fp32 master and
+moments 12; stage 1 shards the 12, stage 2 also the grads, stage 3 everything.
+
+What does not shrink with dp: FSDP2 / ZeRO-3 gather the root unit (embedding, final norm, head: not
+wrapped on their own, so one unit, kept whole through the step) and two layers, and reduce-scatter
+from a copy of the largest unit's gradient; DDP (ddp, zero1) keeps its gradient buckets, a second
+copy of every gradient. On the 168M config of benchmarks/memory_calibration.py these are why dp=2
+peaks at 0.91x (FSDP2) and 1.01x (ZeRO-3) of one process rather than ~0.6x: the root is 78M of its
+168M parameters.
 
 Activations per micro-batch and layer: `layer_activation_elements` below, our derivation of Korthikanti
 et al. 2022 for SwiGLU + GQA + flash attention (their GPT figure is sbh(34 + 5as/h) bytes in fp16
@@ -26,7 +34,7 @@ GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p
 al. 2021, the extra warm-up chunks); ZB-V p; DualPipeV p + 1 (DeepSeek-V3 table 2) micro-batches of a
 rank's layers. The working margin: BACKWARD_TEMP_LAYERS (1.5) layers' full activations (backward's
 temporaries), on the last stage the fp32 logits up to LOGITS_CHUNKS (2) chunks and the fp32 head
-grad; FSDP adds two gathered layers (current + prefetch) in the compute dtype. The 1.5 layers were
+grad. The 1.5 layers were
 fitted to five fp32 CPU runs with a 1,024-row vocabulary (the total within 10% of each measured
 peak); the 2 chunks come from the debug model's real 151,936-row vocabulary, where logits dominate
 backward's temporaries (counting one chunk: 0.67-0.78 of the measured peak at 256-8,192 tokens; two:
@@ -71,6 +79,13 @@ LOGITS_CHUNKS = 2
 """Chunked cross-entropy's working set, in chunks of fp32 logits (CHUNK_LOGITS_BYTES each): its loop
 computes the next chunk's logits before rebinding `logits` frees the previous one (kernels/cross_entropy
 `_chunked_pass`), so past one chunk two are alive (measured, debug model's 151,936-row vocabulary)."""
+
+GATHERED_ROOT_COPIES = 2.2
+"""Copies of the gathered root unit (embedding, final norm, head) at the peak of a sharded (FSDP2,
+ZeRO-3) rank: the unsharded parameters plus the all-gather's output buffer, and the rest of what
+the four sharded CPU runs of benchmarks/memory_calibration.py measured beyond the other terms.
+FITTED on those four (with the one-process run, five; the ZeRO-1 run held out): 0.25-0.53 GiB above
+one copy of a 0.29 GiB root, not growing with dp in step with anything else modelled."""
 
 
 @dataclass(frozen=True)
@@ -260,8 +275,15 @@ class MemoryEstimate:
     in_flight: float
     """Micro-batches of this rank's layers kept at the peak."""
     margin: float
+    """Transients: backward's temporaries, the logits, the head gradient, the reduce-scatter input."""
     device_bytes: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    gathered: float = 0.0
+    """FSDP / ZeRO-3 working copies: the largest unit whole (the root: embedding, norm, head, kept
+    gathered through the step) and two layers (the current one and the prefetched next)."""
+    buffers: float = 0.0
+    """Communication buffers that do not shrink with dp: DDP's gradient buckets (a second copy of
+    every gradient; `gradient_as_bucket_view` is off) for ddp and zero1."""
 
     @property
     def state(self) -> float:
@@ -269,7 +291,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.state + self.activations + self.margin
+        return self.state + self.gathered + self.activations + self.margin + self.buffers
 
     @property
     def fits(self) -> bool:
@@ -303,13 +325,17 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     mode = lay.dp_mode
     n = rank_param_count(m, lay, pp_rank, fsdp=mode == "fsdp")
     full = rank_param_count(m, lay, pp_rank, fsdp=False)
+    sharded = mode in ("fsdp", "zero3") and dpc > 1
+    grad_bytes = 4 if mode in ("ddp", "zero1", "fsdp") else act_bytes  # FSDP reduces in fp32
     if mode in ("ddp", "zero1", "fsdp"):
         weights, grads = 4.0 * n, 4.0 * n
         optimizer = 8.0 * (n if mode == "fsdp" else full / dpc if mode == "zero1" else full)
-    else:  # DeepSpeed bf16: 2 + 2 + 12, sharded by stage
+        if sharded and microbatches > 1:  # no reduce-scatter before the last micro-batch (grad_sync):
+            grads += 4.0 * full  # FSDP2 accumulates unsharded gradients until then
+    else:  # DeepSpeed: compute-dtype weights and grads, fp32 master + moments (12), sharded by stage
         stage = int(mode[-1])
-        weights = 2.0 * full / (dpc if stage == 3 else 1)
-        grads = 2.0 * full / (dpc if stage >= 2 else 1)
+        weights = act_bytes * full / (dpc if stage == 3 else 1)
+        grads = act_bytes * full / (dpc if stage >= 2 else 1)
         optimizer = 12.0 * full / dpc
     tokens = lay.micro_batch * seq / lay.cp
     layers, first, last = stage_layers(m, lay, pp_rank)
@@ -328,9 +354,30 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     if last:
         logits = min(tokens * m.vocab_size / lay.tp * 4, LOGITS_CHUNKS * CHUNK_LOGITS_BYTES)
         margin += logits + 4 * m.vocab_size * m.hidden_size / lay.tp
-    if mode == "fsdp" and dpc > 1 and layers:
-        margin += 2 * act_bytes * full / max(1, len(layers))  # two gathered layers (about)
-    return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes)
+    gathered = buffers = 0.0
+    if sharded:
+        root, layer = unit_params(m, lay, pp_rank)
+        gathered = act_bytes * (GATHERED_ROOT_COPIES * root + 2 * layer)
+        margin += grad_bytes * max(root, layer)  # the reduce-scatter's input copy of the largest unit
+    elif mode in ("ddp", "zero1") and dpc > 1:
+        buffers = 4.0 * full
+    return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes,
+                          gathered=gathered, buffers=buffers)
+
+
+def unit_params(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[int, int]:
+    """(root unit, largest layer) parameter elements on one rank, unsharded over dp: the FSDP units
+    `parallel.data_parallel.apply_fsdp` makes (one per layer, the root holding the rest); a layer's
+    routed experts count E / ep."""
+    shapes = get_spec(m).param_shapes(m, lay.tp)
+    layers, first, last = stage_layers(m, lay, pp_rank)
+
+    def count(tensors) -> int:
+        return sum(math.prod(t.shape) // (lay.ep if t.expert else 1) for t in tensors)
+
+    root = (count(shapes.first) if first or (last and m.tie_word_embeddings) else 0) + \
+        (count(shapes.last) if last else 0)
+    return root, max((count(shapes.layers[i]) for i in layers), default=0)
 
 
 def with_(lay: Layout, **kw) -> Layout:
