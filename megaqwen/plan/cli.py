@@ -72,7 +72,7 @@ def table(plans: list[Plan]) -> str:
     head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'sched':<9} {'cp':>2} {'ep':>2} {'dp':>4} {'dp_mode':<7} "
             f"{'recomp':<9} {'mb':>2} | {'state':>6} {'act':>6} {'total GiB':>9} | {'bubble':>6} "
             f"{'step s':>7} {'MFU':>6} {'Mtok/s':>7}")
-    rows = [head, "-" * len(head)]
+    rows = [head, "-" * len(head)]  # act = activations + transients + gathered parameters + buckets
     ranks = tied(plans)
     for p, rank in zip(plans, ranks):
         lay, mem, st = p.layout, p.memory, p.step
@@ -85,7 +85,7 @@ def table(plans: list[Plan]) -> str:
         mark = f"{rank}=" if ranks.count(rank) > 1 else str(rank)
         rows.append(f"{mark:>3} {lay.tp:>2} {lay.pp:>2} {sched:<9} {lay.cp:>2} {lay.ep:>2} "
                     f"{lay.dp:>4} {lay.dp_mode:<7} {lay.recompute:<9} {lay.micro_batch:>2} | "
-                    f"{mem.state / GIB:6.1f} {(mem.activations + mem.margin) / GIB:6.1f} "
+                    f"{mem.state / GIB:6.1f} {(mem.total - mem.state) / GIB:6.1f} "
                     f"{mem.total / GIB:9.1f} | {time}")
     return "\n".join(rows)
 
@@ -112,7 +112,9 @@ def run(argv: list[str]) -> str:
                  f"pipeline rank {mem.pp_rank} (the fullest): {mem.params / 1e9:.3f}B parameters held; "
                  f"weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
                  f"{mem.optimizer / GIB:.1f}, activations {mem.activations / GIB:.1f} ({mem.in_flight:.2f} "
-                 f"micro-batches in flight), working margin {mem.margin / GIB:.1f} GiB; "
+                 f"micro-batches in flight), transients {mem.margin / GIB:.1f}"
+                 + (f", gathered parameters {mem.gathered / GIB:.1f}" if mem.gathered else "")
+                 + (f", DDP gradient buckets {mem.buffers / GIB:.1f}" if mem.buffers else "") + " GiB; "
                  + ("fits" if mem.fits else "DOES NOT FIT") + f" in 90% of {gpu.memory_bytes / GIB:.1f} GiB"]
         if p.error:
             lines.append(p.error)
