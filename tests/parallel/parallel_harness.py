@@ -50,10 +50,13 @@ class Layout:
     """none | selective | full."""
     compile: bool = False
     """torch.compile every decoder layer."""
+    micro: int = 0
+    """Rows per micro-batch; 0: GLOBAL_B / dp, one micro-batch per rank and step (no accumulation)."""
 
     @property
     def name(self) -> str:
         extra = ("-sp" if self.sp else "") + ("" if self.recompute == "none" else f"-rc{self.recompute}")
+        extra += f"-mb{self.micro}" if self.micro else ""
         return f"tp{self.tp}-dp{self.dp}-{self.mode}" + extra + ("-compile" if self.compile else "")
 
 
@@ -143,13 +146,14 @@ def gather_full(t: torch.Tensor, fqn: str, shards: ShardMap) -> torch.Tensor:
 
 
 def layout_config(cfg, layout: Layout, grad_clip: float = 0.0) -> Config:
-    """The run's Config for `layout`: one micro-batch of GLOBAL_B / dp rows per rank and step."""
+    """The run's Config for `layout`: micro-batches of `layout.micro` rows (default GLOBAL_B / dp)."""
     ds = layout.mode.startswith("ds")
     pcfg = ParallelConfig(tp=layout.tp, dp=layout.dp, sequence_parallel=layout.sp,
                           dp_mode="ddp" if ds else layout.mode, zero_stage=int(layout.mode[2:]) if ds else 1,
                           recompute=layout.recompute, compile=layout.compile)
-    return trainer.layout_config(cfg, pcfg, STEPS, GLOBAL_B, GLOBAL_B // layout.dp, T, LR, SEED,
-                                 grad_clip=grad_clip, engine="deepspeed" if ds else "native")
+    micro = layout.micro or GLOBAL_B // layout.dp
+    return trainer.layout_config(cfg, pcfg, STEPS, GLOBAL_B, micro, T, LR, SEED, grad_clip=grad_clip,
+                                 engine="deepspeed" if ds else "native")
 
 
 def full_weights(run: trainer.Run) -> dict[str, torch.Tensor]:
