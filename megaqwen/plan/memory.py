@@ -176,7 +176,8 @@ class Layout:
                 validate_layout(pcfg, ParallelDims.from_config(pcfg, self.world), m, seq, self.engine,
                                 microbatches)
             except ValueError as e:
-                bad.append(str(e))
+                if "needs the deepspeed package" not in str(e):  # where the plan is made, not run
+                    bad.append(str(e))
         if bad:
             raise ValueError(f"layout {self}: " + "; ".join(bad))
 
