@@ -201,7 +201,17 @@ class RoutedExperts:
 def routed_experts(m: ModelConfig) -> RoutedExperts | None:
     """The routed experts of `m` (None for a dense model)."""
     shapes = get_spec(m).param_shapes(m, 1)
-    sparse = [layer for layer in shapes.layers if any(t.expert for t in layer)]
+    if id(shapes) not in _ROUTED:  # the shapes are cached per config: so is this
+        _ROUTED[id(shapes)] = (shapes, _routed_experts(m, shapes))
+    return _ROUTED[id(shapes)][1]
+
+
+_ROUTED: dict[int, tuple[object, RoutedExperts | None]] = {}
+
+
+def _routed_experts(m: ModelConfig, shapes) -> RoutedExperts | None:
+    kinds = {id(layer): any(t.expert for t in layer) for layer in shapes.layers}  # layers share kinds
+    sparse = [layer for layer in shapes.layers if kinds[id(layer)]]
     if not sparse:
         return None
     one: dict[str, list[tuple[int, ...]]] = {}  # expert module (name minus "module.param") -> shapes

@@ -90,13 +90,16 @@ def forward_gemms(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, layers: list[
     tokens = lay.micro_batch * seq / lay.cp
     moe = routed_experts(m)
     flops = secs = 0.0
+    kinds: dict[int, list] = {}  # layers of one kind share one shapes tuple: time each kind once
     for i in layers:
-        for t in shapes.layers[i]:
+        kinds.setdefault(id(shapes.layers[i]), [shapes.layers[i], 0])[1] += 1
+    for tensors, n in kinds.values():
+        for t in tensors:
             if len(t.shape) != 2:
                 continue
-            rows, count = tokens, 1.0
+            rows, count = tokens, float(n)
             if t.expert:  # each rank runs experts / ep experts, each on its share of the ep group's tokens
-                rows, count = tokens * lay.ep * moe.active / moe.experts, 1 / lay.ep
+                rows, count = tokens * lay.ep * moe.active / moe.experts, n / lay.ep
             f, s = gemm_time(gpu, rows, t.shape[0], t.shape[1], e_max, count)
             flops, secs = flops + f, secs + s
     if last:  # the head: the last stage's own 2-D weight, else (tied) the embedding's
