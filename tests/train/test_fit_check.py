@@ -178,6 +178,12 @@ def test_whole_cpu_trainer_peak_is_within_the_stated_band_of_the_estimate(tmp_pa
     ("qwen3-30b-a3b", 16, ["parallel.tp=2", "parallel.ep=4", "parallel.dp_mode=fsdp",
                            "parallel.recompute=full", "train.micro_batch_size=2"],
      Layout(tp=2, ep=4, dp=8, dp_mode="fsdp", recompute="full", micro_batch=2, sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["parallel.dp_mode=fsdp", "train.micro_batch_size=1"],  # gathered root, accumulation
+     Layout(dp=4, dp_mode="fsdp", sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["train.engine=deepspeed", "parallel.zero_stage=3", "train.micro_batch_size=1"],
+     Layout(dp=4, dp_mode="zero3", sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["parallel.dp_mode=zero1", "train.micro_batch_size=1"],  # DDP's buckets
+     Layout(dp=4, dp_mode="zero1", sequence_parallel=False)),
 ])
 def test_the_planner_per_rank_memory_equals_the_fit_check(tmp_path, model, world, knobs, lay):
     """One memory model: for the same run shape (layout, 4,096 tokens, 64 samples per step, bf16),
