@@ -115,6 +115,14 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     @property
+    def spec(self) -> Any:
+        """The registered `ModelSpec` of `arch`: how generic code (parallel/, which never imports
+        megaqwen.models) reaches this architecture's rules."""
+        from megaqwen.models.spec import get_spec
+
+        return get_spec(self)
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 

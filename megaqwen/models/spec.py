@@ -9,6 +9,10 @@
     spec.param_shapes(cfg, tp)               # one tp rank's parameter shapes (the memory model's input)
     spec.mlp_activation_width(cfg)           # MLP activation width per token (the memory model's input)
     spec.pipeline                            # the pipeline split (prune, boundary modules, tied params)
+    spec.validate(cfg, dims)                 # this architecture's rules for a layout: [] or the problems
+    spec.expert_parallel                     # routed experts to spread over ep (MoE)
+    spec.attention_heads(cfg)                # query heads per layer (CP all-to-all splits them)
+    spec.local_attention_heads(module)       # ... one attention module's share on this tp rank
 
 Each architecture (Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE) registers its own spec; `megaqwen.parallel`
 and the trainer name no model's modules (TorchTitan's model spec is the model for this).
@@ -41,6 +45,21 @@ class ModelSpec:
     mlp_activation_width: Callable[[Any], int] = lambda cfg: cfg.intermediate_size
     """Width of the MLP activations one token keeps per layer (the memory model's 4I): the dense
     MLP's intermediate size; an MoE block's top-k experts' plus its shared expert's."""
+    validate: Callable[[Any, Any], list[str]] = lambda cfg, dims: []
+    """validate(cfg, dims) -> why this architecture cannot run split as `dims` (a `ParallelDims`: tp,
+    pp, cp, ep, dp) says: one clause per problem naming the config field, the degree and the numbers
+    ("num_heads=14 is not divisible by tp=4"); [] when it fits. Pure arithmetic, before any work:
+    `ParallelDims.validate_model` adds the generic rules and raises them as one ValueError."""
+    expert_parallel: bool = False
+    """The model has routed experts for `megaqwen.parallel.expert_parallel` to spread over ep (its MoE
+    blocks follow that module's protocol: an `experts` ModuleDict and a `dispatcher` slot); a spec
+    without them refuses ep > 1."""
+    attention_heads: Callable[[Any], int] | None = None
+    """attention_heads(cfg) -> query heads per attention layer, all tp ranks together (CP all-to-all
+    splits a tp rank's share over cp); None: that split is checked at the first forward only."""
+    local_attention_heads: Callable[[nn.Module], int] | None = None
+    """local_attention_heads(module) -> query heads one attention-core module (`selective_recompute`'s
+    class) computes on this rank, after TP; None: as for `attention_heads`."""
 
     pipeline: PipelineSplit | None = None
     """How the model splits into pipeline stages (None: pp > 1 is refused for this architecture)."""

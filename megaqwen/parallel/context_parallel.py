@@ -469,14 +469,15 @@ _SeqToHead = _a2a_pair("_SeqToHead", _seq_to_head, _head_to_seq)  # a2a seq->hea
 _HeadToSeq = _a2a_pair("_HeadToSeq", _head_to_seq, _seq_to_head)  # a2a head->seq / a2a seq->head
 
 
-def check_context_parallel(mode: str, tile: int, cp: int, heads_per_tp_rank: int) -> None:
+def check_context_parallel(mode: str, tile: int, cp: int, heads_per_tp_rank: int | None) -> None:
     """`parallel.cp_mode` / `cp_tile` (refused at any cp, as a typo is a typo) and, with cp > 1,
-    what the chosen core needs; pure arithmetic, so the launcher's pre-flight runs it too."""
+    what the chosen core needs (query heads unknown, None: checked at the first forward); pure
+    arithmetic, so the launcher's pre-flight runs it too."""
     check_choice("parallel.cp_mode", mode, CP_MODES)
     if tile < 1:
         raise ValueError(f"parallel.cp_tile={tile} must be >= 1 (the ring's tile edge in tokens; "
                          f"default {DEFAULT_TILE})")
-    if cp > 1 and mode == "alltoall":
+    if cp > 1 and mode == "alltoall" and heads_per_tp_rank is not None:
         check_alltoall_heads(heads_per_tp_rank, cp)
 
 
@@ -546,7 +547,7 @@ def apply_context_parallel(model: nn.Module, spec, cp_group: dist.ProcessGroup |
         if not targets:
             raise ValueError(f"context parallelism: no {cls.__name__} in {type(layer).__name__}")
         for m in targets:
-            if mode == "alltoall":  # local query heads from the (possibly TP-sharded) projection
-                check_alltoall_heads(m.q_proj.weight.shape[0] // m.head_dim, cp)
+            if mode == "alltoall" and spec.local_attention_heads is not None:  # after TP's split
+                check_alltoall_heads(spec.local_attention_heads(m), cp)
             m.__class__ = _cp_class(type(m), method, mode)
             m.cp_group = cp_group

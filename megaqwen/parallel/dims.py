@@ -72,23 +72,18 @@ class ParallelDims:
         """How many TP ranks hold each KV head (1 unless tp > num_kv_heads)."""
         return max(1, self.tp // num_kv_heads)
 
-    def validate_model(self, cfg: Any, seq_len: int | None = None, sequence_parallel: bool = False) -> None:
-        """Check that the model (a `ModelConfig`) can be split this way; raise ValueError naming values.
-        (Experts over ep: `expert_parallel.check_expert_parallel`, which `setup.validate_layout` runs.)"""
+    def validate_model(self, cfg: Any, spec: Any, seq_len: int | None = None,
+                       sequence_parallel: bool = False) -> None:
+        """Check that the model (a config of the architecture `spec`, a `ModelSpec`, describes) can be
+        split this way: the spec's own rules (`spec.validate`: heads, vocabulary, experts...), then
+        the generic ones (experts to spread over ep, layers for pp, the sequence over tp and cp).
+        Raises one ValueError naming the layout, the model and every offending value."""
         name = getattr(cfg, "name", "model")
-        errors = []
+        errors = list(spec.validate(cfg, self))
         tp = self.tp
-        if cfg.num_heads % tp:
-            errors.append(f"num_heads={cfg.num_heads} is not divisible by tp={tp}")
-        kv = cfg.num_kv_heads
-        if kv % tp and tp % kv:
-            errors.append(f"num_kv_heads={kv} and tp={tp}: one must divide the other (KV heads are split "
-                          f"when tp <= num_kv_heads and replicated tp/num_kv_heads times when larger)")
-        if cfg.vocab_size % tp:
-            errors.append(f"vocab_size={cfg.vocab_size} is not a multiple of tp={tp}; pad it to "
-                          f"{padded_vocab_size(cfg.vocab_size, tp)} (model.vocab_size=...)")
-        if cfg.intermediate_size % tp:
-            errors.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+        if self.ep > 1 and not spec.expert_parallel:
+            errors.append(f"ep={self.ep} needs an MoE model (arch {spec.arch!r} has no routed experts); "
+                          "use ep=1")
         if cfg.num_layers < self.pp:  # how they split is the pipeline plan's check (pp_layers)
             errors.append(f"num_layers={cfg.num_layers} is fewer than pp={self.pp} pipeline ranks")
         if seq_len is not None:

@@ -57,27 +57,6 @@ class EPGroups:
         return self.dp_world // self.ep
 
 
-def check_expert_parallel(model_cfg, ep: int, dp_world: int) -> None:
-    """Pure arithmetic, before any work: ValueError naming the numbers and the fix."""
-    experts = getattr(model_cfg, "num_experts", 0) or 0
-    k = getattr(model_cfg, "num_experts_per_tok", 0) or 0
-    name = getattr(model_cfg, "name", "model")
-    bad = []
-    if ep < 1:
-        bad.append(f"ep={ep} must be >= 1")
-    elif ep > 1 and experts == 0:
-        bad.append(f"ep={ep} needs an MoE model (num_experts=0); use ep=1")
-    elif experts and experts % ep:
-        bad.append(f"num_experts={experts} is not divisible by ep={ep}; pick ep from "
-                   f"{[d for d in range(1, experts + 1) if experts % d == 0 and dp_world % d == 0]}")
-    if ep >= 1 and dp_world % ep:
-        bad.append(f"ep={ep} must divide dp*cp={dp_world} (expert-parallel ranks are data-parallel ranks)")
-    if experts and not 1 <= k <= experts:
-        bad.append(f"num_experts_per_tok={k} must be in [1, num_experts={experts}]")
-    if bad:
-        raise ValueError(f"expert parallelism for model {name!r}: " + "; ".join(bad))
-
-
 def ep_groups(mesh: ParallelMesh, ep: int) -> EPGroups:
     """This rank's ep and edp groups. Collective: every rank creates every group in the same order
     (as `dist.new_group` requires), ep blocks first, then edp groups."""
@@ -132,10 +111,10 @@ class AllToAllDispatcher:
     """A `SparseMoeBlock.dispatcher`: sends expert-sorted rows to the ep ranks holding their experts
     and brings the outputs back in the input order."""
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int):
+    def __init__(self, group: dist.ProcessGroup, experts: int):
         self.group = group
         self.ep = dist.get_world_size(group)
-        self.local = num_experts // self.ep
+        self.local = experts // self.ep  # a block's experts (all ranks together) / ep
 
     def __call__(self, x_AH: torch.Tensor, counts_E: torch.Tensor, compute) -> torch.Tensor:
         ep, el = self.ep, self.local

@@ -2,8 +2,8 @@
 
 Each parameter's full tensor is cut into fixed tiles of TILE = (rows, cols); every tile has its own
 seed, hashed from (run seed, parameter name, tile index), and is drawn on the CPU generator. A rank
-that holds rows 100..611 of `model.embed_tokens.weight` (a vocab-parallel shard, or an FSDP chunk
-of one) draws only the tiles overlapping its box and keeps its part, so the full tensor assembled
+that holds rows 100..611 of an embedding table (a vocab-parallel shard, or an FSDP chunk of
+one) draws only the tiles overlapping its box and keeps its part, so the full tensor assembled
 from any tp/dp/FSDP split is bit-identical to the single-process one, and 72B is never drawn whole
 anywhere. Drawing on the CPU also makes the values independent of the device type.
 

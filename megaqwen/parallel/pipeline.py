@@ -211,9 +211,7 @@ class StageModule(nn.Module):
     def __init__(self, model: nn.Module, stage: int, plan: PipelinePlan, act_dtype: torch.dtype,
                  cp_group: dist.ProcessGroup | None = None, cp_tile: int = 512, spec: Any = None):
         super().__init__()
-        from megaqwen.models.spec import get_spec
-
-        spec = spec or get_spec(model.cfg)
+        spec = spec or model.cfg.spec
         self.cp_group, self.cp_tile = cp_group, cp_tile
         """Context parallelism: every stage gets the full (B, T) inputs and runs its zig-zag shard."""
         self.stage_index = stage
@@ -255,9 +253,9 @@ class StageModule(nn.Module):
             if extra is not None and extra.requires_grad:
                 h = _AttachLoss.apply(h, extra)
             return h.to(self.act_dtype)
-        from megaqwen.train.objective import LM
-
-        parts = (self.objective or LM)(m, h, fields)
+        if self.objective is None:
+            raise RuntimeError("a pipeline's last chunk runs only inside Pipeline.step / forward_only")
+        parts = self.objective(m, h, fields)
         if self.meter is None:  # forward only (`Pipeline.forward_only`): any result, kept here
             self.records.append(parts)
             return h.new_zeros(())
@@ -381,10 +379,8 @@ class Pipeline:
         self.plan, self.views, self.model, self.mesh, self.device = plan, views, model, mesh, device
         self.pp_group = mesh.group("pp")
         self.pp_rank = mesh.rank("pp")
-        from megaqwen.models.spec import get_spec
-
         # parameters the first and the last stage both hold (tied embedding): summed between them
-        self.shared_params = get_spec(model.cfg).pipeline.shared_params(model)
+        self.shared_params = model.cfg.spec.pipeline.shared_params(model)
         self.embed_group = embedding_group(mesh, plan, bool(self.shared_params))
         self.has_first = any(v.is_first for v in views)
         self.has_last = any(v.is_last for v in views)
@@ -406,17 +402,14 @@ class Pipeline:
         self.schedule = cls(self.stages if SCHEDULES[plan.schedule].multi else self.stages[0], **kwargs)
         self.last_busy_s = 0.0
 
-    def step(self, micro: list[dict[str, torch.Tensor]], meter: Any, document_mask: bool = True,
-             objective: Any = None) -> None:
-        """Forward + backward of every micro-batch through the schedule for `objective` (default
-        `lm`): the last chunk adds each micro-batch's objective parts and every chunk its share of
-        the model's aux terms to `meter` (a `megaqwen.train.objective.StepMeter`), whose `reduce`
-        sums them over the pp group."""
-        from megaqwen.train.objective import LM
-
+    def step(self, micro: list[dict[str, torch.Tensor]], meter: Any, objective: Any,
+             document_mask: bool = True) -> None:
+        """Forward + backward of every micro-batch through the schedule for `objective` (a
+        `megaqwen.train.objective.Objective`): the last chunk adds each micro-batch's objective
+        parts and every chunk its share of the model's aux terms to `meter` (a
+        `megaqwen.train.objective.StepMeter`), whose `reduce` sums them over the pp group."""
         if len(micro) != self.plan.microbatches:
             raise ValueError(f"pipeline built for {self.plan.microbatches} micro-batches, got {len(micro)}")
-        objective = objective or LM
         batch = {k: torch.cat([b[k] for b in micro]).to(self.device) for k in micro[0]}
         for v in self.views:
             v.meter, v.objective = meter, objective
@@ -468,13 +461,11 @@ class Pipeline:
             x = y
         return result
 
-    def eval_parts(self, batch: dict[str, torch.Tensor], document_mask: bool = True, objective: Any = None):
-        """Forward only, one micro-batch: (objective sum, units) of `objective` (default `lm`), summed
-        over the cp group, the same on every pp rank."""
+    def eval_parts(self, batch: dict[str, torch.Tensor], objective: Any, document_mask: bool = True):
+        """Forward only, one micro-batch: (objective sum, units) of `objective`, summed over the cp
+        group, the same on every pp rank."""
         from megaqwen.kernels.cross_entropy import LossParts
-        from megaqwen.train.objective import LM
 
-        objective = objective or LM
         parts = self.forward_only(batch, objective, objective.fields, document_mask)
         out = torch.zeros(2, device=self.device)
         if parts is not None:

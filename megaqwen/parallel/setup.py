@@ -129,8 +129,10 @@ def deepspeed_config(pcfg: ParallelConfig, grad_clip: float = 0.0, bf16: bool = 
                            bucket_elements=pcfg.zero_bucket_elements)
 
 
-def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatches: int):
-    """The pipeline plan for pp > 1 (None otherwise), after refusing what it cannot run yet."""
+def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatches: int, spec: Any = None):
+    """The pipeline plan for pp > 1 (None otherwise), after refusing what it cannot run yet: the
+    DeepSpeed engine, and what the model (`spec`, by default its config's) refuses at this pp alone
+    (`ParallelDims.validate_model`: too few layers, the spec's pipeline rules)."""
     if pcfg.pp == 1:
         return None
     from megaqwen.parallel.pipeline import plan_from_config
@@ -139,12 +141,7 @@ def check_pipeline(pcfg: ParallelConfig, model_cfg: Any, engine: str, microbatch
         raise ValueError(f"parallel.pp={pcfg.pp} with train.engine=deepspeed is not supported (DeepSpeed's "
                          "pipeline engine needs its own model format); use train.engine=native with "
                          "parallel.dp_mode=ddp|zero1|fsdp")
-    if getattr(model_cfg, "is_moe", False) and model_cfg.router_aux_loss_coef > 0:
-        raise ValueError(f"parallel.pp={pcfg.pp} with model.router_aux_loss_coef="
-                         f"{model_cfg.router_aux_loss_coef}: "
-                         "the HF-form load-balancing loss multiplies sums over every stage's routers, so "
-                         "pipeline stages cannot add it up; set model.router_aux_loss_coef=0 and balance "
-                         "with model.moe_routing_bias_update_rate > 0 (aux-loss-free, per layer) instead")
+    ParallelDims(world_size=pcfg.pp, pp=pcfg.pp).validate_model(model_cfg, spec or model_cfg.spec)
     return plan_from_config(pcfg, model_cfg.num_layers, microbatches)
 
 
@@ -159,23 +156,27 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, dp: int) -
 
 
 def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, seq_len: int,
-                    engine: str = "native", microbatches: int = 1):
+                    engine: str = "native", microbatches: int = 1, spec: Any = None):
     """The one validation of the layout (and of the DeepSpeed settings with engine=deepspeed)
     against the model: pure arithmetic and look-ups, no process group, so the ranks (`check_layout`)
     and `megaqwen-train --check` ask the same questions. Fixed-choice settings are refused at any
-    degree (`pp_schedule` at pp=1 too). Returns the pipeline plan (None without pipeline
-    parallelism); `microbatches` per optimizer step feed its checks."""
+    degree (`pp_schedule` at pp=1 too). What the architecture needs is its model spec's to say
+    (`spec`, by default `model_cfg.spec`: `validate`, `expert_parallel`, `attention_heads`). Returns
+    the pipeline plan (None without pipeline parallelism); `microbatches` per optimizer step feed
+    its checks."""
     from megaqwen.parallel.context_parallel import check_context_parallel
     from megaqwen.parallel.pipeline import SCHEDULES
 
     check_choice("parallel.dp_mode", pcfg.dp_mode, DP_MODES)
     check_choice("parallel.recompute", pcfg.recompute, RECOMPUTE_MODES)
     check_choice("parallel.pp_schedule", pcfg.pp_schedule, SCHEDULES)
-    dims.validate_model(model_cfg, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
-    d, moe = dims, getattr(model_cfg, "is_moe", False)
-    check_context_parallel(pcfg.cp_mode, pcfg.cp_tile, d.cp, model_cfg.num_heads // d.tp)
+    spec = spec or model_cfg.spec
+    dims.validate_model(model_cfg, spec, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
+    d = dims
+    heads = spec.attention_heads(model_cfg) // d.tp if spec.attention_heads is not None else None
+    check_context_parallel(pcfg.cp_mode, pcfg.cp_tile, d.cp, heads)
     check_linear_backend(pcfg.tp_linear_backend)
-    plan = check_pipeline(pcfg, model_cfg, engine, microbatches)
+    plan = check_pipeline(pcfg, model_cfg, engine, microbatches, spec)
     if (plan is not None and plan.v_shape and getattr(model_cfg, "tie_word_embeddings", False)
             and engine == "native" and pcfg.dp_mode == "fsdp" and d.dp * d.cp > 1):
         raise ValueError(f"parallel.dp_mode=fsdp cannot shard the tied embedding that "
@@ -192,28 +193,21 @@ def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, se
             raise ValueError("parallel.compile=true is not supported with train.engine=deepspeed "
                              "(DeepSpeed wraps the model itself); use train.engine=native")
         check_installed()
-    if moe or d.ep > 1:
-        from megaqwen.parallel.expert_parallel import check_expert_parallel
-
-        check_expert_parallel(model_cfg, d.ep, d.dp * d.cp)
-        if d.ep > 1 and (engine == "deepspeed" or pcfg.dp_mode == "zero1"):
-            raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: "
-                             "DeepSpeed and ZeRO-1 would reduce or shard the expert parameters, which "
-                             "differ between ranks, over the whole dp group")
-    if d.cp > 1:
-        not_yet = [why for cond, why in [
-            (engine == "deepspeed", "train.engine=deepspeed (its gradient averaging is over dp only)"),
-            (moe, "MoE models (the load-balancing loss is not a sum over sequence shards)")] if cond]
-        if not_yet:
-            raise ValueError(f"parallel.cp={d.cp} is not supported yet with " + "; ".join(not_yet))
+    if d.ep > 1 and (engine == "deepspeed" or pcfg.dp_mode == "zero1"):
+        raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: "
+                         "DeepSpeed and ZeRO-1 would reduce or shard the expert parameters, which "
+                         "differ between ranks, over the whole dp group")
+    if d.cp > 1 and engine == "deepspeed":
+        raise ValueError(f"parallel.cp={d.cp} is not supported yet with train.engine=deepspeed (its "
+                         "gradient averaging is over dp only)")
     return plan
 
 
 def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: int,
-                 engine: str = "native", microbatches: int = 1):
+                 engine: str = "native", microbatches: int = 1, spec: Any = None):
     """`validate_layout` on this rank's degrees, before anything is built; the plans rely on it.
     Returns the pipeline plan (None without pipeline parallelism)."""
-    plan = validate_layout(pcfg, env.dims, model_cfg, seq_len, engine, microbatches)
+    plan = validate_layout(pcfg, env.dims, model_cfg, seq_len, engine, microbatches, spec)
     if pcfg.sequence_parallel and env.dims.tp == 1:
         log.warning("parallel.sequence_parallel=true has no effect with tp=1")
     return plan
@@ -222,11 +216,11 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
 def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
                 fsdp: bool = True, mp_param_dtype: torch.dtype | None = None, plan: Any = None) -> ShardMap:
     """Apply the plans in place, in the design's order: pipeline cut (`plan`: this rank keeps its
-    stages' layers) -> TP/SP (the spec's plan) -> EP (MoE: experts over the ep group) -> CP (the
-    attention core over the cp group) -> activation recomputation -> compile -> [stage modules] ->
-    FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model,
-    then materialise or load; DDP comes after that (`wrap_data_parallel`). Returns where every
-    sharded parameter's piece sits (and, under pipelining, this rank's stage modules)."""
+    stages' layers) -> TP/SP (the spec's plan) -> EP (`spec.expert_parallel`: experts over the ep
+    group) -> CP (the attention core over the cp group) -> activation recomputation -> compile ->
+    [stage modules] -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model, then
+    materialise or load; DDP comes after that (`wrap_data_parallel`). Returns where every sharded
+    parameter's piece sits (and, under pipelining, this rank's stage modules)."""
     pp_rank = env.mesh.rank("pp") if plan is not None else 0
     if plan is not None:
         from megaqwen.parallel.pipeline import prune_to_rank
@@ -237,7 +231,7 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     shards = spec.parallelize_tp(model, env.mesh, sequence_parallel=pcfg.sequence_parallel,
                                  linear_backend=pcfg.tp_linear_backend)
     use_fsdp = fsdp and env.mesh is not None and pcfg.dp_mode == "fsdp"
-    if getattr(model.cfg, "is_moe", False) and env.mesh is not None:
+    if spec.expert_parallel and env.mesh is not None:
         from megaqwen.parallel.expert_parallel import apply_expert_parallel, apply_fsdp_experts, ep_groups
 
         shards.ep_groups = ep_groups(env.mesh, env.dims.ep)  # collective: same order on every rank
@@ -317,8 +311,9 @@ def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistE
 
 
 def grad_sync(model: nn.Module, sync: bool):
-    """Context for one micro-batch's backward: skip the DDP/FSDP2 gradient reduction unless `sync`
-    (the last micro-batch of an accumulation), so it happens once per optimizer step."""
+    """Context for one micro-batch's forward and backward (DDP decides in its forward whether the
+    backward reduces): skip the DDP/FSDP2 gradient reduction unless `sync` (the last micro-batch of
+    an accumulation), so it happens once per optimizer step."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()

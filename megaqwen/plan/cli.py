@@ -6,7 +6,8 @@
   megaqwen-plan scaling ...          # hyper-parameter scaling laws (`megaqwen.scaling`)
 
 Keys: model, gpus, seq, global_batch (sequences), gpu (h100 | h200 | a100 | a100-40g), efficiency
-(fraction of peak the kernels reach, default 0.6), top; a layout is evaluated alone when any of tp,
+(fraction of peak the largest GEMMs reach, default 0.72, fitted to Megatron-LM's Table 1;
+smaller GEMMs get less by their roofline), top; a layout is evaluated alone when any of tp,
 pp, cp, ep, dp, dp_mode, recompute, pp_schedule, pp_virtual_stages, micro_batch is given (dp defaults
 to gpus / (tp pp cp); dp_mode zero2/zero3 mean the DeepSpeed engine). The search lists only layouts
 the trainer accepts (it asks the trainer's own validation, `parallel.setup.validate_layout`); when
@@ -22,8 +23,8 @@ from megaqwen.parallel.activation import RECOMPUTE_MODES
 from megaqwen.parallel.data_parallel import DP_MODES
 from megaqwen.parallel.pipeline import SCHEDULES
 from megaqwen.plan.memory import GIB, GPUS, Layout
-from megaqwen.plan.perf import DEFAULT_EFFICIENCY
-from megaqwen.plan.search import Plan, Rejected, evaluate, search
+from megaqwen.plan.perf import DEFAULT_EFFICIENCY, ERROR_BAND
+from megaqwen.plan.search import Plan, Rejected, evaluate, search, tied
 from megaqwen.suggest import check_choice, did_you_mean
 
 PROG = "megaqwen-plan"
@@ -71,8 +72,9 @@ def table(plans: list[Plan]) -> str:
     head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'sched':<9} {'cp':>2} {'ep':>2} {'dp':>4} {'dp_mode':<7} "
             f"{'recomp':<9} {'mb':>2} | {'state':>6} {'act':>6} {'total GiB':>9} | {'bubble':>6} "
             f"{'step s':>7} {'MFU':>6} {'Mtok/s':>7}")
-    rows = [head, "-" * len(head)]
-    for i, p in enumerate(plans, 1):
+    rows = [head, "-" * len(head)]  # act = activations + transients + gathered parameters + buckets
+    ranks = tied(plans)
+    for p, rank in zip(plans, ranks):
         lay, mem, st = p.layout, p.memory, p.step
         sched = {"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b/v{lay.virtual}", "gpipe": "gpipe",
                  "zero_bubble": f"zbh1/v{lay.virtual}", "zbv": "zbv",
@@ -80,9 +82,10 @@ def table(plans: list[Plan]) -> str:
         time = (f"{st.bubble:6.1%} {st.step_s:7.2f} {st.mfu:6.1%} {st.tokens_per_s / 1e6:7.2f}" if st
                 else f"{'-':>6} {'-':>7} {'-':>6} {'-':>7}")
         sched = sched if lay.pp > 1 else "-"
-        rows.append(f"{i:>3} {lay.tp:>2} {lay.pp:>2} {sched:<9} {lay.cp:>2} {lay.ep:>2} "
+        mark = f"{rank}=" if ranks.count(rank) > 1 else str(rank)
+        rows.append(f"{mark:>3} {lay.tp:>2} {lay.pp:>2} {sched:<9} {lay.cp:>2} {lay.ep:>2} "
                     f"{lay.dp:>4} {lay.dp_mode:<7} {lay.recompute:<9} {lay.micro_batch:>2} | "
-                    f"{mem.state / GIB:6.1f} {(mem.activations + mem.margin) / GIB:6.1f} "
+                    f"{mem.state / GIB:6.1f} {(mem.total - mem.state) / GIB:6.1f} "
                     f"{mem.total / GIB:9.1f} | {time}")
     return "\n".join(rows)
 
@@ -95,7 +98,8 @@ def run(argv: list[str]) -> str:
     eff = _number(a, "efficiency", DEFAULT_EFFICIENCY, float)
     head = (f"{m.name}: {m.num_params() / 1e9:.1f}B parameters ({m.active_params() / 1e9:.1f}B active), "
             f"{gpus} x {gpu.name}, seq {seq}, global batch {gb} sequences ({gb * seq / 1e6:.1f}M tokens), "
-            f"kernel efficiency {eff:.0%} of {gpu.peak_flops / 1e12:.0f} TFLOP/s (assumed)")
+            f"largest GEMMs at {eff:.0%} of {gpu.peak_flops / 1e12:.0f} TFLOP/s, smaller ones by their "
+            f"roofline; step times +-{ERROR_BAND:.0%} (ranks within it are ties, '1=')")
     if any(k in a for k in (*LAYOUT_INT, *LAYOUT_STR)):
         kw = {k: _number(a, k, 0) for k in LAYOUT_INT if k in a} | {k: a[k] for k in LAYOUT_STR if k in a}
         kw.setdefault("dp", gpus // (kw.get("tp", 1) * kw.get("pp", 1) * kw.get("cp", 1)))
@@ -108,7 +112,9 @@ def run(argv: list[str]) -> str:
                  f"pipeline rank {mem.pp_rank} (the fullest): {mem.params / 1e9:.3f}B parameters held; "
                  f"weights {mem.weights / GIB:.1f}, grads {mem.grads / GIB:.1f}, optimizer "
                  f"{mem.optimizer / GIB:.1f}, activations {mem.activations / GIB:.1f} ({mem.in_flight:.2f} "
-                 f"micro-batches in flight), working margin {mem.margin / GIB:.1f} GiB; "
+                 f"micro-batches in flight), transients {mem.margin / GIB:.1f}"
+                 + (f", gathered parameters {mem.gathered / GIB:.1f}" if mem.gathered else "")
+                 + (f", DDP gradient buckets {mem.buffers / GIB:.1f}" if mem.buffers else "") + " GiB; "
                  + ("fits" if mem.fits else "DOES NOT FIT") + f" in 90% of {gpu.memory_bytes / GIB:.1f} GiB"]
         if p.error:
             lines.append(p.error)

@@ -12,9 +12,17 @@ embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in `torch
 `local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
 
 Bytes per parameter (fp32 master weights, AdamW), native engine: weights 4 + grads 4 + moments 8;
-zero1 divides the moments by dp x cp, fsdp everything. DeepSpeed with bf16 (ZeRO paper accounting):
-bf16 weights 2 + bf16 grads 2 + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the
-grads, stage 3 everything.
+zero1 divides the moments by dp x cp, fsdp everything, except that FSDP2 accumulates unsharded fp32
+gradients over the micro-batches before the last (the trainer's `grad_sync`). DeepSpeed (ZeRO paper
+accounting): compute-dtype weights and grads (2 + 2 in bf16, 4 + 4 in fp32) + fp32 master and
+moments 12; stage 1 shards the 12, stage 2 also the grads, stage 3 everything.
+
+What does not shrink with dp: FSDP2 / ZeRO-3 gather the root unit (embedding, final norm, head: not
+wrapped on their own, so one unit, kept whole through the step) and two layers, and reduce-scatter
+from a copy of the largest unit's gradient; DDP (ddp, zero1) keeps its gradient buckets, a second
+copy of every gradient. On the 168M config of benchmarks/memory_calibration.py these are why dp=2
+peaks at 0.91x (FSDP2) and 1.01x (ZeRO-3) of one process rather than ~0.6x: the root is 78M of its
+168M parameters.
 
 Activations per micro-batch and layer: `layer_activation_elements` below, our derivation of Korthikanti
 et al. 2022 for SwiGLU + GQA + flash attention (their GPT figure is sbh(34 + 5as/h) bytes in fp16
@@ -26,7 +34,7 @@ GPipe m; 1F1B min(m, p - i); interleaved and ZB-H1 min(m, p - i) x (1 + (p-1)/(p
 al. 2021, the extra warm-up chunks); ZB-V p; DualPipeV p + 1 (DeepSeek-V3 table 2) micro-batches of a
 rank's layers. The working margin: BACKWARD_TEMP_LAYERS (1.5) layers' full activations (backward's
 temporaries), on the last stage the fp32 logits up to LOGITS_CHUNKS (2) chunks and the fp32 head
-grad; FSDP adds two gathered layers (current + prefetch) in the compute dtype. The 1.5 layers were
+grad. The 1.5 layers were
 fitted to five fp32 CPU runs with a 1,024-row vocabulary (the total within 10% of each measured
 peak); the 2 chunks come from the debug model's real 151,936-row vocabulary, where logits dominate
 backward's temporaries (counting one chunk: 0.67-0.78 of the measured peak at 256-8,192 tokens; two:
@@ -72,6 +80,13 @@ LOGITS_CHUNKS = 2
 computes the next chunk's logits before rebinding `logits` frees the previous one (kernels/cross_entropy
 `_chunked_pass`), so past one chunk two are alive (measured, debug model's 151,936-row vocabulary)."""
 
+GATHERED_ROOT_COPIES = 2.2
+"""Copies of the gathered root unit (embedding, final norm, head) at the peak of a sharded (FSDP2,
+ZeRO-3) rank: the unsharded parameters plus the all-gather's output buffer, and the rest of what
+the four sharded CPU runs of benchmarks/memory_calibration.py measured beyond the other terms.
+FITTED on those four (with the one-process run, five; the ZeRO-1 run held out): 0.25-0.53 GiB above
+one copy of a 0.29 GiB root, not growing with dp in step with anything else modelled."""
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -85,16 +100,19 @@ class GPU:
     inter_bw: float
     """Achievable bus bandwidth per GPU between nodes, bytes/s (one 400 Gb/s NIC per GPU)."""
     per_node: int = 8
+    hbm_bw: float = 3.35e12
+    """Device memory bandwidth, bytes/s (datasheet)."""
 
 
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 SXM 80GB", 79.6 * GIB, 989e12, 360e9, 45e9),
-    "h200": GPU("H200 SXM 141GB", 139.8 * GIB, 989e12, 360e9, 45e9),
-    "a100": GPU("A100 SXM 80GB", 79.2 * GIB, 312e12, 230e9, 22e9),  # 200 Gb/s HDR per GPU
-    "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9),
+    "h100": GPU("H100 SXM 80GB", 79.6 * GIB, 989e12, 360e9, 45e9, hbm_bw=3.35e12),
+    "h200": GPU("H200 SXM 141GB", 139.8 * GIB, 989e12, 360e9, 45e9, hbm_bw=4.8e12),
+    "a100": GPU("A100 SXM 80GB", 79.2 * GIB, 312e12, 230e9, 22e9, hbm_bw=2.04e12),  # 200 Gb/s HDR per GPU
+    "a100-40g": GPU("A100 SXM 40GB", 39.4 * GIB, 312e12, 230e9, 22e9, hbm_bw=1.56e12),
 }
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
+DEEPSPEED_MODES = ("zero2", "zero3")
+"""Layout dp_modes that mean the DeepSpeed engine (bf16 ZeRO stages 2 and 3)."""
 
 
 @dataclass(frozen=True)
@@ -120,36 +138,89 @@ class Layout:
 
     @property
     def virtual(self) -> int:
+        from megaqwen.parallel.pipeline import SCHEDULES
+
         if self.pp_virtual_stages:
             return self.pp_virtual_stages
-        return 1 if self.pp_schedule in ("gpipe", "1f1b") else 2
+        return SCHEDULES[self.pp_schedule].default_virtual if self.pp_schedule in SCHEDULES else 1
 
-    def validate(self, m: ModelConfig) -> None:
-        bad = []
-        for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch"):
-            if getattr(self, f) < 1:
-                bad.append(f"{f}={getattr(self, f)} must be >= 1")
-        if self.pp_schedule not in SCHEDULE_NAMES:
-            bad.append(f"pp_schedule={self.pp_schedule!r}; choose from {' | '.join(SCHEDULE_NAMES)}")
-        if self.dp_mode not in ("ddp", "zero1", "fsdp", "zero2", "zero3"):
-            bad.append(f"dp_mode={self.dp_mode!r}; choose ddp | zero1 | fsdp | zero2 | zero3")
-        if self.recompute not in ("none", "selective", "full"):
-            bad.append(f"recompute={self.recompute!r}; choose none | selective | full")
+    @property
+    def engine(self) -> str:
+        """The trainer's `train.engine` for this dp_mode: zero2 / zero3 are DeepSpeed's stages."""
+        return "deepspeed" if self.dp_mode in DEEPSPEED_MODES else "native"
+
+    def parallel_config(self):
+        """The trainer's `ParallelConfig` for this layout (DeepSpeed modes: dp_mode=ddp, zero_stage)."""
+        from megaqwen.parallel.config import ParallelConfig
+
+        ds = self.engine == "deepspeed"
+        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, dp=self.dp,
+                              dp_mode="ddp" if ds else self.dp_mode,
+                              zero_stage=int(self.dp_mode[-1]) if ds else 1,
+                              recompute=self.recompute, pp_schedule=self.pp_schedule,
+                              pp_virtual_stages=self.pp_virtual_stages,
+                              sequence_parallel=self.sequence_parallel)
+
+    def validate(self, m: ModelConfig, seq: int, microbatches: int) -> None:
+        """Refuse (ValueError) what the trainer refuses: its own validation,
+        `parallel.setup.validate_layout`, on this layout's `ParallelConfig`; only the degrees' being
+        positive is checked here (the trainer reads them from a config that cannot be < 1)."""
+        bad = [f"{f}={getattr(self, f)} must be >= 1"
+               for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch") if getattr(self, f) < 1]
         if not bad:
-            if m.num_heads % self.tp or (m.num_kv_heads % self.tp and self.tp % m.num_kv_heads):
-                bad.append(f"tp={self.tp} must divide num_heads={m.num_heads} and divide or be a multiple "
-                           f"of num_kv_heads={m.num_kv_heads}")
-            if m.intermediate_size % self.tp or m.vocab_size % self.tp:
-                bad.append(f"tp={self.tp} must divide intermediate_size={m.intermediate_size} and "
-                           f"vocab_size={m.vocab_size}")
-            if m.num_layers % (self.pp * self.virtual):
-                bad.append(f"num_layers={m.num_layers} is not divisible by pp x virtual stages = "
-                           f"{self.pp} x {self.virtual}")
-            if self.ep > 1 and (not m.is_moe or m.num_experts % self.ep or (self.dp * self.cp) % self.ep):
-                bad.append(f"ep={self.ep} needs an MoE model whose num_experts ({m.num_experts}) it "
-                           f"divides, and must divide dp x cp = {self.dp * self.cp}")
+            from megaqwen.parallel.dims import ParallelDims
+            from megaqwen.parallel.setup import validate_layout
+
+            pcfg = self.parallel_config()
+            try:
+                validate_layout(pcfg, ParallelDims.from_config(pcfg, self.world), m, seq, self.engine,
+                                microbatches)
+            except ValueError as e:
+                if "needs the deepspeed package" not in str(e):  # where the plan is made, not run
+                    bad.append(str(e))
         if bad:
             raise ValueError(f"layout {self}: " + "; ".join(bad))
+
+
+@dataclass(frozen=True)
+class RoutedExperts:
+    """A mixture-of-experts model's routed experts, read from the model spec's parameter shapes (the
+    tensors flagged `expert`) so the planner names no model field."""
+
+    experts: int
+    """Routed experts per sparse layer."""
+    active: int
+    """Experts each token runs through (top-k): the config's active count fixes it, since its
+    inactive parameters are the (experts - active) unused experts of every sparse layer."""
+    sparse_layers: int
+    """Decoder layers with routed experts."""
+    expert_shapes: tuple[tuple[int, ...], ...]
+    """One expert's weight shapes (each (out, in))."""
+
+
+def routed_experts(m: ModelConfig) -> RoutedExperts | None:
+    """The routed experts of `m` (None for a dense model)."""
+    shapes = get_spec(m).param_shapes(m, 1)
+    if id(shapes) not in _ROUTED:  # the shapes are cached per config: so is this
+        _ROUTED[id(shapes)] = (shapes, _routed_experts(m, shapes))
+    return _ROUTED[id(shapes)][1]
+
+
+_ROUTED: dict[int, tuple[object, RoutedExperts | None]] = {}
+
+
+def _routed_experts(m: ModelConfig, shapes) -> RoutedExperts | None:
+    kinds = {id(layer): any(t.expert for t in layer) for layer in shapes.layers}  # layers share kinds
+    sparse = [layer for layer in shapes.layers if kinds[id(layer)]]
+    if not sparse:
+        return None
+    one: dict[str, list[tuple[int, ...]]] = {}  # expert module (name minus "module.param") -> shapes
+    for t in sparse[0]:
+        if t.expert:
+            one.setdefault(t.name.rsplit(".", 2)[0], []).append(t.shape)
+    per_expert = sum(math.prod(x) for x in next(iter(one.values())))
+    unused = (m.num_params() - m.active_params()) // (per_expert * len(sparse))
+    return RoutedExperts(len(one), len(one) - unused, len(sparse), tuple(next(iter(one.values()))))
 
 
 def _chunk(n0: int, parts: int, rank: int) -> int:
@@ -159,18 +230,17 @@ def _chunk(n0: int, parts: int, rank: int) -> int:
 
 
 def stage_layers(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[list[int], bool, bool]:
-    """(decoder layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`,
-    even split, V schedules placing stage s and 2p-1-s on one rank."""
-    p, v = lay.pp, lay.virtual
-    per = m.num_layers // (p * v)
-    v_shape = lay.pp_schedule in ("zbv", "dualpipev")
+    """(decoder layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`, as
+    the trainer's pipeline plan places them (`parallel.pipeline.plan_pipeline`: even split, V-shaped
+    schedules putting stage s and 2p-1-s on one rank)."""
+    from megaqwen.parallel.pipeline import plan_pipeline
 
-    def rank_of(s: int) -> int:
-        return (s if s < p else 2 * p - 1 - s) if v_shape else s % p
-
-    stages = [s for s in range(p * v) if rank_of(s) == pp_rank]
-    layers = [i for s in stages for i in range(s * per, (s + 1) * per)]
-    return layers, 0 in stages, p * v - 1 in stages
+    if lay.pp == 1:
+        return list(range(m.num_layers)), True, True
+    stages = lay.pp * lay.virtual  # enough micro-batches for every schedule: placement only
+    plan = plan_pipeline(m.num_layers, lay.pp, lay.pp_schedule, lay.virtual, None, stages)
+    mine = plan.stages_of(pp_rank)
+    return [i for s in mine for i in plan.layer_ids(s)], 0 in mine, plan.num_stages - 1 in mine
 
 
 def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int = 0,
@@ -216,8 +286,15 @@ class MemoryEstimate:
     in_flight: float
     """Micro-batches of this rank's layers kept at the peak."""
     margin: float
+    """Transients: backward's temporaries, the logits, the head gradient, the reduce-scatter input."""
     device_bytes: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    gathered: float = 0.0
+    """FSDP / ZeRO-3 working copies: the largest unit whole (the root: embedding, norm, head, kept
+    gathered through the step) and two layers (the current one and the prefetched next)."""
+    buffers: float = 0.0
+    """Communication buffers that do not shrink with dp: DDP's gradient buckets (a second copy of
+    every gradient; `gradient_as_bucket_view` is off) for ddp and zero1."""
 
     @property
     def state(self) -> float:
@@ -225,7 +302,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.state + self.activations + self.margin
+        return self.state + self.gathered + self.activations + self.margin + self.buffers
 
     @property
     def fits(self) -> bool:
@@ -248,9 +325,10 @@ def in_flight(lay: Layout, pp_rank: int, microbatches: int) -> float:
 
 def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *, act_bytes: int = 2,
                     device_bytes: float = 0.0, pp_rank: int | None = None) -> MemoryEstimate:
-    """Memory of the worst pipeline rank (or of `pp_rank`), dp/ep rank 0 (FSDP's largest chunk)."""
-    lay.validate(m)
+    """Memory of the worst pipeline rank (or of `pp_rank`), dp/ep rank 0 (FSDP's largest chunk); a
+    layout the trainer refuses raises its ValueError."""
     if pp_rank is None:
+        lay.validate(m, seq, microbatches)
         ests = [estimate_memory(m, lay, seq, microbatches, act_bytes=act_bytes, device_bytes=device_bytes,
                                 pp_rank=r) for r in range(lay.pp)]
         return max(ests, key=lambda e: e.total)
@@ -258,13 +336,17 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     mode = lay.dp_mode
     n = rank_param_count(m, lay, pp_rank, fsdp=mode == "fsdp")
     full = rank_param_count(m, lay, pp_rank, fsdp=False)
+    sharded = mode in ("fsdp", "zero3") and dpc > 1
+    grad_bytes = 4 if mode in ("ddp", "zero1", "fsdp") else act_bytes  # FSDP reduces in fp32
     if mode in ("ddp", "zero1", "fsdp"):
         weights, grads = 4.0 * n, 4.0 * n
         optimizer = 8.0 * (n if mode == "fsdp" else full / dpc if mode == "zero1" else full)
-    else:  # DeepSpeed bf16: 2 + 2 + 12, sharded by stage
+        if sharded and microbatches > 1:  # no reduce-scatter before the last micro-batch (grad_sync):
+            grads += 4.0 * full  # FSDP2 accumulates unsharded gradients until then
+    else:  # DeepSpeed: compute-dtype weights and grads, fp32 master + moments (12), sharded by stage
         stage = int(mode[-1])
-        weights = 2.0 * full / (dpc if stage == 3 else 1)
-        grads = 2.0 * full / (dpc if stage >= 2 else 1)
+        weights = act_bytes * full / (dpc if stage == 3 else 1)
+        grads = act_bytes * full / (dpc if stage >= 2 else 1)
         optimizer = 12.0 * full / dpc
     tokens = lay.micro_batch * seq / lay.cp
     layers, first, last = stage_layers(m, lay, pp_rank)
@@ -283,9 +365,30 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     if last:
         logits = min(tokens * m.vocab_size / lay.tp * 4, LOGITS_CHUNKS * CHUNK_LOGITS_BYTES)
         margin += logits + 4 * m.vocab_size * m.hidden_size / lay.tp
-    if mode == "fsdp" and dpc > 1 and layers:
-        margin += 2 * act_bytes * full / max(1, len(layers))  # two gathered layers (about)
-    return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes)
+    gathered = buffers = 0.0
+    if sharded:
+        root, layer = unit_params(m, lay, pp_rank)
+        gathered = act_bytes * (GATHERED_ROOT_COPIES * root + 2 * layer)
+        margin += grad_bytes * max(root, layer)  # the reduce-scatter's input copy of the largest unit
+    elif mode in ("ddp", "zero1") and dpc > 1:
+        buffers = 4.0 * full
+    return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes,
+                          gathered=gathered, buffers=buffers)
+
+
+def unit_params(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[int, int]:
+    """(root unit, largest layer) parameter elements on one rank, unsharded over dp: the FSDP units
+    `parallel.data_parallel.apply_fsdp` makes (one per layer, the root holding the rest); a layer's
+    routed experts count E / ep."""
+    shapes = get_spec(m).param_shapes(m, lay.tp)
+    layers, first, last = stage_layers(m, lay, pp_rank)
+
+    def count(tensors) -> int:
+        return sum(math.prod(t.shape) // (lay.ep if t.expert else 1) for t in tensors)
+
+    root = (count(shapes.first) if first or (last and m.tie_word_embeddings) else 0) + \
+        (count(shapes.last) if last else 0)
+    return root, max((count(shapes.layers[i]) for i in layers), default=0)
 
 
 def with_(lay: Layout, **kw) -> Layout:

@@ -1,25 +1,41 @@
-"""Step time and MFU of a layout: compute at an assumed kernel efficiency, the pipeline bubble, and
-the communication that is not overlapped.
+"""Step time and MFU of a layout: every GEMM of a pipeline rank timed by its shape, the schedule's
+bubble, and the communication the trainer does not overlap.
 
-  model FLOPs   = flops_per_token(seq) x global tokens (6N + causal attention, PaLM appendix B; what
-                  `megaqwen.parallel.metrics` reports as MFU)
-  hardware FLOPs add recomputation: full re-runs each layer's forward (+1/3 of the layers' FLOPs),
-                  selective the attention core's forward (2 L s q per token)
-  compute       = hardware FLOPs / (GPUs x peak x efficiency); efficiency = achieved fraction of
-                  the datasheet peak in the GEMMs and attention kernels (default 0.60, ASSUMED: about
-                  what H100 bf16 GEMMs of these shapes sustain; Megatron-LM's own runs imply 0.5-0.65)
-  bubble        = `PipelinePlan.bubble_fraction()` (GPipe/1F1B (p-1)/(m+p-1), interleaved / v, ZB-H1
-                  / 3, V schedules 0 once m >= 2p): step = compute / (1 - bubble)
-  tp            = 4 all-reduce-equivalents per layer and micro-batch (2 forward, 2 backward; SP's
-                  all-gather + reduce-scatter move the same bytes), + 2 under full recompute, of
-                  b s/cp h bf16 bytes, ring cost 2 (t-1)/t x bytes / bus bandwidth, not overlapped;
-                  NVLink inside a node (tp <= 8), the NIC beyond
-  ep            = 4 all-to-alls per sparse layer (dispatch and combine, forward and backward) of
-                  b s/cp top_k h bf16 bytes x (ep-1)/ep, not overlapped; NIC when tp x ep > 8
-  dp            = gradient reduce-scatter/all-reduce (fp32, 2 (d-1)/d x bytes; FSDP adds two bf16
-                  all-gathers) over the NIC, overlapped with backward: only what exceeds the
-                  backward's compute (2/3 of it) is exposed
-  cp, pp        = ring K/V passes overlap the attention tiles, stage p2p sends are small: not counted
+  GEMMs        each 2-D weight of the spec's shapes on one tp rank (`ModelSpec.param_shapes`: local
+               (out, in)) is a GEMM of M = tokens per micro-batch (b s / cp) rows; a routed expert's
+               of M = tokens x ep x top-k / experts (what the all-to-all brings each expert), the head
+               on the last stage, the attention core (flash attention: M = N = s / cp, K = head dim,
+               causal half) on top. Time of one GEMM, an additive roofline:
+                   2 M N K / (peak x e_max) + 2 (M K + K N + M N) / HBM bandwidth   (bf16 operands)
+               so efficiency rises with the GEMM's arithmetic intensity and saturates at e_max
+               (ASSUMED shape: the roofline; e_max FITTED, see DEFAULT_EFFICIENCY). Backward: twice
+               the forward's GEMMs (input and weight gradients, same shapes). Recomputation adds the
+               layers' forward (full) or the attention core's (selective).
+  elementwise  norms, activations, residuals, RoPE: memory-bound, 4 passes (written and read in the
+               forward, the gradient written and read in the backward) over the activations a layer
+               keeps (`memory.layer_activation_elements`, no recomputation) at HBM bandwidth.
+  bubble       `parallel.bubble.bubble_fraction` for the schedule: step = compute / (1 - bubble)
+  tp           4 all-reduce-equivalents per layer and micro-batch (2 forward, 2 backward; SP's
+               all-gather + reduce-scatter move the same bytes), + 2 under full recompute, of
+               b s/cp h bf16 bytes, ring cost 2 (t-1)/t x bytes / bus bandwidth, not overlapped;
+               NVLink inside a node (tp <= 8), the NIC beyond
+  ep           4 all-to-alls per sparse layer (dispatch and combine, forward and backward) of
+               b s/cp top_k h bf16 bytes x (ep-1)/ep, not overlapped; NIC when tp x ep > 8
+  dp           as the trainer does it (`parallel.data_parallel`, `train.loop` `grad_sync`), over the
+               NIC unless the whole job is one node:
+                 ddp    fp32 gradient all-reduce once per step, during the last micro-batch's backward
+                 zero1  the same, then the updated fp32 weights broadcast (not overlapped)
+                 fsdp   per micro-batch a bf16 all-gather in the forward and again in the backward
+                        (reshard after forward), the fp32 reduce-scatter on the last micro-batch only
+                 zero2  bf16 reduce-scatter every micro-batch's backward, bf16 all-gather after the step
+                 zero3  per micro-batch two bf16 all-gathers and a bf16 reduce-scatter
+               each overlapped with the forward or backward compute of its micro-batch; what exceeds
+               it is exposed
+  cp, pp       ring K/V passes overlap the attention tiles, stage p2p sends are small: not counted
+
+Error band: ERROR_BAND, the largest relative error of the predicted per-GPU throughput against
+Megatron-LM's ten published runs (tests/plan/test_megatron_table1.py) with e_max fitted to them;
+`search` reports layouts whose step times lie within it of each other as ties.
 """
 
 from __future__ import annotations
@@ -27,10 +43,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaqwen.models.config import ModelConfig
-from megaqwen.parallel.pipeline import plan_pipeline
-from megaqwen.plan.memory import GPU, Layout, rank_param_count
+from megaqwen.parallel.bubble import bubble_fraction
+from megaqwen.plan.memory import GPU, Layout, layer_activation_elements, rank_param_count, routed_experts
 
-DEFAULT_EFFICIENCY = 0.60
+DEFAULT_EFFICIENCY = 0.72
+"""e_max: the fraction of the datasheet peak the largest bf16 GEMMs reach. FITTED (one constant, the
+mean log error set to 0) to Megatron-LM's ten Table 1 runs (A100, tests/plan/test_megatron_table1.py);
+cuBLAS measures 0.75-0.85 on large A100/H100 GEMMs, the rest being what the kernels between them
+cost beyond their HBM traffic (launches, the pipeline's sends)."""
+ERROR_BAND = 0.06
+"""Relative uncertainty of a step time (and so of a throughput or MFU): the largest error of the
+predicted per-GPU throughput against those ten runs after the fit (5.5%, the 1T run; 0.2-5.5%, the
+1.7B-18B runs with tp comm and no bubble as well as the pipelined ones), rounded up. Rankings closer
+than this are ties (`search.tied`)."""
 
 
 @dataclass
@@ -44,42 +69,131 @@ class StepEstimate:
     model_flops: float
     mfu: float
     tokens_per_s: float
+    gemm_efficiency: float = 0.0
+    """Achieved fraction of peak over the rank's GEMMs and attention (model + recompute FLOPs / time)."""
+
+
+def gemm_time(gpu: GPU, m: float, n: float, k: float, e_max: float,
+              count: float = 1.0) -> tuple[float, float]:
+    """(FLOPs, seconds) of `count` bf16 GEMMs (m x k) @ (k x n) under the additive roofline."""
+    flops = 2 * m * n * k * count
+    return flops, flops / (gpu.peak_flops * e_max) + count * 2 * (m * k + k * n + m * n) / gpu.hbm_bw
+
+
+def forward_gemms(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, layers: list[int], last: bool,
+                  e_max: float) -> tuple[float, float, float, float]:
+    """(FLOPs, seconds) of one micro-batch's forward GEMMs on a rank holding `layers` (and the head
+    when `last`), then (FLOPs, seconds) of its attention cores alone."""
+    from megaqwen.models.spec import get_spec
+
+    shapes = get_spec(m).param_shapes(m, lay.tp)
+    tokens = lay.micro_batch * seq / lay.cp
+    moe = routed_experts(m)
+    flops = secs = 0.0
+    kinds: dict[int, list] = {}  # layers of one kind share one shapes tuple: time each kind once
+    for i in layers:
+        kinds.setdefault(id(shapes.layers[i]), [shapes.layers[i], 0])[1] += 1
+    for tensors, n in kinds.values():
+        for t in tensors:
+            if len(t.shape) != 2:
+                continue
+            rows, count = tokens, float(n)
+            if t.expert:  # each rank runs experts / ep experts, each on its share of the ep group's tokens
+                rows, count = tokens * lay.ep * moe.active / moe.experts, n / lay.ep
+            f, s = gemm_time(gpu, rows, t.shape[0], t.shape[1], e_max, count)
+            flops, secs = flops + f, secs + s
+    if last:  # the head: the last stage's own 2-D weight, else (tied) the embedding's
+        head = [t for t in shapes.last if len(t.shape) == 2] or [t for t in shapes.first if len(t.shape) == 2]
+        for t in head:
+            f, s = gemm_time(gpu, tokens, t.shape[0], t.shape[1], e_max)
+            flops, secs = flops + f, secs + s
+    heads = m.num_heads // lay.tp * lay.micro_batch
+    s_local = seq / lay.cp
+    # causal attention: QK^T and PV, half of the (s x s) tiles, per head
+    af, at = gemm_time(gpu, s_local, seq / 2, m.head_dim_, e_max, 2 * heads)
+    af, at = af * len(layers), at * len(layers)
+    return flops + af, secs + at, af, at
+
+
+SCORE_PASSES = (6, 9)
+"""HBM passes over a materialised (s x s) score matrix per head, forward and backward: written by
+QK^T, read and written by the softmax and by dropout (+ its mask), read by PV; the backward's
+gradient written, through dropout and softmax back, read by the two GEMMs, the probabilities read by
+dV. Only for attention that keeps its scores in memory (Megatron-LM 2021); flash attention keeps
+them on chip."""
 
 
 def estimate_step(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch: int,
-                  efficiency: float = DEFAULT_EFFICIENCY) -> StepEstimate:
-    """Time of one optimizer step of `global_batch` sequences of `seq` tokens on lay.world GPUs."""
+                  efficiency: float = DEFAULT_EFFICIENCY, scores_in_memory: bool = False) -> StepEstimate:
+    """Time of one optimizer step of `global_batch` sequences of `seq` tokens on lay.world GPUs;
+    `efficiency` is e_max, the fraction of peak the largest GEMMs reach; `scores_in_memory` for an
+    attention without flash (the trainer's is flash: SDPA / its kernels)."""
+    from megaqwen.plan.memory import stage_layers
+
     world = lay.world
-    microbatches = global_batch // (lay.micro_batch * lay.dp)
-    plan = plan_pipeline(m.num_layers, lay.pp, lay.pp_schedule, lay.pp_virtual_stages, None, microbatches)
+    micro = global_batch // (lay.micro_batch * lay.dp)
     tokens = global_batch * seq
     model_flops = m.flops_per_token(seq) * tokens
-    layer_flops = model_flops - 6 * m.vocab_size * m.hidden_size * tokens
-    attn_fwd = 2 * m.num_layers * seq * m.num_heads * m.head_dim_ * tokens
-    extra = {"full": layer_flops / 3, "selective": attn_fwd, "none": 0.0}[lay.recompute]
-    compute = (model_flops + extra) / (world * gpu.peak_flops * efficiency)
-    bubble = plan.bubble_fraction()
-    # per rank: its layers x its micro-batches
-    layers = m.num_layers // lay.pp
-    act_bytes = lay.micro_batch * seq / lay.cp * m.hidden_size * 2
+    tok_mb = lay.micro_batch * seq / lay.cp
+    act_bytes = tok_mb * m.hidden_size * 2
+    elem = 4 * 2 * layer_activation_elements(m, "none", lay.tp, lay.sequence_parallel) * tok_mb / gpu.hbm_bw
+
+    slowest = (0.0, 0.0, 0.0, 0.0)  # the slowest rank's (s per micro-batch, forward s, flops, layers)
+    for r in range(lay.pp):
+        layers, _, last = stage_layers(m, lay, r)
+        flops, fwd, attn_flops, attn_t = forward_gemms(m, lay, gpu, seq, layers, last, efficiency)
+        fwd += elem / 2 * len(layers)
+        scores = 0.0
+        if scores_in_memory:  # bf16 scores of (s / cp) x s per head, every layer
+            heads = m.num_heads // lay.tp * lay.micro_batch
+            scores = heads * seq / lay.cp * seq * 2 / gpu.hbm_bw * len(layers)
+            fwd += SCORE_PASSES[0] * scores
+            attn_t += SCORE_PASSES[0] * scores
+        extra = {"full": (fwd, flops), "selective": (attn_t, attn_flops),
+                 "none": (0.0, 0.0)}[lay.recompute]
+        t = 3 * fwd - (3 * SCORE_PASSES[0] - sum(SCORE_PASSES)) * scores + extra[0]
+        if t > slowest[0]:
+            slowest = (t, fwd, 3 * flops + extra[1], len(layers))
+    per_mb, fwd_mb, flops_mb, layers = slowest
+    compute = micro * per_mb
+    bwd_mb = per_mb - fwd_mb
+    bubble = bubble_fraction(lay.pp_schedule, lay.pp, micro, lay.virtual) if lay.pp > 1 else 0.0
+
     tp_comm = 0.0
     if lay.tp > 1:
         bw = gpu.intra_bw if lay.tp <= gpu.per_node else gpu.inter_bw
         n = 4 + 2 * (lay.recompute == "full")
-        tp_comm = microbatches * layers * n * 2 * (lay.tp - 1) / lay.tp * act_bytes / bw
+        tp_comm = micro * layers * n * 2 * (lay.tp - 1) / lay.tp * act_bytes / bw
     ep_comm = 0.0
     if lay.ep > 1:
         bw = gpu.intra_bw if lay.tp * lay.ep <= gpu.per_node else gpu.inter_bw
-        sparse = sum(m.is_sparse_layer(i) for i in range(m.num_layers)) / lay.pp
-        ep_comm = microbatches * sparse * 4 * act_bytes * m.num_experts_per_tok * (lay.ep - 1) / lay.ep / bw
-    dpc = lay.dp * lay.cp
-    dp_exposed = 0.0
-    if dpc > 1:
-        params = rank_param_count(m, lay, 0, fsdp=False)
-        vol = 2 * (dpc - 1) / dpc * params * 4
-        if lay.dp_mode in ("fsdp", "zero3"):
-            vol += 2 * (dpc - 1) / dpc * params * 2
-        dp_exposed = max(0.0, vol / gpu.inter_bw - 2 / 3 * compute)
+        moe = routed_experts(m)
+        ep_comm = micro * moe.sparse_layers / lay.pp * 4 * act_bytes * moe.active * (lay.ep - 1) / lay.ep / bw
+    dp_exposed = dp_exposed_s(m, lay, gpu, micro, fwd_mb, bwd_mb)
     step = compute / (1 - bubble) + tp_comm + ep_comm + dp_exposed
     return StepEstimate(step, compute, bubble, tp_comm, ep_comm, dp_exposed, model_flops,
-                        model_flops / (step * world * gpu.peak_flops), tokens / step)
+                        model_flops / (step * world * gpu.peak_flops), tokens / step,
+                        micro * flops_mb / (compute * gpu.peak_flops) if compute else 0.0)
+
+
+def dp_exposed_s(m: ModelConfig, lay: Layout, gpu: GPU, micro: int, fwd_mb: float, bwd_mb: float) -> float:
+    """Data-parallel communication not hidden behind compute, per step (see the module docstring)."""
+    d = lay.dp * lay.cp
+    if d == 1:
+        return 0.0
+    bw = gpu.intra_bw if lay.world <= gpu.per_node else gpu.inter_bw
+    n = rank_param_count(m, lay, 0, fsdp=False)  # the rank's unsharded parameters
+    ring = (d - 1) / d * n / bw  # seconds per byte-per-parameter of one all-gather / reduce-scatter
+    mode = lay.dp_mode
+    if mode in ("ddp", "zero1"):
+        out = max(0.0, 2 * ring * 4 - bwd_mb)
+        return out + (ring * 4 if mode == "zero1" else 0.0)
+    if mode == "zero2":
+        per_mb = max(0.0, ring * 2 - bwd_mb)
+        return micro * per_mb + ring * 2
+    gather = ring * 2  # bf16 working copy
+    rs = ring * (4 if mode == "fsdp" else 2)
+    fwd = max(0.0, gather - fwd_mb)
+    if mode == "fsdp":  # reduce-scatter only on the last micro-batch (grad_sync)
+        return micro * fwd + (micro - 1) * max(0.0, gather - bwd_mb) + max(0.0, gather + rs - bwd_mb)
+    return micro * (fwd + max(0.0, gather + rs - bwd_mb))

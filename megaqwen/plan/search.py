@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from megaqwen.models.config import ModelConfig
-from megaqwen.plan.memory import GPU, Layout, MemoryEstimate, estimate_memory
-from megaqwen.plan.perf import DEFAULT_EFFICIENCY, StepEstimate, estimate_step
+from megaqwen.plan.memory import GPU, Layout, MemoryEstimate, estimate_memory, routed_experts
+from megaqwen.plan.perf import DEFAULT_EFFICIENCY, ERROR_BAND, StepEstimate, estimate_step
 
 
 @dataclass
@@ -24,8 +24,7 @@ class Plan:
 
 def evaluate(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch: int,
              efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
-    """Memory and step estimate of one layout (ValueError for a layout the model cannot take)."""
-    lay.validate(m)
+    """Memory and step estimate of one layout (ValueError for a layout the trainer refuses)."""
     if global_batch % (lay.micro_batch * lay.dp):
         raise ValueError(f"global_batch={global_batch} is not divisible by micro_batch x dp = "
                          f"{lay.micro_batch} x {lay.dp}")
@@ -69,19 +68,12 @@ class Rejected:
 
 
 def trainer_refusal(m: ModelConfig, lay: Layout, seq: int, microbatches: int) -> str | None:
-    """Why the trainer would refuse the native-engine layout `lay` (None: it accepts it), asked of
-    the trainer's own validation so the planner never proposes a layout the trainer rejects."""
-    from megaqwen.parallel.config import ParallelConfig
-    from megaqwen.parallel.dims import ParallelDims
-    from megaqwen.parallel.setup import validate_layout
-
-    pcfg = ParallelConfig(tp=lay.tp, pp=lay.pp, cp=lay.cp, ep=lay.ep, dp=lay.dp, dp_mode=lay.dp_mode,
-                          recompute=lay.recompute, pp_schedule=lay.pp_schedule,
-                          pp_virtual_stages=lay.pp_virtual_stages, sequence_parallel=lay.sequence_parallel)
+    """Why the trainer would refuse `lay` (None: it accepts it): `Layout.validate`, which asks the
+    trainer's own validation, so the planner never proposes a layout the trainer rejects."""
     try:
-        validate_layout(pcfg, ParallelDims.from_config(pcfg, lay.world), m, seq, "native", microbatches)
+        lay.validate(m, seq, microbatches)
     except ValueError as e:
-        return str(e)
+        return str(e).split(": ", 1)[1]  # without the "layout Layout(...)" prefix: counted by message
     return None
 
 
@@ -92,9 +84,10 @@ def _divisors(n: int, cap: int) -> list[int]:
 def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
                rejected: Rejected | None = None) -> Iterator[Layout]:
     """tp within a node (1-8, sequence parallel on), pp up to 16 (1F1B, interleaved with v=2, ZB-V),
-    cp up to 8 (only when seq >= 8K), ep over the MoE experts, dp the rest; ddp | zero1 | fsdp;
-    every recompute mode; micro-batches of 1, 2, 4: those the trainer accepts (the others counted in
-    `rejected`)."""
+    cp up to 8 (only when seq >= 8K), ep over the MoE experts (a model whose spec flags routed-expert
+    tensors), dp the rest; ddp | zero1 | fsdp (under pipelining too: the step estimate counts FSDP's
+    gathers per micro-batch); every recompute mode; micro-batches of 1, 2, 4: those the trainer
+    accepts (the others counted in `rejected`)."""
     from megaqwen.parallel.setup import accumulation_steps
 
     rejected = rejected if rejected is not None else Rejected()
@@ -102,12 +95,10 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
         for pp in _divisors(gpus // tp, 16):
             for cp in _divisors(gpus // (tp * pp), 8 if seq >= 8192 else 1):
                 dp = gpus // (tp * pp * cp)
-                eps = _divisors(dp * cp, 64) if m.is_moe else [1]
+                eps = _divisors(dp * cp, 64) if routed_experts(m) else [1]
                 for ep in eps:
                     for sched in (("1f1b", "interleaved_1f1b", "zbv") if pp > 1 else ("1f1b",)):
                         for mode in ("ddp", "zero1", "fsdp"):
-                            if pp > 1 and mode == "fsdp":
-                                continue  # FSDP re-gathers per micro-batch under pipelining: skip
                             for rc in ("none", "selective", "full"):
                                 for mb in (1, 2, 4):
                                     try:
@@ -143,3 +134,17 @@ def search(m: ModelConfig, gpus: int, gpu: GPU, seq: int, global_batch: int,
             out.append(plan)
     out.sort(key=lambda p: (p.step.step_s, p.memory.total))
     return out
+
+
+def tied(plans: list[Plan], band: float = ERROR_BAND) -> list[int]:
+    """Rank of each plan (fastest first), equal for plans whose step times lie within `band` of the
+    first plan of their group: the model cannot order them (its error band, `perf.ERROR_BAND`)."""
+    ranks, lead = [], None
+    for i, p in enumerate(plans):
+        if p.step is None:
+            ranks.append(i + 1)
+            continue
+        if lead is None or p.step.step_s > lead[1] * (1 + band):
+            lead = (i + 1, p.step.step_s)
+        ranks.append(lead[0])
+    return ranks

@@ -110,3 +110,16 @@ def build_engine(cfg: Config, env: par.DistEnv, model, shards: ShardMap | None, 
             load_model(str(source[1]), model, shards)  # fp32 partitions and the module's weights
             log.info("initialised weights from %s (this rank's ZeRO-3 partitions only)", t.init_from)
     return model, optimizer
+
+
+def build_pipeline(cfg: Config, env: par.DistEnv, plan, model, shards: ShardMap):
+    """The pipeline schedule over this rank's stage modules (`shards.pp_views`); None without pp.
+    Activations between stages are this rank's cp shard of the sequence, SP-split over tp."""
+    if plan is None:
+        return None
+    from megaqwen.parallel.pipeline import Pipeline
+
+    t = cfg.train
+    sp_shard = (env.dims.tp if cfg.parallel.sequence_parallel else 1) * env.dims.cp
+    return Pipeline(plan, shards.pp_views, model, env.mesh, env.device, t.micro_batch_size, t.seq_len,
+                    cfg.model.hidden_size, seq_shard=sp_shard)

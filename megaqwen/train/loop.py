@@ -19,9 +19,6 @@ from typing import Any
 import torch
 
 from megaqwen.data.mix_metrics import MixMeter
-from megaqwen.kernels.attention import AttentionMeta
-from megaqwen.kernels.registry import resolve_ops
-from megaqwen.models.outputs import ForwardOut
 from megaqwen.parallel import setup as par
 from megaqwen.parallel.data_parallel import unwrap
 from megaqwen.parallel.grad_norm import clip_grad_norm_
@@ -29,8 +26,9 @@ from megaqwen.parallel.metrics import local_peak_memory_gib
 from megaqwen.parallel.shards import ShardMap, local_tensor
 from megaqwen.parallel.watchdog import CollectiveWatch, begin_step, phase
 from megaqwen.train import checkpoint as ckpt
-from megaqwen.train.build import build_engine, build_model_for_run, use_bf16
+from megaqwen.train.assemble import build_training, seed_and_ops
 from megaqwen.train.config import Config
+from megaqwen.train.forward import autocast_ctx, forward_step, model_inputs, validation_parts
 from megaqwen.train.metrics import MetricsLogger
 from megaqwen.train.objective import Objective, StepMeter, get_objective
 from megaqwen.train.optim import lr_at, set_lr
@@ -40,13 +38,6 @@ from megaqwen.train.run_folder import RunFolder
 from megaqwen.train.validation import build_validator, training_documents
 
 log = logging.getLogger(__name__)
-
-
-def autocast_ctx(dtype: str, device: torch.device):
-    """bf16 autocast where `use_bf16` (fp32 master weights stay fp32); fp32 otherwise."""
-    if not use_bf16(dtype, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
@@ -84,37 +75,6 @@ def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_le
                          consumed_samples=consumed_samples)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], cfg: Config,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids),
-    document_ids and whatever other fields an objective reads (e.g. `reference_logprobs`) of one
-    micro-batch, on `device`."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    tokens = batch["tokens"]
-    if not cfg.data.reset_position_ids:
-        batch["position_ids"] = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
-    return batch
-
-
-def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
-                 objective: Objective, cp_group=None) -> ForwardOut:
-    """One micro-batch through the model (its wrapper's forward) for `objective`: ForwardOut(the
-    objective's parts, the model's named aux terms). Positions are always explicit; the document
-    boundaries become one AttentionMeta for every layer. Under context parallelism (`cp_group`) every
-    cp rank holds the whole micro-batch and runs its zig-zag shard of the sequence: the parts are
-    then this shard's (the objective sees the shard's fields)."""
-    b = model_inputs(batch, cfg, device)
-    if cp_group is not None:
-        from megaqwen.parallel.context_parallel import context_parallel_inputs
-
-        local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
-                                              tile=cfg.parallel.cp_tile)
-        return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
-                     objective=objective, batch=local)
-    attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
-    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective, batch=b)
-
-
 def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
                   meter: StepMeter, shards: ShardMap | None = None,
                   objective: Objective | None = None) -> None:
@@ -122,7 +82,7 @@ def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: 
     stage adding its share to `meter`), then the dp and tied-embedding gradient reductions."""
     inputs = [model_inputs(b, cfg, env.device) for b in micro]
     with autocast_ctx(cfg.train.dtype, env.device):
-        pipe.step(inputs, meter, document_mask=cfg.data.document_mask, objective=objective)
+        pipe.step(inputs, meter, objective or get_objective(cfg.train.objective), cfg.data.document_mask)
     exclude = shards.expert_fqns if shards is not None and env.dims.ep > 1 else frozenset()
     pipe.reduce_grads(cfg.parallel.dp_mode, exclude)  # experts: their edp group, in train_step
 
@@ -171,16 +131,17 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
             pipeline_step(pipe, micro, cfg, env, meter, shards, objective)
         micro = []
     for i, batch in enumerate(micro):
-        with autocast_ctx(cfg.train.dtype, env.device), phase("forward/backward"):
-            out = forward_step(model, batch, cfg, env.device, objective, cp_group)
-            loss = meter.add(out.parts, out.aux)
-        with phase("forward/backward"):
+        # DDP decides in its forward whether the backward all-reduces: no_sync encloses both
+        sync = contextlib.nullcontext() if deepspeed else par.grad_sync(model, sync=i == accum_steps - 1)
+        with sync, phase("forward/backward"):
+            with autocast_ctx(cfg.train.dtype, env.device):
+                out = forward_step(model, batch, cfg, env.device, objective, cp_group)
+                loss = meter.add(out.parts, out.aux)
             if deepspeed:  # it divides by accumulation and steps at the boundary itself
                 model.backward(loss)
                 model.step()
             else:
-                with par.grad_sync(model, sync=i == accum_steps - 1):
-                    loss.backward()
+                loss.backward()
     ep = shards is not None and shards.ep_groups is not None and env.dims.ep > 1
     if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
@@ -244,18 +205,6 @@ def _routing_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
     return res
 
 
-def _eval_parts(model, batch, cfg: Config, env: par.DistEnv):
-    """Validation parts (sum, count) of one micro-batch under the run's objective; under context
-    parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
-    objective = get_objective(cfg.train.objective)
-    if env.mesh is None or env.dims.cp == 1:
-        return forward_step(model, batch, cfg, env.device, objective).parts
-    from megaqwen.parallel.context_parallel import cp_loss_parts
-
-    group = env.mesh.group("cp")
-    return cp_loss_parts(forward_step(model, batch, cfg, env.device, objective, group).parts, group)
-
-
 def pipeline_metrics(pipe, step_time_s: float, device: torch.device) -> dict[str, float]:
     """Collective over the pp group: the schedule's theoretical bubble, the measured one (1 - time in
     stage compute / step time, mean over pp ranks) and each stage rank's peak memory."""
@@ -296,30 +245,11 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     run = RunFolder(cfg, env.world_size)
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
-    torch.manual_seed(t.seed)
-    ops = resolve_ops(cfg.kernels, device=env.device.type)
+    ops = seed_and_ops(cfg, env)
     latest = run.latest  # the checkpoint every rank agreed on (checksums verified), None: fresh start
-    model, shards = build_model_for_run(cfg, env, ops, resuming=latest is not None, plan=plan)
-    pipe = None
-    if plan is not None:
-        from megaqwen.parallel.pipeline import Pipeline
-
-        # activations between stages: this rank's cp shard of the sequence, SP-split over tp
-        sp_shard = (env.dims.tp if cfg.parallel.sequence_parallel else 1) * env.dims.cp
-        pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, t.micro_batch_size, t.seq_len,
-                        cfg.model.hidden_size, seq_shard=sp_shard)
-        log.info("pipeline: %s, pp=%d x %d stage(s) per rank, layers per stage %s, %d micro-batches; "
-                 "this rank's stages %s; theoretical bubble %.1f%%", plan.schedule, plan.pp, plan.virtual,
-                 list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
-                 100 * plan.bubble_fraction())
-    reference = None
-    if get_objective(t.objective).needs_reference:
-        from megaqwen.train.reference import ReferenceModel
-
-        reference = ReferenceModel.build(cfg, env, ops, plan)
-    if t.engine == "native":
-        model = par.wrap_data_parallel(model, cfg.parallel, env, shards)  # DDP; FSDP2 was applied on meta
-    model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=latest is not None)
+    built = build_training(cfg, env, ops, plan, accum_steps, resuming=latest is not None)
+    model, optimizer, shards, pipe, reference = (built.model, built.optimizer, built.shards, built.pipe,
+                                                 built.reference)
     # ZeRO-3 parameters keep their partition in `ds_tensor`
     n_params = sum(getattr(p, "ds_tensor", local_tensor(p)).numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (this rank's shards) on %s; kernels: %s", cfg.model.name,
@@ -337,9 +267,9 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
-    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), cfg.data.document_mask,
-                                             get_objective(t.objective)))
-               if pipe is not None else (lambda m, b: _eval_parts(m, b, cfg, env)))
+    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), get_objective(t.objective),
+                                             cfg.data.document_mask))
+               if pipe is not None else (lambda m, b: validation_parts(m, b, cfg, env)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
                                 lambda: autocast_ctx(t.dtype, env.device))
     profiler = StepProfiler(cfg.profile, out_dir, env.rank, env.device, start_step)

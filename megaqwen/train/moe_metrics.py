@@ -2,7 +2,7 @@
 
 Input: `collect_load(model, dp_group)` (megaqwen.parallel.expert_parallel), called once per optimizer
 step: {block FQN: LayerLoad(load_E, dropped)} summed over the dp ranks. Load is reported relative
-to perfect balance (fraction x num_experts): 1.0 everywhere is balanced, 3.0 means an expert took
+to perfect balance (fraction x the layer's expert count): 1.0 everywhere is balanced, 3.0 means an expert took
 3x its share. All values are plain floats, ready for the metrics JSONL and W&B:
 
   moe/L{i}/load_max, moe/L{i}/load_min   most / least loaded expert of layer i (relative)

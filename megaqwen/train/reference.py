@@ -38,7 +38,7 @@ class ReferenceModel:
 
     @classmethod
     def build(cls, cfg, env: par.DistEnv, ops, plan=None) -> ReferenceModel:
-        from megaqwen.train.build import build_model_for_run
+        from megaqwen.train.build import build_model_for_run, build_pipeline
 
         source = cfg.train.reference_from or cfg.train.init_from
         if not source:
@@ -50,14 +50,7 @@ class ReferenceModel:
         model, shards = build_model_for_run(ref_cfg, env, ops, resuming=False, plan=plan)
         model.requires_grad_(False)
         model.eval()
-        pipe = None
-        if plan is not None:
-            from megaqwen.parallel.pipeline import Pipeline
-
-            t = cfg.train
-            sp_shard = (env.dims.tp if cfg.parallel.sequence_parallel else 1) * env.dims.cp
-            pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, t.micro_batch_size, t.seq_len,
-                            cfg.model.hidden_size, seq_shard=sp_shard)
+        pipe = build_pipeline(cfg, env, plan, model, shards)
         log.info("reference model: %s, frozen, sharded like the policy", source)
         return cls(model, env, cfg, pipe)
 
@@ -65,7 +58,7 @@ class ReferenceModel:
     def token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) fp32 log-probabilities of the micro-batch's labels under the reference (0 where
         the label is -100, and on pp ranks without the last stage, which do not use them)."""
-        from megaqwen.train.loop import autocast_ctx, forward_step, model_inputs
+        from megaqwen.train.forward import autocast_ctx, forward_step, model_inputs
 
         cfg, env = self.cfg, self.env
         labels = batch["labels"]

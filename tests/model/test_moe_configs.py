@@ -3,7 +3,8 @@
 import pytest
 
 from megaqwen.models import get_config, model_names
-from megaqwen.parallel.expert_parallel import check_expert_parallel
+from megaqwen.models.spec import get_spec
+from megaqwen.parallel.dims import ParallelDims
 
 # name: (total, active) parameters in billions
 TOTAL_ACTIVE = {
@@ -29,9 +30,8 @@ def test_turbo_is_a_qwen2_moe_config_with_a_1m_context():
     assert cfg.arch == "qwen2_moe" and cfg.rope_theta == 1e7 and cfg.max_position_embeddings == 1_010_000
     # (the closed-form count equals a built model's: test_moe.py checks that on the published sizes;
     # building Turbo's 10,752 expert modules, even on meta, costs ~6 s)
-    check_expert_parallel(cfg, 8, 64)  # 128 experts: ep 8 on 64 dp ranks is a valid layout
-    with pytest.raises(ValueError, match="num_experts=128 is not divisible by ep=3"):
-        check_expert_parallel(cfg, 3, 6)
+    assert get_spec(cfg).validate(cfg, ParallelDims(world_size=64, ep=8)) == []  # 128 experts: ep 8 fits
+    assert "num_experts=128 is not divisible by ep=3" in get_spec(cfg).validate(cfg, ParallelDims(6, ep=3))[0]
 
 
 def test_assumed_configs_are_listed_as_choices():

@@ -1,14 +1,16 @@
 """Multi-process CPU (gloo) harness: run layouts of the debug model and compare with one process.
 
 Every rank first trains the unsharded model on the whole global batch (the single-process
-reference, same seed), then the same steps under each layout, and reports on rank 0 the relative
-loss differences and the worst gradient error after the first backward (shards gathered back to
-full tensors), and the global gradient norm before and after clipping. Several layouts share one
-spawn to pay process start-up once.
+reference in plain PyTorch, same seed), then the same steps under each layout as a run of the
+trainer (its Config, builders and `train_step`: trainer_harness.py), and reports on rank 0 the
+relative loss differences, the worst error of the gradients the optimizer gets at the first step
+(shards gathered back to full tensors), and the global gradient norm before and after clipping.
+Several layouts share one spawn to pay process start-up once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -19,17 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import trainer_harness as trainer
 from torch.distributed.tensor import DTensor
+from trainer_harness import reference_adamw
 
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.collectives import _all_gather
 from megaqwen.parallel.config import ParallelConfig
-from megaqwen.parallel.data_parallel import apply_fsdp, build_optimizer, unwrap, wrap_ddp
-from megaqwen.parallel.dims import ParallelDims
-from megaqwen.parallel.grad_norm import clip_grad_norm_, grad_norm
-from megaqwen.parallel.materialize import init_filler, materialize
+from megaqwen.parallel.grad_norm import grad_norm
 from megaqwen.parallel.shards import ShardMap
+from megaqwen.train.config import Config, TrainConfig
 
 # debug model with a smaller vocabulary (divisible by 4) so 4 oversubscribed ranks stay ~1 s/layout
 CFG = dict(vocab_size=1024)
@@ -48,10 +50,13 @@ class Layout:
     """none | selective | full."""
     compile: bool = False
     """torch.compile every decoder layer."""
+    micro: int = 0
+    """Rows per micro-batch; 0: GLOBAL_B / dp, one micro-batch per rank and step (no accumulation)."""
 
     @property
     def name(self) -> str:
         extra = ("-sp" if self.sp else "") + ("" if self.recompute == "none" else f"-rc{self.recompute}")
+        extra += f"-mb{self.micro}" if self.micro else ""
         return f"tp{self.tp}-dp{self.dp}-{self.mode}" + extra + ("-compile" if self.compile else "")
 
 
@@ -93,11 +98,22 @@ def batches(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[..., :-1], ids[..., 1:]
 
 
-def reference(cfg) -> dict[str, Any]:
-    model = get_spec(cfg).build(cfg, seed=SEED)  # the config's architecture
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+def global_batches(cfg) -> list[dict[str, torch.Tensor]]:
+    """`batches` as the trainer's micro-batch dicts, one (GLOBAL_B, T) batch per step (plain causal:
+    the runs use neither the positions nor the document ids, see `layout_config`)."""
     tokens, labels = batches(cfg)
-    losses, grads = [], {}
+    pos = torch.arange(T).expand(GLOBAL_B, T).contiguous()
+    return [{"tokens": tokens[s], "labels": labels[s], "position_ids": pos,
+             "document_ids": torch.zeros_like(tokens[s])} for s in range(STEPS)]
+
+
+def reference(cfg) -> dict[str, Any]:
+    """One process, plain PyTorch: the whole global batch per step, the runs' AdamW settings, the
+    global norm clipped to half the first step's (so clipping acts; the runs clip at the same)."""
+    model = get_spec(cfg).build(cfg, seed=SEED)  # the config's architecture
+    opt = reference_adamw(model, TrainConfig(lr=LR))
+    tokens, labels = batches(cfg)
+    losses, grads, clipped = [], {}, {}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     for s in range(STEPS):
         loss = model(tokens[s], labels[s]).mean()
@@ -106,11 +122,14 @@ def reference(cfg) -> dict[str, Any]:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             norm = grad_norm(model.named_parameters(), None).item()
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 2)
+        if s == 0:
+            clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "grads": grads, "grad_norm": norm, "torch_grad_norm": torch_norm,
-            "weights": weights}
+    return {"losses": losses, "grads": grads, "clipped_grads": clipped, "grad_norm": norm,
+            "torch_grad_norm": torch_norm, "weights": weights}
 
 
 def gather_full(t: torch.Tensor, fqn: str, shards: ShardMap) -> torch.Tensor:
@@ -126,89 +145,50 @@ def gather_full(t: torch.Tensor, fqn: str, shards: ShardMap) -> torch.Tensor:
     return full
 
 
-def build_parallel(cfg, layout: Layout, world: int):
-    """The production assembly: meta build -> plans -> materialise local pieces -> DDP/engine."""
-    dims = ParallelDims(world_size=world, tp=layout.tp, dp=layout.dp)
-    mesh = dims.build_mesh("cpu")
-    spec = get_spec(cfg)
-    model = spec.build(cfg, device="meta")
-    shards = spec.parallelize_tp(model, mesh, sequence_parallel=layout.sp)
-    pcfg = ParallelConfig(tp=layout.tp, sequence_parallel=layout.sp, recompute=layout.recompute,
-                          compile=layout.compile)
-    from megaqwen.parallel.activation import apply_compile, apply_recompute
+def layout_config(cfg, layout: Layout, grad_clip: float = 0.0) -> Config:
+    """The run's Config for `layout`: micro-batches of `layout.micro` rows (default GLOBAL_B / dp)."""
+    ds = layout.mode.startswith("ds")
+    pcfg = ParallelConfig(tp=layout.tp, dp=layout.dp, sequence_parallel=layout.sp,
+                          dp_mode="ddp" if ds else layout.mode, zero_stage=int(layout.mode[2:]) if ds else 1,
+                          recompute=layout.recompute, compile=layout.compile)
+    micro = layout.micro or GLOBAL_B // layout.dp
+    return trainer.layout_config(cfg, pcfg, STEPS, GLOBAL_B, micro, T, LR, SEED, grad_clip=grad_clip,
+                                 engine="deepspeed" if ds else "native")
 
-    apply_recompute(spec.layers(model), pcfg.recompute, spec.selective_recompute)
-    if layout.compile:
-        apply_compile(spec.layers(model))
-    if layout.mode == "fsdp":
-        apply_fsdp(model, mesh, spec.layers(model))
-    if layout.mode.startswith("ds"):
-        import deepspeed
 
-        from megaqwen.parallel.deepspeed_engine import (
-            DeepSpeedConfig,
-            build_deepspeed_engine,
-            materialize_zero3,
-        )
+def full_weights(run: trainer.Run) -> dict[str, torch.Tensor]:
+    """Every parameter made whole from its TP / FSDP / ZeRO-3 pieces (collective)."""
+    params = dict(run.plain.named_parameters())
+    zero3 = run.cfg.train.engine == "deepspeed" and run.cfg.parallel.zero_stage == 3
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
 
-        ds_cfg = DeepSpeedConfig(stage=int(layout.mode[2:]))
-        if ds_cfg.stage == 3:  # DeepSpeed's own partitioned construction, block by block
-            materialize_zero3(model, spec.layers(model), mesh, ds_cfg, torch.device("cpu"),
-                              init_filler(model, shards, SEED))
-        else:
-            materialize(model, shards, "cpu", seed=SEED)
-        engine = build_deepspeed_engine(model, mesh, ds_cfg, micro_batch_size=GLOBAL_B // layout.dp,
-                                        shards=shards, lr=LR, weight_decay=0.1)
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=ds_cfg.stage == 3):
-            weights = {n: gather_full(p.detach().clone(), n, shards) for n, p in params.items()}
-        return mesh, engine, engine, engine.module, shards, weights
-    materialize(model, shards, "cpu", seed=SEED)
-    weights = {n: gather_full(p.detach(), n, shards) for n, p in model.named_parameters()}
-    wrapped = model if layout.mode == "fsdp" else wrap_ddp(model, mesh)
-    opt = build_optimizer(wrapped.parameters(), mesh, layout.mode, lr=LR, weight_decay=0.1)
-    return mesh, wrapped, opt, unwrap(wrapped), shards, weights
+            stack.enter_context(deepspeed.zero.GatheredParameters(list(params.values())))
+        return {n: gather_full(p.detach().clone(), n, run.shards) for n, p in params.items()}
 
 
 def run_layout(cfg, layout: Layout, world: int, ref: dict[str, Any]) -> dict[str, Any]:
-    mesh, model, opt, plain, shards, weights = build_parallel(cfg, layout, world)
-    init_equal = all(torch.equal(w, ref["weights"][n]) for n, w in weights.items()) and \
-        set(weights) == set(ref["weights"])
-    tokens, labels = batches(cfg)
-    b = GLOBAL_B // layout.dp
-    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    losses, grad_err, norm_rel, clipped_rel = [], {}, 0.0, 0.0
+    """STEPS steps of `layout` through the trainer's builders and `train_step`, against `ref`."""
+    clip = ref["grad_norm"] / 2
+    run = trainer.build_run(layout_config(cfg, layout, grad_clip=clip))
+    weights = full_weights(run)
+    init_equal = set(weights) == set(ref["weights"]) and \
+        all(torch.equal(w, ref["weights"][n]) for n, w in weights.items())
     ds = layout.mode.startswith("ds")
-    for s in range(STEPS):
-        loss = model(tokens[s, sl], labels[s, sl]).mean()
-        model.backward(loss) if ds else loss.backward()
-        if s == 0:
-            for n, p in plain.named_parameters():
-                if ds:
-                    from megaqwen.parallel.deepspeed_engine import full_grad_deepspeed
-
-                    g = gather_full(full_grad_deepspeed(p, model), n, shards)
-                else:
-                    g = gather_full(p.grad, n, shards)
-                r = ref["grads"][n]
-                grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
-            if not ds:
-                norm_rel = abs(grad_norm(plain.named_parameters(), shards).item() / ref["grad_norm"] - 1)
-                # clip to half the norm, measure again, then put the unclipped gradients back
-                unclipped = [p.grad.clone() for p in plain.parameters()]
-                clip_grad_norm_(plain.named_parameters(), ref["grad_norm"] / 2, shards)
-                clipped = grad_norm(plain.named_parameters(), shards).item()
-                clipped_rel = abs(clipped / (ref["grad_norm"] / 2) - 1)
-                for p, g in zip(plain.parameters(), unclipped):
-                    p.grad = g
-        model.step() if ds else (opt.step(), opt.zero_grad())
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=mesh.dp_group)
-        losses.append(loss.item() / layout.dp)
+    # the global norm of the gradients the optimizer gets: clipped to `clip` (DeepSpeed clips later)
+    norm = None if ds else lambda r: grad_norm(r.plain.named_parameters(), r.shards).item()
+    seen = trainer.capture_grads(run, gather_full, norm)
+    metrics = trainer.run_steps(run, global_batches(cfg))
+    want = ref["grads"] if ds else ref["clipped_grads"]
+    grad_err = {n: ((g - want[n]).abs().max() / want[n].abs().max().clamp(min=1e-12)).item()
+                for n, g in seen["grads"].items()}
+    losses = [m["loss"] for m in metrics]
     rel = [abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])]
     return {"losses": losses, "loss_rel": max(rel), "grad_err": max(grad_err.values()),
-            "worst_grad": max(grad_err, key=grad_err.get), "grad_norm_rel": norm_rel,
-            "clipped_norm_rel": clipped_rel, "init_equal": init_equal}
+            "worst_grad": max(grad_err, key=grad_err.get),
+            "grad_norm_rel": abs(metrics[0]["grad_norm"] / ref["grad_norm"] - 1),
+            "clipped_norm_rel": 0.0 if ds else abs(seen["also"] / clip - 1), "init_equal": init_equal}
 
 
 def parity_worker(rank: int, world: int, layouts: list[Layout], cfg_overrides: dict) -> dict:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from parallel_harness import Layout, batches, build_parallel, gather_full, spawn
+from parallel_harness import Layout, gather_full, global_batches, layout_config, spawn
+from trainer_harness import build_run, run_steps
 
 from megaqwen.models.config import get_config
 from megaqwen.models.qwen2 import build_model
@@ -23,15 +24,9 @@ def _cfg(overrides: dict):
     return get_config("debug", **{"vocab_size": 1024, **overrides})
 
 
-def _step(model, opt, cfg, mesh, layout, s):
-    tokens, labels = batches(cfg)
-    b = tokens.shape[1] // layout.dp
-    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    loss = model(tokens[s, sl], labels[s, sl]).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
+def _step(run, cfg, s: int) -> float:
+    """Step `s` of the run (the trainer's `train_step`): its loss."""
+    return run_steps(run, global_batches(cfg)[s:s + 1], first_step=s)[0]["loss"]
 
 
 def _full_params(plain, shards) -> dict[str, torch.Tensor]:
@@ -43,22 +38,22 @@ def resume_worker(rank: int, world: int, cases, root: str) -> dict:
     out = {}
     for layout, overrides in cases:
         cfg = _cfg(overrides)
-        mesh, model, opt, plain, shards, _ = build_parallel(cfg, layout, world)
+        run = build_run(layout_config(cfg, layout))  # the trainer's builders
         for s in range(2):
-            _step(model, opt, cfg, mesh, layout, s)
+            _step(run, cfg, s)
         path = f"{root}/{layout.name}"
-        dcp.save(sharded_state(model, opt, shards), checkpoint_id=path)
-        full = _full_params(plain, shards)
-        uninterrupted = _step(model, opt, cfg, mesh, layout, 2)
+        dcp.save(sharded_state(run.model, run.optimizer, run.shards), checkpoint_id=path)
+        full = _full_params(run.plain, run.shards)
+        uninterrupted = _step(run, cfg, 2)
 
-        mesh, model, opt, _, shards, _ = build_parallel(cfg, layout, world)
+        run = build_run(layout_config(cfg, layout))
         with torch.no_grad():  # a different start: only the checkpoint can make the losses agree
-            for p in model.parameters():
+            for p in run.model.parameters():
                 p.mul_(0.5)
-        state = sharded_state(model, opt, shards)
+        state = sharded_state(run.model, run.optimizer, run.shards)
         dcp.load(state, checkpoint_id=path)
-        load_sharded_state(state, model, opt, shards)
-        resumed = _step(model, opt, cfg, mesh, layout, 2)
+        load_sharded_state(state, run.model, run.optimizer, run.shards)
+        resumed = _step(run, cfg, 2)
         out[layout.name] = (uninterrupted, resumed, full, path, overrides)
     return out
 

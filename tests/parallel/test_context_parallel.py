@@ -13,18 +13,17 @@ import pytest
 import torch
 import torch.distributed as dist
 from parallel_harness import gather_full, spawn
+from trainer_harness import build_run, capture_grads, layout_config, micro_batches, reference_adamw, run_steps
 
 from megaqwen.kernels.attention import AttentionMeta, sdpa_attention
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
-from megaqwen.parallel.activation import apply_recompute
+from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.context_parallel import (
     ContextParallelMeta,
     alltoall_attention,
     apply_context_parallel,
     context_parallel_attention,
-    context_parallel_inputs,
-    cp_loss_parts,
     gather_sequence,
     ring_attention,
     shard_batch,
@@ -32,13 +31,13 @@ from megaqwen.parallel.context_parallel import (
     unshard_sequence,
     zigzag_index,
 )
-from megaqwen.parallel.data_parallel import apply_fsdp, wrap_ddp
 from megaqwen.parallel.dims import ParallelDims
-from megaqwen.parallel.materialize import materialize
+from megaqwen.train.config import TrainConfig
+from megaqwen.train.forward import validation_parts
 
 RTOL = 1e-5  # fp32: max |x - ref| / max |ref|
 B, T, HQ, HK, D = 2, 48, 4, 2, 8  # attention tests; T divisible by 2*cp for cp in {2, 4}
-MODEL_T, STEPS, SEED = 32, 3, 1234
+MODEL_T, STEPS, SEED, LR = 32, 3, 1234, 3e-3
 
 
 def packed_documents(b: int, t: int, seed: int) -> torch.Tensor:
@@ -240,8 +239,9 @@ def model_batches(cfg, seed: int = 5) -> list[dict[str, torch.Tensor]]:
 
 
 def model_reference(cfg) -> dict:
+    """One process, plain PyTorch: the whole global batch per step, the runs' AdamW settings."""
     model = get_spec(cfg).build(cfg, seed=SEED)  # the config's architecture
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = reference_adamw(model, TrainConfig(lr=LR))
     losses, grads = [], {}
     for s, b in enumerate(model_batches(cfg)):
         loss = model(b["tokens"], b["labels"], b["position_ids"], AttentionMeta(b["document_ids"])).mean()
@@ -256,44 +256,26 @@ def model_reference(cfg) -> dict:
 
 def run_model_layout(cfg, world: int, tp: int, cp: int, dp: int, mode: str, ref: dict,
                      sp: bool = False, recompute: str = "none", dp_mode: str = "ddp") -> dict:
-    """The trainer's assembly (meta -> TP/SP -> CP -> recompute -> [FSDP2] -> materialise -> [DDP],
-    both over dp x cp), each dp rank its rows of the global batch, each cp rank its zig-zag shard."""
-    mesh = ParallelDims(world_size=world, tp=tp, cp=cp, dp=dp).build_mesh("cpu")
-    spec = get_spec(cfg)
-    model = spec.build(cfg, device="meta")
-    shards = spec.parallelize_tp(model, mesh, sequence_parallel=sp)
-    cp_group = mesh.group("cp")
-    apply_context_parallel(model, spec, cp_group, mode)
-    apply_recompute(spec.layers(model), recompute, spec.selective_recompute)
-    names = [n for n, _ in model.named_parameters()]
-    if dp_mode == "fsdp":
-        apply_fsdp(model, mesh, spec.layers(model))
-    materialize(model, shards, "cpu", seed=SEED)
-    ddp = model if dp_mode == "fsdp" else wrap_ddp(model, mesh)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.1)
-    losses, grad_err, counts_ok = [], 0.0, True
-    for s, batch in enumerate(model_batches(cfg)):
-        rows = slice(mesh.dp_rank * (2 // dp), (mesh.dp_rank + 1) * (2 // dp))
-        batch = {k: v[rows] for k, v in batch.items()}
-        count = torch.tensor(float((batch["labels"] != -100).sum()))
-        dist.all_reduce(count, group=mesh.dp_group)  # every cp rank holds its dp rank's full rows
-        local, meta = context_parallel_inputs(batch, cp_group)
-        parts = ddp(local["tokens"], local["labels"], local["position_ids"], meta)
-        (parts.sum * (dp * cp) / count).backward()  # DDP / FSDP2 average over dp x cp
-        if s == 0:
-            for n, p in model.named_parameters():
-                r = ref["grads"][n]
-                grad_err = max(grad_err, _rel(gather_full(p.grad, n, shards), r))
-        opt.step()
-        opt.zero_grad()
-        summed = cp_loss_parts(parts, cp_group)  # this dp rank's rows, whole sequence
-        counts_ok = counts_ok and int(summed.count) == int((batch["labels"] != -100).sum())
-        dist.all_reduce(summed.sum, group=mesh.dp_group)  # tp ranks hold the same loss
-        losses.append(summed.sum.item() / count.item())
+    """The layout as a run of the trainer (its Config and builders: meta -> TP/SP -> CP -> recompute
+    -> [FSDP2] -> materialise -> [DDP], both over dp x cp; its `train_step`): each dp rank its rows
+    of the global batch, each cp rank its zig-zag shard of them."""
+    pcfg = ParallelConfig(tp=tp, cp=cp, dp=dp, cp_mode=mode, sequence_parallel=sp, recompute=recompute,
+                          dp_mode=dp_mode)
+    run = build_run(layout_config(cfg, pcfg, STEPS, 2, 2 // dp, MODEL_T, LR, SEED, documents=True))
+    seen = capture_grads(run, gather_full)
+    batches = model_batches(cfg)
+    metrics = run_steps(run, batches)
+    grad_err = max(_rel(g, ref["grads"][n]) for n, g in seen["grads"].items())
+    # the validation path: the loss parts of this dp rank's rows summed over its cp shards
+    rows = next(micro_batches(batches, run.cfg, run.env))
+    with torch.no_grad():
+        summed = validation_parts(run.model, rows, run.cfg, run.env)
+    losses = [m["loss"] for m in metrics]
     rel = max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"]))
-    kinds = {type(m).__name__ for m in model.modules()}
-    return {"loss_rel": rel, "losses": losses, "grad_err": grad_err, "kinds": kinds, "counts_ok": counts_ok,
-            "names_kept": names == [n for n, _ in model.named_parameters()]}
+    kinds = {type(m).__name__ for m in run.plain.modules()}
+    return {"loss_rel": rel, "losses": losses, "grad_err": grad_err, "kinds": kinds,
+            "counts_ok": int(summed.count) == int((rows["labels"] != -100).sum()),
+            "names_kept": [n for n, _ in run.plain.named_parameters()] == list(ref["grads"])}
 
 
 def model_worker(rank: int, world: int, layouts: list[tuple]) -> dict:

@@ -1,9 +1,10 @@
 """Expert parallelism against one process: debug-moe (vocab 1024), dropless, fp32.
 
-Every rank first trains the unsharded model on the whole global batch, then each layout on its dp
-slice; rank 0 reports the first losses, every parameter's gradient after the first backward (expert
-grads gathered from the ranks holding them), the grad norm and the expert load. One spawn per world
-size, several layouts each.
+Every rank first trains the unsharded model on the whole global batch (plain PyTorch), then each
+layout as a run of the trainer (its Config, builders and `train_step`: trainer_harness.py) on its
+dp slice; rank 0 reports the first losses, every parameter's gradient as the optimizer gets it at
+the first step (expert grads gathered from the ranks holding them), the grad norm, the z-loss and
+the expert load. One spawn per world size, several layouts each.
 """
 
 from __future__ import annotations
@@ -15,25 +16,23 @@ from torch.distributed.tensor import DTensor
 
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
-from megaqwen.parallel.activation import apply_recompute
-from megaqwen.parallel.data_parallel import apply_fsdp, unwrap, wrap_ddp
+from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.dims import ParallelDims
-from megaqwen.parallel.expert_parallel import (
-    apply_expert_parallel,
-    apply_fsdp_experts,
-    check_expert_parallel,
-    clip_grad_norm_ep_,
-    collect_load,
-    ddp_ignore_experts,
-    ep_groups,
-    reduce_expert_grads,
-    update_routing_bias,
-)
-from megaqwen.parallel.materialize import materialize
-from megaqwen.parallel.shards import ShardMap
+from megaqwen.parallel.expert_parallel import collect_load, update_routing_bias
+from megaqwen.train.config import TrainConfig
 from tests.parallel.parallel_harness import gather_full, spawn
+from tests.parallel.trainer_harness import (
+    Run,
+    build_run,
+    capture_grads,
+    layout_config,
+    reference_adamw,
+    run_steps,
+)
 
-CFG = dict(vocab_size=1024, moe_routing_bias_update_rate=0.01)  # aux-free bias steps: in sync?
+# aux-free bias steps: in sync? The HF aux loss (a product of means over the batch) is off: the dp
+# ranks' aux losses do not average to the whole batch's, so no single-process run equals it
+CFG = dict(vocab_size=1024, moe_routing_bias_update_rate=0.01, router_aux_loss_coef=0.0)
 STEPS, GLOBAL_B, T, LR, SEED = 3, 4, 16, 3e-3, 1234
 
 
@@ -48,8 +47,9 @@ def _batches(cfg):
 
 
 def _reference(cfg):
+    """One process, plain PyTorch: the whole global batch per step, the runs' AdamW settings."""
     model = get_spec(cfg).build(cfg, seed=SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = reference_adamw(model, TrainConfig(lr=LR))
     tokens, labels = _batches(cfg)
     losses = []
     for s in range(STEPS):
@@ -87,56 +87,33 @@ def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
     return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
+def _global_batches(cfg) -> list[dict[str, torch.Tensor]]:
+    tokens, labels = _batches(cfg)
+    return [{"tokens": tokens[s], "labels": labels[s], "position_ids": torch.arange(T).expand(GLOBAL_B, T),
+             "document_ids": torch.zeros_like(tokens[s])} for s in range(STEPS)]
+
+
+def _layout_run(cfg, world: int, ep: int, fsdp: bool = False, tp: int = 1, sp: bool = False,
+                recompute: str = "none") -> Run:
+    """The trainer's assembly of the layout (its Config and builders), one micro-batch per dp rank."""
+    pcfg = ParallelConfig(ep=ep, tp=tp, sequence_parallel=sp, recompute=recompute,
+                          dp_mode="fsdp" if fsdp else "ddp")
+    dp = world // tp
+    return build_run(layout_config(cfg, pcfg, STEPS, GLOBAL_B, GLOBAL_B // dp, T, LR, SEED))
+
+
 def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None = None, tp: int = 1,
          sp: bool = False, recompute: str = "none"):
-    dims = ParallelDims(world_size=world, ep=ep, tp=tp)
-    mesh = dims.build_mesh("cpu")
-    spec = get_spec(cfg)
-    model = spec.build(cfg, device="meta")
-    shards = spec.parallelize_tp(model, mesh, sequence_parallel=sp)
-    groups = ep_groups(mesh, ep)
-    fqns = apply_expert_parallel(model, groups)
-    apply_recompute(spec.layers(model), recompute, spec.selective_recompute)
-    if fsdp:
-        apply_fsdp_experts(model, mesh, groups)
-        apply_fsdp(model, mesh, spec.layers(model))
-    materialize(model, shards, "cpu", seed=SEED)
-    if not fsdp:
-        ddp_ignore_experts(model, fqns)
-    wrapped = model if fsdp else wrap_ddp(model, mesh)
-    plain = unwrap(wrapped)
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR, weight_decay=0.1)
-    tokens, labels = _batches(cfg)
-    b = GLOBAL_B // dims.dp
-    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    losses, grad_err, norm_rel, load_err = [], {}, 0.0, 0.0
-    for s in range(STEPS):
-        parts = wrapped(tokens[s, sl], labels[s, sl])
-        loss = parts.mean()
-        loss.backward()
-        if s == 0:  # every sparse layer's routing reached the loss (also through FSDP2's wrappers)
-            z = parts.z.detach().clone()
-            dist.all_reduce(z, group=mesh.dp_group)
-            z_rel = abs(z.item() / dims.dp / ref["z"] - 1)
-        if not fsdp:
-            reduce_expert_grads(plain, fqns, groups, bucket_elements=10_000)  # several buckets
-        loads = collect_load(plain, mesh.dp_group)
-        if s == 0:
-            for n, p in plain.named_parameters():
-                if not p.requires_grad:
-                    continue
-                g = gather_full(p.grad, n, shards)  # FSDP and TP pieces -> the full tensor
-                r = ref["grads"][n]
-                grad_err[n] = ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
-            norm = clip_grad_norm_ep_(plain.named_parameters(), float("inf"), shards, fqns, groups)
-            norm_rel = abs(norm.item() / ref["norm"] - 1)
-            load_err = max((loads[n].load_E - ref["load"][n]).abs().max().item() for n in ref["load"])
-        opt.step()
-        opt.zero_grad()
-        update_routing_bias(plain, loads, cfg.moe_routing_bias_update_rate)
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=mesh.dp_group)
-        losses.append(loss.item() / dims.dp)
+    """The layout through the trainer's builders and `train_step` (tests/parallel/trainer_harness)."""
+    run = _layout_run(cfg, world, ep, fsdp, tp, sp, recompute)
+    plain, fqns = run.plain, run.shards.expert_fqns
+    seen = capture_grads(run, gather_full)  # after the expert (edp) reduction, as the optimizer gets them
+    metrics = run_steps(run, _global_batches(cfg))
+    first = metrics[0]
+    grad_err = {n: ((g - ref["grads"][n]).abs().max() / ref["grads"][n].abs().max().clamp(min=1e-12)).item()
+                for n, g in seen["grads"].items()}
+    loads = first["_moe_loads"]  # summed over the dp ranks
+    load_err = max((loads[n].load_E - ref["load"][n]).abs().max().item() for n in ref["load"])
     # every expert of every sparse layer is held by exactly one rank of each ep block
     held = torch.tensor([sum(1 for n in fqns if n.endswith("up_proj.weight"))])
     dist.all_reduce(held)
@@ -147,39 +124,19 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
                    .sub(ref["bias"][n]).abs().max().item() for n, b in plain.moe_blocks().items())
     dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) \
         if ckpt_dir and not fsdp and recompute == "none" else None
-    return dict(loss_rel=max(abs(a - r) / abs(r) for a, r in zip(losses, ref["losses"])),
-                grad_err=worst_all.item(), worst=worst, norm_rel=norm_rel, load_err=load_err, z_rel=z_rel,
-                experts_held=held.item(), local_experts=len(fqns) // 3, bias_err=bias_err,
-                dcp_err=dcp_err)
+    return dict(loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
+                grad_err=worst_all.item(), worst=worst, norm_rel=abs(first["grad_norm"] / ref["norm"] - 1),
+                load_err=load_err, z_rel=abs(first["z_loss"] / ref["z"] - 1), experts_held=held.item(),
+                local_experts=len(fqns) // 3, bias_err=bias_err, dcp_err=dcp_err)
 
 
 def _capacity_losses(world: int, ep: int) -> list[float]:
     """Losses with a capacity factor (drops happen on each rank's own tokens, before dispatch), and
     the tokens dropped, summed over ranks: with the same dp split they must not depend on ep."""
     cfg = get_config("debug-moe", vocab_size=1024, moe_capacity_factor=1.0)
-    mesh = ParallelDims(world_size=world, ep=ep).build_mesh("cpu")
-    model = get_spec(cfg).build(cfg, device="meta")
-    groups = ep_groups(mesh, ep)
-    fqns = apply_expert_parallel(model, groups)
-    materialize(model, ShardMap(mesh), "cpu", seed=SEED)
-    ddp_ignore_experts(model, fqns)
-    wrapped = wrap_ddp(model, mesh)
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR)
-    tokens, labels = _batches(cfg)
-    b = GLOBAL_B // world
-    sl = slice(mesh.dp_rank * b, (mesh.dp_rank + 1) * b)
-    out, dropped = [], 0.0
-    for s in range(STEPS):
-        loss = wrapped(tokens[s, sl], labels[s, sl]).mean()
-        loss.backward()
-        reduce_expert_grads(model, fqns, groups)
-        dropped += sum(ld.dropped for ld in collect_load(model, mesh.dp_group).values())
-        opt.step()
-        opt.zero_grad()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        out.append(loss.item() / world)
-    return out + [dropped]
+    metrics = run_steps(_layout_run(cfg, world, ep), _global_batches(cfg))
+    dropped = sum(ld.dropped for m in metrics for ld in m["_moe_loads"].values())
+    return [m["loss"] for m in metrics] + [dropped]
 
 
 def _name(layout: dict) -> str:
@@ -240,25 +197,31 @@ def test_ep4_ep2_x_edp2_and_ep2_x_tp2_sp_world4_equal_one_process():
     _check(out, 4, 2, cfg.num_experts)
 
 
-@pytest.mark.parametrize("kw, ep, dp_world, match", [
-    (dict(), 3, 6, r"num_experts=8 is not divisible by ep=3; pick ep from \[1, 2\]"),
-    (dict(), 4, 6, r"ep=4 must divide dp\*cp=6"),
-])
-def test_bad_expert_layout_is_refused_before_work(kw, ep, dp_world, match):
-    with pytest.raises(ValueError, match=match):
-        check_expert_parallel(get_config("debug-moe", **kw), ep, dp_world)
+def _refusal(cfg, **dims) -> str:
+    """What the layout validation says of `cfg` under these degrees (the model's spec's rules)."""
+    with pytest.raises(ValueError) as e:
+        ParallelDims(**dims).validate_model(cfg, get_spec(cfg))
+    return str(e.value)
+
+
+def test_bad_expert_layout_is_refused_before_work():
+    cfg = get_config("debug-moe")  # 8 experts
+    assert "num_experts=8 is not divisible by ep=3; pick ep from [1, 2]" in _refusal(cfg, world_size=6, ep=3)
+    ParallelDims(world_size=8, ep=8).validate_model(cfg, get_spec(cfg))
+    with pytest.raises(ValueError, match=r"ep=4 must divide dp\*cp=6"):
+        ParallelDims(world_size=6, ep=4)
 
 
 def test_top_k_above_experts_is_refused():
-    from types import SimpleNamespace
+    from dataclasses import replace
 
-    cfg = SimpleNamespace(name="x", num_experts=4, num_experts_per_tok=6)
-    with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
-        check_expert_parallel(cfg, 2, 2)
+    cfg = replace(get_config("debug-moe"), num_experts=8, num_experts_per_tok=2)
+    cfg.num_experts_per_tok = 9  # past the config's own check: the spec refuses it too
+    assert "num_experts_per_tok=9 must be in [1, num_experts=8]" in _refusal(cfg, world_size=2, ep=2)
     with pytest.raises(ValueError, match=r"num_experts_per_tok=6 must be in \[1, num_experts=4\]"):
         get_config("debug-moe", num_experts=4, num_experts_per_tok=6)
 
 
 def test_ep_on_dense_model_is_refused():
-    with pytest.raises(ValueError, match="needs an MoE model"):
-        check_expert_parallel(get_config("debug"), 2, 2)
+    assert "ep=2 needs an MoE model (arch 'qwen2' has no routed experts)" in \
+        _refusal(get_config("debug"), world_size=2, ep=2)

@@ -1,10 +1,11 @@
 """Pipeline parallelism (torch.distributed.pipelining on gloo) against one process.
 
-Every layout builds the model the trainer's way (meta -> pipeline cut -> TP/SP -> FSDP2 -> local
-pieces), runs STEPS optimizer steps over the same global batches as the single-process reference
-(all micro-batches of a step through the schedule) and reports: relative loss differences, the worst
-relative gradient error after the first backward (pieces gathered to full tensors), whether the tied
-embedding's copies on the first and last stage are bit-identical at the end, and the grad norm.
+Every layout is a run of the trainer: its Config, its builders (meta -> pipeline cut -> TP/SP ->
+FSDP2 -> local pieces -> Pipeline -> optimizer) and its `train_step` for STEPS steps over the same
+global batches as the single-process reference (tests/parallel/trainer_harness.py). It reports:
+relative loss differences, the worst relative gradient error at the first optimizer step (pieces
+gathered to full tensors), whether the tied embedding's copies on the first and last stage are
+bit-identical at the end, and the step's grad norm.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch
 
 from megaqwen.models.config import get_config
 from megaqwen.parallel.pipeline import SCHEDULES, plan_pipeline
+from megaqwen.train.config import TrainConfig
 
-from .parallel_harness import STEPS, gather_full, spawn
+from .parallel_harness import LR, SEED, STEPS, gather_full, spawn
+from .trainer_harness import build_run, capture_grads, layout_config, reference_adamw, run_steps
 
-LAYERS = 8
+LAYERS, T = 8, 16
 
 
 def _cfg(tied: bool = True, moe: bool = False):
@@ -29,26 +32,28 @@ def _cfg(tied: bool = True, moe: bool = False):
     return replace(get_config("debug"), vocab_size=1024, num_layers=LAYERS, tie_word_embeddings=tied)
 
 
-def _batches(cfg, global_b: int, t: int = 16):
+def _batches(cfg, global_b: int, t: int = T) -> list[dict[str, torch.Tensor]]:
+    """STEPS global batches (global_b, t), fixed by seed; some labels ignored, so micro-batches
+    weigh by their valid-token counts."""
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, cfg.vocab_size, (STEPS, global_b, t + 1), generator=g)
     labels = ids[..., 1:].clone()
-    labels[:, 0, :3] = -100  # ignored tokens: micro-batches weigh by their valid-token counts
-    return ids[..., :-1], labels
+    labels[:, 0, :3] = -100
+    tokens = ids[..., :-1]
+    return [{"tokens": tokens[s], "labels": labels[s], "document_ids": torch.zeros_like(tokens[s]),
+             "position_ids": torch.arange(t).expand_as(tokens[s]).contiguous()} for s in range(STEPS)]
 
 
 def _reference(cfg, global_b: int):
+    """One process, plain PyTorch: the whole global batch per step, the run's AdamW settings."""
     from megaqwen.models.spec import get_spec
     from megaqwen.parallel.grad_norm import grad_norm
 
-    from .parallel_harness import LR, SEED
-
     model = get_spec(cfg).build(cfg, seed=SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    tokens, labels = _batches(cfg, global_b)
+    opt = reference_adamw(model, TrainConfig(lr=LR))
     losses, grads, norm = [], {}, 0.0
-    for s in range(STEPS):
-        parts = model(tokens[s], labels[s])
+    for s, b in enumerate(_batches(cfg, global_b)):
+        parts = model(b["tokens"], b["labels"])
         z = getattr(parts, "z", None)
         (parts.sum / parts.count + (cfg.router_z_loss_coef * z if z is not None else 0)).backward()
         if s == 0:
@@ -61,17 +66,10 @@ def _reference(cfg, global_b: int):
 
 
 def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int) -> dict:
+    """The layout through the trainer's builders and `train_step` (tests/parallel/trainer_harness)."""
     import torch.distributed as dist
 
-    from megaqwen.models.spec import get_spec
     from megaqwen.parallel.config import ParallelConfig
-    from megaqwen.parallel.dims import ParallelDims
-    from megaqwen.parallel.grad_norm import clip_grad_norm_
-    from megaqwen.parallel.materialize import materialize
-    from megaqwen.parallel.pipeline import Pipeline
-    from megaqwen.parallel.setup import DistEnv, build_optimizer_or_engine, check_layout, parallelize
-
-    from .parallel_harness import LR, SEED
 
     pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay["pp"], sequence_parallel=lay.get("sp", False),
                           ep=lay.get("ep", 1),
@@ -79,67 +77,20 @@ def _run_layout(rank, world, cfg, lay: dict, ref: dict, global_b: int, mbs: int)
                           dp_mode=lay.get("mode", "ddp"), pp_schedule=lay["schedule"],
                           pp_virtual_stages=lay.get("v", 0), pp_layers=lay.get("layers"),
                           recompute=lay.get("recompute", "none"), compile=lay.get("compile", False))
-    dims = ParallelDims.from_config(pcfg, world)
-    env = DistEnv(rank, world, rank, torch.device("cpu"), dims, dims.build_mesh("cpu"))
-    micro = global_b // (mbs * dims.dp)
-    plan = check_layout(pcfg, env, cfg, 16, "native", microbatches=micro)
-    spec = get_spec(cfg)
-    model = spec.build(cfg, device="meta")
-    shards = parallelize(model, spec, pcfg, env, plan=plan)
-    materialize(model, shards, "cpu", seed=SEED)
-    pipe = Pipeline(plan, shards.pp_views, model, env.mesh, env.device, mbs, 16, cfg.hidden_size,
-                    seq_shard=(pcfg.tp if pcfg.sequence_parallel else 1) * pcfg.cp)
-    _, opt = build_optimizer_or_engine(
-        model, pcfg, env, "native",
-        native=lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.1),
-        param_groups=lambda m: [{"params": list(m.parameters())}], adamw=dict(lr=LR, weight_decay=0.1),
-        micro_batch_size=mbs, accum_steps=micro, grad_clip=0.0, shards=shards)
-    tokens, labels = _batches(cfg, global_b)
-    dp_rank, per_dp = env.mesh.dp_rank, global_b // dims.dp
-    losses, grad_err, norm_rel = [], 0.0, 0.0
-    for s in range(STEPS):
-        rows = range(dp_rank * per_dp, (dp_rank + 1) * per_dp)
-        mbatches = []
-        for i in range(micro):
-            sl = slice(rows[0] + i * mbs, rows[0] + (i + 1) * mbs)
-            t = tokens[s, sl]
-            mbatches.append({"tokens": t, "labels": labels[s, sl], "document_ids": torch.zeros_like(t),
-                             "position_ids": torch.arange(t.shape[1]).expand_as(t).contiguous()})
-        count = torch.tensor(float((labels[s] != -100).sum()))
-        loss_sum = pipe.step(mbatches, dims.dp * dims.cp / count)
-        ep = dims.ep > 1
-        pipe.reduce_grads(pcfg.dp_mode, shards.expert_fqns if ep else frozenset())
-        if ep and pcfg.dp_mode != "fsdp":
-            from megaqwen.parallel.expert_parallel import reduce_expert_grads
-
-            reduce_expert_grads(model, shards.expert_fqns, shards.ep_groups)
-        if s == 0:
-            for n, p in model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                g = gather_full(p.grad, n, shards)
-                r = ref["grads"][n]
-                grad_err = max(grad_err, ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item())
-            if ep:
-                from megaqwen.parallel.expert_parallel import clip_grad_norm_ep_
-
-                norm = clip_grad_norm_ep_(model.named_parameters(), float("inf"), shards, shards.expert_fqns,
-                                          shards.ep_groups).item()
-            else:
-                norm = clip_grad_norm_(model.named_parameters(), float("inf"), shards).item()
-            norm_rel = abs(norm / ref["grad_norm"] - 1)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_sum.clone()
-        for dim in ("dp", "cp"):
-            if getattr(dims, dim) > 1:
-                dist.all_reduce(loss, group=env.mesh.group(dim))
-        losses.append((loss / count).item())
+    run = build_run(layout_config(cfg, pcfg, STEPS, global_b, mbs, T, LR, SEED))
+    seen = capture_grads(run, gather_full)
+    metrics = run_steps(run, _batches(cfg, global_b))
+    grad_err = 0.0
+    for n, g in seen["grads"].items():
+        r = ref["grads"][n]
+        grad_err = max(grad_err, ((g - r).abs().max() / r.abs().max().clamp(min=1e-12)).item())
+    norm_rel = abs(metrics[0]["grad_norm"] / ref["grad_norm"] - 1)
+    losses = [m["loss"] for m in metrics]
     tied_equal = True
-    if pipe.embed_group is not None:
-        w = gather_full(model.model.embed_tokens.weight.detach(), "model.embed_tokens.weight", shards)
+    if run.pipe.embed_group is not None:
+        w = gather_full(run.plain.model.embed_tokens.weight.detach(), "model.embed_tokens.weight", run.shards)
         other = w.clone()
-        dist.broadcast(other, group=pipe.embed_group, group_src=0)
+        dist.broadcast(other, group=run.pipe.embed_group, group_src=0)
         tied_equal = torch.equal(w, other)
     flag = torch.tensor([float(tied_equal), grad_err], dtype=torch.float64)
     worst = flag.clone()

@@ -3,13 +3,17 @@ total memory against a measured CPU peak, the search and the command line."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 from peak_probe import measure_peak
 
 from megaqwen.models.config import get_config, model_names
+from megaqwen.parallel.dims import ParallelDims
 from megaqwen.plan.cli import main, run
-from megaqwen.plan.memory import GPUS, Layout, estimate_memory, rank_param_count
+from megaqwen.plan.memory import GPUS, Layout, estimate_memory, rank_param_count, routed_experts
 from megaqwen.plan.search import evaluate, search
 
 
@@ -30,7 +34,7 @@ def _meta_count(cfg, world, rank, tp=1, pp=1, fsdp=False, schedule="1f1b", micro
         model = spec.build(cfg, device="meta")
         if pp > 1:
             prune_to_rank(model, plan_pipeline(cfg.num_layers, pp, schedule, 0, None, microbatches),
-                          mesh.rank("pp"))
+                          mesh.rank("pp"), spec.pipeline)
         spec.parallelize_tp(model, mesh)
         if ep > 1:  # the trainer's order: experts split, then FSDP over edp for them, dp for the rest
             from megaqwen.parallel.expert_parallel import apply_expert_parallel, apply_fsdp_experts, ep_groups
@@ -149,7 +153,7 @@ def test_state_bytes_by_dp_mode_and_inflight_by_schedule():
     assert acts["interleaved_1f1b"].in_flight == pytest.approx(4 * (1 + 3 / 8))
     last = estimate_memory(m, Layout(pp=4, dp_mode="ddp"), 1024, 16, pp_rank=3)
     assert last.in_flight == 1 and last.activations < acts["1f1b"].activations
-    with pytest.raises(ValueError, match="num_layers=48 is not divisible"):
+    with pytest.raises(ValueError, match=r"num_layers=48 is not divisible by pp\*virtual"):
         estimate_memory(m, Layout(pp=5), 1024, 8)
     with pytest.raises(ValueError, match="dp_mode='zero4'"):
         estimate_memory(m, Layout(dp_mode="zero4"), 1024, 8)
@@ -210,3 +214,42 @@ def test_search_proposes_only_layouts_the_trainer_accepts():
     assert all(p.layout.pp == 1 for p in search(moe, 64, GPUS["h200"], 4096, 256))
     aux_free = get_config("qwen2-57b-a14b", router_aux_loss_coef=0.0)
     assert any(p.layout.pp > 1 for p in search(aux_free, 64, GPUS["h200"], 4096, 256))
+
+
+@pytest.mark.parametrize("lay, says", [
+    (Layout(pp=2, dp=2, dp_mode="zero3"), "with train.engine=deepspeed is not supported"),
+    (Layout(dp=1, dp_mode="zero2"), "train.engine=deepspeed needs a distributed launch"),
+    (Layout(ep=2, dp=2), "ep=2 needs an MoE model"),
+    (Layout(pp=7, pp_schedule="zbv", dp_mode="ddp"), "needs at least 14 micro-batches"),
+])
+def test_layout_refusals_are_the_trainers_own(lay, says):
+    """`Layout.validate` asks `parallel.setup.validate_layout` (DeepSpeed modes as engine=deepspeed):
+    the planner, the fit check and the trainer refuse with one message."""
+    from megaqwen.parallel.setup import validate_layout
+
+    m = get_config("qwen2.5-7b")
+    with pytest.raises(ValueError, match=re.escape(says)) as planner:
+        lay.validate(m, 1024, 4)
+    pcfg = lay.parallel_config()
+    with pytest.raises(ValueError) as trainer:
+        validate_layout(pcfg, ParallelDims.from_config(pcfg, lay.world), m, 1024, lay.engine, 4)
+    assert str(trainer.value) in str(planner.value)
+
+
+def test_the_planner_names_no_model_module_or_moe_field():
+    """Generic planner: model facts come from the spec (`param_shapes`, its expert flags), not names."""
+    hits = []
+    for path in (Path(__file__).parents[2] / "megaqwen" / "plan").glob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"is_moe|num_experts|embed_tokens|lm_head|q_proj|model\.model\.", code):
+                hits.append(f"{path.name}:{n}: {line.strip()}")
+    assert not hits, hits
+
+
+def test_routed_experts_come_from_the_spec():
+    for name, (e, k) in {"qwen2-57b-a14b": (64, 8), "qwen3-30b-a3b": (128, 8),
+                         "qwen1.5-moe-a2.7b": (60, 4)}.items():
+        r = routed_experts(get_config(name))
+        assert (r.experts, r.active) == (e, k), name
+    assert routed_experts(get_config("qwen2.5-7b")) is None

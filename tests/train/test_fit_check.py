@@ -29,14 +29,16 @@ def box_24g(monkeypatch):
     monkeypatch.setattr(fit_check, "host_ram", lambda: (23.1 * GIB, "RAM"))
 
 
-def test_7b_on_a_24g_cpu_box_is_refused_in_one_line_with_the_estimate(box_24g, monkeypatch, capsys,
+def test_3b_on_a_24g_cpu_box_is_refused_in_one_line_with_the_estimate(box_24g, monkeypatch, capsys,
                                                                         tmp_path):
-    code, out, err = run_cli(monkeypatch, capsys, "--check", "model=qwen2.5-7b", "train.device=cpu",
+    """3B, not 7B: 7B's untied embedding and head (1.1B parameters) form FSDP2's root unit, gathered
+    whole through the step on every rank, so no number of 24 GiB nodes fits it under FSDP."""
+    code, out, err = run_cli(monkeypatch, capsys, "--check", "model=qwen2.5-3b", "train.device=cpu",
                              f"train.out_dir={tmp_path}")
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("megaqwen-train: error: model=qwen2.5-7b needs about ")
+    assert err.count("\n") == 1 and err.startswith("megaqwen-train: error: model=qwen2.5-3b needs about ")
     assert "Traceback" not in err and "ready to train" not in err and MODEL_BUILT not in out + err
-    state = 16 * get_config("qwen2.5-7b").num_params() / GIB  # fp32 weights + grads + AdamW moments
+    state = 16 * get_config("qwen2.5-3b").num_params() / GIB  # fp32 weights + grads + AdamW moments
     assert f"model state {state:.1f}" in err, err
     assert all(term in err for term in TERMS)
     assert "but 23.1 GiB is available (RAM, 1 process on this node" in err
@@ -176,6 +178,12 @@ def test_whole_cpu_trainer_peak_is_within_the_stated_band_of_the_estimate(tmp_pa
     ("qwen3-30b-a3b", 16, ["parallel.tp=2", "parallel.ep=4", "parallel.dp_mode=fsdp",
                            "parallel.recompute=full", "train.micro_batch_size=2"],
      Layout(tp=2, ep=4, dp=8, dp_mode="fsdp", recompute="full", micro_batch=2, sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["parallel.dp_mode=fsdp", "train.micro_batch_size=1"],  # gathered root, accumulation
+     Layout(dp=4, dp_mode="fsdp", sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["train.engine=deepspeed", "parallel.zero_stage=3", "train.micro_batch_size=1"],
+     Layout(dp=4, dp_mode="zero3", sequence_parallel=False)),
+    ("qwen2.5-0.5b", 4, ["parallel.dp_mode=zero1", "train.micro_batch_size=1"],  # DDP's buckets
+     Layout(dp=4, dp_mode="zero1", sequence_parallel=False)),
 ])
 def test_the_planner_per_rank_memory_equals_the_fit_check(tmp_path, model, world, knobs, lay):
     """One memory model: for the same run shape (layout, 4,096 tokens, 64 samples per step, bf16),
@@ -189,3 +197,26 @@ def test_the_planner_per_rank_memory_equals_the_fit_check(tmp_path, model, world
     assert report.total - report.terms["runtime"] == pytest.approx(plan.memory.total, rel=1e-12)
     assert report.terms["runtime"] == fit_check.RUNTIME_BYTES
     assert report.terms["model state"] == plan.memory.state
+
+
+@pytest.mark.parametrize("knobs, fixed, shrinking", [
+    (["parallel.dp_mode=fsdp"], ["gathered parameters", "activations", "working margin", "runtime"],
+     ["model state"]),
+    (["parallel.dp_mode=ddp"], ["model state", "gradient buckets"], []),
+    (["parallel.dp_mode=fsdp", "train.global_batch_size=4"], ["gathered parameters"], []),
+])
+def test_the_fit_check_says_which_terms_do_not_shrink_with_dp(tmp_path, caplog, knobs, fixed, shrinking):
+    """The 168M calibration config at dp=2 (benchmarks/memory_calibration.py): the log line names the
+    terms more data-parallel ranks would not shrink (FSDP's gathered root, DDP's gradient buckets;
+    under accumulation FSDP2's unsharded gradients keep the model state from shrinking fully)."""
+    import logging
+
+    cfg = compose_config(["model.hidden_size=512", "model.num_layers=32", "model.num_heads=8",
+                          "model.num_kv_heads=2", "model.intermediate_size=1408", "train.device=cpu",
+                          "train.dtype=fp32", "train.seq_len=256", "train.micro_batch_size=1",
+                          "train.global_batch_size=2", "parallel.dp=2", "train.memory_limit_gb=1000",
+                          f"train.out_dir={tmp_path}", *knobs])
+    with caplog.at_level(logging.INFO, logger="megaqwen.train.fit_check"):
+        report = fit_check.check_fit(cfg, world_size=2)
+    assert all(k in report.fixed for k in fixed) and not any(k in report.fixed for k in shrinking)
+    assert "not shrinking with more data-parallel ranks: " + ", ".join(report.fixed) in caplog.text

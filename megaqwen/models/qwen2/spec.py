@@ -4,6 +4,7 @@ from megaqwen.models.qwen2 import hf_adapter
 from megaqwen.models.qwen2.model import Attention, build_model
 from megaqwen.models.qwen2.parallelize import parallelize_tp
 from megaqwen.models.qwen2.stages import Qwen2Stages
+from megaqwen.models.qwen2.validate import attention_heads, local_attention_heads, validate
 from megaqwen.models.spec import ModelSpec, register_spec
 
 SPEC = register_spec(ModelSpec(
@@ -14,4 +15,7 @@ SPEC = register_spec(ModelSpec(
     selective_recompute=(Attention, "core"),
     hf=hf_adapter,
     pipeline=Qwen2Stages(),
+    validate=validate,
+    attention_heads=attention_heads,
+    local_attention_heads=local_attention_heads,
 ))

@@ -1,7 +1,8 @@
 """The Qwen3 dense model spec (Qwen3-0.6B ... Qwen3-32B): Qwen2's, with its own build and HF adapter.
 
-Qwen2's TP plan (which keeps the q/k norm weights whole and sums their grads over TP), layer list
-and selective-recompute target (`Attention.core`) serve Qwen3 unchanged.
+Qwen2's TP plan (which keeps the q/k norm weights whole and sums their grads over TP), layer list,
+selective-recompute target (`Attention.core`) and layout rules (`qwen2/validate.py`) serve Qwen3
+unchanged.
 """
 
 from dataclasses import replace

@@ -1,5 +1,6 @@
 """The Qwen3-MoE model spec (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen2-MoE's, with its own build and
-HF adapter (Qwen2-MoE's TP plan keeps sparse blocks whole and, through Qwen2's, the q/k norms)."""
+HF adapter (Qwen2-MoE's TP plan keeps sparse blocks whole and, through Qwen2's, the q/k norms; its
+layout rules, `qwen2_moe/validate.py`, hold for Qwen3-MoE's experts too)."""
 
 from dataclasses import replace
 

@@ -1,0 +1,66 @@
+"""One micro-batch through the model for an objective: the inputs the model is called with, the
+autocast region, the context-parallel shard. Shared by the trainer step, validation and the frozen
+reference model (`megaqwen.train.reference`), so all three run the model the same way."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megaqwen.kernels.attention import AttentionMeta
+from megaqwen.models.outputs import ForwardOut
+from megaqwen.parallel import setup as par
+from megaqwen.train.build import use_bf16
+from megaqwen.train.config import Config
+from megaqwen.train.objective import Objective, get_objective
+
+
+def autocast_ctx(dtype: str, device: torch.device):
+    """bf16 autocast where `use_bf16` (fp32 master weights stay fp32); fp32 otherwise."""
+    if not use_bf16(dtype, device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], cfg: Config,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """tokens, labels, explicit position_ids (reset per document with data.reset_position_ids),
+    document_ids and whatever other fields an objective reads (e.g. `reference_logprobs`) of one
+    micro-batch, on `device`."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    tokens = batch["tokens"]
+    if not cfg.data.reset_position_ids:
+        batch["position_ids"] = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
+    return batch
+
+
+def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
+                 objective: Objective, cp_group=None) -> ForwardOut:
+    """One micro-batch through the model (its wrapper's forward) for `objective`: ForwardOut(the
+    objective's parts, the model's named aux terms). Positions are always explicit; the document
+    boundaries become one AttentionMeta for every layer. Under context parallelism (`cp_group`) every
+    cp rank holds the whole micro-batch and runs its zig-zag shard of the sequence: the parts are
+    then this shard's (the objective sees the shard's fields)."""
+    b = model_inputs(batch, cfg, device)
+    if cp_group is not None:
+        from megaqwen.parallel.context_parallel import context_parallel_inputs
+
+        local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
+                                              tile=cfg.parallel.cp_tile)
+        return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
+                     objective=objective, batch=local)
+    attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
+    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective, batch=b)
+
+
+def validation_parts(model, batch, cfg: Config, env: par.DistEnv):
+    """Validation parts (sum, count) of one micro-batch under the run's objective; under context
+    parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
+    objective = get_objective(cfg.train.objective)
+    if env.mesh is None or env.dims.cp == 1:
+        return forward_step(model, batch, cfg, env.device, objective).parts
+    from megaqwen.parallel.context_parallel import cp_loss_parts
+
+    group = env.mesh.group("cp")
+    return cp_loss_parts(forward_step(model, batch, cfg, env.device, objective, group).parts, group)
