@@ -32,6 +32,7 @@ WHEN = {
                   "save is reported in the log only",
     "spike": "at a step whose loss is a spike (train.spike_factor > 0)",
     "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
+    "objective": "every step when the train.objective declares metrics (`Objective.metrics`)",
 }
 """when a metric is logged -> what that means"""
 
@@ -78,7 +79,8 @@ def _m(name, unit, meaning, when, section, panel) -> Metric:
 
 METRICS: tuple[Metric, ...] = (
     # training
-    _m("loss", "nats/token", "training cross-entropy, mean over every valid token of the step (all ranks)",
+    _m("loss", "nats/token", "the training objective (train.objective; cross-entropy for lm), mean over "
+       "every unit of the step (valid token for lm; all ranks)",
        "always", "training", "loss"),
     _m("lr", "", "learning rate of the step (warmup + decay schedule)", "always", "training",
        "learning rate"),
@@ -110,6 +112,8 @@ METRICS: tuple[Metric, ...] = (
        "peak memory"),
     _m("peak_mem_gib/rank{r}", "GiB", "peak allocated device memory of rank r", "world<=16", "memory",
        "peak memory per rank"),
+    _m("objective/{name}", "per unit", "a metric the objective declares (`Objective.metrics`), its sum over "
+       "the step divided by the step's units (valid tokens for lm)", "objective", "training", "objective"),
     # data mix
     _m("mix/{name}", "fraction", "share of the step's samples (= tokens: samples are packed to seq_len) "
        "drawn from blend source `name`", "blend", "data mix", "data mix per source"),

@@ -47,7 +47,7 @@ class ObjectiveParts(NamedTuple):
     count: torch.Tensor
     """Its units (valid tokens for `lm`)."""
     metrics: dict[str, torch.Tensor] = {}
-    """Detached sums over the same units, logged as sum / step's global count under their name."""
+    """Detached sums over the same units, logged as `objective/<name>`: sum / the step's global units."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class StepMeter:
             if aux is not None:
                 dist.all_reduce(aux, group=pp_group)
         sums = par.dp_sum(sums, env_mesh, with_cp=True) / global_count
-        out = {"loss": sums[0].item(), **{n: sums[i + 1].item() for i, n in enumerate(names)}}
+        out = {"loss": sums[0].item(), **{f"objective/{n}": sums[i + 1].item() for i, n in enumerate(names)}}
         if aux is not None:
             dp = env_mesh.dims.dp if env_mesh is not None else 1
             aux = par.dp_sum(aux, env_mesh) / (micro_batches * dp)

@@ -16,6 +16,7 @@ from megaqwen.kernels.cross_entropy import IGNORE_INDEX
 from megaqwen.models.config import get_config
 from megaqwen.models.outputs import AuxTerm
 from megaqwen.models.spec import get_spec
+from megaqwen.train.metric_names import unregistered
 from megaqwen.train.objective import LM, ObjectiveParts, StepMeter, get_objective, sequence_sums
 from tests.parallel.test_launch import launch, shard, single_process  # noqa: F401  (fixture)
 
@@ -65,6 +66,16 @@ def test_step_meter_adds_named_aux_terms_with_their_coefficients():
     assert out == pytest.approx({"loss": 2.0, "z_loss": 1.0, "aux_loss": 1.5})
 
 
+def test_step_meter_refuses_an_undeclared_metric():
+    """Pipeline ranks without the last stage reduce the declared names only: an undeclared one would
+    desynchronise the reduction, so it is an error naming it."""
+    meter = StepMeter(scale=1.0, aux_weight=1.0, metric_names=("margin",))
+    meter.add(ObjectiveParts(torch.tensor(1.0), torch.tensor(1), {"margin": torch.tensor(3.0)}))
+    with pytest.raises(ValueError, match="metric 'accuracy' it did not declare"):
+        meter.add(ObjectiveParts(torch.tensor(1.0), torch.tensor(1), {"accuracy": torch.tensor(1.0)}))
+    assert meter.reduce(torch.tensor(2.0), 1, None) == pytest.approx({"loss": 1.0, "objective/margin": 1.5})
+
+
 def test_objective_lookup_errors_name_the_problem():
     assert get_objective("lm") is LM
     with pytest.raises(ValueError, match="train.objective='lmm'.*did you mean lm"):
@@ -95,8 +106,12 @@ def test_reference_objective_in_one_process(tmp_path, shard, init_run):  # noqa:
     NLL is the loss); after two updates the policy has moved and the reference has not."""
     single_process(tmp_path / "ref", shard, *PLUGIN, f"train.init_from={init_run}")
     rows = _rows(tmp_path / "ref")
-    assert rows[0]["ref_gap"] < 1e-6 and rows[0]["ref_nll"] == pytest.approx(rows[0]["loss"], rel=1e-6)
-    assert rows[-1]["ref_gap"] > 1e-3 and rows[-1]["ref_nll"] != pytest.approx(rows[-1]["loss"], rel=1e-4)
+    first, last = rows[0], rows[-1]
+    assert first["objective/ref_gap"] < 1e-6
+    assert first["objective/ref_nll"] == pytest.approx(first["loss"], rel=1e-6)
+    assert last["objective/ref_gap"] > 1e-3
+    assert last["objective/ref_nll"] != pytest.approx(last["loss"], rel=1e-4)
+    assert unregistered({k for r in rows for k in r}) == []  # objective/<name> is a documented family
 
 
 @pytest.mark.slow
@@ -113,5 +128,5 @@ def test_reference_objective_under_layouts_equals_one_process(tmp_path, shard, i
     assert run.returncode == 0, run.stderr[-4000:]
     for got, want in zip(_rows(tmp_path / "lay"), _rows(tmp_path / "one"), strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["ref_nll"] == pytest.approx(want["ref_nll"], rel=1e-5)
-        assert got["ref_gap"] == pytest.approx(want["ref_gap"], rel=1e-4, abs=1e-6)
+        assert got["objective/ref_nll"] == pytest.approx(want["objective/ref_nll"], rel=1e-5)
+        assert got["objective/ref_gap"] == pytest.approx(want["objective/ref_gap"], rel=1e-4, abs=1e-6)
