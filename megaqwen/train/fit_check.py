@@ -184,7 +184,12 @@ def check_fit(cfg, world_size: int) -> FitReport | None:
     report = fit_report(cfg, world_size)
     if not report.fits:
         raise ValueError(report.message())
-    log.info("%s: fits%s", report.summary(), report.fixed_note())
+    fixed = sum(report.terms[k] for k in report.fixed)
+    if run_shape(cfg, world_size).layout.dp > 1 and fixed > 0.5 * report.total:
+        # most of it would not shrink on more data-parallel ranks: say so where the run starts
+        log.warning("%s: fits%s", report.summary(), report.fixed_note())
+    else:
+        log.info("%s: fits%s", report.summary(), report.fixed_note())
     return report
 
 
