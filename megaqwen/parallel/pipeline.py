@@ -116,19 +116,12 @@ class PipelinePlan:
         return self.stage_rank(self.num_stages - 1)
 
     def bubble_fraction(self) -> float:
-        """Theoretical idle fraction of a step with equal forward, input-grad and weight-grad times
-        (F = B_input = B_weight): GPipe/1F1B (p-1)/(m+p-1); interleaving divides the bubble by v
-        (Narayanan et al. 2021); ZB-H1 keeps a third of it (Qi et al. 2023: the weight-grad pass
-        fills the cool-down); the V schedules (ZB-V, DualPipeV) are bubble-free in this model once
-        m >= 2p."""
-        p, m, v = self.pp, self.microbatches, self.virtual
-        if self.schedule in ("gpipe", "1f1b"):
-            return (p - 1) / (m + p - 1)
-        if self.schedule == "interleaved_1f1b":
-            return (p - 1) / (v * m + p - 1)
-        if self.schedule == "zero_bubble":
-            return (p - 1) / (3 * v * m + p - 1)
-        return 0.0 if m >= 2 * p else (p - 1) / (v * m + p - 1)
+        """Theoretical idle fraction of a step with equal forward, input-grad and weight-grad times:
+        `megaqwen.parallel.bubble.bubble_fraction` (the planner's model too): GPipe/1F1B
+        (p-1)/(m+p-1), interleaving divides it by v, ZB-H1 by 3v, ZB-V 0, DualPipeV (p-1)/(3m+p-1)."""
+        from megaqwen.parallel.bubble import bubble_fraction
+
+        return bubble_fraction(self.schedule, self.pp, self.microbatches, self.virtual)
 
 
 def _even_split_hint(num_layers: int, stages: int) -> list[int]:
@@ -255,7 +248,7 @@ class StageModule(nn.Module):
             return h.to(self.act_dtype)
         if self.objective is None:
             raise RuntimeError("a pipeline's last chunk runs only inside Pipeline.step / forward_only")
-        parts = self.objective(m, h, fields)
+        parts = self.objective(m, h, {**fields, "cp_group": self.cp_group})
         if self.meter is None:  # forward only (`Pipeline.forward_only`): any result, kept here
             self.records.append(parts)
             return h.new_zeros(())

@@ -49,9 +49,10 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
         local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
                                               tile=cfg.parallel.cp_tile)
         return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
-                     objective=objective, batch=local)
+                     objective=objective, batch={**local, "cp_group": cp_group})
     attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
-    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective, batch=b)
+    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective,
+                 batch={**b, "cp_group": None})
 
 
 def validation_parts(model, batch, cfg: Config, env: par.DistEnv):

@@ -10,6 +10,10 @@ It asks the model only for what the model exposes to every objective:
                                                                 vocab-parallel under tp)
     model.token_logprobs(h, labels)  -> (B, T) log p(label)     per-token log-probabilities
     sequence_sums(values, batch)     -> per-document sums       per-sequence (per packed document)
+    row_sums(values, batch)          -> (B,) per-row sums       whole rows, summed over cp shards
+
+The batch an objective gets holds the micro-batch's tensors (this cp rank's shard of the
+per-token ones) and `cp_group` (None without context parallelism).
 
 The model's auxiliary terms (MoE router losses: `megaqwen.models.outputs.AuxTerm`) are added by
 `StepMeter`, by name, in one place, whether the step is pipelined or not; the meter also reduces
@@ -141,6 +145,24 @@ def sequence_sums(values_BT: torch.Tensor,
     sums = torch.zeros(uniq.numel(), dtype=values_BT.dtype, device=values_BT.device)
     sums = sums.index_add(0, inverse, vals)
     return sums, uniq // width
+
+
+def row_sums(values_BT: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """(B,) per-row sums of per-token values over the valid labels, over the whole sequence: under
+    context parallelism each cp rank holds a zig-zag shard of every row, so the shards' sums are
+    all-reduced over `batch["cp_group"]` (differentiably: each shard's tokens get the gradient of the
+    full row's sum). For objectives on whole rows (DPO's chosen / rejected log-probabilities, a
+    reward model's per-sequence score)."""
+    labels = batch["labels"]
+    sums = torch.where(labels != IGNORE_INDEX, values_BT, torch.zeros_like(values_BT)).sum(dim=1)
+    group = batch.get("cp_group")
+    if group is not None:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_fn
+
+        if dist.get_world_size(group) > 1:
+            sums = dist_fn.all_reduce(sums, group=group)
+    return sums
 
 
 @dataclass

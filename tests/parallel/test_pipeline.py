@@ -200,3 +200,4 @@ def test_bubble_fraction_formulas():
     assert plan_pipeline(8, p, "interleaved_1f1b", 0, None, m).bubble_fraction() == pytest.approx(3 / 19)
     assert plan_pipeline(8, p, "zero_bubble", 0, None, m).bubble_fraction() == pytest.approx(3 / 51)
     assert plan_pipeline(8, p, "zbv", 0, None, m).bubble_fraction() == 0.0
+    assert plan_pipeline(8, p, "dualpipev", 0, None, m).bubble_fraction() == pytest.approx(3 / 27)

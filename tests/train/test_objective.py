@@ -17,7 +17,7 @@ from megaqwen.models.config import get_config
 from megaqwen.models.outputs import AuxTerm
 from megaqwen.models.spec import get_spec
 from megaqwen.train.metric_names import unregistered
-from megaqwen.train.objective import LM, ObjectiveParts, StepMeter, get_objective, sequence_sums
+from megaqwen.train.objective import LM, ObjectiveParts, StepMeter, get_objective, row_sums, sequence_sums
 from tests.parallel.test_launch import launch, shard, single_process  # noqa: F401  (fixture)
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -51,6 +51,15 @@ def test_sequence_sums_per_packed_document():
     sums, rows = sequence_sums(values, {"labels": labels, "document_ids": docs})
     assert sums.tolist() == [0 + 1, 2 + 3 + 4, 5, 6 + 7 + 8 + 9 + 10]
     assert rows.tolist() == [0, 0, 0, 1]
+
+
+def test_row_sums_mask_ignored_labels_without_context_parallelism():
+    values = torch.arange(8, dtype=torch.float32).view(2, 4).requires_grad_()
+    labels = torch.tensor([[1, 1, -100, 1], [-100, 1, 1, 1]])
+    sums = row_sums(values, {"labels": labels, "cp_group": None})
+    assert sums.tolist() == [0 + 1 + 3, 5 + 6 + 7]
+    sums.sum().backward()
+    assert values.grad.tolist() == [[1, 1, 0, 1], [0, 1, 1, 1]]
 
 
 def test_step_meter_adds_named_aux_terms_with_their_coefficients():
