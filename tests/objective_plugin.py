@@ -13,10 +13,12 @@ def _parts(model, h, batch):
     ref = batch[REFERENCE_FIELD]
     lm = model.loss(h, labels)
     return ObjectiveParts(lm.sum, lm.count, {
-        "ref_gap": ((policy.detach() - ref).abs() * valid).sum(),  # 0 while the policy is the reference
-        "ref_nll": -(ref * valid).sum(),  # the reference's own LM loss
+        # 0 while the policy is the reference
+        "objective/ref_gap": ((policy.detach() - ref).abs() * valid).sum(),
+        "objective/ref_nll": -(ref * valid).sum(),  # the reference's own LM loss
     })
 
 
 REF_GAP = Objective("ref_gap", _parts, units=lambda b: (b["labels"] != IGNORE_INDEX).sum(),
-                    fields=("labels", REFERENCE_FIELD), needs_reference=True, metrics=("ref_gap", "ref_nll"))
+                    fields=("labels", REFERENCE_FIELD), needs_reference=True,
+                    metrics=("objective/ref_gap", "objective/ref_nll"))

@@ -51,7 +51,9 @@ class ObjectiveParts(NamedTuple):
     count: torch.Tensor
     """Its units (valid tokens for `lm`)."""
     metrics: dict[str, torch.Tensor] = {}
-    """Detached sums over the same units, logged as `objective/<name>`: sum / the step's global units."""
+    """Detached sums over the same units, logged under their names as sum / the step's global units
+    (names in `megaqwen.train.metric_names`: a built-in objective registers its own, e.g. `dpo/margin`;
+    a user's objective uses the documented family `objective/<name>`)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class Objective:
     fields: tuple[str, ...] = ("labels",)
     needs_reference: bool = False
     metrics: tuple[str, ...] = ()
-    """Names of the metric sums `parts` returns (declared: pipeline ranks without the last stage
-    reduce them too, as zeros)."""
+    """Names of the metric sums `parts` returns, as logged (declared: pipeline ranks without the last
+    stage reduce them too, as zeros)."""
 
     def __call__(self, model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveParts:
         return self.parts(model, h, batch)
@@ -227,7 +229,7 @@ class StepMeter:
             if aux is not None:
                 dist.all_reduce(aux, group=pp_group)
         sums = par.dp_sum(sums, env_mesh, with_cp=True) / global_count
-        out = {"loss": sums[0].item(), **{f"objective/{n}": sums[i + 1].item() for i, n in enumerate(names)}}
+        out = {"loss": sums[0].item(), **{n: sums[i + 1].item() for i, n in enumerate(names)}}
         if aux is not None:
             dp = env_mesh.dims.dp if env_mesh is not None else 1
             aux = par.dp_sum(aux, env_mesh) / (micro_batches * dp)

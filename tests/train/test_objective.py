@@ -78,11 +78,11 @@ def test_step_meter_adds_named_aux_terms_with_their_coefficients():
 def test_step_meter_refuses_an_undeclared_metric():
     """Pipeline ranks without the last stage reduce the declared names only: an undeclared one would
     desynchronise the reduction, so it is an error naming it."""
-    meter = StepMeter(scale=1.0, aux_weight=1.0, metric_names=("margin",))
-    meter.add(ObjectiveParts(torch.tensor(1.0), torch.tensor(1), {"margin": torch.tensor(3.0)}))
+    meter = StepMeter(scale=1.0, aux_weight=1.0, metric_names=("dpo/margin",))
+    meter.add(ObjectiveParts(torch.tensor(1.0), torch.tensor(1), {"dpo/margin": torch.tensor(3.0)}))
     with pytest.raises(ValueError, match="metric 'accuracy' it did not declare"):
         meter.add(ObjectiveParts(torch.tensor(1.0), torch.tensor(1), {"accuracy": torch.tensor(1.0)}))
-    assert meter.reduce(torch.tensor(2.0), 1, None) == pytest.approx({"loss": 1.0, "objective/margin": 1.5})
+    assert meter.reduce(torch.tensor(2.0), 1, None) == pytest.approx({"loss": 1.0, "dpo/margin": 1.5})
 
 
 def test_objective_lookup_errors_name_the_problem():
