@@ -70,6 +70,9 @@ class RunShape:
     deepspeed: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
+    reference: bool = False
+    """The objective holds a frozen reference model (`megaqwen.train.reference`): fp32 weights
+    sharded like the policy's (whole per dp rank under DeepSpeed, which it does not partition)."""
 
     def terms(self) -> dict[str, float]:
         """Bytes per process, by term, on the most loaded pipeline rank."""
@@ -84,6 +87,8 @@ class RunShape:
             out["gathered parameters"] = e.gathered
         if e.buffers:
             out["gradient buckets"] = e.buffers
+        if self.reference:
+            out["reference model"] = 4.0 * e.params  # this rank's parameter elements, fp32
         if self.cpu:
             out["runtime"] = RUNTIME_BYTES
             if self.async_save:
@@ -156,9 +161,11 @@ def run_shape(cfg, world_size: int) -> RunShape:
                  sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
                  pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
                  micro_batch=t.micro_batch_size)
+    from megaqwen.train.objective import get_objective
+
     return RunShape(m, lay, t.seq_len, t.global_batch_size, 2 if bf16 else 4, device.type == "cpu",
                     t.async_save, t.engine == "deepspeed", t.engine == "deepspeed" and p.offload_optimizer,
-                    t.engine == "deepspeed" and p.offload_params)
+                    t.engine == "deepspeed" and p.offload_params, get_objective(t.objective).needs_reference)
 
 
 def fit_report(cfg, world_size: int) -> FitReport:

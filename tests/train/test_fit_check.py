@@ -72,6 +72,20 @@ def test_memory_limit_decides_for_a_mid_size_model(tmp_path):
         preflight([*args, "train.memory_limit_gb=-1"], world_size=1)
 
 
+def test_an_objective_with_a_reference_model_counts_its_weights(tmp_path, monkeypatch):
+    """A frozen reference model (tests/objective_plugin.py's objective) adds its fp32 weights, sharded
+    like the policy's: a quarter of the policy's 16 bytes per parameter, and half again at tp=2."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    args = [f"train.out_dir={tmp_path}", "model=qwen2.5-0.5b", "train.device=cpu"]
+    plain = fit_check.run_shape(compose_config(args), 1).terms()
+    ref = fit_check.run_shape(compose_config([*args, "train.objective=objective_plugin:REF_GAP"]), 1).terms()
+    assert "reference model" not in plain
+    assert ref["reference model"] == plain["model state"] / 4
+    tp2 = fit_check.run_shape(compose_config([*args, "train.objective=objective_plugin:REF_GAP",
+                                              "parallel.tp=2"]), 2).terms()
+    assert tp2["reference model"] < 0.55 * ref["reference model"]  # the embedding / head split too
+
+
 def test_fit_check_false_skips_it(box_24g, monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "--check", "model=qwen2.5-7b", "train.device=cpu",
                            "train.fit_check=false", f"train.out_dir={tmp_path}")
