@@ -30,7 +30,8 @@ from megaqwen.train.assemble import build_training, seed_and_ops
 from megaqwen.train.config import Config
 from megaqwen.train.forward import autocast_ctx, forward_step, model_inputs, validation_parts
 from megaqwen.train.metrics import MetricsLogger
-from megaqwen.train.objective import Objective, StepMeter, get_objective
+from megaqwen.train.objective import Objective, StepMeter
+from megaqwen.train.objectives import objective_for
 from megaqwen.train.optim import lr_at, set_lr
 from megaqwen.train.profiling import StepProfiler
 from megaqwen.train.reliability import LossHealth, StopSignal, rollback, straggler_metrics
@@ -82,7 +83,7 @@ def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: 
     stage adding its share to `meter`), then the dp and tied-embedding gradient reductions."""
     inputs = [model_inputs(b, cfg, env.device) for b in micro]
     with autocast_ctx(cfg.train.dtype, env.device):
-        pipe.step(inputs, meter, objective or get_objective(cfg.train.objective), cfg.data.document_mask)
+        pipe.step(inputs, meter, objective or objective_for(cfg), cfg.data.document_mask)
     exclude = shards.expert_fqns if shards is not None and env.dims.ep > 1 else frozenset()
     pipe.reduce_grads(cfg.parallel.dp_mode, exclude)  # experts: their edp group, in train_step
 
@@ -105,7 +106,7 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
-    objective = get_objective(cfg.train.objective)
+    objective = objective_for(cfg)
     micro = [next(batches) for _ in range(accum_steps)]
     if objective.needs_reference:
         from megaqwen.train.reference import REFERENCE_FIELD
@@ -245,6 +246,11 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     run = RunFolder(cfg, env.world_size)
     run.open(env.rank)  # data paths, resume contract, run-folder lock: before any model is built
+    if t.fit_check and env.rank == 0:  # the pre-flight estimate, into this run's log too
+        from megaqwen.train.fit_check import fit_report
+
+        report = fit_report(cfg, env.world_size)
+        log.info("memory estimate: %s%s", report.summary(), report.fixed_note())
     ops = seed_and_ops(cfg, env)
     latest = run.latest  # the checkpoint every rank agreed on (checksums verified), None: fresh start
     built = build_training(cfg, env, ops, plan, accum_steps, resuming=latest is not None)
@@ -267,7 +273,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
-    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), get_objective(t.objective),
+    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), objective_for(cfg),
                                              cfg.data.document_mask))
                if pipe is not None else (lambda m, b: validation_parts(m, b, cfg, env)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,

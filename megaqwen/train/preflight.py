@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megaqwen.train.config import Config
 from megaqwen.train.errors import UsageError
 from megaqwen.train.fit_check import check_fit
+from megaqwen.train.objective import get_objective
 from megaqwen.train.overrides import check_choices, check_overrides, hydra_message, is_hydra_override
 from megaqwen.train.run_folder import RunFolder
 
@@ -69,6 +70,12 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
             from megaqwen.parallel.materialize import hf_weight_files
 
             hf_weight_files(src)  # its weight files exist (their keys are matched once the model does)
+    if get_objective(t.objective).needs_reference:  # the frozen reference model's weights
+        source = t.reference_from or t.init_from
+        if not source:
+            raise ValueError(f"train.objective={t.objective} needs a reference model: set "
+                             "train.reference_from (an HF folder or a native checkpoint) or train.init_from")
+        initial_source(source, cfg, get_spec(cfg.model))  # exists, and its model config is the run's
     check_fit(cfg, world_size)  # the memory estimate against this machine's, before any model exists
     return run
 

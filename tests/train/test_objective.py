@@ -139,3 +139,17 @@ def test_reference_objective_under_layouts_equals_one_process(tmp_path, shard, i
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["objective/ref_nll"] == pytest.approx(want["objective/ref_nll"], rel=1e-5)
         assert got["objective/ref_gap"] == pytest.approx(want["objective/ref_gap"], rel=1e-4, abs=1e-6)
+
+
+def test_a_reference_objective_without_weights_is_refused_before_work(tmp_path, monkeypatch, capsys):
+    """No train.reference_from and no train.init_from: a one-line refusal naming both, before any
+    model exists; a reference folder that does not exist is named too."""
+    from train_cli import MODEL_BUILT, run_cli
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    args = [f"train.out_dir={tmp_path / 'run'}", "train.steps=1", *PLUGIN]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code != 0 and "needs a reference model: set train.reference_from" in err
+    assert MODEL_BUILT not in out + err
+    code, out, err = run_cli(monkeypatch, capsys, *args, f"train.reference_from={tmp_path / 'nowhere'}")
+    assert code != 0 and "nowhere" in err and MODEL_BUILT not in out + err
