@@ -13,6 +13,16 @@ counted under `repaired`); a document the tokenizer still rejects is skipped, co
 and logged with file, line and id; a damaged compressed file keeps the records before the damage and
 is listed. The run ends by printing a JSON summary, also written to PREFIX.stats.json. The work is
 done by `megaqwen.data.tokenize` (shared with the trainer's `data.path=sample`).
+
+    megaqwen-data tokenize --format sft --input chats.jsonl --output-prefix shards/chat [--last-turn-only]
+    megaqwen-data tokenize --format dpo --input prefs.parquet --output-prefix shards/prefs
+
+`--format sft` reads OpenAI-style `messages` (system / user / assistant / tool turns), `--format dpo`
+reads `{"prompt"|"messages", "chosen", "rejected"}`; both apply the tokenizer's chat template (the
+Qwen2.5 one the HF export ships) and write a parallel uint8 loss-mask shard PREFIX.mask.bin/.idx (1 on
+assistant content and its `<|im_end|>`); a dpo pair is two consecutive documents, chosen then rejected.
+Malformed records are counted per reason with their first line numbers (`megaqwen.data.chat`). Chat
+formats tokenise in one process (--workers is ignored).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import json
 import logging
 import sys
 
+from megaqwen.data.chat import tokenize_chat, write_chat_summary
 from megaqwen.data.readers import expand_inputs
 from megaqwen.data.tokenize import tokenize_files, write_summary
 
@@ -40,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         files = expand_inputs(args.input)
     except FileNotFoundError as e:
         print(f"megaqwen-data tokenize: {e}", file=sys.stderr)
+        return 2
+    if args.format != "text":
+        return _run_chat(args, files)
+    if args.last_turn_only:
+        print("megaqwen-data tokenize: --last-turn-only needs --format sft", file=sys.stderr)
         return 2
     try:
         stats = tokenize_files(
@@ -64,6 +80,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_chat(args: argparse.Namespace, files) -> int:
+    try:
+        stats = tokenize_chat(files, args.output_prefix, args.format, args.last_turn_only, args.tokenizer)
+    except (ValueError, OSError) as e:
+        print(f"megaqwen-data tokenize: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(write_chat_summary(stats)))
+    if stats.malformed:
+        log.warning("%d malformed record(s) skipped: %s; first at %s", stats.malformed, stats.reasons,
+                    stats.first_lines)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenize",
@@ -79,6 +108,11 @@ def add_parser(subparsers) -> None:
         help="jsonl, jsonl.gz, jsonl.zst, parquet files or HF datasets folders (globs allowed, quote them)",
     )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    p.add_argument("--format", choices=("text", "sft", "dpo"), default="text",
+                   help="text: pretraining documents (default); sft: chat `messages` with a loss mask on "
+                        "assistant tokens; dpo: prompt/chosen/rejected pairs")
+    p.add_argument("--last-turn-only", action="store_true",
+                   help="--format sft: train only the last assistant turn of each conversation")
     p.add_argument("--text-key", default="text", help="json key / parquet column holding the text")
     p.add_argument("--workers", type=int, default=1, help="tokeniser processes (1: in-process)")
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokeniser call")

@@ -203,6 +203,13 @@ class IndexedDataset:
             raise ValueError(f"{bpath}: truncated data ({bin_size} bytes, the index needs {data_bytes})")
         # np.memmap cannot map an empty file; an empty shard is still a valid dataset.
         self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype)
+        self.data_format, self.mask = _chat_mask(self)
+
+    def get_mask(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """The uint8 loss mask of tokens [offset, offset + length) of sequence i (sft / dpo shards)."""
+        if self.mask is None:
+            raise ValueError(f"{self.prefix} is a {self.data_format} shard: it has no loss mask")
+        return self.mask.get(i, offset, length)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -231,6 +238,27 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.sizes.sum(dtype=np.int64))
+
+
+def _chat_mask(ds: IndexedDataset) -> tuple[str, IndexedDataset | None]:
+    """(data_format, mask shard) of a shard: "text" and None unless PREFIX.shard.json says "sft" or "dpo"
+    (`megaqwen.data.chat`), whose per-token uint8 loss mask is the parallel shard `mask_prefix`."""
+    try:
+        meta = read_meta(ds.prefix) or {}
+    except ValueError:
+        return "text", None  # a damaged sidecar: the trainer's pre-flight names it
+    fmt = meta.get("data_format", "text")
+    if fmt == "text":
+        return fmt, None
+    mask_prefix = ds.prefix.parent / str(meta.get("mask_prefix", f"{ds.prefix.name}.mask"))
+    if not exists(mask_prefix):
+        raise FileNotFoundError(f"{ds.prefix} is a {fmt} shard but its loss mask {mask_prefix}.bin/.idx is "
+                                "missing; re-tokenise it (megaqwen-data tokenize --format " + fmt + ")")
+    mask = IndexedDataset(mask_prefix)
+    if not np.array_equal(mask.sizes, ds.sizes):
+        raise ValueError(f"{ds.prefix}: its loss mask {mask_prefix} has other document sizes than the "
+                         "tokens; re-tokenise it")
+    return fmt, mask
 
 
 def read_meta(prefix: str | Path) -> dict | None:
