@@ -26,6 +26,8 @@ QK_NORM_ARCHS = frozenset({"qwen3", "qwen3_moe"})
 """Architectures with QK-norm and without QKV bias (Qwen3)."""
 NO_SHARED_EXPERT_ARCHS = frozenset({"qwen3_moe"})
 """MoE architectures whose checkpoints have no shared expert."""
+HEADS = ("lm", "score")
+"""`ModelConfig.head` values: the LM head over the vocabulary, or a scalar score (reward model)."""
 
 
 @dataclass
@@ -78,6 +80,9 @@ class ModelConfig:
     """RMSNorm over head_dim on every q and k head, before RoPE (Qwen3's QK-norm; weights (D,))."""
     init_std: float = 0.02
     """Std of the normal init for linear and embedding weights."""
+    head: str = "lm"
+    """Output head: lm (next-token logits over the vocabulary) | score (one scalar per token, HF
+    `score.weight` (1, H): a reward model, exported as `*ForSequenceClassification`)."""
     num_experts: int = 0
     """Routed experts per MoE layer (arch "qwen2_moe"); 0 means a dense model."""
     num_experts_per_tok: int = 0
@@ -149,6 +154,11 @@ class ModelConfig:
             raise ValueError(f"model {self.name!r}: head_dim={self.head_dim_} must be even for RoPE")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError(f"model {self.name!r}: rope_theta and rms_norm_eps must be positive")
+        if self.head not in HEADS:
+            raise ValueError(f"model {self.name!r}: head={self.head!r}; choose {' | '.join(HEADS)}")
+        if self.head == "score" and self.tie_word_embeddings:
+            raise ValueError(f"model {self.name!r}: head=score has no LM head to tie to the embedding; "
+                             "set tie_word_embeddings=false with it")
         self._validate_arch()
         self._validate_moe()
         self._validate_rope()
@@ -252,8 +262,9 @@ class ModelConfig:
         dense_mlp = 3 * h * i
         n_dense = self.num_layers - n_sparse
         layers = self.num_layers * attn_norms + n_sparse * sparse_mlp + n_dense * dense_mlp
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return layers + h + (emb if include_embedding else 0)
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings or self.head == "score" else 2)
+        score = h if self.head == "score" else 0  # score.weight (1, H)
+        return layers + h + score + (emb if include_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * non-embedding-input (active) params + causal attention term.
@@ -262,7 +273,8 @@ class ModelConfig:
         score and value GEMMs add 6 * n_layers * seq_len * (q width) per token: 12·L·s·d halved
         for causal masking (PaLM appendix B / Megatron's MFU formula).
         """
-        n = self.active_params(include_embedding=False) + self.vocab_size * self.hidden_size
+        head = self.vocab_size * self.hidden_size if self.head == "lm" else 0  # score: counted in params
+        n = self.active_params(include_embedding=False) + head
         attn = 6 * self.num_layers * seq_len * self.num_heads * self.head_dim_
         return 6 * n + attn
 

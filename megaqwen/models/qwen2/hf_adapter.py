@@ -61,6 +61,7 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
     hf = {**{k: hf[a] for k, a in HF_KEY_ALIASES.items() if a in hf}, **hf}
     kw = {ours: hf[theirs] for ours, theirs in keys.items() if theirs in hf}
     kw["rope_theta"] = float(rope_theta)
+    kw.update(head_from_hf(hf))
     kw.update(rope_scaling_from_hf(hf))
     dca = hf.get("dual_chunk_attention_config")
     if dca:
@@ -69,6 +70,35 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
     if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
         kw["head_dim"] = head_dim
     return kw
+
+
+SEQ_CLS = "ForSequenceClassification"
+"""Suffix of the HF class a score-head model (a reward model) exports as: `Qwen2ForSequenceClassification`
+(`model.*` + `score.weight` (1, H), num_labels=1) and its Qwen3 / MoE siblings."""
+PAD_TOKEN_ID = 151643
+"""<|endoftext|>, the Qwen2.5 tokenizer's pad: the sequence classifier scores each row's last token that
+is not this id (right padding)."""
+
+
+def head_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig kwargs of the head: a `*ForSequenceClassification` with one label is a score head
+    (untied: it has no LM head); more labels are refused (a reward model has one)."""
+    if not any(a.endswith(SEQ_CLS) for a in hf.get("architectures") or []):
+        return {}
+    labels = hf.get("num_labels", len(hf.get("id2label") or {0: ""}))
+    if labels != 1:
+        raise ValueError(f"a sequence classifier with num_labels={labels} is not supported (a reward "
+                         "model's score head has 1)")
+    return {"head": "score", "tie_word_embeddings": False}
+
+
+def head_to_hf(cfg: ModelConfig, architectures: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """(architectures, extra config keys) of `cfg`'s head: a score head exports as the family's
+    sequence classifier with one label and the pad id it finds each row's last token by."""
+    if cfg.head != "score":
+        return architectures, {}
+    return ([a.replace("ForCausalLM", SEQ_CLS) for a in architectures],
+            {"num_labels": 1, "pad_token_id": PAD_TOKEN_ID})
 
 
 # HF yarn key -> ModelConfig field; any other key in a yarn rope_scaling is refused, not ignored
@@ -120,7 +150,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype, config_cls: type, keys:
                    architectures: list[str], **extra: Any) -> dict[str, Any]:
     """config.json contents for `cfg` through a transformers config class (shared by the family);
     `extra` are further keys of that class (Qwen3: head_dim, attention_bias)."""
-    kw = {theirs: getattr(cfg, ours) for ours, theirs in keys.items()} | extra
+    architectures, head = head_to_hf(cfg, architectures)
+    kw = {theirs: getattr(cfg, ours) for ours, theirs in keys.items()} | extra | head
     hf = config_cls(**kw, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
                     eos_token_id=151643, architectures=architectures)
     d = hf.to_dict()

@@ -12,6 +12,7 @@ The forward is three separate steps, so pipeline stages, sequence shards and mic
 run the part they own and reduce the loss exactly:
     hidden_states(tokens | activations, positions, attention metadata) -> (B, T, H)
     logits(h)                                                           -> (B, T, V)
+    scores(h)   (head=score, a reward model)                            -> (B, T)
     loss(h, labels)                                                     -> LossParts(sum, count)
 Positions and the attention metadata (`AttentionMeta`: packed-document boundaries) are built once
 per batch and handed to every layer. Any of embedding, final norm and head may be None (a pipeline
@@ -131,8 +132,13 @@ class Qwen2ForCausalLM(nn.Module):
         self.cfg = cfg
         self.ops = ops or KernelOps()
         self.model = self.decoder_cls(cfg, self.ops)
+        lm = cfg.head == "lm"
         self.lm_head: nn.Linear | None = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if lm and not cfg.tie_word_embeddings
+            else None)
+        # reward model (cfg.head == "score"): one scalar per token, HF *ForSequenceClassification's
+        # `score` with num_labels=1; whole on every tp rank (it is H numbers)
+        self.score: nn.Linear | None = None if lm else nn.Linear(cfg.hidden_size, 1, bias=False)
         self.criterion = LMLoss(self.ops.linear_cross_entropy)
 
     def param_init(self, name: str) -> ParamInit:
@@ -149,6 +155,8 @@ class Qwen2ForCausalLM(nn.Module):
         """(V, H) output projection: lm_head, or the input embedding when tied."""
         if self.lm_head is not None:
             return self.lm_head.weight
+        if self.cfg.head != "lm":
+            raise RuntimeError(f"a model with head={self.cfg.head} has no LM head (use `scores`)")
         if self.model.embed_tokens is None:
             raise RuntimeError("tied LM head needs the embedding on this stage")
         return self.model.embed_tokens.weight
@@ -199,7 +207,18 @@ class Qwen2ForCausalLM(nn.Module):
         return {}
 
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
-        return h_BTH @ self.head_weight().t()  # (B, T, V)
+        """(B, T, V) next-token logits; a score head's (B, T, 1) per-token scores (HF's logits)."""
+        if self.score is not None:
+            return self.score(h_BTH)
+        return h_BTH @ self.head_weight().t()
+
+    def scores(self, h_BTH: torch.Tensor) -> torch.Tensor:
+        """(B, T) fp32 score of every token (score head): a reward model's reward for the sequence
+        ending at that token. Which token scores a row is the objective's choice
+        (`megaqwen.train.reward`: the last token of the response, as HF's last non-pad token)."""
+        if self.score is None:
+            raise RuntimeError("scores need the score head: model.head=score (reward model)")
+        return self.score(h_BTH).squeeze(-1).float()
 
     def loss(self, h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> LossParts:
         """labels already shifted (labels[:, i] is the target of position i); -100 is ignored."""

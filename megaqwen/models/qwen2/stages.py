@@ -2,9 +2,9 @@
 spec's `pipeline` (see `megaqwen.models.spec.PipelineSplit`).
 
 A stage keeps the full module tree minus what it does not run, so parameter names never change:
-its decoder layers; the input embedding on the first stage; the final norm and the LM head on the
-last. With tied embeddings the last stage keeps `model.embed_tokens` as its head (the pipeline sums
-the two copies' gradients over the embedding group: `shared_params`).
+its decoder layers; the input embedding on the first stage; the final norm and the LM head (a reward
+model's score head) on the last. With tied embeddings the last stage keeps `model.embed_tokens` as
+its head (the pipeline sums the two copies' gradients over the embedding group: `shared_params`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class Qwen2Stages:
         if not last:
             model.model.norm = None
             model.lm_head = None
+            model.score = None
 
     @staticmethod
     def boundary_modules(model: nn.Module, first: bool, last: bool) -> dict[str, nn.Module]:
@@ -35,7 +36,8 @@ class Qwen2Stages:
             out["embed"] = model.model.embed_tokens
         if last:
             out["norm"] = model.model.norm
-            out["head"] = model.lm_head if model.lm_head is not None else model.model.embed_tokens
+            out["head"] = next(m for m in (model.score, model.lm_head, model.model.embed_tokens)
+                               if m is not None)
         return out
 
     @staticmethod

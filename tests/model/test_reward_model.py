@@ -1,0 +1,123 @@
+"""The score head (`model.head=score`, a reward model): its parameters and config rules, the pipeline
+split, and the Hugging Face export as `*ForSequenceClassification` — transformers' pooled logits equal
+our rewards, and HF -> megaqwen -> HF is bit-exact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megaqwen.convert.cli import main as convert_main
+from megaqwen.convert.hf import load_pretrained
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.models.config import get_config
+from megaqwen.models.spec import get_spec
+from megaqwen.train.reward import rewards
+from tests.convert.test_hf_convert import hf_tensors
+from tests.hf_random import randomise_
+
+PAD = 0  # the test vocabulary's pad id (the export writes Qwen's 151643; a 263-id model never has it)
+
+
+def _cfg(name="debug", **kw):
+    return replace(get_config(name), vocab_size=263, head="score", tie_word_embeddings=False, **kw)
+
+
+def test_score_head_replaces_the_lm_head_and_is_counted():
+    cfg = _cfg()
+    model = get_spec(cfg).build(cfg, seed=0)
+    names = dict(model.named_parameters())
+    assert names["score.weight"].shape == (1, cfg.hidden_size)
+    assert not any(n.startswith("lm_head") for n in names)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    shapes = get_spec(cfg).param_shapes(cfg, tp=2)
+    assert [s.name for s in shapes.last] == ["model.norm.weight", "score.weight"]  # whole on every rank
+    with pytest.raises(ValueError, match="head=score has no LM head to tie"):
+        replace(get_config("debug"), head="score")
+    with pytest.raises(ValueError, match="head='value'; choose lm | score"):
+        replace(get_config("debug"), head="value", tie_word_embeddings=False)
+
+
+def test_pipeline_split_puts_the_score_head_on_the_last_stage():
+    cfg = _cfg(num_layers=4)
+    spec = get_spec(cfg)
+    first, last = (spec.build(cfg, device="meta") for _ in range(2))
+    spec.pipeline.prune(first, {0, 1}, first=True, last=False)
+    spec.pipeline.prune(last, {2, 3}, first=False, last=True)
+    assert first.score is None and first.model.norm is None
+    assert last.score is not None and last.model.embed_tokens is None
+    assert spec.pipeline.boundary_modules(last, False, True)["head"] is last.score
+    assert spec.pipeline.shared_params(last) == []
+
+
+def _pair_batch(lengths: list[int], prompt: int, t: int, vocab: int):
+    """Right-padded rows of `lengths` real tokens (ids >= 1, pad 0); labels on the response
+    (positions prompt-1 .. length-2 predict tokens prompt .. length-1), -100 elsewhere."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.full((len(lengths), t), PAD)
+    labels = torch.full((len(lengths), t), IGNORE_INDEX)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = torch.randint(1, vocab, (n,), generator=g)
+        labels[i, prompt - 1:n - 1] = tokens[i, prompt:n]
+    return tokens, labels
+
+
+@pytest.mark.parametrize("name,hf_cls", [("debug", "Qwen2ForSequenceClassification"),
+                                         ("debug-qwen3", "Qwen3ForSequenceClassification")])
+def test_export_loads_as_sequence_classifier_with_our_rewards(tmp_path, name, hf_cls):
+    """Our checkpoint -> HF folder: config.json names the sequence classifier (one label, the pad
+    id), transformers loads it strictly and its pooled logits (last non-pad token) equal our rewards
+    (fp32, <= 1e-5); importing that folder back gives bit-identical tensors."""
+    import transformers
+
+    cfg = _cfg(name)
+    model = randomise_(get_spec(cfg).build(cfg, seed=0))
+    _save(model, cfg, tmp_path / "native")
+    assert convert_main(["to-hf", str(tmp_path / "native"), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["architectures"] == [hf_cls]
+    assert len(conf["id2label"]) == 1 and conf["pad_token_id"] == 151643  # num_labels=1
+    assert conf["tie_word_embeddings"] is False
+    hf, info = getattr(transformers, hf_cls).from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                             pad_token_id=PAD, output_loading_info=True)
+    assert not any(info.values()), info  # no missing / unexpected / mismatched keys
+    tokens, labels = _pair_batch([11, 7, 16, 9], prompt=4, t=16, vocab=cfg.vocab_size)
+    with torch.no_grad():
+        ref = hf.eval()(tokens).logits[:, 0]  # (B,) HF pools each row's last non-pad token
+        pos, _ = model.prepare_inputs(tokens, None, None)
+        got = rewards(model, model.hidden_states(tokens, pos), {"labels": labels, "cp_group": None})
+    assert (got - ref).abs().max().item() <= 1e-5, (got, ref)
+    assert got.std() > 1e-3  # the rows' rewards differ: a wrong token would show
+
+    assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_pretrained(tmp_path / "back")
+    assert back.cfg.head == "score" and back.cfg.tie_word_embeddings is False
+    a, b = model.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert convert_main(["to-hf", str(tmp_path / "back"), str(tmp_path / "hf2"), "--no-tokenizer"]) == 0
+    x, y = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "hf2")
+    assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _save(model, cfg, out):
+    """A native checkpoint folder of `model` (step 0), through the HF importer's own writer."""
+    import torch.distributed.checkpoint as dcp
+
+    from megaqwen.parallel.checkpoint_folder import FORMAT
+
+    out.mkdir(parents=True)
+    dcp.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, checkpoint_id=str(out))
+    (out / "meta.json").write_text(json.dumps({"format": FORMAT, "step": 0, "consumed_samples": 0,
+                                               "model_config": cfg.to_dict()}))
+
+
+def test_a_classifier_with_several_labels_is_refused():
+    from megaqwen.models.qwen2.hf_adapter import config_to_hf, head_from_hf
+
+    hf = config_to_hf(_cfg(), torch.float32)
+    assert head_from_hf(hf) == {"head": "score", "tie_word_embeddings": False}
+    with pytest.raises(ValueError, match="num_labels=3 is not supported"):
+        head_from_hf({**hf, "num_labels": 3})
