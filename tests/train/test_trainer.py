@@ -152,12 +152,12 @@ def test_weight_decay_skips_biases_and_norms(tmp_path, shard):
      "parallel.offload_params needs ZeRO stage 3, got stage 2"),
 ])
 def test_bad_config_fails_before_work(tmp_path, shard, overrides, match, make_config, monkeypatch):
-    from megaqwen.train import loop
+    from megaqwen.train import assemble
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the config was checked")
 
-    monkeypatch.setattr(loop, "build_model_for_run", no_model)
+    monkeypatch.setattr(assemble, "build_model_for_run", no_model)
     with pytest.raises(ValueError, match=match):
         train(make_config(tmp_path, shard, *overrides))
     assert not (tmp_path / "metrics.jsonl").exists()
