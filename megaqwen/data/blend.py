@@ -30,6 +30,7 @@ import torch
 
 from megaqwen.data.dataset import GPTDataset
 from megaqwen.data.indexed import IndexedDataset
+from megaqwen.data.pairs import PairDataset
 
 _CHUNK = 1 << 18  # period entries per lazily computed slice of the blend order (~0.15 s each)
 _MAX_PERIOD = 1 << 20  # longest blend period: a 10 MB table, filled in at most ~0.6 s
@@ -212,7 +213,9 @@ def build_dataset(
     `source` is a recipe file (`*.json`), a `BlendRecipe`, one shard prefix, or a list of prefixes
     (equal weights). `documents` maps each shard to the documents to draw from (e.g. one side of
     `holdout.split_documents`); None: all of them. `packing` goes to `GPTDataset` (shuffle, eod_id,
-    reset_position_ids, reset_attention_mask, eod_mask_loss). Items are dicts of (seq_len,) int64 tensors.
+    reset_position_ids, reset_attention_mask, eod_mask_loss, epochs). An sft shard packs with its loss
+    mask; a dpo shard (alone, never blended) gives `PairDataset` rows. Items are dicts of (seq_len,)
+    int64 tensors.
     """
     if isinstance(source, BlendRecipe):
         recipe = source
@@ -226,7 +229,13 @@ def build_dataset(
     shards = [IndexedDataset(p) for p in recipe.prefixes]
     if documents is not None:
         shards = [documents(s) for s in shards]
-    datasets = [GPTDataset(s, seq_len, n, seed, **packing) for s, n in zip(shards, draws)]
+    formats = {getattr(s, "data_format", "text") for s in shards}
+    if "dpo" in formats and len(shards) > 1:
+        raise ValueError(f"{recipe.name}: a dpo shard cannot be blended (a blend draws rows one by one "
+                         "and would split its pairs); give its prefix alone, or concatenate the sources "
+                         "before tokenising")
+    datasets = [(PairDataset if getattr(s, "data_format", "text") == "dpo" else GPTDataset)(
+        s, seq_len, n, seed, **packing) for s, n in zip(shards, draws)]
     if len(datasets) == 1:
         return datasets[0]
     return BlendedDataset(datasets, list(recipe.weights), num_samples, name=recipe.name)

@@ -15,6 +15,15 @@ Sample tensors, all int64 of length T = seq_len:
     position_ids  0, 1, 2, ... restarting at 0 after each EOD (reset_position_ids)
     document_ids  0 for the first document in the sample, +1 after each EOD (reset_attention_mask),
                   for the block-diagonal causal mask of `kernels.attention.sdpa_attention`
+
+An sft shard (`megaqwen.data.chat`: a loss mask per token) packs the same way; label i is -100 unless
+the mask of its *target* token (i + 1 in the window) is 1, so only assistant tokens are trained. Every
+example ends with an EOD whose mask is 0 and starts with a masked system/user header, so no example's
+first token is ever predicted from the one before it, and its document_ids / position_ids restart.
+
+`epochs` > 0 caps the samples at that many passes over the shard (ValueError beyond); each pass has
+its own document shuffle already, and everything is a function of the sample index, so a resumed run
+(consumed_samples) continues the same epochs.
 """
 
 from __future__ import annotations
@@ -36,10 +45,14 @@ def packing_features(
     reset_position_ids: bool = True,
     reset_attention_mask: bool = True,
     eod_mask_loss: bool = False,
+    loss_mask: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(T+1,) token window -> tokens, labels, position_ids, document_ids, each (T,) int64."""
+    """(T+1,) token window -> tokens, labels, position_ids, document_ids, each (T,) int64.
+    `loss_mask` (T+1,): labels whose target token has mask 0 become -100."""
     window = np.asarray(window, dtype=np.int64)
     tokens, labels = window[:-1], window[1:].copy()
+    if loss_mask is not None:
+        labels[np.asarray(loss_mask[1:]) == 0] = -100
     t = len(tokens)
     is_eod = tokens == eod_id
     # doc_T[i] = number of EODs strictly before position i: the EOD belongs to the document it closes.
@@ -77,6 +90,7 @@ class GPTDataset(torch.utils.data.Dataset):
         reset_position_ids: bool = True,
         reset_attention_mask: bool = True,
         eod_mask_loss: bool = False,
+        epochs: int = 0,
     ):
         if seq_len < 1 or num_samples < 0:
             raise ValueError(
@@ -89,7 +103,16 @@ class GPTDataset(torch.utils.data.Dataset):
             reset_attention_mask=reset_attention_mask,
             eod_mask_loss=eod_mask_loss,
         )
+        fmt = getattr(indexed, "data_format", "text")
+        if fmt not in ("text", "sft"):
+            raise ValueError(f"{indexed.prefix} is a {fmt} shard: it is read as pairs (PairDataset), "
+                             "not packed")
+        self.masked = fmt == "sft"
         n_docs, epoch_tokens = len(indexed), indexed.num_tokens
+        if epochs and num_samples > epochs_capacity(epoch_tokens, seq_len, epochs):
+            raise ValueError(f"{indexed.prefix}: {num_samples} samples of {seq_len} tokens are more than "
+                             f"train.epochs={epochs} passes over its {epoch_tokens} tokens hold "
+                             f"({epochs_capacity(epoch_tokens, seq_len, epochs)})")
         if num_samples and epoch_tokens == 0:
             raise ValueError(
                 f"{indexed.prefix}: the shard holds no tokens, cannot draw {num_samples} samples"
@@ -123,8 +146,10 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def window(self, i: int) -> np.ndarray:
-        """The (seq_len + 1,) int64 token window of sample i."""
+    def window(self, i: int, read=None) -> np.ndarray:
+        """The (seq_len + 1,) int64 token window of sample i (`read`: another per-document reader with
+        `get`'s signature, e.g. the shard's `get_mask`)."""
+        read = read or self.indexed.get
         if not 0 <= i < self.num_samples:
             raise IndexError(
                 f"sample {i} out of range for {self.num_samples} samples of {self.indexed.prefix}"
@@ -136,9 +161,15 @@ class GPTDataset(torch.utils.data.Dataset):
         while out < need:
             doc = int(self.doc_order[j])
             take = min(int(self.indexed.sizes[doc]) - offset, need - out)
-            parts.append(self.indexed.get(doc, offset, take))
+            parts.append(read(doc, offset, take))
             out, offset, j = out + take, 0, j + 1
         return np.concatenate(parts).astype(np.int64)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return packing_features(self.window(i), **self.features)
+        mask = self.window(i, self.indexed.get_mask) if self.masked else None
+        return packing_features(self.window(i), **self.features, loss_mask=mask)
+
+
+def epochs_capacity(epoch_tokens: int, seq_len: int, epochs: int) -> int:
+    """Packed samples of `seq_len` tokens that `epochs` passes over `epoch_tokens` tokens give."""
+    return max((epochs * epoch_tokens - 1) // seq_len, 0)

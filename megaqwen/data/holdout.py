@@ -24,6 +24,7 @@ class DocumentSubset:
         self.indexed, self.ids = indexed, ids
         self.prefix = Path(f"{indexed.prefix}[{tag}]")  # for error messages
         self.sizes = indexed.sizes[ids]
+        self.data_format = getattr(indexed, "data_format", "text")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -35,10 +36,17 @@ class DocumentSubset:
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         return self.indexed.get(int(self.ids[i]), offset, length)
 
+    def get_mask(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        return self.indexed.get_mask(int(self.ids[i]), offset, length)
+
 
 def split_documents(indexed: IndexedDataset, fraction: float, held_out: bool) -> DocumentSubset:
-    """The held-out documents (held_out=True) or the training ones of `indexed`."""
-    u = np.random.default_rng(HOLDOUT_SEED).random(len(indexed))
+    """The held-out documents (held_out=True) or the training ones of `indexed`. A dpo shard is split
+    by pairs (documents 2i and 2i+1 stay on one side, u drawn per pair)."""
+    if getattr(indexed, "data_format", "text") == "dpo":
+        u = np.repeat(np.random.default_rng(HOLDOUT_SEED).random(len(indexed) // 2), 2)
+    else:
+        u = np.random.default_rng(HOLDOUT_SEED).random(len(indexed))
     mask = u < fraction
     if fraction > 0 and not mask.any():
         raise ValueError(f"{indexed.prefix}: data.valid_fraction={fraction} of {len(indexed)} documents "

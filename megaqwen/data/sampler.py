@@ -37,6 +37,9 @@ class BatchIterator:
                 f"global_batch_size {global_batch_size} is not divisible by micro_batch_size "
                 f"{micro_batch_size} x dp_size {dp_size} = {micro_batch_size * dp_size}"
             )
+        if getattr(dataset, "pair_rows", False) and micro_batch_size % 2:
+            raise ValueError(f"train.micro_batch_size={micro_batch_size} is odd, but a dpo shard's rows come "
+                             "in (chosen, rejected) pairs that must share a micro-batch; use an even size")
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
