@@ -16,7 +16,7 @@ from megaqwen.parallel import setup as par
 from megaqwen.parallel.shards import ShardMap
 from megaqwen.train.build import build_engine, build_model_for_run, build_pipeline
 from megaqwen.train.config import Config
-from megaqwen.train.objective import get_objective
+from megaqwen.train.objectives import objective_for
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def build_training(cfg: Config, env: par.DistEnv, ops, plan, accum_steps: int, r
                  list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
                  100 * plan.bubble_fraction())
     reference = None
-    if get_objective(cfg.train.objective).needs_reference:
+    if objective_for(cfg).needs_reference:
         from megaqwen.train.reference import ReferenceModel
 
         reference = ReferenceModel.build(cfg, env, ops, plan)

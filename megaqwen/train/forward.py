@@ -13,7 +13,8 @@ from megaqwen.models.outputs import ForwardOut
 from megaqwen.parallel import setup as par
 from megaqwen.train.build import use_bf16
 from megaqwen.train.config import Config
-from megaqwen.train.objective import Objective, get_objective
+from megaqwen.train.objective import Objective
+from megaqwen.train.objectives import objective_for
 
 
 def autocast_ctx(dtype: str, device: torch.device):
@@ -58,7 +59,7 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
 def validation_parts(model, batch, cfg: Config, env: par.DistEnv):
     """Validation parts (sum, count) of one micro-batch under the run's objective; under context
     parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
-    objective = get_objective(cfg.train.objective)
+    objective = objective_for(cfg)
     if env.mesh is None or env.dims.cp == 1:
         return forward_step(model, batch, cfg, env.device, objective).parts
     from megaqwen.parallel.context_parallel import cp_loss_parts

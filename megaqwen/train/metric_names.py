@@ -33,11 +33,14 @@ WHEN = {
     "spike": "at a step whose loss is a spike (train.spike_factor > 0)",
     "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
     "objective": "every step when the train.objective declares metrics (`Objective.metrics`)",
+    "dpo": "every step of a DPO run (train.objective=dpo)",
+    "reward": "every step of a reward-model run (train.objective=reward)",
 }
 """when a metric is logged -> what that means"""
 
 # W&B workspace sections, in display order
-SECTIONS = ("training", "validation", "throughput", "memory", "data mix", "moe", "pipeline", "reliability")
+SECTIONS = ("training", "validation", "throughput", "memory", "data mix", "moe", "pipeline", "reliability",
+            "dpo")
 
 _PLACEHOLDER = {"{r}": r"\d+", "{i}": r"\d+", "{e}": r"\d+", "{name}": r"[^/]+"}
 
@@ -165,6 +168,33 @@ METRICS: tuple[Metric, ...] = (
        "multi-rank", "reliability", "slowest rank"),
     _m("step_time_spread", "fraction", "slowest / fastest step time - 1", "multi-rank", "reliability",
        "straggler spread"),
+    # dpo (megaqwen/train/objectives.py): means per preference pair over the step, all ranks
+    _m("dpo/loss", "nats/pair", "the DPO loss (dpo.loss: sigmoid / cDPO, or ipo), mean per pair; equals "
+       "`loss`", "dpo", "dpo", "DPO loss"),
+    _m("dpo/rewards_chosen", "nats", "implicit reward of the chosen response, beta x (log pi - log ref) "
+       "summed over its tokens (per-token mean under ipo)", "dpo", "dpo", "DPO rewards"),
+    _m("dpo/rewards_rejected", "nats", "implicit reward of the rejected response, as dpo/rewards_chosen",
+       "dpo", "dpo", "DPO rewards"),
+    _m("dpo/margin", "nats", "dpo/rewards_chosen - dpo/rewards_rejected, mean per pair", "dpo", "dpo",
+       "DPO reward margin"),
+    _m("dpo/accuracy", "fraction", "share of pairs whose chosen reward exceeds the rejected one", "dpo",
+       "dpo", "DPO accuracy"),
+    _m("dpo/logps_chosen", "nats", "policy log-probability of the chosen response (summed over its "
+       "tokens; per-token mean under ipo)", "dpo", "dpo", "DPO log-probabilities"),
+    _m("dpo/logps_rejected", "nats", "policy log-probability of the rejected response, as "
+       "dpo/logps_chosen", "dpo", "dpo", "DPO log-probabilities"),
+)
+
+METRICS += (
+    # reward model (megaqwen/train/reward.py): means per preference pair over the step, all ranks
+    _m("reward/accuracy", "fraction", "share of pairs whose chosen response's reward exceeds the "
+       "rejected one's", "reward", "training", "reward accuracy"),
+    _m("reward/margin", "", "reward of the chosen response - reward of the rejected one, mean per pair",
+       "reward", "training", "reward margin"),
+    _m("reward/chosen", "", "reward (score-head output at the response's last token) of the chosen "
+       "response, mean per pair", "reward", "training", "rewards"),
+    _m("reward/rejected", "", "reward of the rejected response, mean per pair", "reward", "training",
+       "rewards"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship

@@ -67,6 +67,8 @@ class Run:
     shards: ShardMap
     pipe: Any
     accum_steps: int
+    reference: Any = None
+    """`megaqwen.train.reference.ReferenceModel` when the objective needs one."""
 
     @property
     def plain(self) -> torch.nn.Module:
@@ -81,7 +83,7 @@ def build_run(cfg: Config) -> Run:
     plan = par.check_layout(cfg.parallel, env, cfg.model, t.seq_len, t.engine, microbatches=accum_steps)
     built = build_training(cfg, env, seed_and_ops(cfg, env), plan, accum_steps, resuming=False)
     model, optimizer, shards, pipe = built.model, built.optimizer, built.shards, built.pipe
-    return Run(cfg, env, model, optimizer, shards, pipe, accum_steps)
+    return Run(cfg, env, model, optimizer, shards, pipe, accum_steps, built.reference)
 
 
 def micro_batches(global_batches: list[Batch], cfg: Config, env: par.DistEnv) -> Iterator[Batch]:
@@ -136,4 +138,4 @@ def run_steps(run: Run, global_batches: list[Batch], first_step: int = 0) -> lis
     """`train_step` once per global batch (steps first_step, first_step + 1, ...); its metrics."""
     data = micro_batches(global_batches, run.cfg, run.env)
     return [train_step(run.model, run.optimizer, data, run.cfg, run.env, first_step + i, run.accum_steps,
-                       run.shards, run.pipe) for i in range(len(global_batches))]
+                       run.shards, run.pipe, run.reference) for i in range(len(global_batches))]
