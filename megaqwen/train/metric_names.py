@@ -34,6 +34,7 @@ WHEN = {
     "rollback": "at a step whose update was dropped under train.on_nonfinite=rollback",
     "objective": "every step when the train.objective declares metrics (`Objective.metrics`)",
     "dpo": "every step of a DPO run (train.objective=dpo)",
+    "reward": "every step of a reward-model run (train.objective=reward)",
 }
 """when a metric is logged -> what that means"""
 
@@ -182,6 +183,18 @@ METRICS: tuple[Metric, ...] = (
        "tokens; per-token mean under ipo)", "dpo", "dpo", "DPO log-probabilities"),
     _m("dpo/logps_rejected", "nats", "policy log-probability of the rejected response, as "
        "dpo/logps_chosen", "dpo", "dpo", "DPO log-probabilities"),
+)
+
+METRICS += (
+    # reward model (megaqwen/train/reward.py): means per preference pair over the step, all ranks
+    _m("reward/accuracy", "fraction", "share of pairs whose chosen response's reward exceeds the "
+       "rejected one's", "reward", "training", "reward accuracy"),
+    _m("reward/margin", "", "reward of the chosen response - reward of the rejected one, mean per pair",
+       "reward", "training", "reward margin"),
+    _m("reward/chosen", "", "reward (score-head output at the response's last token) of the chosen "
+       "response, mean per pair", "reward", "training", "rewards"),
+    _m("reward/rejected", "", "reward of the rejected response, mean per pair", "reward", "training",
+       "rewards"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship

@@ -1,0 +1,70 @@
+"""`train.objective=reward` (megaqwen/train/reward.py): the Bradley–Terry loss and its metrics against a
+hand computation, the token that scores a row, the errors (layouts: tests/parallel/test_reward_layouts.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX as X
+from megaqwen.models.config import get_config
+from megaqwen.train.metric_names import unregistered
+from megaqwen.train.objective import get_objective
+from megaqwen.train.reward import REWARD, scoring_mask
+
+
+class _Scores:
+    """A stand-in model whose per-token score is h[..., 0]: the rewards are numbers we chose."""
+
+    def scores(self, h):
+        return h[..., 0]
+
+
+def test_bradley_terry_loss_and_metrics_equal_a_hand_computation():
+    # 2 pairs, T = 5. Rewards sit at the token after each row's last label (or the last token):
+    # row 0 labels end at 2 -> token 3 (1.5); row 1 at 1 -> token 2 (-0.5);
+    # row 2 at 4 (the end) -> token 4 (0.25); row 3 has no label after 0 -> token 1 (2.0)
+    labels = torch.tensor([[X, 7, 7, X, X], [X, 7, X, X, X], [X, X, 7, 7, 7], [7, X, X, X, X]])
+    h = torch.zeros(4, 5, 1)
+    h[0, 3], h[1, 2], h[2, 4], h[3, 1] = 1.5, -0.5, 0.25, 2.0
+    h[0, 2], h[1, 1], h[2, 3], h[3, 0] = 9.0, 9.0, 9.0, 9.0  # the last labelled positions: not scored
+    h.requires_grad_()
+    parts = REWARD(_Scores(), h, {"labels": labels, "cp_group": None})
+    d1, d2 = 1.5 - (-0.5), 0.25 - 2.0
+    want = -math.log(1 / (1 + math.exp(-d1))) - math.log(1 / (1 + math.exp(-d2)))
+    assert parts.sum.item() == pytest.approx(want, rel=1e-6)
+    assert parts.count.item() == 2  # units: pairs
+    m = {k: v.item() for k, v in parts.metrics.items()}
+    assert m == pytest.approx({"reward/accuracy": 1.0, "reward/margin": d1 + d2,
+                               "reward/chosen": 1.5 + 0.25, "reward/rejected": -0.5 + 2.0})
+    parts.sum.backward()  # d/dr_c = -σ(-d) on the scoring token only
+    g = h.grad[..., 0]
+    assert g[0, 3].item() == pytest.approx(-1 / (1 + math.exp(d1)), rel=1e-6)
+    assert g[3, 1].item() == pytest.approx(1 / (1 + math.exp(d2)), rel=1e-6)
+    assert torch.count_nonzero(g) == 4
+    assert unregistered(set(m)) == []
+
+
+def test_scoring_token_and_odd_batches():
+    labels = torch.tensor([[X, X, X, X], [X, 5, 5, X], [5, 5, 5, 5]])
+    at = scoring_mask({"labels": labels, "cp_group": None})
+    assert at.int().argmax(1).tolist() == [0, 3, 3] and at.sum().item() == 3  # none: first; end: last
+    with pytest.raises(ValueError, match="of 3 rows is odd"):
+        REWARD(_Scores(), torch.zeros(3, 4, 1), {"labels": labels, "cp_group": None})
+    assert get_objective("reward") is REWARD
+
+
+def test_lm_objective_on_a_score_head_names_the_problem():
+    from megaqwen.models.spec import get_spec
+
+    cfg = replace(get_config("debug"), vocab_size=64, head="score", tie_word_embeddings=False)
+    model = get_spec(cfg).build(cfg, seed=0)
+    h = torch.zeros(1, 3, cfg.hidden_size)
+    with pytest.raises(RuntimeError, match="has no LM head"):
+        model.loss(h, torch.zeros(1, 3, dtype=torch.long))
+    lm = get_spec(get_config("debug")).build(get_config("debug"), device="meta")
+    with pytest.raises(RuntimeError, match="model.head=score"):
+        lm.scores(h)
