@@ -4,19 +4,24 @@ Extraction, in order: the last `\\boxed{...}` (or `\\fbox{...}`), the last "answ
 "Answer: X", else the last number in the text. Comparison, in order: equal after normalisation
 (whitespace, `$`, `\\left`/`\\right`, `\\dfrac`/`\\tfrac`, `\\text{}`, degrees, thousands commas),
 numerically equal within a relative tolerance (fractions, decimals, percentages, `\\frac{a}{b}`), then
--- only if sympy is installed -- symbolically equal (`\\sqrt`, `\\pi`, `^`, implicit products).
+-- only if sympy is installed -- equal as expressions (`\\sqrt`, `\\pi`, `^`, implicit products;
+evaluated at three points, never simplified), after a whitelist keeps code away from sympy's eval().
 Tuples and lists are compared element by element, in order.
 """
 
 from __future__ import annotations
 
+import cmath
 import math
 import re
 
 REL_TOL = 1e-6
 """Relative tolerance for numeric answers (absolute 1e-9 near zero)."""
 MAX_SYMBOLIC_CHARS = 120
-"""Longer expressions skip sympy: simplify() on large inputs can take seconds."""
+"""Longer expressions skip sympy (parsing is the slow part left)."""
+SYMBOLIC_POINTS = (0.5377, -1.3077, 2.7183)
+"""Where two expressions with free symbols are evaluated: equal at all three counts as identical.
+simplify(a - b) would prove it, but takes 25 s on (x+y+1)^99 - (x+y)^99; an evaluation takes ms."""
 
 _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+"
 _ANSWER_IS = re.compile(r"(?:answer is|answer:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
@@ -135,8 +140,9 @@ def _latex_to_sympy(s: str) -> str:
     s = s.replace("{", "(").replace("}", ")")
     s = re.sub(r"\\frac\(([^()]*)\)\(([^()]*)\)", r"((\1)/(\2))", s)
     s = re.sub(r"\\sqrt\[(\d+)\]\(([^()]*)\)", r"((\2)**(1/\1))", s)
-    s = s.replace("\\sqrt", "sqrt").replace("\\pi", "pi").replace("^", "**")
-    return s.replace("\\", "")
+    s = s.replace("\\sqrt", "sqrt").replace("\\pi", "pi").replace("^", "**").replace("\\", "")
+    # "2xy" is 2*x*y: every other run of letters becomes a product of one-letter variables
+    return re.sub(r"[a-zA-Z]+", lambda m: m[0] if m[0] in ("sqrt", "pi") else "*".join(m[0]), s)
 
 
 _SAFE_CHARS = re.compile(r"[0-9a-zA-Z+\-*/(). ]*")
@@ -145,7 +151,7 @@ _POWER = re.compile(r"\*\*(\(-?(\d{1,2}|[a-zA-Z])(/\d{1,2})?\)|-?\d{1,2}(?!\d)|[
 
 
 def _safe_for_sympy(expr: str) -> bool:
-    """parse_expr runs eval() and simplify() evaluates powers: a model's text reaches sympy only as
+    """parse_expr runs eval() and evaluates integer powers: a model's text reaches sympy only as
     digits, operators, single-letter variables, sqrt and pi, with small non-nested exponents (so no
     attribute access, no calls other than sqrt, no 9**9**9)."""
     return (bool(_SAFE_CHARS.fullmatch(expr)) and not re.search(r"[a-zA-Z)]\s*\.", expr)
@@ -154,14 +160,14 @@ def _safe_for_sympy(expr: str) -> bool:
 
 
 def _symbolic_equal(a: str, b: str) -> bool:
-    """sympy's simplify(a - b) == 0, when sympy is installed and both parse; False otherwise."""
+    """Equal values -- exact constants compared numerically, expressions at SYMBOLIC_POINTS -- when
+    sympy is installed and both parse; False otherwise."""
     if max(len(a), len(b)) > MAX_SYMBOLIC_CHARS:
         return False
     a, b = _latex_to_sympy(a), _latex_to_sympy(b)
     if not (_safe_for_sympy(a) and _safe_for_sympy(b)):
         return False
     try:
-        import sympy
         from sympy.parsing.sympy_parser import (
             implicit_multiplication_application,
             parse_expr,
@@ -173,6 +179,12 @@ def _symbolic_equal(a: str, b: str) -> bool:
     try:
         ea = parse_expr(a, transformations=transforms, evaluate=True)
         eb = parse_expr(b, transformations=transforms, evaluate=True)
-        return bool(sympy.simplify(ea - eb) == 0)
+        names = sorted(ea.free_symbols | eb.free_symbols, key=str)
+        for k in range(len(SYMBOLIC_POINTS) if names else 1):
+            point = {n: SYMBOLIC_POINTS[(k + j) % len(SYMBOLIC_POINTS)] for j, n in enumerate(names)}
+            va, vb = complex(ea.evalf(subs=point)), complex(eb.evalf(subs=point))
+            if not cmath.isclose(va, vb, rel_tol=REL_TOL, abs_tol=1e-9):
+                return False
+        return True
     except Exception:  # noqa: BLE001 -- unparsable answers are simply not equal
         return False

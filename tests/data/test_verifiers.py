@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,12 +28,13 @@ EQUIVALENT = [
     (" 7 ", "7.0"), ("x = 3", "3"), ("10^\\circ", "10"), ("\\text{5 cm}", "5cm"), ("0.333333333", "1/3"),
     ("(1, 2)", "(1,2)"), ("\\left( 1, \\frac{1}{2} \\right)", "(1, 0.5)"), ("3.", "3"), (3, "3"),
     ("2\\sqrt{2}", "\\sqrt{8}"), ("\\frac{\\pi}{2}", "\\pi/2"), ("x^2+2x+1", "(x+1)^2"),
-    ("\\sqrt[3]{8}", "2"),
+    ("\\sqrt[3]{8}", "2"), ("(x+y+1)^{2}", "x^2+y^2+2xy+2x+2y+1"), ("ab", "ba"),
 ]
 
 NOT_EQUIVALENT = [
     ("1/2", "0.51"), ("3", "-3"), ("(1,2)", "(2,1)"), ("1,2", "12"), ("x", "y"), ("\\sqrt{2}", "1.414"),
     ("", "0"), (None, "0"), ("1/0", "0"), ("2x", "2y"), ("9^9^9", "1"), ("__import__('os')", "1"),
+    ("x.evalf", "x"), ("(x+y+1)^{99}", "(x+y)^{99}"),
 ]
 
 
@@ -48,7 +50,9 @@ def test_equivalent_answers(a, b):
 
 @pytest.mark.parametrize("a,b", NOT_EQUIVALENT)
 def test_non_equivalent_answers(a, b):
+    start = time.monotonic()
     assert not equivalent(a, b)
+    assert time.monotonic() - start < 5, "symbolic checks evaluate at points, never simplify()"
 
 
 def test_numeric_equivalence_without_sympy(monkeypatch):
@@ -102,6 +106,25 @@ def test_infinite_loop_is_killed_within_its_limit(program):
     took = time.monotonic() - start
     assert r.reason == "timeout" and not r.passed, r
     assert LIMITS.timeout_s * 0.9 <= took < LIMITS.timeout_s + 1.5, took
+
+
+def test_forked_helpers_die_with_the_check(tmp_path):
+    """The whole process group is killed: a forked child does not outlive the timeout."""
+    pid_file = tmp_path / "pid"
+    program = ("import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n"
+               f"open({str(pid_file)!r}, 'w').write(str(pid))\nwhile True:\n    pass\n")
+    assert run_python(program, TESTS, LIMITS).reason == "timeout"
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):  # killed, not yet reaped by init
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"forked child {pid} still running (state {state})")
 
 
 @pytest.mark.parametrize("program", [
