@@ -32,6 +32,10 @@ class TrainConfig:
 
     steps: int = 30
     """Optimizer steps to run in total (a resumed run continues up to this number)."""
+    epochs: int = 0
+    """Passes over the training data, each with its own shuffle (SFT/DPO); 0: the data repeats as
+    long as train.steps needs. With N > 0, train.steps x global_batch_size samples must fit in N
+    passes (pre-flight refuses more and names the largest train.steps that fits)."""
     seq_len: int = 128
     """Tokens per sample."""
     global_batch_size: int = 8
@@ -207,6 +211,8 @@ class Config:
         for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.epochs < 0:
+            raise ValueError(f"train.epochs must be >= 0 (0: no limit), got {t.epochs}")
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                              f"train.micro_batch_size={t.micro_batch_size}")

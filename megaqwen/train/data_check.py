@@ -94,10 +94,48 @@ def model_tokenizer(model: ModelConfig) -> TokenizerInfo:
 
 
 def check_run_shards(cfg: Config) -> None:
-    """`check_shards_for_model` for data.path and data.valid_path (pre-flight, once they exist)."""
+    """`check_shards_for_model` and `check_chat_shards` for data.path and data.valid_path (pre-flight,
+    once they exist)."""
     for key, path in (("data.path", cfg.data.path), ("data.valid_path", cfg.data.valid_path)):
         if path:
             check_shards_for_model(key, path, cfg.model, cfg.train.out_dir)
+            check_chat_shards(key, path, cfg)
+
+
+def check_chat_shards(key: str, path: str, cfg: Config) -> None:
+    """UsageError for sft / dpo shards (`megaqwen.data.chat`) the run would read wrongly: sft packs
+    examples, so it needs document masks and position resets; dpo rows come in pairs, so it needs an
+    even micro-batch and its shard alone (a blend would split pairs). With train.epochs > 0, the run's
+    samples must fit in that many passes over data.path."""
+    if path == SAMPLE:
+        return
+    from megaqwen.data.dataset import epochs_capacity
+
+    t, d = cfg.train, cfg.data
+    prefixes = list(dict.fromkeys(shard_prefixes(path, cfg.train.out_dir)))
+    formats = {q: (read_meta(q) or {}).get("data_format", "text") for q in prefixes}
+    for prefix, fmt in formats.items():
+        if fmt == "sft" and not (d.document_mask and d.reset_position_ids):
+            raise UsageError(f"{key}={path}: {prefix} is an sft shard of packed examples; it needs "
+                             "data.document_mask=true and data.reset_position_ids=true so that examples "
+                             "never attend to each other")
+        if fmt == "dpo" and (t.micro_batch_size % 2 or len(prefixes) > 1):
+            raise UsageError(f"{key}={path}: {prefix} is a dpo shard: its rows are (chosen, rejected) pairs, "
+                             f"so train.micro_batch_size ({t.micro_batch_size}) must be even and the shard "
+                             f"read alone (not in a blend of {len(prefixes)})")
+    if t.epochs and key == "data.path" and len(prefixes) == 1:
+        prefix, fmt = prefixes[0], formats[prefixes[0]]
+        ix = IndexedDataset(prefix)
+        if fmt == "dpo":
+            per_epoch = len(ix) // 2 * 2 * (1 - d.valid_fraction)
+            fits = int(t.epochs * per_epoch) // t.global_batch_size
+        else:
+            fits = epochs_capacity(int(ix.num_tokens * (1 - d.valid_fraction)), t.seq_len,
+                                   t.epochs) // t.global_batch_size
+        if t.steps > fits:
+            raise UsageError(f"train.steps={t.steps} x train.global_batch_size={t.global_batch_size} samples "
+                             f"are more than train.epochs={t.epochs} pass(es) over {prefix} hold (about "
+                             f"{fits} steps); set train.steps={max(fits, 1)} or raise train.epochs")
 
 
 def check_shards_for_model(key: str, path: str, model: ModelConfig, out_dir: str | Path) -> None:
