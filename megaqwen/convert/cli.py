@@ -2,6 +2,8 @@
 
     megaqwen-convert from-hf HF_DIR OUT_DIR
     megaqwen-convert to-hf CKPT_DIR HF_DIR      (CKPT_DIR: a step folder, checkpoints/ or a run folder)
+    megaqwen-convert to-reward LM OUT_DIR       (an LM, HF or native -> a reward model's start: the LM
+        head dropped, a new score head; a head=score checkpoint exports as *ForSequenceClassification)
     torchrun --nproc-per-node N -m megaqwen.convert.cli from-deepspeed CKPT_DIR --out RUN_DIR
         (a checkpoint in DeepSpeed's own format -> DCP, which both engines resume; N: the world
         size it was saved with)
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                    "tokenizer")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GiB)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    p = sub.add_parser("to-reward", help="language model -> reward model start (score head, no LM head)")
+    p.add_argument("src", help="HF folder or native checkpoint of a language model (e.g. the SFT model)")
+    p.add_argument("out_dir", help="megaqwen checkpoint folder to write (train.init_from of a reward run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new score head's Normal(0, init_std)")
     p = sub.add_parser("from-deepspeed", help="DeepSpeed-format checkpoint -> DCP (run under torchrun "
                        "with the world size it was saved with)")
     p.add_argument("ckpt_dir", help="step folder, checkpoints/ folder or run folder (its latest checkpoint)")
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "from-hf":
             print(from_hf(args.hf_dir, args.out_dir))
+        elif args.command == "to-reward":
+            from megaqwen.convert.reward import to_reward
+
+            print(to_reward(args.src, args.out_dir, args.seed))
         elif args.command == "from-deepspeed":
             from megaqwen.convert.deepspeed import from_deepspeed
 

@@ -51,12 +51,16 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if missing or extra:
         raise ValueError(f"{hf_dir}: weights do not match the config: missing {sorted(missing)[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(extra)[:5]}")
-    for k, v in weights.items():
-        weights[k] = v.contiguous()
+    return write_native(cfg, weights, out_dir, source=hf_dir)
+
+
+def write_native(cfg: ModelConfig, weights: dict[str, torch.Tensor], out_dir: Path, source: Path) -> Path:
+    """A megaqwen checkpoint folder (DCP + meta.json, step 0) holding `weights` whole."""
+    weights = {k: v.contiguous() for k, v in weights.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     dcp.save({"model": weights}, checkpoint_id=str(out_dir))
     meta = {"format": FORMAT, "step": 0, "consumed_samples": 0, "model_config": cfg.to_dict(),
-            "source": str(hf_dir)}
+            "source": str(source)}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("wrote megaqwen checkpoint %s (%d tensors)", out_dir, len(weights))
     return out_dir

@@ -66,7 +66,9 @@ def _pair_batch(lengths: list[int], prompt: int, t: int, vocab: int):
 
 
 @pytest.mark.parametrize("name,hf_cls", [("debug", "Qwen2ForSequenceClassification"),
-                                         ("debug-qwen3", "Qwen3ForSequenceClassification")])
+                                         ("debug-qwen3", "Qwen3ForSequenceClassification"),
+                                         ("debug-moe", "Qwen2MoeForSequenceClassification"),
+                                         ("debug-qwen3-moe", "Qwen3MoeForSequenceClassification")])
 def test_export_loads_as_sequence_classifier_with_our_rewards(tmp_path, name, hf_cls):
     """Our checkpoint -> HF folder: config.json names the sequence classifier (one label, the pad
     id), transformers loads it strictly and its pooled logits (last non-pad token) equal our rewards
@@ -121,3 +123,24 @@ def test_a_classifier_with_several_labels_is_refused():
     assert head_from_hf(hf) == {"head": "score", "tie_word_embeddings": False}
     with pytest.raises(ValueError, match="num_labels=3 is not supported"):
         head_from_hf({**hf, "num_labels": 3})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_to_reward_keeps_the_lm_body_and_adds_a_score_head(tmp_path, tied):
+    """`megaqwen-convert to-reward`: an HF language model -> a head=score checkpoint whose body is the
+    LM's bit for bit (same hidden states), without lm_head, with a fresh score head; it refuses a
+    reward model."""
+    from tests.convert.test_hf_convert import save_random_hf
+
+    save_random_hf(tmp_path / "lm", tied, dtype=torch.float32)
+    assert convert_main(["to-reward", str(tmp_path / "lm"), str(tmp_path / "rm"), "--seed", "3"]) == 0
+    lm, rm = load_pretrained(tmp_path / "lm"), load_pretrained(tmp_path / "rm")
+    assert rm.cfg.head == "score" and not rm.cfg.tie_word_embeddings and rm.lm_head is None
+    a, b = lm.state_dict(), rm.state_dict()
+    assert set(b) - set(a) == {"score.weight"} and all(torch.equal(a[k], b[k]) for k in b if k in a)
+    assert 0.005 < b["score.weight"].std().item() < 0.05  # Normal(0, init_std = 0.02)
+    x = torch.randint(0, 263, (2, 9))
+    pos, _ = lm.prepare_inputs(x, None, None)
+    assert torch.equal(lm.hidden_states(x, pos), rm.hidden_states(x, pos))
+    assert rm(x).shape == (2, 9, 1)  # per-token scores, HF's logits
+    assert convert_main(["to-reward", str(tmp_path / "rm"), str(tmp_path / "rm2")]) == 2
