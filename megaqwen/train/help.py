@@ -31,8 +31,8 @@ Several processes: launch/torchrun.sh --nproc-per-node N [overrides].
 
 options:
   --help, -h    show this text and exit; --help SECTION shows one section and its presets
-                ({sections}); overrides set the values shown:
-                megaqwen-train model=qwen2.5-7b --help model
+                ({sections});
+                overrides set the values shown: megaqwen-train model=qwen2.5-7b --help model
   --version     print megaqwen's version and exit
   --debug       show full tracebacks of configuration errors (same as MEGAQWEN_DEBUG=1)
   --check       check overrides, data, layout and run folder without training (exit status 2 on a

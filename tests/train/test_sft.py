@@ -16,6 +16,7 @@ from megaqwen.models.spec import get_spec
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.train.config import Config, TrainConfig
 from megaqwen.train.objectives import objective_for
+from tests.parallel.test_launch import shard  # noqa: F401  (fixture)
 from tests.parallel.trainer_harness import build_run, layout_config, run_steps
 
 VOCAB, T = 512, 23
@@ -68,3 +69,56 @@ def test_trainer_step_is_the_token_weighted_mean_over_assistant_tokens():
     assert assistant[:2].sum() != assistant[2:].sum()
     want = _cross_entropy(run.plain, batch, assistant).item()
     assert run_steps(run, [batch])[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: conf/recipe/ (one run) and conf/stage/ chains
+
+
+def test_recipes_compose_with_the_published_settings():
+    import megaqwen.train.main  # noqa: F401  (registers the schema)
+    from megaqwen.train.preflight import compose_config
+
+    sft = compose_config(["recipe=sft-qwen2.5", "model=qwen2.5-7b", "parallel.cp=2"])
+    sft.validate()
+    t = sft.train
+    assert (t.objective, t.seq_len, t.lr, t.min_lr, t.weight_decay, t.grad_clip) == \
+        ("sft", 32768, 7e-6, 7e-7, 0.1, 1.0)
+    dpo = compose_config(["recipe=dpo-qwen2.5", "model=qwen2.5-7b", "dpo.beta=0.2"])
+    dpo.validate()
+    assert (dpo.train.objective, dpo.train.lr, dpo.dpo.beta) == ("dpo", 7e-7, 0.2)
+    assert dpo.train.micro_batch_size % 2 == 0
+    assert compose_config(["model=qwen2.5-7b"]).train.objective == "lm"  # no recipe: pre-training
+
+
+def test_chains_pretrain_to_sft_and_two_stage_long_sft_compose(tmp_path):
+    from megaqwen.train.stages import load_chain, stage_configs
+
+    extra = ["model=qwen2.5-7b", f"train.out_dir={tmp_path}"]
+    cfgs = stage_configs(load_chain("qwen2.5-sft"), extra)
+    assert [(c.train.objective, c.train.seq_len) for c in cfgs] == \
+        [("lm", 4096), ("lm", 32768), ("sft", 32768)]
+    assert (cfgs[-1].train.lr, cfgs[-1].train.min_lr, cfgs[-1].train.weight_decay) == (7e-6, 7e-7, 0.1)
+    assert cfgs[-1].train.allow_changes == ["data.path"]  # same length and base as the 32K stage
+    long = stage_configs(load_chain("qwen2.5-sft-long"), extra)
+    assert [(c.train.objective, c.train.seq_len, c.model.rope_theta) for c in long] == \
+        [("sft", 32768, 1e7), ("sft", 262144, 1e7)]
+
+
+def test_debug_chain_pretrain_then_sft_runs(tmp_path, shard):  # noqa: F811
+    """The SFT stage resumes the pre-training checkpoint and trains with train.objective=sft at its
+    own lr (7e-6, cosine from the stage's first step)."""
+    import json
+
+    from megaqwen.train.stages import main
+
+    out = tmp_path / "run"
+    assert main(["debug-sft", f"train.out_dir={out}", f"data.path={shard}", "model.vocab_size=512",
+                 "train.lock_timeout_min=1"]) == 0
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["done", "done"]
+    assert stages[1]["resumed_from"] == stages[0]["final_checkpoint"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[4]["lr"] == pytest.approx(7e-6)
