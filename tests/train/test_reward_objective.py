@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX as X
 from megaqwen.models.config import get_config
@@ -68,3 +69,60 @@ def test_lm_objective_on_a_score_head_names_the_problem():
     lm = get_spec(get_config("debug")).build(get_config("debug"), device="meta")
     with pytest.raises(RuntimeError, match="model.head=score"):
         lm.scores(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's step against transformers' sequence classifier
+
+VOCAB, T = 512, 16
+
+
+def _pairs(n_pairs: int, seed: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows (pad 0) of uneven lengths, labels on the response after a 4-token prompt."""
+    g = torch.Generator().manual_seed(seed)
+    b = 2 * n_pairs
+    tokens = torch.randint(1, VOCAB, (b, T), generator=g)
+    labels = torch.full((b, T), X)
+    for i, n in enumerate(torch.randint(6, T + 1, (b,), generator=g).tolist()):
+        tokens[i, n:] = 0
+        labels[i, 3:n - 1] = tokens[i, 4:n]
+    return {"tokens": tokens, "labels": labels, "document_ids": torch.zeros_like(tokens),
+            "position_ids": torch.arange(T).expand(b, T).contiguous()}
+
+
+def test_trainer_step_with_lr0_equals_bradley_terry_on_transformers_rewards(tmp_path):
+    """A random `Qwen2ForSequenceClassification` saved by transformers is the run's train.init_from
+    (HF import of a score head); with train.lr=0 every step's logged loss and reward/* metrics equal
+    -log σ(r_chosen - r_rejected) from transformers' own pooled logits (last non-pad token)."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from megaqwen.models.qwen2.hf_adapter import config_to_hf
+    from megaqwen.parallel.config import ParallelConfig
+    from tests.hf_random import randomise_
+    from tests.parallel.trainer_harness import build_run, layout_config, run_steps
+
+    model_cfg = replace(get_config("debug"), vocab_size=VOCAB, head="score", tie_word_embeddings=False)
+    torch.manual_seed(1)
+    hf = Qwen2ForSequenceClassification(Qwen2Config(**{**config_to_hf(model_cfg, torch.float32),
+                                                       "pad_token_id": 0}))
+    randomise_(hf, mlp_std=0.1, std=0.1).save_pretrained(tmp_path / "rm")
+    cfg = layout_config(model_cfg, ParallelConfig(), steps=2, global_batch=4, micro_batch=2, seq_len=T,
+                        lr=0.0, seed=0)
+    cfg = replace(cfg, train=replace(cfg.train, objective="reward", init_from=str(tmp_path / "rm")))
+    cfg.validate()
+    batches = [_pairs(2, seed=10), _pairs(2, seed=11)]
+    metrics = run_steps(build_run(cfg), batches)
+    hf.eval()
+    for m, batch in zip(metrics, batches, strict=True):
+        with torch.no_grad():
+            r = hf(batch["tokens"]).logits[:, 0]
+        margin = r[0::2] - r[1::2]
+        want = -F.logsigmoid(margin).mean().item()
+        print(f"logged {m['loss']:.8f} transformers {want:.8f} |diff| {abs(m['loss'] - want):.2e}")
+        assert abs(m["loss"] - want) <= 1e-5
+        assert m["reward/margin"] == pytest.approx(margin.mean().item(), abs=1e-5)
+        assert m["reward/chosen"] == pytest.approx(r[0::2].mean().item(), abs=1e-5)
+        assert m["reward/rejected"] == pytest.approx(r[1::2].mean().item(), abs=1e-5)
+        assert m["reward/accuracy"] == pytest.approx((margin > 0).float().mean().item())
+    assert margin.abs().min() > 1e-3  # rewards that differ: a wrong scoring token would show
+    assert unregistered(metrics[0]) == []
