@@ -9,7 +9,7 @@ fenced code block in a sandbox with wall-clock, CPU, memory and file-size limits
 --samples responses are drawn per prompt with transformers `generate` (temperature sampling, the
 folder's chat template); a pair `{"prompt"|"messages", "chosen", "rejected", "source"}` is written
 only where one response passes and another fails (`megaqwen-data tokenize --format dpo` reads it).
-The run prints a JSON summary (prompts, samples, passed, pairs, failures by reason, the network
+The run prints a JSON summary (prompts, samples, passed, pairs, failures by reason, the sandbox
 isolation that applied), also written to OUTPUT.summary.json.
 """
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megaqwen.data_pipeline.verify.math_answer import equivalent, extract_answer
-from megaqwen.data_pipeline.verify.sandbox import SandboxConfig, network_isolation, run_python
+from megaqwen.data_pipeline.verify.sandbox import SandboxConfig, isolation, run_python
 
 log = logging.getLogger("megaqwen.verify_pairs")
 
@@ -109,7 +109,8 @@ class Summary:
     prompts_all_failed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     """Failed samples by reason."""
-    network_isolation: str = ""
+    isolation: str = ""
+    """The sandbox's isolation on this machine (code tasks only), e.g. netns+pidns+audit-hook."""
     seconds: float = 0.0
 
 
@@ -124,7 +125,7 @@ def build_pairs(tasks: list[Task], generate: Generator, samples: int, output: st
     sandbox = sandbox or SandboxConfig()
     summary, failures = Summary(), Counter()
     if any(t.kind == "code" for t in tasks):
-        summary.network_isolation = network_isolation()
+        summary.isolation = isolation()
     start = last_log = time.monotonic()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as out, ThreadPoolExecutor(workers) as pool:

@@ -1,15 +1,16 @@
 """Run a candidate Python program and its unit tests in a separate, limited process.
 
 The child (`sandbox_child.py`, run as `python -I`) gets a fresh temporary working directory, a
-minimal environment, its own session (process group), a network namespace where the kernel allows
-one (as root, or via an unprivileged user namespace) plus an audit hook refusing sockets either way,
-and rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE), no core
-files, and optionally RLIMIT_NPROC. The parent kills the whole process group at the wall-clock
-timeout and again when the child exits, so forked helpers do not outlive the check.
+minimal environment, its own session (process group), a network namespace and a PID namespace where
+the kernel allows them (as root, or via an unprivileged user namespace), an audit hook refusing
+sockets either way, and rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size
+(RLIMIT_FSIZE), no core files, and optionally RLIMIT_NPROC. The parent kills the whole process
+group at the wall-clock timeout and again when the child exits, so forked helpers do not outlive
+the check.
 
-Not isolated: the filesystem (the child runs as the same user and can read and write what it can)
-and a process that calls setsid() to leave the group. For untrusted code at scale, run this inside a
-container or a jail (nsjail, bubblewrap) as well.
+Not isolated: the filesystem (the child runs as the same user and can read and write what it can),
+and, where no PID namespace could be made, a process that calls setsid() to leave the group. For
+untrusted code at scale, run this inside a container or a jail (nsjail, bubblewrap) as well.
 """
 
 from __future__ import annotations
@@ -43,19 +44,23 @@ class SandboxConfig:
     """Largest file the child may write, in MiB (RLIMIT_FSIZE); stdout and stderr count."""
     max_processes: int = 0
     """RLIMIT_NPROC when > 0. It counts all processes of the user, so it is off by default."""
+    cpu_seconds: int = 0
+    """RLIMIT_CPU in whole seconds; 0: the wall-clock limit rounded up."""
 
     def __post_init__(self):
-        if self.timeout_s <= 0 or self.memory_mb < 64 or self.file_size_mb < 1 or self.max_processes < 0:
+        if (self.timeout_s <= 0 or self.memory_mb < 64 or self.file_size_mb < 1 or self.max_processes < 0
+                or self.cpu_seconds < 0):
             raise ValueError(
                 f"sandbox limits: timeout_s={self.timeout_s} must be > 0, memory_mb={self.memory_mb} >= 64 "
                 f"(the interpreter alone maps ~30 MiB), file_size_mb={self.file_size_mb} >= 1, "
-                f"max_processes={self.max_processes} >= 0")
+                f"max_processes={self.max_processes} and cpu_seconds={self.cpu_seconds} >= 0")
 
     @property
     def cpu_s(self) -> int:
-        """RLIMIT_CPU (whole seconds): the wall-clock limit rounded up; CPU time cannot outrun wall
-        time for one thread, so this only matters for a multi-threaded spinner."""
-        return max(1, math.ceil(self.timeout_s))
+        """RLIMIT_CPU: by default the wall-clock limit rounded up; CPU time cannot outrun wall time for
+        one thread, so this only matters for a multi-threaded spinner. The kernel sends SIGXCPU at
+        this limit and SIGKILL a second later (a PID namespace's init ignores SIGXCPU)."""
+        return self.cpu_seconds or max(1, math.ceil(self.timeout_s))
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,9 @@ class SandboxResult:
     """The exception's last lines, the signal, or the end of stderr; empty when passed."""
     seconds: float
     """Wall-clock time of the child."""
-    network: str
-    """Network isolation that applied: netns, userns+netns (plus the audit hook), audit-hook, unknown."""
+    isolation: str
+    """What applied, joined by "+": netns or userns+netns, pidns, audit-hook (always); "unknown" when the
+    child sent no result. E.g. "netns+pidns+audit-hook" as root."""
 
     @property
     def passed(self) -> bool:
@@ -90,21 +96,32 @@ def run_python(program: str, tests: str, config: SandboxConfig = SandboxConfig()
             proc = subprocess.Popen(args, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     pass_fds=(w,), start_new_session=True)
         os.close(w)
-        timed_out = False
         with contextlib.suppress(BrokenPipeError):  # a child that died at start-up
             proc.stdin.write(f"{nonce}\n".encode())
             proc.stdin.close()
-        try:
-            proc.wait(timeout=config.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(proc.pid)
-            proc.wait()
+        proc.returncode, cpu_s, timed_out = _wait(proc.pid, config.timeout_s)
         seconds = time.monotonic() - start
         report = _read_result(r, nonce)
         stderr = (work / "stderr").read_bytes()[-600:].decode("utf-8", "replace")
-    return _classify(proc.returncode, timed_out, report, stderr, seconds, config)
+    return _classify(proc.returncode, timed_out, cpu_s, report, stderr, seconds, config)
+
+
+def _wait(pid: int, timeout_s: float) -> tuple[int, float, bool]:
+    """Reap the child, killing its group at the deadline and again once it is gone (helpers it forked).
+    Returns (exit code as Popen spells it, CPU seconds of the child and the children it reaped, whether
+    the deadline killed it)."""
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        if not timed_out and time.monotonic() >= deadline:
+            timed_out = True
+            _kill_group(pid)
+        time.sleep(0.005)
+    _kill_group(pid)
+    return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, timed_out
 
 
 def _kill_group(pgid: int) -> None:
@@ -132,25 +149,26 @@ def _read_result(fd: int, nonce: str) -> dict | None:
         return None
 
 
-def _classify(returncode: int, timed_out: bool, report: dict | None, stderr: str, seconds: float,
-              config: SandboxConfig) -> SandboxResult:
-    network = report["network"] if report else "unknown"
-    network = "audit-hook" if network == "none" else network
+def _classify(returncode: int, timed_out: bool, cpu_s: float, report: dict | None, stderr: str,
+              seconds: float, config: SandboxConfig) -> SandboxResult:
+    applied = report["isolation"] if report else "unknown"
     if timed_out:
         return SandboxResult("timeout", f"killed after the {config.timeout_s:g} s wall-clock limit",
-                             seconds, network)
+                             seconds, applied)
     if returncode < 0:
         sig = signal.Signals(-returncode)
-        if sig in (signal.SIGXCPU, signal.SIGKILL) and seconds >= config.cpu_s * 0.9:
-            return SandboxResult("timeout", f"{sig.name} at the {config.cpu_s} s CPU limit", seconds, network)
-        return SandboxResult("crashed", f"killed by {sig.name}; stderr: {stderr[-300:]}", seconds, network)
+        # SIGXCPU at the soft limit, or SIGKILL at the hard one (a PID namespace's init ignores SIGXCPU)
+        if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= config.cpu_s * 0.95:
+            why = f"{sig.name} after {cpu_s:.1f} CPU seconds (limit {config.cpu_s})"
+            return SandboxResult("timeout", why, seconds, applied)
+        return SandboxResult("crashed", f"killed by {sig.name}; stderr: {stderr[-300:]}", seconds, applied)
     if report is None:
         return SandboxResult("no_result", f"exited with code {returncode} before the tests finished; "
-                             f"stderr: {stderr[-300:]}", seconds, network)
-    return SandboxResult(report["reason"], report["detail"], seconds, network)
+                             f"stderr: {stderr[-300:]}", seconds, applied)
+    return SandboxResult(report["reason"], report["detail"], seconds, applied)
 
 
 @cache
-def network_isolation() -> str:
-    """Which network isolation the sandbox gets on this machine (runs one trivial check)."""
-    return run_python("", "", SandboxConfig(timeout_s=10)).network
+def isolation() -> str:
+    """The isolation the sandbox gets on this machine (SandboxResult.isolation of one trivial check)."""
+    return run_python("", "", SandboxConfig(timeout_s=10)).isolation
