@@ -16,6 +16,7 @@ EXTRACTED = [
     ("so the area is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
     ("first \\boxed{3}, corrected: \\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
     ("The answer is 42.", "42"),
+    ("so the answer is 2.5.\nDone", "2.5"),
     ("Answer: x = 3", "x = 3"),
     ("we had 3 boxes and 1,000 apples", "1,000"),
     ("it costs -2.5 dollars", "-2.5"),
@@ -246,6 +247,15 @@ def test_pairs_only_where_one_passes_and_one_fails(tmp_path):
     assert s["failures"] == {"wrong_answer": 4, "no_answer": 1, "timeout": 1, "memory": 1}
     assert sum(s["failures"].values()) + s["passed"] == s["samples"]
     assert s["isolation"].endswith("audit-hook")
+
+
+def test_progress_lines_give_rate_and_eta(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="megaqwen.verify_pairs"):
+        rc, _, _ = run_cli(tmp_path, [MATH] * 3, "--batch-prompts", "1", "--log-every", "0")
+    lines = [r.getMessage() for r in caplog.records if r.name == "megaqwen.verify_pairs"]
+    assert rc == 0 and len(lines) == 3
+    assert lines[0].startswith("1/3 prompts") and "prompts/s, ETA" in lines[0]
+    assert lines[-1].startswith("3/3 prompts") and lines[-1].endswith("ETA 0 s")
 
 
 def test_pairs_per_prompt_and_bad_input(tmp_path):
