@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from megaqwen.kernels.cross_entropy import IGNORE_INDEX
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.config import ParallelConfig
+from megaqwen.tokenizer import EOD_ID
 from megaqwen.train.config import Config, TrainConfig
 from megaqwen.train.metric_names import unregistered
 from megaqwen.train.objectives import DPO_METRICS, DPOConfig, dpo_losses, objective_for
@@ -188,20 +190,60 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+FULL_VOCAB = "model.vocab_size=151936"
+"""Pair rows are padded with the tokenizer's end-of-document id (151643): the model needs its vocabulary."""
+
+
+@pytest.fixture(scope="module")
+def pair_shard(tmp_path_factory) -> str:
+    """A dpo shard as `megaqwen-data tokenize --format dpo` writes it (documents 2p chosen, 2p+1
+    rejected; PREFIX.mask 1 on the response and its end token), ids < 512: 40 pairs whose prompts,
+    responses and lengths differ (prompt 2-6 tokens, responses 1-8, at most seq_len + 1 = 17)."""
+    from megaqwen.data.indexed import IndexedDatasetBuilder
+
+    prefix = tmp_path_factory.mktemp("pairs") / "prefs"
+    g = np.random.default_rng(0)
+    meta = {"data_format": "dpo", "mask_prefix": f"{prefix.name}.mask"}
+    with IndexedDatasetBuilder(prefix, meta=meta) as docs, \
+            IndexedDatasetBuilder(f"{prefix}.mask", dtype=np.uint8) as masks:
+        for _ in range(40):
+            prompt = g.integers(4, VOCAB, int(g.integers(2, 7)))
+            for _ in range(2):  # chosen, rejected
+                resp = g.integers(4, VOCAB, int(g.integers(1, 9)))
+                docs.add_document(np.concatenate([prompt, resp, [EOD_ID]]).astype(np.int64))
+                masks.add_document(np.array([0] * len(prompt) + [1] * (len(resp) + 1), dtype=np.uint8))
+    return str(prefix)
+
+
+@pytest.mark.slow
+def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  # noqa: F811
+    """The trainer's own data path: pair rows from a dpo shard, reference = the initial weights:
+    step 1 is ln 2 with margin 0; then the policy has moved off the reference (the pairs are random
+    tokens: which way the next pairs' margins go says nothing)."""
+    single_process(tmp_path / "init", shard, FULL_VOCAB)
+    single_process(tmp_path / "dpo", pair_shard, FULL_VOCAB, "train.objective=dpo",
+                   "train.micro_batch_size=2", f"train.init_from={tmp_path / 'init'}", "dpo.beta=0.5")
+    rows = _rows(tmp_path / "dpo")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert rows[0]["dpo/margin"] == 0 and abs(rows[-1]["dpo/margin"]) > 1e-3
+    assert all(0 <= r["dpo/accuracy"] <= 1 and r["dpo/loss"] == pytest.approx(r["loss"]) for r in rows)
+    assert unregistered({k for r in rows for k in r}) == []
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [("parallel.pp=2", "parallel.cp=2"),
                                     ("parallel.tp=2", "parallel.dp_mode=fsdp")],
                          ids=["pp2-cp2", "tp2-fsdp-dp2"])
-def test_dpo_under_layouts_equals_one_process(tmp_path, shard, layout):  # noqa: F811
-    """The trainer's data as pairs (rows 2i, 2i+1 of each micro-batch of 2), reference = the initial
+def test_dpo_under_layouts_equals_one_process(tmp_path, shard, pair_shard, layout):  # noqa: F811
+    """Pair rows of a dpo shard (padded: the padding is a second document), reference = the initial
     weights: step 1 is ln 2, and every step's loss and dpo/* metrics under pp2 x cp2 (row sums over
     cp shards, loss on the last stage) and tp2 x FSDP dp2 equal one process."""
-    single_process(tmp_path / "init", shard)
-    common = ("train.objective=dpo", f"train.init_from={tmp_path / 'init'}", "train.micro_batch_size=2",
-              "dpo.beta=0.5")
-    single_process(tmp_path / "one", shard, *common)
-    run = launch(tmp_path / "lay", shard, *common, *layout, nproc=4)
+    single_process(tmp_path / "init", shard, FULL_VOCAB)
+    common = (FULL_VOCAB, "train.objective=dpo", f"train.init_from={tmp_path / 'init'}",
+              "train.micro_batch_size=2", "dpo.beta=0.5")
+    single_process(tmp_path / "one", pair_shard, *common)
+    run = launch(tmp_path / "lay", pair_shard, *common, *layout, nproc=4)
     assert run.returncode == 0, run.stderr[-4000:]
     one, lay = _rows(tmp_path / "one"), _rows(tmp_path / "lay")
     assert one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
