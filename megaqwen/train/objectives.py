@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.train import reward  # noqa: F401  (registers "reward": a reward model's Bradley-Terry)
 from megaqwen.train.objective import Objective, ObjectiveParts, get_objective, register_objective, row_sums
 
 REFERENCE_LOGPROBS = "reference_logprobs"
@@ -157,6 +158,10 @@ def check_dpo(cfg) -> None:
     if d.loss == "ipo" and d.label_smoothing:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing} applies to dpo.loss=sigmoid only, "
                          "not ipo")
+    if t.eval_every:
+        raise ValueError(f"train.eval_every={t.eval_every}: validation of train.objective=dpo is not "
+                         "supported yet (it needs the reference model's log-probabilities of the held-out "
+                         "pairs); set train.eval_every=0")
     if t.micro_batch_size % 2:
         raise ValueError(f"train.objective=dpo needs an even train.micro_batch_size (chosen and rejected "
                          f"of a pair in the same micro-batch), got {t.micro_batch_size}; use "

@@ -20,7 +20,7 @@ from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.tokenizer import EOD_ID
-from megaqwen.train.config import Config, TrainConfig
+from megaqwen.train.config import Config, DataConfig, TrainConfig
 from megaqwen.train.metric_names import unregistered
 from megaqwen.train.objectives import DPO_METRICS, DPOConfig, dpo_losses, objective_for
 from tests.parallel.test_launch import launch, shard, single_process  # noqa: F401  (fixture)
@@ -104,6 +104,9 @@ def test_config_refuses_odd_micro_batches_and_bad_settings():
         _cfg(beta=0.0).validate()
     with pytest.raises(ValueError, match="dpo.loss='hinge'"):
         _cfg(loss="hinge").validate()
+    with pytest.raises(ValueError, match="validation of train.objective=dpo is not supported"):
+        Config(train=TrainConfig(objective="dpo", eval_every=10),
+               data=DataConfig(valid_fraction=0.1)).validate()
     Config(train=TrainConfig(objective="lm", micro_batch_size=1, global_batch_size=4)).validate()
 
 
