@@ -142,3 +142,10 @@ def test_shipped_chat_set_loads_with_masked_labels(tmp_path):
     ds = build_dataset(prefix, seq_len=64, num_samples=16)
     trained = sum(int((ds[i]["labels"] != -100).sum()) for i in range(16))
     assert meta["data_format"] == "sft" and 0 < trained < 16 * 64 // 2
+
+
+def test_a_chat_shard_without_its_mask_is_refused(tmp_path):
+    prefix = _chat_shard(tmp_path / "sft", EXAMPLES)
+    (tmp_path / "sft.mask.idx").unlink()
+    with pytest.raises(FileNotFoundError, match="loss mask .*sft.mask.bin/.idx is missing; re-tokenise"):
+        IndexedDataset(prefix)
