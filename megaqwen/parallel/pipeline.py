@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,15 @@ import torch.nn as nn
 from megaqwen.kernels.attention import AttentionMeta
 
 log = logging.getLogger(__name__)
+
+
+class EvalParts(NamedTuple):
+    """`Pipeline.eval_parts`: one micro-batch's objective sum, units and metric sums (as an
+    objective's `ObjectiveParts`), whole on every pp rank."""
+
+    sum: torch.Tensor
+    count: torch.Tensor
+    metrics: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -455,19 +464,20 @@ class Pipeline:
         return result
 
     def eval_parts(self, batch: dict[str, torch.Tensor], objective: Any, document_mask: bool = True):
-        """Forward only, one micro-batch: (objective sum, units) of `objective`, summed over the cp
-        group, the same on every pp rank."""
-        from megaqwen.kernels.cross_entropy import LossParts
-
+        """Forward only, one micro-batch: (objective sum, units, metric sums) of `objective` (its
+        declared `metrics`), summed over the cp group, the same on every pp rank."""
+        names = sorted(getattr(objective, "metrics", ()))
         parts = self.forward_only(batch, objective, objective.fields, document_mask)
-        out = torch.zeros(2, device=self.device)
+        out = torch.zeros(2 + len(names), device=self.device)
         if parts is not None:
-            out = torch.stack([parts.sum.detach().float(), parts.count.float()])
+            metrics = getattr(parts, "metrics", {})
+            out = torch.stack([parts.sum.detach().float(), torch.as_tensor(parts.count).float().to(out),
+                               *(metrics[n].detach().float() for n in names)])
             cp_group = self.views[-1].cp_group
             if cp_group is not None:  # this rank's sequence shard: sum over the cp group
                 dist.all_reduce(out, group=cp_group)
         dist.all_reduce(out, group=self.pp_group)
-        return LossParts(out[0], out[1])
+        return EvalParts(out[0], out[1], dict(zip(names, out[2:], strict=True)))
 
     def reduce_grads(self, dp_mode: str, exclude: set[str] = frozenset()) -> None:
         """After the schedule: average gradients over dp (x cp) for ddp/zero1 (FSDP2 reduce-scattered

@@ -57,12 +57,22 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
 
 
 def validation_parts(model, batch, cfg: Config, env: par.DistEnv):
-    """Validation parts (sum, count) of one micro-batch under the run's objective; under context
-    parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
+    """Validation parts (sum, count, metrics) of one micro-batch under the run's objective; under
+    context parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
     objective = objective_for(cfg)
     if env.mesh is None or env.dims.cp == 1:
         return forward_step(model, batch, cfg, env.device, objective).parts
+    import torch.distributed as dist
+
     from megaqwen.parallel.context_parallel import cp_loss_parts
+    from megaqwen.train.objective import ObjectiveParts
 
     group = env.mesh.group("cp")
-    return cp_loss_parts(forward_step(model, batch, cfg, env.device, objective, group).parts, group)
+    parts = forward_step(model, batch, cfg, env.device, objective, group).parts
+    summed, names = cp_loss_parts(parts, group), sorted(parts.metrics)
+    metrics = {}
+    if names:  # the objective's metric sums, over the cp shards as the loss
+        stacked = torch.stack([parts.metrics[n].detach().float() for n in names])
+        dist.all_reduce(stacked, group=group)
+        metrics = dict(zip(names, stacked, strict=True))
+    return ObjectiveParts(summed.sum, summed.count, metrics)

@@ -195,6 +195,9 @@ METRICS += (
        "response, mean per pair", "reward", "training", "rewards"),
     _m("reward/rejected", "", "reward of the rejected response, mean per pair", "reward", "training",
        "rewards"),
+    _m("val_{name}/{name}", "per unit", "an objective metric (`Objective.metrics`, e.g. reward/accuracy: "
+       "a reward model's accuracy on held-out pairs) over the validation batches: its sum / their units",
+       "eval", "validation", "objective metrics on held-out data"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship

@@ -123,7 +123,6 @@ def get_objective(name: str) -> Objective:
                              "megaqwen.train.objective.Objective")
         return obj
     from megaqwen.suggest import check_choice
-    from megaqwen.train import reward  # noqa: F401  (registers "reward")
 
     check_choice("train.objective", name, _OBJECTIVES)
     return _OBJECTIVES[name]

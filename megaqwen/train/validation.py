@@ -3,7 +3,8 @@
 The held-out samples are `data.valid_path` (a shard prefix or recipe) or, without it, the documents
 that `data.valid_fraction` keeps out of training (`megaqwen.data.holdout`). Each evaluation reads the
 same `eval_iters` global batches, cut across data-parallel ranks exactly as training batches are,
-and reports the token-weighted mean loss over all of them (`val_loss`, `val_ppl`, `val_tokens`).
+and reports the token-weighted mean loss over all of them (`val_loss`, `val_ppl`, `val_tokens`) and
+the objective's metrics per unit (`val_<metric>`, e.g. `val_reward/accuracy` on held-out pairs).
 
 The model is called through the trainer's own loss function, so every layout and engine is
 evaluated the way it trains; it may return a mean loss (weighted here by the micro-batch's label
@@ -45,12 +46,19 @@ def evaluate(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]],
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
+    names: list[str] = []  # the objective's metrics (ObjectiveParts.metrics): the same on every rank
     try:
-        for _ in range(num_micro_batches):
+        for i in range(num_micro_batches):
             batch = next(batches)
             with autocast():
-                loss_sum, count = _sum_and_count(loss_fn(model, batch), batch)
-            total += torch.stack([loss_sum.cpu().double(), count.cpu().double()])
+                out = loss_fn(model, batch)
+            loss_sum, count = _sum_and_count(out, batch)
+            metrics = getattr(out, "metrics", None) or {}
+            if i == 0:
+                names = sorted(metrics)
+                total = torch.zeros(2 + len(names), dtype=torch.float64)
+            total += torch.stack([loss_sum.cpu().double(), count.cpu().double(),
+                                  *(metrics[n].detach().cpu().double() for n in names)])
     finally:
         model.train(was_training)
     if dp_group is not None:
@@ -58,9 +66,12 @@ def evaluate(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]],
         total_dev = total.to(device)  # nccl reduces device tensors only
         dist.all_reduce(total_dev, group=dp_group)
         total = total_dev.cpu()
-    loss_sum, count = total.tolist()
+    loss_sum, count, *metric_sums = total.tolist()
     loss = loss_sum / max(count, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+    # e.g. val_reward/accuracy: a reward model's accuracy on the held-out pairs
+    out.update({f"val_{n}": v / max(count, 1.0) for n, v in zip(names, metric_sums, strict=True)})
+    return out
 
 
 class Validator:
