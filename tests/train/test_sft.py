@@ -122,3 +122,46 @@ def test_debug_chain_pretrain_then_sft_runs(tmp_path, shard):  # noqa: F811
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[4]["lr"] == pytest.approx(7e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts through the real launcher, on an sft shard
+
+
+@pytest.fixture(scope="module")
+def sft_shard(tmp_path_factory) -> str:
+    """An sft shard as `megaqwen-data tokenize --format sft` writes it (PREFIX.mask 1 on assistant
+    tokens): 60 examples of a prompt (2-12 tokens), an answer (1-20) and the end-of-document id."""
+    import numpy as np
+
+    from megaqwen.data.indexed import IndexedDatasetBuilder
+    from megaqwen.tokenizer import EOD_ID
+
+    prefix = tmp_path_factory.mktemp("sft") / "chat"
+    g = np.random.default_rng(0)
+    meta = {"data_format": "sft", "mask_prefix": f"{prefix.name}.mask"}
+    with IndexedDatasetBuilder(prefix, meta=meta) as docs, \
+            IndexedDatasetBuilder(f"{prefix}.mask", dtype=np.uint8) as masks:
+        for _ in range(60):
+            prompt = g.integers(4, VOCAB, int(g.integers(2, 13)))
+            answer = g.integers(4, VOCAB, int(g.integers(1, 21)))
+            docs.add_document(np.concatenate([prompt, answer, [EOD_ID]]).astype(np.int64))
+            masks.add_document(np.array([0] * len(prompt) + [1] * len(answer) + [0], dtype=np.uint8))
+    return str(prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [("parallel.pp=2", "parallel.cp=2"),
+                                    ("parallel.tp=2", "parallel.dp_mode=fsdp")],
+                         ids=["pp2-cp2", "tp2-fsdp-dp2"])
+def test_sft_under_layouts_equals_one_process(tmp_path, sft_shard, layout):
+    """Packed SFT samples (labels only on answers, documents masked and positions reset): every
+    step's loss under pp2 x cp2 and tp2 x FSDP dp2 equals one process."""
+    from tests.parallel.test_launch import launch, losses, single_process
+
+    common = ("model.vocab_size=151936", "train.objective=sft", "train.micro_batch_size=2")
+    one = single_process(tmp_path / "one", sft_shard, *common)
+    run = launch(tmp_path / "lay", sft_shard, *common, *layout, nproc=4)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert losses(tmp_path / "lay") == pytest.approx(one, rel=1e-5)
