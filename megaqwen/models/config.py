@@ -83,6 +83,9 @@ class ModelConfig:
     head: str = "lm"
     """Output head: lm (next-token logits over the vocabulary) | score (one scalar per token, HF
     `score.weight` (1, H): a reward model, exported as `*ForSequenceClassification`)."""
+    pad_token_id: int = 151_643
+    """Padding id (<|endoftext|>): a score head scores each row's last token that is not this id,
+    as HF's sequence classifier (its `pad_token_id`) does."""
     num_experts: int = 0
     """Routed experts per MoE layer (arch "qwen2_moe"); 0 means a dense model."""
     num_experts_per_tok: int = 0

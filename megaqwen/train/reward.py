@@ -1,13 +1,12 @@
 """The reward-model objective (`train.objective=reward`): Bradley–Terry on preference pairs.
 
 A model with a score head (`model.head=score`) gives every token a scalar (`model.scores(h)`, (B, T)).
-A row's reward is the score of its last response token: the token after the last position whose
-label is not -100 (labels are shifted: labels[:, i] is the target of position i, so position i + 1
-holds the last response token), or the row's last token when that label is at the end. For a
-right-padded row whose response is its last non-pad content this is exactly the token HF's
-`Qwen2ForSequenceClassification` pools (its last token that is not `pad_token_id`), so the exported
-model gives the same rewards; a response must then not end in the pad id itself (<|endoftext|>;
-ChatML responses end in <|im_end|>). A row without any labelled token is scored at its first token.
+A row's reward is the score of its last token that is not the pad id (`model.pad_token_id`,
+<|endoftext|>): exactly the token HF's `Qwen2ForSequenceClassification` pools with the exported
+`pad_token_id`, so the exported model gives the same rewards. With the dpo shards' rows (megaqwen.data
+.pairs: prompt + response, padded with <|endoftext|>) that is the response's last token, the `\n` after
+its `<|im_end|>`, as in `apply_chat_template` output scored by HF at inference. A row of pads only is
+scored at its first token (HF's argmax of an all-zero mask).
 
 Each micro-batch holds pairs: row 2i is the chosen response, row 2i + 1 the rejected one (the same
 prompt). Per pair, with r = reward and σ the logistic function,
@@ -15,7 +14,8 @@ prompt). Per pair, with r = reward and σ the logistic function,
     loss = -log σ(r_chosen - r_rejected) = softplus(-(r_chosen - r_rejected))
 
 and the unit is the pair. Logged per pair (means over the step): `reward/accuracy` (r_chosen >
-r_rejected), `reward/margin`, `reward/chosen`, `reward/rejected`.
+r_rejected), `reward/margin`, `reward/chosen`, `reward/rejected`; validation adds the same on held-out
+pairs (`val_reward/accuracy`, ...).
 
 Context parallelism: the scoring token lies on one cp rank's zig-zag shard. Each rank masks its
 shard's scores to that token (by global token index) and `row_sums` adds the shards up (differentiably),
@@ -46,31 +46,30 @@ def _cp(batch: dict[str, Any]) -> tuple[Any, int, int]:
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
-def scoring_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """(B, T) bool: the token whose score is each row's reward (see the module docstring), on this
-    rank's shard of the row (all False on the cp ranks that do not hold it)."""
-    labels = batch["labels"]
-    group, cp, rank = _cp(batch)
-    b, t = labels.shape
+def scoring_mask(tokens: torch.Tensor, pad_id: int, cp_group=None) -> torch.Tensor:
+    """(B, T) bool: the token whose score is each row's reward, its last one that is not `pad_id`
+    (see the module docstring), on this rank's shard of the row (all False on the cp ranks that do
+    not hold it). `tokens`: this rank's (B, T) shard."""
+    group, cp, rank = _cp({"cp_group": cp_group})
+    b, t = tokens.shape
     if cp > 1:
         from megaqwen.parallel.context_parallel import zigzag_index
 
-        index = zigzag_index(t * cp, cp, rank, labels.device)  # global token index of each local one
+        index = zigzag_index(t * cp, cp, rank, tokens.device)  # global token index of each local one
     else:
-        index = torch.arange(t, device=labels.device)
+        index = torch.arange(t, device=tokens.device)
     index = index.expand(b, -1)
-    last = torch.where(labels != IGNORE_INDEX, index, torch.full_like(index, -1)).amax(1)  # (B,)
+    last = torch.where(tokens != pad_id, index, torch.zeros_like(index)).amax(1)  # (B,); all pad: 0
     if cp > 1:
         import torch.distributed as dist
 
         dist.all_reduce(last, op=dist.ReduceOp.MAX, group=group)
-    target = torch.clamp(last + 1, max=t * cp - 1)
-    return index == target[:, None]
+    return index == last[:, None]
 
 
 def rewards(model, h_BTH: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """(B,) fp32 reward of every row: its scoring token's score, whole over cp shards."""
-    at = scoring_mask(batch)
+    at = scoring_mask(batch["tokens"], model.cfg.pad_token_id, batch.get("cp_group"))
     picked = {"labels": torch.where(at, 0, IGNORE_INDEX), "cp_group": batch.get("cp_group")}
     return row_sums(model.scores(h_BTH), picked)
 
@@ -81,9 +80,9 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
-    if batch["labels"].shape[0] % 2:
+    if batch["tokens"].shape[0] % 2:
         raise ValueError(f"train.objective=reward takes pairs of rows (chosen, rejected): a micro-batch "
-                         f"of {batch['labels'].shape[0]} rows is odd; use an even train.micro_batch_size")
+                         f"of {batch['tokens'].shape[0]} rows is odd; use an even train.micro_batch_size")
     r = rewards(model, h, batch)
     chosen, rejected = r[0::2], r[1::2]  # (P,)
     share = 1.0 / _cp(batch)[1]  # every cp rank holds the whole pair losses
@@ -98,8 +97,9 @@ def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
 
 
 def _pairs(batch: dict[str, Any]) -> torch.Tensor:
-    return torch.tensor(batch["labels"].shape[0] // 2)
+    return torch.tensor(batch["tokens"].shape[0] // 2)
 
 
-REWARD = register_objective(Objective("reward", _parts, _pairs, fields=("labels",), metrics=METRICS))
+# "tokens": the last stage of a pipeline gets them as a field (the scoring token is found by them)
+REWARD = register_objective(Objective("reward", _parts, _pairs, fields=("tokens",), metrics=METRICS))
 """Bradley–Terry reward-model training on (chosen, rejected) row pairs; the loss is nats per pair."""

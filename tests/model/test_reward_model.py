@@ -12,18 +12,18 @@ import torch
 
 from megaqwen.convert.cli import main as convert_main
 from megaqwen.convert.hf import load_pretrained
-from megaqwen.kernels.cross_entropy import IGNORE_INDEX
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
 from megaqwen.train.reward import rewards
 from tests.convert.test_hf_convert import hf_tensors
 from tests.hf_random import randomise_
 
-PAD = 0  # the test vocabulary's pad id (the export writes Qwen's 151643; a 263-id model never has it)
+PAD = 0  # the test vocabulary's pad id (Qwen's 151643, the default, is outside a 263-id vocabulary)
 
 
 def _cfg(name="debug", **kw):
-    return replace(get_config(name), vocab_size=263, head="score", tie_word_embeddings=False, **kw)
+    return replace(get_config(name), vocab_size=263, head="score", tie_word_embeddings=False,
+                   pad_token_id=PAD, **kw)
 
 
 def test_score_head_replaces_the_lm_head_and_is_counted():
@@ -53,16 +53,13 @@ def test_pipeline_split_puts_the_score_head_on_the_last_stage():
     assert spec.pipeline.shared_params(last) == []
 
 
-def _pair_batch(lengths: list[int], prompt: int, t: int, vocab: int):
-    """Right-padded rows of `lengths` real tokens (ids >= 1, pad 0); labels on the response
-    (positions prompt-1 .. length-2 predict tokens prompt .. length-1), -100 elsewhere."""
+def _padded_rows(lengths: list[int], t: int, vocab: int) -> torch.Tensor:
+    """(B, t) right-padded rows of `lengths` real tokens (ids >= 1, pad 0)."""
     g = torch.Generator().manual_seed(3)
     tokens = torch.full((len(lengths), t), PAD)
-    labels = torch.full((len(lengths), t), IGNORE_INDEX)
     for i, n in enumerate(lengths):
         tokens[i, :n] = torch.randint(1, vocab, (n,), generator=g)
-        labels[i, prompt - 1:n - 1] = tokens[i, prompt:n]
-    return tokens, labels
+    return tokens
 
 
 @pytest.mark.parametrize("name,hf_cls", [("debug", "Qwen2ForSequenceClassification"),
@@ -81,22 +78,22 @@ def test_export_loads_as_sequence_classifier_with_our_rewards(tmp_path, name, hf
     assert convert_main(["to-hf", str(tmp_path / "native"), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["architectures"] == [hf_cls]
-    assert len(conf["id2label"]) == 1 and conf["pad_token_id"] == 151643  # num_labels=1
+    assert len(conf["id2label"]) == 1 and conf["pad_token_id"] == PAD  # num_labels=1
     assert conf["tie_word_embeddings"] is False
     hf, info = getattr(transformers, hf_cls).from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                             pad_token_id=PAD, output_loading_info=True)
+                                                             output_loading_info=True)
     assert not any(info.values()), info  # no missing / unexpected / mismatched keys
-    tokens, labels = _pair_batch([11, 7, 16, 9], prompt=4, t=16, vocab=cfg.vocab_size)
+    tokens = _padded_rows([11, 7, 16, 9], t=16, vocab=cfg.vocab_size)
     with torch.no_grad():
         ref = hf.eval()(tokens).logits[:, 0]  # (B,) HF pools each row's last non-pad token
         pos, _ = model.prepare_inputs(tokens, None, None)
-        got = rewards(model, model.hidden_states(tokens, pos), {"labels": labels, "cp_group": None})
+        got = rewards(model, model.hidden_states(tokens, pos), {"tokens": tokens, "cp_group": None})
     assert (got - ref).abs().max().item() <= 1e-5, (got, ref)
     assert got.std() > 1e-3  # the rows' rewards differ: a wrong token would show
 
     assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     back = load_pretrained(tmp_path / "back")
-    assert back.cfg.head == "score" and back.cfg.tie_word_embeddings is False
+    assert (back.cfg.head, back.cfg.tie_word_embeddings, back.cfg.pad_token_id) == ("score", False, PAD)
     a, b = model.state_dict(), back.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert convert_main(["to-hf", str(tmp_path / "back"), str(tmp_path / "hf2"), "--no-tokenizer"]) == 0
@@ -120,7 +117,7 @@ def test_a_classifier_with_several_labels_is_refused():
     from megaqwen.models.qwen2.hf_adapter import config_to_hf, head_from_hf
 
     hf = config_to_hf(_cfg(), torch.float32)
-    assert head_from_hf(hf) == {"head": "score", "tie_word_embeddings": False}
+    assert head_from_hf(hf) == {"head": "score", "tie_word_embeddings": False, "pad_token_id": PAD}
     with pytest.raises(ValueError, match="num_labels=3 is not supported"):
         head_from_hf({**hf, "num_labels": 3})
 

@@ -23,7 +23,7 @@ LAYERS, T, STEPS, GLOBAL_B, MBS, LR, SEED = 4, 16, 3, 8, 2, 3e-3, 1234
 
 def _cfg():
     return replace(get_config("debug"), vocab_size=1024, num_layers=LAYERS, head="score",
-                   tie_word_embeddings=False)
+                   tie_word_embeddings=False, pad_token_id=0)
 
 
 def _batches(cfg) -> list[dict[str, torch.Tensor]]:
@@ -44,9 +44,9 @@ def _batches(cfg) -> list[dict[str, torch.Tensor]]:
 
 def _step_metrics(model, b) -> tuple[torch.Tensor, dict[str, float]]:
     """(mean -logσ(margin) over the pairs, metrics) of one plain-PyTorch forward: rewards picked by
-    index (the last labelled position + 1, at most T - 1)."""
+    index (each row's last non-pad token)."""
     h = model.hidden_states(b["tokens"], b["position_ids"])
-    idx = [min(max(i for i in range(T) if lab[i] != X) + 1, T - 1) for lab in b["labels"].tolist()]
+    idx = [max(i for i in range(T) if tok[i] != 0) for tok in b["tokens"].tolist()]  # last non-pad
     r = model.scores(h)[torch.arange(GLOBAL_B), torch.tensor(idx)]
     margin = r[0::2] - r[1::2]
     loss = -F.logsigmoid(margin).mean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,20 +21,21 @@ from megaqwen.train.reward import REWARD, scoring_mask
 class _Scores:
     """A stand-in model whose per-token score is h[..., 0]: the rewards are numbers we chose."""
 
+    cfg = SimpleNamespace(pad_token_id=0)
+
     def scores(self, h):
         return h[..., 0]
 
 
 def test_bradley_terry_loss_and_metrics_equal_a_hand_computation():
-    # 2 pairs, T = 5. Rewards sit at the token after each row's last label (or the last token):
-    # row 0 labels end at 2 -> token 3 (1.5); row 1 at 1 -> token 2 (-0.5);
-    # row 2 at 4 (the end) -> token 4 (0.25); row 3 has no label after 0 -> token 1 (2.0)
-    labels = torch.tensor([[X, 7, 7, X, X], [X, 7, X, X, X], [X, X, 7, 7, 7], [7, X, X, X, X]])
-    h = torch.zeros(4, 5, 1)
+    # 2 pairs, T = 5, pad 0. A row's reward is the score of its last non-pad token:
+    # row 0 -> token 3 (1.5), row 1 -> token 2 (-0.5), row 2 (no pad) -> token 4 (0.25), row 3 -> 1 (2.0)
+    tokens = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [5, 6, 0, 0, 0]])
+    labels = torch.where(tokens > 6, tokens, X)  # not read: the scoring token comes from the pads
+    h = torch.full((4, 5, 1), 9.0)  # every other token: a decoy that must not be scored
     h[0, 3], h[1, 2], h[2, 4], h[3, 1] = 1.5, -0.5, 0.25, 2.0
-    h[0, 2], h[1, 1], h[2, 3], h[3, 0] = 9.0, 9.0, 9.0, 9.0  # the last labelled positions: not scored
     h.requires_grad_()
-    parts = REWARD(_Scores(), h, {"labels": labels, "cp_group": None})
+    parts = REWARD(_Scores(), h, {"tokens": tokens, "labels": labels, "cp_group": None})
     d1, d2 = 1.5 - (-0.5), 0.25 - 2.0
     want = -math.log(1 / (1 + math.exp(-d1))) - math.log(1 / (1 + math.exp(-d2)))
     assert parts.sum.item() == pytest.approx(want, rel=1e-6)
@@ -50,11 +52,13 @@ def test_bradley_terry_loss_and_metrics_equal_a_hand_computation():
 
 
 def test_scoring_token_and_odd_batches():
-    labels = torch.tensor([[X, X, X, X], [X, 5, 5, X], [5, 5, 5, 5]])
-    at = scoring_mask({"labels": labels, "cp_group": None})
-    assert at.int().argmax(1).tolist() == [0, 3, 3] and at.sum().item() == 3  # none: first; end: last
+    """HF's rule: the last token that is not the pad (an inner pad does not end the row); a row of
+    pads only is scored at its first token."""
+    tokens = torch.tensor([[0, 0, 0, 0], [5, 0, 5, 0], [5, 5, 5, 5]])
+    at = scoring_mask(tokens, pad_id=0)
+    assert at.int().argmax(1).tolist() == [0, 2, 3] and at.sum().item() == 3
     with pytest.raises(ValueError, match="of 3 rows is odd"):
-        REWARD(_Scores(), torch.zeros(3, 4, 1), {"labels": labels, "cp_group": None})
+        REWARD(_Scores(), torch.zeros(3, 4, 1), {"tokens": tokens, "cp_group": None})
     assert get_objective("reward") is REWARD
 
 
@@ -101,10 +105,11 @@ def test_trainer_step_with_lr0_equals_bradley_terry_on_transformers_rewards(tmp_
     from tests.hf_random import randomise_
     from tests.parallel.trainer_harness import build_run, layout_config, run_steps
 
-    model_cfg = replace(get_config("debug"), vocab_size=VOCAB, head="score", tie_word_embeddings=False)
+    model_cfg = replace(get_config("debug"), vocab_size=VOCAB, head="score", tie_word_embeddings=False,
+                        pad_token_id=0)
     torch.manual_seed(1)
-    hf = Qwen2ForSequenceClassification(Qwen2Config(**{**config_to_hf(model_cfg, torch.float32),
-                                                       "pad_token_id": 0}))
+    hf = Qwen2ForSequenceClassification(Qwen2Config(**config_to_hf(model_cfg, torch.float32)))
+    assert hf.config.pad_token_id == 0
     randomise_(hf, mlp_std=0.1, std=0.1).save_pretrained(tmp_path / "rm")
     cfg = layout_config(model_cfg, ParallelConfig(), steps=2, global_batch=4, micro_batch=2, seq_len=T,
                         lr=0.0, seed=0)
@@ -126,3 +131,19 @@ def test_trainer_step_with_lr0_equals_bradley_terry_on_transformers_rewards(tmp_
         assert m["reward/accuracy"] == pytest.approx((margin > 0).float().mean().item())
     assert margin.abs().min() > 1e-3  # rewards that differ: a wrong scoring token would show
     assert unregistered(metrics[0]) == []
+
+
+def test_dpo_shard_rows_are_scored_at_their_last_input_token():
+    """A dpo shard's row (megaqwen.data.pairs: the document without its final EOD, padded with EOD)
+    is scored at its last real token: for ChatML the `\\n` after `<|im_end|>`, what HF pools when
+    it scores `apply_chat_template` output."""
+    import numpy as np
+
+    from megaqwen.data.pairs import row_features
+
+    eod, im_end, nl = 151643, 151645, 198
+    doc = np.array([1, 2, 3, 100, 101, im_end, nl, eod])
+    mask = np.array([0, 0, 0, 1, 1, 1, 0, 0])
+    row = row_features(doc, mask, seq_len=12, eod_id=eod)
+    at = scoring_mask(row["tokens"][None], pad_id=eod)
+    assert at[0].nonzero().flatten().tolist() == [6] and row["tokens"][6] == nl

@@ -75,21 +75,17 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
 SEQ_CLS = "ForSequenceClassification"
 """Suffix of the HF class a score-head model (a reward model) exports as: `Qwen2ForSequenceClassification`
 (`model.*` + `score.weight` (1, H), num_labels=1) and its Qwen3 / MoE siblings."""
-PAD_TOKEN_ID = 151643
-"""<|endoftext|>, the Qwen2.5 tokenizer's pad: the sequence classifier scores each row's last token that
-is not this id (right padding)."""
-
-
 def head_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig kwargs of the head: a `*ForSequenceClassification` with one label is a score head
-    (untied: it has no LM head); more labels are refused (a reward model has one)."""
+    (untied: it has no LM head; its pad id kept); more labels are refused (a reward model has one)."""
     if not any(a.endswith(SEQ_CLS) for a in hf.get("architectures") or []):
         return {}
     labels = hf.get("num_labels", len(hf.get("id2label") or {0: ""}))
     if labels != 1:
         raise ValueError(f"a sequence classifier with num_labels={labels} is not supported (a reward "
                          "model's score head has 1)")
-    return {"head": "score", "tie_word_embeddings": False}
+    pad = {"pad_token_id": hf["pad_token_id"]} if hf.get("pad_token_id") is not None else {}
+    return {"head": "score", "tie_word_embeddings": False, **pad}
 
 
 def head_to_hf(cfg: ModelConfig, architectures: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -98,7 +94,7 @@ def head_to_hf(cfg: ModelConfig, architectures: list[str]) -> tuple[list[str], d
     if cfg.head != "score":
         return architectures, {}
     return ([a.replace("ForCausalLM", SEQ_CLS) for a in architectures],
-            {"num_labels": 1, "pad_token_id": PAD_TOKEN_ID})
+            {"num_labels": 1, "pad_token_id": cfg.pad_token_id})
 
 
 # HF yarn key -> ModelConfig field; any other key in a yarn rope_scaling is refused, not ignored
