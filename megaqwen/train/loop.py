@@ -272,6 +272,13 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
     batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
+    if reference is not None and cfg.dpo.precompute_reference:  # a second, identical stream
+        from megaqwen.train.reference import PrecomputedReference
+
+        with phase("reference precompute"):
+            again = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
+            reference = built.reference = PrecomputedReference.compute(  # the model: no references left
+                reference, again, (t.steps - start_step) * accum_steps)
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
     eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), objective_for(cfg),
                                              cfg.data.document_mask))

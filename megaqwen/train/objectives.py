@@ -60,6 +60,10 @@ class DPOConfig:
     """Sigmoid loss only: probability eps that a preference label is flipped (cDPO); 0 is plain DPO."""
     loss: str = "sigmoid"
     """sigmoid (DPO, with label_smoothing: cDPO) | ipo (squared loss on length-averaged log-ratios)."""
+    precompute_reference: bool = False
+    """Compute the reference's log-probabilities of every micro-batch of the run before the first
+    step and free the reference model (no reference weights during training; host memory: 4 bytes
+    per response token of this rank's rows). False runs the reference forward in every step."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +176,7 @@ def objective_for(cfg) -> Objective:
     """The run's objective (`train.objective`), configured from its section of `cfg` (a
     `megaqwen.train.config.Config`): dpo from `cfg.dpo`; lm, sft and user objectives as registered."""
     obj = get_objective(cfg.train.objective)
+    reward.check_head(cfg, obj)  # model.head=score <-> train.objective=reward
     if obj is DPO:
         check_dpo(cfg)
         return DPO if cfg.dpo == DPOConfig() else dpo_objective(cfg.dpo)

@@ -76,3 +76,41 @@ class ReferenceModel:
 
             out = gather_sequence(out.contiguous(), env.mesh.group("cp"))
         return out.float()
+
+
+class PrecomputedReference:
+    """`dpo.precompute_reference`: the reference's log-probabilities of every micro-batch the run
+    will train on, computed once before the first step, after which the reference model is freed,
+    so training holds no second copy of the weights (nor the reference's forward activations). Kept on
+    the host at the valid labels only (fp32: 4 bytes per response token of this rank's rows) and
+    handed out in the order the steps ask for them (the data stream is deterministic from the
+    consumed-samples position, so a second iterator replays it)."""
+
+    def __init__(self, values: list[torch.Tensor], device: torch.device):
+        from collections import deque
+
+        self._values, self.device = deque(values), device
+
+    @classmethod
+    def compute(cls, reference: ReferenceModel, micro_batches, count: int) -> PrecomputedReference:
+        from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+
+        values = []
+        for _ in range(count):
+            batch = next(micro_batches)
+            lp = reference.token_logprobs(batch).cpu()
+            values.append(lp[batch["labels"] != IGNORE_INDEX])
+        log.info("reference log-probabilities precomputed for %d micro-batches (%.1f MiB on the host); "
+                 "reference model freed", count, sum(v.numel() for v in values) * 4 / 2**20)
+        return cls(values, reference.env.device)
+
+    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) as `ReferenceModel.token_logprobs` gave for this micro-batch (the next one in order)."""
+        from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+
+        if not self._values:
+            raise RuntimeError("dpo.precompute_reference: more micro-batches than were precomputed")
+        labels = batch["labels"]
+        out = torch.zeros(labels.shape, dtype=torch.float32)
+        out[labels != IGNORE_INDEX] = self._values.popleft()
+        return out.to(self.device)

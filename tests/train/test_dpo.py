@@ -227,6 +227,12 @@ def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  
     single_process(tmp_path / "dpo", pair_shard, FULL_VOCAB, "train.objective=dpo",
                    "train.micro_batch_size=2", f"train.init_from={tmp_path / 'init'}", "dpo.beta=0.5")
     rows = _rows(tmp_path / "dpo")
+    # dpo.precompute_reference: the same log-probabilities, computed before the first step
+    single_process(tmp_path / "pre", pair_shard, FULL_VOCAB, "train.objective=dpo",
+                   "train.micro_batch_size=2", f"train.init_from={tmp_path / 'init'}", "dpo.beta=0.5",
+                   "dpo.precompute_reference=true")
+    keys = ("loss", "grad_norm", *DPO_METRICS)
+    assert [[r[k] for k in keys] for r in _rows(tmp_path / "pre")] == [[r[k] for k in keys] for r in rows]
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert rows[0]["dpo/margin"] == 0 and abs(rows[-1]["dpo/margin"]) > 1e-3
     assert all(0 <= r["dpo/accuracy"] <= 1 and r["dpo/loss"] == pytest.approx(r["loss"]) for r in rows)
@@ -236,12 +242,15 @@ def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [("parallel.pp=2", "parallel.cp=2"),
-                                    ("parallel.tp=2", "parallel.dp_mode=fsdp")],
-                         ids=["pp2-cp2", "tp2-fsdp-dp2"])
+                                    ("parallel.tp=2", "parallel.dp_mode=fsdp"),
+                                    ("parallel.tp=2", "train.engine=deepspeed", "parallel.zero_stage=2"),
+                                    ("parallel.pp=2", "parallel.cp=2", "dpo.precompute_reference=true")],
+                         ids=["pp2-cp2", "tp2-fsdp-dp2", "tp2-deepspeed-zero2-dp2", "pp2-cp2-precomputed"])
 def test_dpo_under_layouts_equals_one_process(tmp_path, shard, pair_shard, layout):  # noqa: F811
     """Pair rows of a dpo shard (padded: the padding is a second document), reference = the initial
     weights: step 1 is ln 2, and every step's loss and dpo/* metrics under pp2 x cp2 (row sums over
-    cp shards, loss on the last stage) and tp2 x FSDP dp2 equal one process."""
+    cp shards, loss on the last stage), tp2 x FSDP dp2, tp2 x DeepSpeed ZeRO-2 dp2 and pp2 x cp2 with
+    the reference precomputed (dpo.precompute_reference) equal one process with the reference online."""
     single_process(tmp_path / "init", shard, FULL_VOCAB)
     common = (FULL_VOCAB, "train.objective=dpo", f"train.init_from={tmp_path / 'init'}",
               "train.micro_batch_size=2", "dpo.beta=0.5")
