@@ -114,15 +114,15 @@ def test_config_refuses_odd_micro_batches_and_bad_settings():
 # the trainer's step against transformers
 
 
-def _hf_folder(path: Path, seed: int) -> Path:
-    """A random Qwen2 HF folder of the debug architecture (vocab 512), saved by transformers."""
+def _hf_folder(path: Path, seed: int, vocab: int = VOCAB) -> Path:
+    """A random Qwen2 HF folder of the debug architecture, saved by transformers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from megaqwen.models.qwen2.hf_adapter import config_to_hf
     from tests.hf_random import randomise_
 
     torch.manual_seed(seed)
-    hf = Qwen2ForCausalLM(Qwen2Config(**config_to_hf(get_config("debug", vocab_size=VOCAB), torch.float32)))
+    hf = Qwen2ForCausalLM(Qwen2Config(**config_to_hf(get_config("debug", vocab_size=vocab), torch.float32)))
     randomise_(hf, mlp_std=0.1, std=0.1)
     hf.save_pretrained(path)
     return path
@@ -267,3 +267,37 @@ def test_dpo_under_layouts_equals_one_process(tmp_path, shard, pair_shard, layou
             # rewards and margin are differences of log-prob sums of ~-100 (16 tokens): fp32
             # reduction order after Adam steps moves them ~1e-5 absolute; a wrong cp/pp sum is ~1
             assert got[k] == pytest.approx(want[k], rel=1e-4, abs=5e-5), (got["step"], k)
+
+
+@pytest.mark.slow
+def test_logged_loss_on_a_pair_shard_equals_the_formula_with_transformers(tmp_path, pair_shard):
+    """The whole trainer (data, reference, step, logger) with train.lr=0, policy A = train.init_from
+    and reference B = train.reference_from (HF folders of different seeds): each logged loss equals
+    -log sigmoid(beta delta) (DPO eq. 7), mean over the step's pairs, with delta from transformers'
+    log-probabilities of the same rows (the trainer's own data stream, replayed)."""
+    import megaqwen.train.main  # noqa: F401  (registers the schema)
+    from megaqwen.parallel import setup as par
+    from megaqwen.train.loop import build_batches
+    from megaqwen.train.preflight import compose_config
+
+    a, b = _hf_folder(tmp_path / "A", seed=1, vocab=151936), _hf_folder(tmp_path / "B", seed=2, vocab=151936)
+    beta = 0.5
+    single_process(tmp_path / "run", pair_shard, FULL_VOCAB, "train.objective=dpo",
+                   "train.micro_batch_size=2", f"train.init_from={a}", f"train.reference_from={b}",
+                   "train.lr=0", "train.min_lr=0", f"dpo.beta={beta}", "train.save_every=0")
+    logged = [r["loss"] for r in _rows(tmp_path / "run")]
+    from tests.parallel.test_launch import COMMON
+
+    cfg = compose_config([f"train.out_dir={tmp_path / 'run'}", f"data.path={pair_shard}", *COMMON, FULL_VOCAB,
+                          "train.objective=dpo", "train.micro_batch_size=2", "train.device=cpu"])
+    env = par.init_distributed(cfg.parallel, "cpu")
+    micro = build_batches(cfg, env, 0, steps_left=cfg.train.steps)
+    accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    for step, loss in enumerate(logged):
+        rows = [next(micro) for _ in range(accum)]
+        batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        pa, pb = _hf_row_logps(a, batch), _hf_row_logps(b, batch)
+        delta = (pa[0::2] - pa[1::2]) - (pb[0::2] - pb[1::2])
+        want = -F.logsigmoid(beta * delta).mean().item()
+        print(f"step {step + 1}: logged {loss:.8f} formula {want:.8f} |diff| {abs(loss - want):.2e}")
+        assert abs(loss - want) <= 1e-5
