@@ -96,6 +96,18 @@ def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
     return ObjectiveParts(loss, torch.tensor(chosen.shape[0] * share, device=loss.device), metrics)
 
 
+def check_head(cfg, objective: Objective) -> None:
+    """Before any work: train.objective=reward needs model.head=score, and a score head trains with
+    nothing else (it has no LM head); a ValueError naming the fix."""
+    head = cfg.model.head
+    if objective is REWARD and head != "score":
+        raise ValueError(f"train.objective=reward trains a score head: set model.head=score and "
+                         f"model.tie_word_embeddings=false (model.head is {head!r})")
+    if objective is not REWARD and head == "score":
+        raise ValueError(f"model.head=score (a reward model) has no LM head for train.objective="
+                         f"{objective.name}; use train.objective=reward")
+
+
 def _pairs(batch: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(batch["tokens"].shape[0] // 2)
 

@@ -83,8 +83,7 @@ def _worker(rank, world, cases):
     for name, lay in cases:
         pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay.get("pp", 1), cp=lay.get("cp", 1), cp_tile=4,
                               sequence_parallel=lay.get("sp", False), dp_mode="ddp", pp_schedule="1f1b")
-        run_cfg = layout_config(cfg, pcfg, STEPS, GLOBAL_B, MBS, T, LR, SEED)
-        run_cfg.train.objective = "reward"
+        run_cfg = layout_config(cfg, pcfg, STEPS, GLOBAL_B, MBS, T, LR, SEED, objective="reward")
         run = build_run(run_cfg)
         seen = capture_grads(run, gather_full)
         *train, held_out = _batches(cfg)

@@ -32,15 +32,17 @@ Batch = dict[str, torch.Tensor]
 
 def layout_config(model_cfg, parallel: ParallelConfig, steps: int, global_batch: int, micro_batch: int,
                   seq_len: int, lr: float, seed: int, grad_clip: float = 0.0, engine: str = "native",
-                  documents: bool = False) -> Config:
+                  documents: bool = False, objective: str = "lm") -> Config:
     """A run's Config for one layout: fp32 on CPU, constant lr (no warmup), clipping at `grad_clip`
     (0: none). `documents`: positions restart per document and attention is masked per document
-    (the batches' position_ids / document_ids); otherwise plain causal positions 0..T-1."""
+    (the batches' position_ids / document_ids); otherwise plain causal positions 0..T-1. `objective`:
+    train.objective (validated with the model: reward needs model.head=score)."""
     cfg = Config(model=model_cfg, parallel=parallel,
                  train=TrainConfig(steps=steps, seq_len=seq_len, global_batch_size=global_batch,
                                    micro_batch_size=micro_batch, lr=lr, min_lr=0.0, schedule="constant",
                                    warmup_steps=0, grad_clip=grad_clip, dtype="fp32", device="cpu",
-                                   seed=seed, engine=engine, save_every=0, fit_check=False),
+                                   seed=seed, engine=engine, save_every=0, fit_check=False,
+                                   objective=objective),
                  data=DataConfig(reset_position_ids=documents, document_mask=documents),
                  logger=LoggerConfig(wandb=WandbConfig(enabled=False, mode="disabled")))
     cfg.validate()

@@ -112,8 +112,8 @@ def test_trainer_step_with_lr0_equals_bradley_terry_on_transformers_rewards(tmp_
     assert hf.config.pad_token_id == 0
     randomise_(hf, mlp_std=0.1, std=0.1).save_pretrained(tmp_path / "rm")
     cfg = layout_config(model_cfg, ParallelConfig(), steps=2, global_batch=4, micro_batch=2, seq_len=T,
-                        lr=0.0, seed=0)
-    cfg = replace(cfg, train=replace(cfg.train, objective="reward", init_from=str(tmp_path / "rm")))
+                        lr=0.0, seed=0, objective="reward")
+    cfg = replace(cfg, train=replace(cfg.train, init_from=str(tmp_path / "rm")))
     cfg.validate()
     batches = [_pairs(2, seed=10), _pairs(2, seed=11)]
     metrics = run_steps(build_run(cfg), batches)
@@ -186,3 +186,15 @@ def test_reward_model_on_the_toy_preferences_end_to_end(tmp_path):
     assert len(loss) == 40 and sum(loss[-10:]) < sum(loss[:10])
     assert len(val) == 2 and all(0.0 <= a <= 1.0 for _, a in val)
     assert unregistered({k for r in rows for k in r}) == []
+
+
+def test_config_pairs_the_score_head_with_the_reward_objective():
+    from megaqwen.train.config import Config, TrainConfig
+
+    score = replace(get_config("debug"), head="score", tie_word_embeddings=False)
+    reward, lm = (TrainConfig(objective=o, micro_batch_size=2, global_batch_size=4) for o in ("reward", "lm"))
+    Config(model=score, train=reward).validate()
+    with pytest.raises(ValueError, match="set model.head=score and model.tie_word_embeddings=false"):
+        Config(train=reward).validate()
+    with pytest.raises(ValueError, match="no LM head for train.objective=lm"):
+        Config(model=score, train=lm).validate()
