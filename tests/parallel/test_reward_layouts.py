@@ -1,6 +1,6 @@
 """Reward-model training (`train.objective=reward`, `model.head=score`) under layouts, through the
 trainer's own builders and `train_step` (tests/parallel/trainer_harness.py), against one process in
-plain PyTorch: tp=2 with SP x dp=2 (DDP) and pp=2 x cp=2 (each row's scoring token on one cp shard)."""
+plain PyTorch: tp x SP x dp, pp x cp, cp x tp, FSDP2 (see the test), validation included."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def _worker(rank, world, cases):
     out = {}
     for name, lay in cases:
         pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay.get("pp", 1), cp=lay.get("cp", 1), cp_tile=4,
-                              sequence_parallel=lay.get("sp", False), dp_mode="ddp", pp_schedule="1f1b")
+                              sequence_parallel=lay.get("sp", False), dp_mode=lay.get("mode", "ddp"),
+                              pp_schedule="1f1b")
         run_cfg = layout_config(cfg, pcfg, STEPS, GLOBAL_B, MBS, T, LR, SEED, objective="reward")
         run = build_run(run_cfg)
         seen = capture_grads(run, gather_full)
@@ -123,14 +124,14 @@ def _validate(run, batch) -> dict[str, float]:
 @pytest.mark.slow
 def test_reward_layouts_equal_one_process():
     """World 4: tp=2 with SP x dp=2 (DDP), pp=2 x cp=2 and cp=2 x tp=2 (the scoring token on one cp
-    shard). The held-out batch through the trainer's validation (val_loss, val_reward/*) after the
-    steps: to 1e-3, as the steps.
+    shard), FSDP2 dp=4 (the (1, H) score weight sharded over 4 ranks: three hold no rows).
     Step 1 (no update yet): loss and reward metrics to 1e-6, gradients to 1e-5 of their largest.
     Steps 2-3 to 1e-3: AdamW's first updates are ~lr x sign(grad), so fp32 rounding flips the update
     of near-zero gradient elements; in one process, only cutting the same batch into 4 micro-batches
-    already moves the step-3 loss by 1e-5 (the layouts: 3e-5 tp x SP x dp, 1e-4 pp x cp)."""
+    already moves the step-3 loss by 1e-5 (the layouts: 3e-5 tp x SP x dp, 1e-4 pp x cp). The held-out
+    batch through the trainer's validation (val_loss, val_reward/*) after the steps: to 1e-3 too."""
     cases = [("tp2-sp-dp2", {"tp": 2, "sp": True}), ("pp2-cp2", {"pp": 2, "cp": 2}),
-             ("cp2-tp2", {"cp": 2, "tp": 2})]
+             ("cp2-tp2", {"cp": 2, "tp": 2}), ("fsdp-dp4", {"mode": "fsdp"})]
     results = spawn(_worker, 4, cases)
     for n, r in results.items():
         print(n, "grad", r["grad_err"], "val", r["val_err"], {k: max(e) for k, e in r["metric_err"].items()})
