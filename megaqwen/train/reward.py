@@ -97,13 +97,14 @@ def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
 
 
 def check_head(cfg, objective: Objective) -> None:
-    """Before any work: train.objective=reward needs model.head=score, and a score head trains with
-    nothing else (it has no LM head); a ValueError naming the fix."""
+    """Before any work: train.objective=reward needs model.head=score, and a score head trains with no
+    other built-in objective (it has no LM head; a user's `package.module:NAME` may use `scores`); a
+    ValueError naming the fix."""
     head = cfg.model.head
     if objective is REWARD and head != "score":
         raise ValueError(f"train.objective=reward trains a score head: set model.head=score and "
                          f"model.tie_word_embeddings=false (model.head is {head!r})")
-    if objective is not REWARD and head == "score":
+    if objective is not REWARD and head == "score" and ":" not in cfg.train.objective:
         raise ValueError(f"model.head=score (a reward model) has no LM head for train.objective="
                          f"{objective.name}; use train.objective=reward")
 
