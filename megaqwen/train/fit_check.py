@@ -161,11 +161,19 @@ def run_shape(cfg, world_size: int) -> RunShape:
                  sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
                  pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
                  micro_batch=t.micro_batch_size)
-    from megaqwen.train.objective import get_objective
+    from megaqwen.train.objectives import objective_for
 
     return RunShape(m, lay, t.seq_len, t.global_batch_size, 2 if bf16 else 4, device.type == "cpu",
                     t.async_save, t.engine == "deepspeed", t.engine == "deepspeed" and p.offload_optimizer,
-                    t.engine == "deepspeed" and p.offload_params, get_objective(t.objective).needs_reference)
+                    t.engine == "deepspeed" and p.offload_params, _holds_reference(cfg, objective_for(cfg)))
+
+
+def _holds_reference(cfg, objective) -> bool:
+    """A reference model held through training (`dpo.precompute_reference` frees it before the first
+    step, while the optimizer state does not exist yet: below the training peak)."""
+    dpo = getattr(cfg, "dpo", None)
+    return objective.needs_reference and not (cfg.train.objective == "dpo" and dpo is not None
+                                              and dpo.precompute_reference)
 
 
 def fit_report(cfg, world_size: int) -> FitReport:

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megaqwen.train.config import Config
 from megaqwen.train.errors import UsageError
 from megaqwen.train.fit_check import check_fit
-from megaqwen.train.objective import get_objective
+from megaqwen.train.objectives import objective_for
 from megaqwen.train.overrides import check_choices, check_overrides, hydra_message, is_hydra_override
 from megaqwen.train.run_folder import RunFolder
 
@@ -70,7 +70,7 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
             from megaqwen.parallel.materialize import hf_weight_files
 
             hf_weight_files(src)  # its weight files exist (their keys are matched once the model does)
-    if get_objective(t.objective).needs_reference:  # the frozen reference model's weights
+    if objective_for(cfg).needs_reference:  # the frozen reference model's weights
         source = t.reference_from or t.init_from
         if not source:
             raise ValueError(f"train.objective={t.objective} needs a reference model: set "
