@@ -198,5 +198,5 @@ def test_config_pairs_the_score_head_with_the_reward_objective():
         Config(train=reward).validate()
     with pytest.raises(ValueError, match="no LM head for train.objective=lm"):
         Config(model=score, train=lm).validate()
-X
+    user = replace(lm, objective="megaqwen.train.objective:LM")  # by import path: the user's choice
     Config(model=score, train=user).validate()
