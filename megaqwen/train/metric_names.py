@@ -35,6 +35,7 @@ WHEN = {
     "objective": "every step when the train.objective declares metrics (`Objective.metrics`)",
     "dpo": "every step of a DPO run (train.objective=dpo)",
     "reward": "every step of a reward-model run (train.objective=reward)",
+    "objective-eval": "at every validation (as eval) when the train.objective declares metrics",
 }
 """when a metric is logged -> what that means"""
 
@@ -197,7 +198,7 @@ METRICS += (
        "rewards"),
     _m("val_{name}/{name}", "per unit", "an objective metric (`Objective.metrics`, e.g. reward/accuracy: "
        "a reward model's accuracy on held-out pairs) over the validation batches: its sum / their units",
-       "eval", "validation", "objective metrics on held-out data"),
+       "objective-eval", "validation", "objective metrics on held-out data"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship
