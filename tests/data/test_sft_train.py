@@ -93,3 +93,29 @@ def test_preflight_refuses_misread_sft_shards(tmp_path, chat_shards, overrides, 
 def test_preflight_refuses_odd_micro_batch_for_dpo(tmp_path, chat_shards):
     with pytest.raises(UsageError, match="must be even"):
         check_run_shards(_config(tmp_path, chat_shards[1], "train.micro_batch_size=1"))
+
+
+@pytest.mark.slow
+def test_the_sft_checkpoint_exports_and_chats_in_transformers(sft_run, tmp_path):
+    """The SFT run exported to HF: transformers loads it with its tokenizer, renders a conversation
+    with the shipped chat template and answers greedily with the tokens our model picks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megaqwen.convert.cli import main as convert_main
+    from megaqwen.convert.hf import load_pretrained
+
+    assert convert_main(["to-hf", str(sft_run), str(tmp_path / "hf")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        answer = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+        ours, x = load_pretrained(sft_run).eval(), ids
+        for _ in range(len(answer)):
+            x = torch.cat([x, ours(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(answer) > 0
+    assert torch.equal(x[0, ids.shape[1]:], answer), (tok.decode(answer), tok.decode(x[0]))
