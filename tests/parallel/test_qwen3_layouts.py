@@ -100,9 +100,9 @@ def test_qwen3_cp2_ring_and_alltoall_equal_one_process():
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "megaqwen/parallel/setup.py validate_layout refuses parallel.cp > 1 for every MoE model "
-    "(`(moe, 'MoE models (the load-balancing loss is not a sum over sequence shards)')`): a generic "
-    "MoE limitation shared with Qwen2-MoE, not an architecture branch"))
+    "the MoE spec's validate (megaqwen/models/qwen2_moe/validate.py) refuses parallel.cp > 1: the "
+    "load-balancing loss is not a sum over sequence shards; shared with Qwen2-MoE, lifted by issue 24's "
+    "global-batch balancing"))
 def test_qwen3_moe_cp2_equals_one_process():
     from test_context_parallel import _check_model
 
