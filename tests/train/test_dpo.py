@@ -202,20 +202,17 @@ def pair_shard(tmp_path_factory) -> str:
     """A dpo shard as `megaqwen-data tokenize --format dpo` writes it (documents 2p chosen, 2p+1
     rejected; PREFIX.mask 1 on the response and its end token), ids < 512: 40 pairs whose prompts,
     responses and lengths differ (prompt 2-6 tokens, responses 1-8, at most seq_len + 1 = 17)."""
-    from megaqwen.data.indexed import IndexedDatasetBuilder
+    from chat_shards import write_masked_shard
 
-    prefix = tmp_path_factory.mktemp("pairs") / "prefs"
     g = np.random.default_rng(0)
-    meta = {"data_format": "dpo", "mask_prefix": f"{prefix.name}.mask"}
-    with IndexedDatasetBuilder(prefix, meta=meta) as docs, \
-            IndexedDatasetBuilder(f"{prefix}.mask", dtype=np.uint8) as masks:
-        for _ in range(40):
-            prompt = g.integers(4, VOCAB, int(g.integers(2, 7)))
-            for _ in range(2):  # chosen, rejected
-                resp = g.integers(4, VOCAB, int(g.integers(1, 9)))
-                docs.add_document(np.concatenate([prompt, resp, [EOD_ID]]).astype(np.int64))
-                masks.add_document(np.array([0] * len(prompt) + [1] * (len(resp) + 1), dtype=np.uint8))
-    return str(prefix)
+    documents = []
+    for _ in range(40):
+        prompt = g.integers(4, VOCAB, int(g.integers(2, 7)))
+        for _ in range(2):  # chosen, rejected
+            resp = g.integers(4, VOCAB, int(g.integers(1, 9)))
+            mask = [0] * len(prompt) + [1] * (len(resp) + 1)  # the response and its end token
+            documents.append((np.concatenate([prompt, resp, [EOD_ID]]), mask))
+    return write_masked_shard(tmp_path_factory.mktemp("pairs") / "prefs", "dpo", documents)
 
 
 @pytest.mark.slow

@@ -133,21 +133,18 @@ def sft_shard(tmp_path_factory) -> str:
     """An sft shard as `megaqwen-data tokenize --format sft` writes it (PREFIX.mask 1 on assistant
     tokens): 60 examples of a prompt (2-12 tokens), an answer (1-20) and the end-of-document id."""
     import numpy as np
+    from chat_shards import write_masked_shard
 
-    from megaqwen.data.indexed import IndexedDatasetBuilder
     from megaqwen.tokenizer import EOD_ID
 
-    prefix = tmp_path_factory.mktemp("sft") / "chat"
     g = np.random.default_rng(0)
-    meta = {"data_format": "sft", "mask_prefix": f"{prefix.name}.mask"}
-    with IndexedDatasetBuilder(prefix, meta=meta) as docs, \
-            IndexedDatasetBuilder(f"{prefix}.mask", dtype=np.uint8) as masks:
-        for _ in range(60):
-            prompt = g.integers(4, VOCAB, int(g.integers(2, 13)))
-            answer = g.integers(4, VOCAB, int(g.integers(1, 21)))
-            docs.add_document(np.concatenate([prompt, answer, [EOD_ID]]).astype(np.int64))
-            masks.add_document(np.array([0] * len(prompt) + [1] * len(answer) + [0], dtype=np.uint8))
-    return str(prefix)
+    documents = []
+    for _ in range(60):
+        prompt = g.integers(4, VOCAB, int(g.integers(2, 13)))
+        answer = g.integers(4, VOCAB, int(g.integers(1, 21)))
+        mask = [0] * len(prompt) + [1] * len(answer) + [0]
+        documents.append((np.concatenate([prompt, answer, [EOD_ID]]), mask))
+    return write_masked_shard(tmp_path_factory.mktemp("sft") / "chat", "sft", documents)
 
 
 @pytest.mark.slow
