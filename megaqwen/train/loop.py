@@ -30,7 +30,7 @@ from megaqwen.train.assemble import build_training, seed_and_ops
 from megaqwen.train.config import Config
 from megaqwen.train.forward import autocast_ctx, forward_step, model_inputs, validation_parts
 from megaqwen.train.metrics import MetricsLogger
-from megaqwen.train.objective import Objective, StepMeter
+from megaqwen.train.objective import REFERENCE_FIELD, Objective, StepMeter
 from megaqwen.train.objectives import objective_for
 from megaqwen.train.optim import lr_at, set_lr
 from megaqwen.train.profiling import StepProfiler
@@ -109,8 +109,6 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     objective = objective_for(cfg)
     micro = [next(batches) for _ in range(accum_steps)]
     if objective.needs_reference:
-        from megaqwen.train.reference import REFERENCE_FIELD
-
         if reference is None:
             raise ValueError(f"train.objective={cfg.train.objective} needs a reference model; none was built")
         with phase("reference forward"):

@@ -90,6 +90,10 @@ def _valid_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 LM = Objective("lm", _lm_parts, _valid_labels)
 """Next-token cross-entropy over every label that is not -100 (pretraining)."""
 
+REFERENCE_FIELD = "reference_logprobs"
+"""The batch field holding the frozen reference model's per-token log-probabilities (B, T), filled by
+the trainer for objectives with `needs_reference` (`megaqwen.train.reference`)."""
+
 _OBJECTIVES: dict[str, Objective] = {}
 
 
@@ -149,22 +153,33 @@ def sequence_sums(values_BT: torch.Tensor,
     return sums, uniq // width
 
 
-def row_sums(values_BT: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """(B,) per-row sums of per-token values over the valid labels, over the whole sequence: under
-    context parallelism each cp rank holds a zig-zag shard of every row, so the shards' sums are
-    all-reduced over `batch["cp_group"]` (differentiably: each shard's tokens get the gradient of the
-    full row's sum). For objectives on whole rows (DPO's chosen / rejected log-probabilities, a
-    reward model's per-sequence score)."""
-    labels = batch["labels"]
-    sums = torch.where(labels != IGNORE_INDEX, values_BT, torch.zeros_like(values_BT)).sum(dim=1)
-    group = batch.get("cp_group")
-    if group is not None:
-        import torch.distributed as dist
+def row_sums(values_BT: torch.Tensor, batch: dict[str, Any],
+             mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) per-row sums of per-token values over `mask_BT` (default: the valid labels), over the
+    whole sequence: under context parallelism each cp rank holds a zig-zag shard of every row, so the
+    shards' sums are all-reduced over `batch["cp_group"]` (differentiably: each shard's tokens get the
+    gradient of the full row's sum). For objectives on whole rows (DPO's chosen / rejected
+    log-probabilities, a reward model's score at one token of each row)."""
+    if mask_BT is None:
+        mask_BT = batch["labels"] != IGNORE_INDEX
+    sums = torch.where(mask_BT, values_BT, torch.zeros_like(values_BT)).sum(dim=1)
+    if cp_size(batch) > 1:
         import torch.distributed.nn.functional as dist_fn
 
-        if dist.get_world_size(group) > 1:
-            sums = dist_fn.all_reduce(sums, group=group)
+        sums = dist_fn.all_reduce(sums, group=batch["cp_group"])
     return sums
+
+
+def cp_size(batch: dict[str, Any]) -> int:
+    """Context-parallel ranks sharing this batch's rows (1 without context parallelism). An objective
+    whose every cp rank holds the whole value (row sums, pair losses) reports 1/cp_size of it, as the
+    step sums objectives over dp x cp ranks."""
+    group = batch.get("cp_group")
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
 
 
 @dataclass

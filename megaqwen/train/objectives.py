@@ -32,20 +32,24 @@ back to one full gradient per shard.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from megaqwen.kernels.cross_entropy import IGNORE_INDEX
 from megaqwen.train import reward  # noqa: F401  (registers "reward": a reward model's Bradley-Terry)
-from megaqwen.train.objective import Objective, ObjectiveParts, get_objective, register_objective, row_sums
-
-REFERENCE_LOGPROBS = "reference_logprobs"
-"""The batch field the trainer fills with the reference's per-token log-probabilities
-(`megaqwen.train.reference.REFERENCE_FIELD`; named here, not imported: reference -> forward ->
-this module would close an import cycle)."""
+from megaqwen.train.objective import (
+    LM,
+    REFERENCE_FIELD,
+    Objective,
+    ObjectiveParts,
+    cp_size,
+    get_objective,
+    register_objective,
+    row_sums,
+)
 
 DPO_LOSSES = ("sigmoid", "ipo")
 
@@ -70,16 +74,7 @@ class DPOConfig:
 # SFT
 
 
-def _sft_parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
-    parts = model.loss(h, batch["labels"])
-    return ObjectiveParts(parts.sum, parts.count)
-
-
-def _valid_labels(batch: dict[str, Any]) -> torch.Tensor:
-    return (batch["labels"] != IGNORE_INDEX).sum()
-
-
-SFT = register_objective(Objective("sft", _sft_parts, _valid_labels))
+SFT = register_objective(dataclasses.replace(LM, name="sft"))
 """Cross-entropy over the labels that are not -100 (the assistant tokens), mean per token."""
 
 
@@ -101,25 +96,16 @@ def dpo_losses(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tens
     return -(1.0 - eps) * F.logsigmoid(cfg.beta * delta) - eps * F.logsigmoid(-cfg.beta * delta)
 
 
-def _cp_size(batch: dict[str, Any]) -> int:
-    group = batch.get("cp_group")
-    if group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
-
-
 def _dpo_parts(cfg: DPOConfig, model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
     labels = batch["labels"]  # (B, T) this cp rank's shard; rows 2i chosen, 2i+1 rejected
     policy_B = row_sums(model.token_logprobs(h, labels).float(), batch)
-    ref_B = row_sums(batch[REFERENCE_LOGPROBS].float(), batch)
+    ref_B = row_sums(batch[REFERENCE_FIELD].float(), batch)
     if cfg.loss == "ipo":
         tokens_B = row_sums(torch.ones_like(labels, dtype=torch.float32), batch).clamp(min=1)
         policy_B, ref_B = policy_B / tokens_B, ref_B / tokens_B
     pw, pl, rw, rl = policy_B[0::2], policy_B[1::2], ref_B[0::2], ref_B[1::2]  # (P,) each
     losses_P = dpo_losses(pw, pl, rw, rl, cfg)
-    share = 1.0 / _cp_size(batch)  # every cp rank holds the whole pair's loss: each reports 1/cp
+    share = 1.0 / cp_size(batch)  # every cp rank holds the whole pair's loss: each reports 1/cp
     with torch.no_grad():
         chosen, rejected = cfg.beta * (pw - rw), cfg.beta * (pl - rl)
         metrics = {"dpo/loss": losses_P.sum(), "dpo/rewards_chosen": chosen.sum(),
@@ -138,7 +124,7 @@ def _pairs(batch: dict[str, Any]) -> torch.Tensor:
 def dpo_objective(cfg: DPOConfig) -> Objective:
     """DPO with these settings (see the module docstring)."""
     return Objective("dpo", lambda model, h, batch: _dpo_parts(cfg, model, h, batch), _pairs,
-                     fields=("labels", REFERENCE_LOGPROBS), needs_reference=True, metrics=DPO_METRICS)
+                     fields=("labels", REFERENCE_FIELD), needs_reference=True, metrics=DPO_METRICS)
 
 
 DPO = register_objective(dpo_objective(DPOConfig()))

@@ -21,11 +21,10 @@ from dataclasses import replace
 import torch
 
 from megaqwen.parallel import setup as par
+from megaqwen.train.objective import REFERENCE_FIELD  # noqa: F401  (the batch field it fills)
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FIELD = "reference_logprobs"
-"""The batch field holding the reference model's per-token log-probabilities (B, T)."""
 
 
 def _token_logprobs(model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -31,8 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megaqwen.kernels.cross_entropy import IGNORE_INDEX
-from megaqwen.train.objective import Objective, ObjectiveParts, register_objective, row_sums
+from megaqwen.train.objective import Objective, ObjectiveParts, cp_size, register_objective, row_sums
 
 METRICS = ("reward/accuracy", "reward/margin", "reward/chosen", "reward/rejected")
 
@@ -70,8 +69,7 @@ def scoring_mask(tokens: torch.Tensor, pad_id: int, cp_group=None) -> torch.Tens
 def rewards(model, h_BTH: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """(B,) fp32 reward of every row: its scoring token's score, whole over cp shards."""
     at = scoring_mask(batch["tokens"], model.cfg.pad_token_id, batch.get("cp_group"))
-    picked = {"labels": torch.where(at, 0, IGNORE_INDEX), "cp_group": batch.get("cp_group")}
-    return row_sums(model.scores(h_BTH), picked)
+    return row_sums(model.scores(h_BTH), batch, mask_BT=at)
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -85,7 +83,7 @@ def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
                          f"of {batch['tokens'].shape[0]} rows is odd; use an even train.micro_batch_size")
     r = rewards(model, h, batch)
     chosen, rejected = r[0::2], r[1::2]  # (P,)
-    share = 1.0 / _cp(batch)[1]  # every cp rank holds the whole pair losses
+    share = 1.0 / cp_size(batch)  # every cp rank holds the whole pair losses
     margin = (chosen - rejected).detach()
     metrics = {"reward/accuracy": (margin > 0).float().sum() * share,
                "reward/margin": margin.sum() * share,
