@@ -189,6 +189,8 @@ def _routing_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
     """Collective over dp (x cp): this step's per-layer expert load (summed over the data-parallel
     ranks; nothing for a model without routers), the aux-loss-free routing-bias update from it, and
     the load metrics. The raw loads ride along under "_moe_loads" for the trainer's heat map."""
+    if not cfg.model.spec.expert_parallel:  # no routers: skip the per-step walk over the modules
+        return {}
     from megaqwen.parallel.data_parallel import dp_reduce_mesh
     from megaqwen.parallel.expert_parallel import collect_load, update_routing_bias
     from megaqwen.train.moe_metrics import moe_metrics

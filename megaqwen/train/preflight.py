@@ -71,11 +71,10 @@ def check_config(cfg: Config, world_size: int) -> RunFolder:
 
             hf_weight_files(src)  # its weight files exist (their keys are matched once the model does)
     if objective_for(cfg).needs_reference:  # the frozen reference model's weights
-        source = t.reference_from or t.init_from
-        if not source:
-            raise ValueError(f"train.objective={t.objective} needs a reference model: set "
-                             "train.reference_from (an HF folder or a native checkpoint) or train.init_from")
-        initial_source(source, cfg, get_spec(cfg.model))  # exists, and its model config is the run's
+        from megaqwen.train.reference import reference_source
+
+        # exists, and its model config is the run's
+        initial_source(reference_source(cfg), cfg, get_spec(cfg.model))
     check_fit(cfg, world_size)  # the memory estimate against this machine's, before any model exists
     return run
 

@@ -31,6 +31,16 @@ def _token_logprobs(model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> t
     return model.token_logprobs(h, batch["labels"])
 
 
+def reference_source(cfg) -> str:
+    """Where the reference model's weights come from: `train.reference_from`, else `train.init_from`;
+    a ValueError naming both when neither is set."""
+    source = cfg.train.reference_from or cfg.train.init_from
+    if not source:
+        raise ValueError(f"train.objective={cfg.train.objective} needs a reference model: set "
+                         "train.reference_from (an HF folder or a native checkpoint) or train.init_from")
+    return source
+
+
 class ReferenceModel:
     def __init__(self, model, env: par.DistEnv, cfg, pipe=None):
         self.model, self.env, self.cfg, self.pipe = model, env, cfg, pipe
@@ -39,10 +49,7 @@ class ReferenceModel:
     def build(cls, cfg, env: par.DistEnv, ops, plan=None) -> ReferenceModel:
         from megaqwen.train.build import build_model_for_run, build_pipeline
 
-        source = cfg.train.reference_from or cfg.train.init_from
-        if not source:
-            raise ValueError(f"train.objective={cfg.train.objective} needs a reference model: set "
-                             "train.reference_from (an HF folder or a native checkpoint) or train.init_from")
+        source = reference_source(cfg)
         # the native build path: sharded by our own plans under every engine (a frozen model has no
         # optimizer state for DeepSpeed to partition)
         ref_cfg = replace(cfg, train=replace(cfg.train, init_from=source, engine="native"))

@@ -286,7 +286,8 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
         c = self.cfg
         if partial:  # the same names on every stage, a zero share where it has no sparse layer
             if not records:
-                return {"z_loss": AuxTerm(torch.zeros(()), c.router_z_loss_coef)}
+                zero = torch.zeros((), device=next(self.parameters()).device)  # no host/device mix
+                return {"z_loss": AuxTerm(zero, c.router_z_loss_coef)}
             sparse = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
             z = sum(r.z_sum for r in records) / (records[0].probs_NE.shape[0] * sparse)
             return {"z_loss": AuxTerm(z, c.router_z_loss_coef)}
