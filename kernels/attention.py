@@ -15,6 +15,13 @@ document also starts every row); None is plain causal attention.
 - `varlen_attention_torch`: a per-document SDPA loop with flash-attn's varlen signature: SDPA's
   packed-document path past DENSE_MASK_MAX_T, and the reference the varlen plumbing is tested
   against on CPU.
+
+Generation (KV cache): `KVCache` holds every layer's keys (after RoPE) and values; each forward of
+the generation engine gets one `CachedAttention` step object in the `attn` slot, the model's
+`hidden_states` hands each layer its `LayerCache` view, the attention appends its new k/v there and
+calls `ops.attention(q, k_all, v_all, layer_cache)`. Every backend above routes such a call to
+`cached_attention` (SDPA with the step's (B, 1, Tq, S) mask), so q has Tq new tokens and k/v the S
+cached ones. See `CachedAttention` for what a backend (e.g. Dual Chunk Attention decode) can read.
 """
 
 from __future__ import annotations
@@ -93,6 +100,135 @@ def as_attention_meta(attn: AttentionMeta | torch.Tensor | None) -> AttentionMet
     return AttentionMeta(attn)
 
 
+class KVCache:
+    """Keys (after RoPE) and values of every decoder layer for one batch being generated.
+
+    Slots: each row's tokens sit at slots 0..S-1 of a preallocated (B, capacity, Hk, D) buffer per
+    layer (allocated at the layer's first append, with its local head count and dtype: a tensor-
+    parallel rank keeps its own KV heads). Every forward of the batch appends the same number of
+    slots to every row (prompts left-padded: a padding slot is invalid, never attended). Per slot the
+    cache records the token's position (its RoPE position, per row) and whether it is valid.
+    """
+
+    def __init__(self, batch: int, capacity: int, device: torch.device | str):
+        self.capacity = capacity
+        self.length = 0
+        """Slots filled so far (the same in every row)."""
+        self.positions_BS = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.valid_BS = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.k: dict[str, torch.Tensor] = {}
+        """layer name -> (B, capacity, Hk, D) keys after RoPE."""
+        self.v: dict[str, torch.Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.positions_BS.shape[0]
+
+    def step(self, positions_BT: torch.Tensor, valid_BT: torch.Tensor | None = None) -> CachedAttention:
+        """Reserve the next T slots for a forward over tokens at `positions_BT` (valid_BT: False for
+        left padding); returns the attention metadata that forward passes as `document_ids`."""
+        b, t = positions_BT.shape
+        if b != self.batch:
+            raise ValueError(f"KV cache holds {self.batch} rows, the step has {b}")
+        if self.length + t > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {t} slots > capacity {self.capacity}")
+        start = self.length
+        self.positions_BS[:, start:start + t] = positions_BT
+        self.valid_BS[:, start:start + t] = True if valid_BT is None else valid_BT
+        self.length += t
+        return CachedAttention(self, start, t)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (index tensor), in this order: drop finished sequences."""
+        self.positions_BS = self.positions_BS.index_select(0, rows)
+        self.valid_BS = self.valid_BS.index_select(0, rows)
+        for d in (self.k, self.v):
+            for name, buf in d.items():
+                d[name] = buf.index_select(0, rows)
+
+
+class CachedAttention(AttentionMeta):
+    """Attention metadata of one forward over a `KVCache` (prefill: the padded prompts; decode: one
+    new token per row), built once per forward and handed to every layer as the `attn` argument.
+
+    Backends read, per layer (`LayerCache`, returned by `for_layer`, carries the same fields):
+      q_positions_BT (B, Tq) int64   RoPE positions of the new tokens (the queries)
+      k_positions_BS (B, S) int64    positions of every cached key, S = slots filled incl. these
+      k_valid_BS     (B, S) bool     False for padding slots (never attended)
+      q_slots        (Tq,) int64     cache slots of the queries (= S - Tq ... S - 1)
+      mask()         (B, 1, Tq, S) bool: key valid and k_position <= q_position, plus each query's
+                     own slot (so a padding query attends itself: no all-masked row, no NaN)
+    The keys are stored after RoPE at `q_positions` (plain RoPE); an ops bundle whose `apply_rope`
+    rotates differently (DCA: keys at their chunk offset) stores what its own rope returned, and its
+    attention can rebuild whatever relative positions it needs from the positions above.
+    A subclass of AttentionMeta only so the model's `prepare_inputs` passes it through unchanged;
+    it has no document ids (generation never packs documents).
+    """
+
+    def __init__(self, cache: KVCache, start: int, t: int):  # no document ids: no super().__init__
+        self.cache = cache
+        self.start = start
+        self.t = t
+        end = start + t
+        self.q_positions_BT = cache.positions_BS[:, start:end]
+        self.k_positions_BS = cache.positions_BS[:, :end]
+        self.k_valid_BS = cache.valid_BS[:, :end]
+        self.q_slots = torch.arange(start, end, device=cache.positions_BS.device)
+        self._mask: torch.Tensor | None = None
+
+    def varlen(self):
+        raise ValueError("cached (generation) attention has no packed documents / cu_seqlens")
+
+    def dense_mask(self) -> torch.Tensor:
+        return self.mask()
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            s = self.k_positions_BS.shape[1]
+            causal = self.k_positions_BS[:, None, :] <= self.q_positions_BT[:, :, None]  # (B, Tq, S)
+            own = self.q_slots[:, None] == torch.arange(s, device=self.q_slots.device)[None]  # (Tq, S)
+            self._mask = ((causal & self.k_valid_BS[:, None, :]) | own)[:, None]
+        return self._mask
+
+    def for_layer(self, name: str) -> LayerCache:
+        return LayerCache(self, name)
+
+
+class LayerCache(CachedAttention):
+    """One layer's view of a `CachedAttention` step: `append` stores its new keys/values."""
+
+    def __init__(self, step: CachedAttention, name: str):  # shares the step's fields
+        self.__dict__.update(step.__dict__)
+        self.step_meta = step
+        self.name = name
+
+    def mask(self) -> torch.Tensor:
+        return self.step_meta.mask()  # built once per forward, shared by every layer
+
+    def append(self, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys (after RoPE) and values; -> every filled slot's (B, S, Hk, D)."""
+        c = self.cache
+        if self.name not in c.k:
+            shape = (c.batch, c.capacity, *k_BTHD.shape[2:])
+            c.k[self.name] = k_BTHD.new_zeros(shape)
+            c.v[self.name] = v_BTHD.new_zeros(shape[:2] + v_BTHD.shape[2:])
+        end = self.start + self.t
+        c.k[self.name][:, self.start:end] = k_BTHD
+        c.v[self.name][:, self.start:end] = v_BTHD
+        return c.k[self.name][:, :end], c.v[self.name][:, :end]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: CachedAttention,
+                     scale: float | None = None) -> torch.Tensor:
+    """q (B, Tq, Hq, D) new tokens, k/v (B, S, Hk, D) every cached slot -> (B, Tq, Hq, D): one SDPA
+    call with the step's (B, 1, Tq, S) mask (the reference every cached backend is tested against)."""
+    groups = q.shape[2] // k.shape[2]
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
+    k_, v_ = _repeat_kv(k_, v_, groups, dim=1)
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=attn.mask(), scale=scale)
+    return out.transpose(1, 2)
+
+
 def _repeat_kv(k_: torch.Tensor, v_: torch.Tensor, groups: int, dim: int):
     if groups == 1:
         return k_, v_
@@ -114,6 +250,8 @@ def sdpa_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q (B, T, Hq, D), k/v (B, T, Hk, D) -> (B, T, Hq, D); memory O(T) past DENSE_MASK_MAX_T."""
+    if isinstance(attn, CachedAttention):
+        return cached_attention(q, k, v, attn, scale)
     attn = as_attention_meta(attn)
     if attn is not None and q.shape[1] > DENSE_MASK_MAX_T:
         return varlen_attention(q, k, v, attn, scale, varlen_attention_torch)
@@ -172,6 +310,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def flash_attention(q, k, v, attn=None, scale=None):
     """flash-attn 2 on CUDA fp16/bf16 tensors; other dtypes fall back to SDPA (logged once)."""
+    if isinstance(attn, CachedAttention):  # generation: a decode step is one query per row
+        return cached_attention(q, k, v, attn, scale)
     if q.dtype not in _HALF or not q.is_cuda:
         _log_once(f"attention: flash-attn needs CUDA fp16/bf16 tensors, got {q.device.type} "
                   f"{q.dtype}; using sdpa for these calls")
@@ -195,6 +335,8 @@ def _te_attention_module(hq: int, hk: int, d: int, scale: float | None, qkv_form
 
 def te_attention(q, k, v, attn=None, scale=None):
     """Transformer Engine DotProductAttention (picks cuDNN / flash / unfused internally)."""
+    if isinstance(attn, CachedAttention):
+        return cached_attention(q, k, v, attn, scale)
     if q.dtype not in _HALF or not q.is_cuda:
         _log_once(f"attention: Transformer Engine needs CUDA fp16/bf16 tensors, got "
                   f"{q.device.type} {q.dtype}; using sdpa for these calls")

@@ -15,8 +15,10 @@ run the part they own and reduce the loss exactly:
     scores(h)   (head=score, a reward model)                            -> (B, T)
     loss(h, labels)                                                     -> LossParts(sum, count)
 Positions and the attention metadata (`AttentionMeta`: packed-document boundaries) are built once
-per batch and handed to every layer. Any of embedding, final norm and head may be None (a pipeline
-stage deletes what it does not own).
+per batch and handed to every layer. Generation passes a `CachedAttention` (a KV-cache step) in the
+same slot: each layer gets its `LayerCache` view and appends its keys (after RoPE) and values there
+(`megaqwen.generate` drives it; training never builds one). Any of embedding, final norm and head
+may be None (a pipeline stage deletes what it does not own).
 
 No `torch.distributed` here: parallel plans (see `parallelize.py`) replace modules in place
 (projections by local shards, the loss by its vocab-parallel version) and add region hooks; the
@@ -31,9 +33,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from megaqwen.kernels.attention import AttentionMeta
+from megaqwen.kernels.attention import AttentionMeta, CachedAttention, LayerCache
 from megaqwen.kernels.cross_entropy import LMLoss, LossParts
-from megaqwen.kernels.dca import dca_rope, uses_dca
+from megaqwen.kernels.dca import dca_rope, dca_settings, uses_dca
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.kernels.rope import rope_cos_sin, rope_inv_freq, yarn_inv_freq
 from megaqwen.models.config import ModelConfig
@@ -80,6 +82,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # before RoPE, as in HF Qwen3Attention
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.apply_rope(q, k, *rope)
+        if isinstance(attn, LayerCache):  # generation: store k (after RoPE), v; attend to all slots
+            k, v = attn.append(k, v)  # (B, S, Hk, D)
         out = self.core(q, k, v, attn)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(b, t, -1))
 
@@ -164,8 +168,12 @@ class Qwen2ForCausalLM(nn.Module):
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> RoPE (cos, sin), each (B, T, D) fp32, shared by every layer;
         YaRN-scaled (frequencies and cos/sin factor) when `cfg.rope_scaling` is yarn. A model built
-        with `kernels.dca.dca_ops` (inference) gets DCA's (B, T, 4, D) tables from `dca_rope`."""
+        with `kernels.dca.dca_ops` (inference) gets DCA's (B, T, 4, D) tables from `dca_rope`, from
+        plain frequencies: vLLM ignores rope_scaling when DCA is on, and so do we."""
         c = self.cfg
+        if uses_dca(self.ops):
+            inv_freq = rope_inv_freq(c.head_dim_, c.rope_theta, device=position_ids.device)
+            return dca_rope(position_ids, inv_freq, dca_settings(self.ops))
         if c.rope_scaling == "yarn":
             inv_freq, scale = yarn_inv_freq(
                 c.head_dim_, c.rope_theta, c.rope_scaling_factor, c.rope_original_max_position,
@@ -173,8 +181,6 @@ class Qwen2ForCausalLM(nn.Module):
                 device=position_ids.device)
         else:
             inv_freq, scale = rope_inv_freq(c.head_dim_, c.rope_theta, device=position_ids.device), 1.0
-        if uses_dca(self.ops):
-            return dca_rope(position_ids, inv_freq, scale, c.dca_chunk_size, c.dca_local_size)
         return rope_cos_sin(position_ids, inv_freq, scale)
 
     def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
@@ -192,10 +198,10 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             h = self.model.embed_tokens(tokens)
         rope = self.rope(position_ids)
-        blocks = (self.model.layers.values() if layers is None
-                  else [self.model.layers[str(i)] for i in layers])
-        for layer in blocks:
-            h = layer(h, rope, attn)
+        names = list(self.model.layers) if layers is None else [str(i) for i in layers]
+        cached = isinstance(attn, CachedAttention)  # generation: each layer gets its cache view
+        for name in names:
+            h = self.model.layers[name](h, rope, attn.for_layer(name) if cached else attn)
         if final_norm and self.model.norm is not None:
             h = self.model.norm(h)
         return h
