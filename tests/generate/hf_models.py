@@ -18,7 +18,7 @@ def dtype(arch: str) -> torch.dtype:
     return torch.float32 if "moe" in arch else torch.float64
 
 
-def save_random_hf(path: Path, arch: str = "qwen2") -> Path:
+def save_random_hf(path: Path, arch: str = "qwen2", vocab_size: int = 131) -> Path:
     from transformers import (
         Qwen2Config,
         Qwen2ForCausalLM,
@@ -28,15 +28,16 @@ def save_random_hf(path: Path, arch: str = "qwen2") -> Path:
         Qwen3ForCausalLM,
     )
 
+    common = COMMON | {"vocab_size": vocab_size}
     if arch == "qwen2":
-        cls, hc = Qwen2ForCausalLM, Qwen2Config(**COMMON, intermediate_size=56, num_hidden_layers=2,
+        cls, hc = Qwen2ForCausalLM, Qwen2Config(**common, intermediate_size=56, num_hidden_layers=2,
                                                  tie_word_embeddings=True)
     elif arch == "qwen3":
-        cls, hc = Qwen3ForCausalLM, Qwen3Config(**COMMON, intermediate_size=56, num_hidden_layers=2,
+        cls, hc = Qwen3ForCausalLM, Qwen3Config(**common, intermediate_size=56, num_hidden_layers=2,
                                                  head_dim=16, tie_word_embeddings=False)
     elif arch == "qwen2_moe":
         cls, hc = Qwen2MoeForCausalLM, Qwen2MoeConfig(
-            **COMMON, intermediate_size=56, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+            **common, intermediate_size=56, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=24, shared_expert_intermediate_size=40, decoder_sparse_step=1,
             mlp_only_layers=[0], norm_topk_prob=False, tie_word_embeddings=False)
     else:
