@@ -267,6 +267,7 @@ FORBIDDEN = {
     "eval": {"train", "plan"},
     "plan": {"train", "convert", "eval"},
     "generate": {"train", "eval", "plan"},
+    "rewards": {"parallel", "train", "convert", "eval", "plan", "generate"},
 }
 """`train` is the top of the trainer (it may import everything below it, eval included); only `convert`
 imports it back, by public names (from-deepspeed rebuilds the saved run with the trainer's builders),

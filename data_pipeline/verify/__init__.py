@@ -1,3 +1,4 @@
-"""Verifiers for offline-RL preference data: maths answer equivalence, a Python sandbox for code with
-unit tests, and `megaqwen-data verify-pairs`, which samples responses from a checkpoint, checks them
-and keeps (passing, failing) pairs in the DPO format `megaqwen-data tokenize --format dpo` reads."""
+"""`megaqwen-data verify-pairs`: samples responses from a checkpoint, checks them with the verifiers of
+`megaqwen.rewards` (maths answer equivalence, the Python sandbox for code with unit tests; GRPO's
+rewards use the same ones) and keeps (passing, failing) pairs in the DPO format
+`megaqwen-data tokenize --format dpo` reads."""

@@ -20,7 +20,7 @@ import json
 import sys
 
 from megaqwen.data_pipeline.verify.pairs import build_pairs, read_tasks, summary_dict
-from megaqwen.data_pipeline.verify.sandbox import SandboxConfig
+from megaqwen.rewards.sandbox import SandboxConfig
 
 
 def run(args: argparse.Namespace, generate=None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megaqwen.data_pipeline.verify.math_answer import equivalent, extract_answer
-from megaqwen.data_pipeline.verify.sandbox import SandboxConfig, isolation, run_python
+from megaqwen.rewards.code import extract_code
+from megaqwen.rewards.math_answer import equivalent, extract_answer
+from megaqwen.rewards.sandbox import SandboxConfig, isolation, run_python
 
 log = logging.getLogger("megaqwen.verify_pairs")
 
@@ -76,15 +76,6 @@ def read_tasks(path: str | Path) -> list[Task]:
             tasks.append(Task(i, rec.get("prompt"), rec.get("messages"),
                               None if answer is None else str(answer), tests))
     return tasks
-
-
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-
-def extract_code(response: str) -> str:
-    """The last fenced code block of a response (```python or plain ```), else the whole response."""
-    blocks = _FENCE.findall(response)
-    return blocks[-1] if blocks else response
 
 
 def verify(task: Task, response: str, sandbox: SandboxConfig) -> str:

@@ -1,4 +1,5 @@
-"""Run a candidate Python program and its unit tests in a separate, limited process.
+"""Run a candidate Python program and its unit tests in a separate, limited process (the code
+verifier of `megaqwen.rewards.code` and `megaqwen-data verify-pairs`).
 
 The child (`sandbox_child.py`, run as `python -I`) gets a fresh temporary working directory, a
 minimal environment, its own session (process group), a network namespace and a PID namespace where

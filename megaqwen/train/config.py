@@ -15,6 +15,7 @@ from megaqwen.kernels.registry import KernelConfig
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.suggest import check_choice
+from megaqwen.train.grpo import GRPOConfig
 from megaqwen.train.objectives import DPOConfig, objective_for
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -204,6 +205,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def validate(self) -> None:
         t = self.train
@@ -230,7 +232,7 @@ class Config:
         if t.spike_factor < 0 or 0 < t.spike_factor <= 1:
             raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
         check_choice("train.engine", t.engine, ENGINES)
-        objective_for(self)  # the objective exists and its section (dpo.*) fits the run
+        objective_for(self)  # the objective exists and its section (dpo.*, grpo.*) fits the run
         check_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
         if t.seq_len > self.model.max_position_embeddings:
             # an error, not a warning: the HF export writes max_position_embeddings into config.json,

@@ -35,13 +35,16 @@ WHEN = {
     "objective": "every step when the train.objective declares metrics (`Objective.metrics`)",
     "dpo": "every step of a DPO run (train.objective=dpo)",
     "reward": "every step of a reward-model run (train.objective=reward)",
+    "grpo": "every step of a GRPO run (train.objective=grpo)",
+    "grpo-kl": "every step of a GRPO run with a KL penalty (grpo.kl_coef > 0)",
+    "grpo-seq": "every step of a GRPO run with per-response aggregation (grpo.loss_agg=sequence|constant)",
     "objective-eval": "at every validation (as eval) when the train.objective declares metrics",
 }
 """when a metric is logged -> what that means"""
 
 # W&B workspace sections, in display order
 SECTIONS = ("training", "validation", "throughput", "memory", "data mix", "moe", "pipeline", "reliability",
-            "dpo")
+            "dpo", "grpo")
 
 _PLACEHOLDER = {"{r}": r"\d+", "{i}": r"\d+", "{e}": r"\d+", "{name}": r"[^/]+"}
 
@@ -199,6 +202,23 @@ METRICS += (
     _m("val_{name}/{name}", "per unit", "an objective metric (`Objective.metrics`, e.g. reward/accuracy: "
        "a reward model's accuracy on held-out pairs) over the validation batches: its sum / their units",
        "objective-eval", "validation", "objective metrics on held-out data"),
+)
+
+METRICS += (
+    # grpo (megaqwen/train/grpo.py): means per unit of the step (per response token under
+    # grpo.loss_agg=token; per response, of each response's token mean, under sequence / constant)
+    _m("grpo/clip_low", "fraction", "share of response tokens whose ratio is clipped below (advantage < 0 "
+       "and ratio < 1 - grpo.clip_low: no surrogate gradient)", "grpo", "grpo", "GRPO clip fraction"),
+    _m("grpo/clip_high", "fraction", "share of response tokens whose ratio is clipped above (advantage > 0 "
+       "and ratio > 1 + grpo.clip_high)", "grpo", "grpo", "GRPO clip fraction"),
+    _m("grpo/ratio", "", "importance ratio pi / pi_old of the sampled tokens, mean", "grpo", "grpo",
+       "GRPO importance ratio"),
+    _m("grpo/nll", "nats/token", "-log pi of the sampled response tokens, mean: a Monte-Carlo estimate of "
+       "the policy's entropy on its own samples", "grpo", "grpo", "GRPO entropy estimate"),
+    _m("grpo/kl", "nats/token", "k3 estimate of KL(pi || pi_ref) per response token, mean", "grpo-kl", "grpo",
+       "GRPO KL to the reference"),
+    _m("grpo/response_length", "tokens", "response tokens per response, mean", "grpo-seq", "grpo",
+       "GRPO response length"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship

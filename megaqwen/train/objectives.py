@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megaqwen.train import reward  # noqa: F401  (registers "reward": a reward model's Bradley-Terry)
+from megaqwen.train import grpo, reward  # noqa: F401  (register "grpo" and "reward": a reward model's BT)
 from megaqwen.train.objective import (
     LM,
     REFERENCE_FIELD,
@@ -160,10 +160,13 @@ def check_dpo(cfg) -> None:
 
 def objective_for(cfg) -> Objective:
     """The run's objective (`train.objective`), configured from its section of `cfg` (a
-    `megaqwen.train.config.Config`): dpo from `cfg.dpo`; lm, sft and user objectives as registered."""
+    `megaqwen.train.config.Config`): dpo from `cfg.dpo`, grpo from `cfg.grpo` (needs_reference iff
+    grpo.kl_coef > 0); lm, sft and user objectives as registered."""
     obj = get_objective(cfg.train.objective)
     reward.check_head(cfg, obj)  # model.head=score <-> train.objective=reward
     if obj is DPO:
         check_dpo(cfg)
         return DPO if cfg.dpo == DPOConfig() else dpo_objective(cfg.dpo)
+    if obj is grpo.GRPO:
+        return grpo.grpo_for(cfg)
     return obj

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megaqwen.data_pipeline.verify.math_answer import equivalent, extract_answer, normalise
-from megaqwen.data_pipeline.verify.sandbox import SandboxConfig, isolation, run_python
+from megaqwen.rewards.math_answer import equivalent, extract_answer, normalise
+from megaqwen.rewards.sandbox import SandboxConfig, isolation, run_python
 
 # ---- maths -------------------------------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ def test_pairs_per_prompt_and_bad_input(tmp_path):
 
 
 def test_extract_code_takes_the_last_fenced_block():
-    from megaqwen.data_pipeline.verify.pairs import extract_code
+    from megaqwen.rewards.code import extract_code
 
     assert extract_code("first\n```python\na = 1\n```\nthen\n```\nb = 2\n```") == "b = 2\n"
     assert extract_code("def f(): pass") == "def f(): pass"
