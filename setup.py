@@ -100,6 +100,7 @@ setup(
             "megaqwen-stages=megaqwen.train.stages:main",
             "megaqwen-data=megaqwen.data_pipeline.cli:main",
             "megaqwen-plan=megaqwen.plan.cli:main",
+            "megaqwen-generate=megaqwen.generate.cli:main",
         ]
     },
 )
