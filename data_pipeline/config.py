@@ -216,6 +216,13 @@ class PipelineConfig:
             raise ValueError(
                 f"scorer.encoder_kind must be transformer or static, got {self.scorer.encoder_kind!r}"
             )
+        if not 0 <= self.dedup.band_tasks <= self.dedup.num_bands:
+            raise ValueError(
+                f"dedup.band_tasks must be 0 (one in-memory task) or 1..num_bands "
+                f"({self.dedup.num_bands}), got {self.dedup.band_tasks}"
+            )
+        if self.dedup.bucket_chunk_docs < 1:
+            raise ValueError(f"dedup.bucket_chunk_docs must be >= 1, got {self.dedup.bucket_chunk_docs}")
         if self.domains.teacher_sample < 1:
             raise ValueError(f"domains.teacher_sample must be >= 1, got {self.domains.teacher_sample}")
         if self.domains.backend != "embedding" and self.judge.backend == "none":

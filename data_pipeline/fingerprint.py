@@ -9,7 +9,8 @@ stale stage can be explained by the keys that changed. Keys are named as `key=va
 so writing a default out changes nothing.
 
 Performance knobs are not part of any record: workers, executor, min_mb_per_worker, batch sizes,
-threads, timeouts, the LSH storage backend, and output_dir itself (a copied folder stays valid).
+threads, timeouts, the LSH storage backend, dedup.bucket_chunk_docs, and output_dir itself (a copied
+folder stays valid).
 The input files' sizes and modification times are (a rewritten corpus re-runs everything).
 """
 
@@ -32,7 +33,9 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
     "filter": ("input.paths", "input.files", "input.text_key", "input.id_key", "input.parts_per_file",
                "keep_removed", "steps", "dedup.exact", "dedup.minhash", "dedup.ngram", "dedup.num_bands",
                "dedup.rows_per_band", "dedup.seed"),
-    "dedup": ("dedup.threshold",),
+    "dedup_bands": (),
+    "dedup_buckets": ("dedup.threshold", "dedup.band_tasks"),
+    "dedup": ("dedup.threshold", "dedup.band_tasks"),
     "judge": ("judge.backend", "judge.model", "judge.base_url", "judge.mode", "judge.top_logprobs",
               "judge.tokenizer", "judge.device", "judge.dtype", "judge.max_doc_chars", "judge.sample_size",
               "judge.dimensions", "domains.backend"),
@@ -48,7 +51,9 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
 # stages whose results a stage reads (only the enabled ones count)
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "filter": (),
-    "dedup": ("filter",),
+    "dedup_bands": ("filter",),
+    "dedup_buckets": ("dedup_bands",),
+    "dedup": ("filter", "dedup_buckets"),
     "judge": ("dedup",),
     "train_scorer": ("judge",),
     "train_domains": ("dedup",),

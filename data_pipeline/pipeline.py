@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from megaqwen.data_pipeline import lsh_stages as lsh
 from megaqwen.data_pipeline import stages as st
 from megaqwen.data_pipeline.config import PipelineConfig
 from megaqwen.data_pipeline.document import StepStats
@@ -37,8 +38,8 @@ log = logging.getLogger("megaqwen.data_pipeline")
 
 # stages whose markers hold per-step kept/removed stats, summed into stats.json["steps"]
 SUMMARY_STAGES = ("filter", "dedup", "annotate", "shards")
-STAGES = ["filter", "dedup", "judge", "train_scorer", "train_domains", "annotate", "shards", "recipes",
-          "report"]
+STAGES = ["filter", "dedup_bands", "dedup_buckets", "dedup", "judge", "train_scorer", "train_domains",
+          "annotate", "shards", "recipes", "report"]
 
 
 def _domains_with_data(cfg: PipelineConfig) -> list[str]:
@@ -105,8 +106,10 @@ def report_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 
 
 def n_tasks(cfg: PipelineConfig, stage: str) -> int:
-    if stage in ("filter", "judge", "annotate"):
+    if stage in ("filter", "dedup_bands", "judge", "annotate"):
         return st.n_input_tasks(cfg)
+    if stage == "dedup_buckets":
+        return cfg.dedup.band_tasks
     if stage == "shards":
         require_complete(cfg.out, "annotate", st.n_input_tasks(cfg))
         return len(_domains_with_data(cfg))
@@ -115,18 +118,22 @@ def n_tasks(cfg: PipelineConfig, stage: str) -> int:
 
 def describe_task(cfg: PipelineConfig, stage: str, task: int) -> str:
     """What a task works on, for error messages: its input part, or its domain."""
-    if stage in ("filter", "judge", "annotate"):
+    if stage in ("filter", "dedup_bands", "judge", "annotate"):
         parts = st.expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
         return f"input {parts[task].name}" if task < len(parts) else f"task {task}"
     if stage == "shards":
         doms = _domains_with_data(cfg)
         return f"domain {doms[task]!r}" if task < len(doms) else f"task {task}"
+    if stage == "dedup_buckets" and task < cfg.dedup.band_tasks:
+        return f"LSH units {lsh.lf.units_of_task(lsh.all_units(cfg), cfg.dedup.band_tasks, task)}"
     return f"task {task}"
 
 
 def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
     return {
         "filter": st.filter_task,
+        "dedup_bands": lsh.bands_task,
+        "dedup_buckets": lsh.buckets_task,
         "dedup": st.dedup_task,
         "judge": st.judge_task,
         "train_scorer": st.train_scorer_task,
@@ -140,6 +147,8 @@ def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
 
 def enabled_stages(cfg: PipelineConfig) -> list[str]:
     skip = {"judge", "train_scorer"} if cfg.judge.backend == "none" else set()
+    if cfg.dedup.band_tasks == 0:
+        skip |= {"dedup_bands", "dedup_buckets"}
     if not (cfg.domains.backend == "embedding" and cfg.domains.student):
         skip.add("train_domains")
     return [s for s in STAGES if s not in skip]

@@ -5,6 +5,8 @@ Layout under `output_dir`:
     removed/<task>.jsonl.zst       removed documents with `metadata.removed_by` (keep_removed)
     signatures/<task>.npz          exact keys + MinHash signatures of the filtered documents
     dedup/duplicates.json          {task: [positions in filtered/<task>]} to drop, with what they duplicate
+                                   (dedup.band_tasks > 0: dedup/duplicates/<task>.json, and the
+                                   intermediate files of lsh_stages.py under dedup_lsh/)
     judge/<task>.jsonl             judge labels of a sample (text, per-dimension scores, domain probs)
     scorer/                        distilled heads (quality.npz, domain.npz) and agreement metrics
     annotated/<domain slug>/<task>.jsonl.zst   deduplicated, scored, domain-labelled documents
@@ -159,6 +161,10 @@ def filter_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- dedup (one task)
 def dedup_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
+    if cfg.dedup.band_tasks > 0:  # the distributed stages' last step (lsh_stages.py)
+        from megaqwen.data_pipeline.lsh_stages import clusters_task
+
+        return clusters_task(cfg, task)
     out = cfg.out
     n = n_input_tasks(cfg)
     require_complete(out, "filter", n)
@@ -187,6 +193,10 @@ def dedup_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 
 
 def _duplicates(cfg: PipelineConfig, task: int) -> set[int]:
+    if cfg.dedup.band_tasks > 0:
+        from megaqwen.data_pipeline.lsh_stages import read_removals
+
+        return {pos for pos, _, _ in read_removals(cfg, task)}
     p = cfg.out / "dedup" / "duplicates.json"
     if not p.is_file():
         raise RuntimeError(f"{p} is missing: run the dedup stage first")

@@ -41,6 +41,12 @@ class DedupConfig:
     """seed of the MinHash permutations (must be the same in every task)."""
     storage_config: dict[str, Any] = field(default_factory=lambda: {"type": "dict"})
     """datasketch LSH storage; {"type": "redis", ...} keeps the index out of memory on big corpora."""
+    band_tasks: int = 0
+    """0: one in-memory dedup task (fine to ~10M documents); 1..num_bands: distributed LSH stages
+    (dedup_bands, dedup_buckets with this many tasks, dedup), same kept set (data_pipeline/lsh_stages.py)."""
+    bucket_chunk_docs: int = 4_000_000
+    """distributed: most band entries (24 B each) a bucket task sorts at once; a larger band is merged
+    in key ranges of this size, so its memory never grows with the corpus."""
 
     @property
     def num_perm(self) -> int:
