@@ -19,9 +19,10 @@ Reruns resume: finished work is kept (markers under OUTPUT_DIR/markers/). If the
 OUTPUT_DIR was written, the run stops and names the changed settings; --rerun then redoes the stages
 they affect (and every stage after those), keeping the results of the stages before them.
 
-Stages, in order: filter, dedup, judge, train_scorer, train_domains, annotate, shards, recipes, report
-(judge and train_scorer only with a judge model; train_domains only for the embedding classifier's
-student).
+Stages, in order: filter, dedup_bands, dedup_buckets, dedup, judge, train_scorer, train_domains,
+annotate, shards, recipes, report (dedup_bands and dedup_buckets only with dedup.band_tasks > 0, the
+distributed near-dedup; judge and train_scorer only with a judge model; train_domains only for the
+embedding classifier's student).
 """
 
 from __future__ import annotations

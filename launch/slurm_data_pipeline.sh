@@ -6,7 +6,8 @@
 # Each array task runs `megaqwen-data pipeline --stage S --rank slurm`, i.e. tasks r, r+N, r+2N ...
 # of the stage (N = array size). Completed tasks leave markers, so resubmitting the script after a
 # failure or preemption redoes only what is missing. Single-task stages (dedup, train_scorer,
-# recipes, report) run as arrays of one. Per-stage partitions/resources via environment:
+# recipes, report) run as arrays of one. With dedup.band_tasks > 0 the near-dedup is distributed:
+# dedup_bands runs as the input array, dedup_buckets as an array of band_tasks, dedup as one task. Per-stage partitions/resources via environment:
 #   CPU_SBATCH_ARGS  (default "--cpus-per-task=4 --mem=16G --time=12:00:00")
 #   GPU_SBATCH_ARGS  for the judge stage when judge.backend is local (default adds --gres=gpu:1)
 #   DATA_PIPELINE_STAGES to run a subset, e.g. "annotate shards recipes report"
@@ -16,15 +17,15 @@ CONFIG=${1:?usage: $0 CONFIG.yaml [ARRAY_SIZE]}
 ARRAY=${2:-64}
 CPU_ARGS=${CPU_SBATCH_ARGS:---cpus-per-task=4 --mem=16G --time=12:00:00}
 GPU_ARGS=${GPU_SBATCH_ARGS:---cpus-per-task=8 --mem=64G --gres=gpu:1 --time=24:00:00}
-STAGES=${DATA_PIPELINE_STAGES:-"filter dedup judge train_scorer train_domains annotate shards recipes report"}
+STAGES=${DATA_PIPELINE_STAGES:-"filter dedup_bands dedup_buckets dedup judge train_scorer train_domains annotate shards recipes report"}
 LOGS=${LOG_DIR:-logs/data_pipeline}
 mkdir -p "$LOGS"
 
-read -r judge_backend student <<<"$(python - "$CONFIG" <<'PY'
+read -r judge_backend student band_tasks <<<"$(python - "$CONFIG" <<'PY'
 import sys
 from megaqwen.data_pipeline.config import load_config
 cfg = load_config(sys.argv[1])
-print(cfg.judge.backend, int(cfg.domains.backend == "embedding" and cfg.domains.student))
+print(cfg.judge.backend, int(cfg.domains.backend == "embedding" and cfg.domains.student), cfg.dedup.band_tasks)
 PY
 )"
 
@@ -33,9 +34,11 @@ for stage in $STAGES; do
   case $stage in
     judge|train_scorer) [ "$judge_backend" = none ] && continue ;;
     train_domains) [ "$student" = 0 ] && continue ;;
+    dedup_bands|dedup_buckets) [ "$band_tasks" = 0 ] && continue ;;
   esac
   case $stage in
-    filter|judge|annotate|shards) n=$ARRAY ;;
+    filter|dedup_bands|judge|annotate|shards) n=$ARRAY ;;
+    dedup_buckets) n=$band_tasks ;;
     *) n=1 ;;
   esac
   args=$CPU_ARGS

@@ -190,3 +190,40 @@ def test_local_worker_processes_resume_and_corrupt_file(filtered):
     (cfg.out / "markers" / "dedup_buckets" / "00001.json").unlink()
     with pytest.raises(lf.CorruptFile, match=str(bad)):
         run_stage(cfg, "dedup_buckets", progress=False)
+
+
+def test_slurm_script_submits_the_distributed_stages(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "data_pipeline/configs/pipeline_sample.yaml").read_text())
+    data["input"]["paths"] = [str(root / "data_pipeline/samples/corpus.jsonl")]
+    data["dedup"]["band_tasks"] = 4
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {log}\necho $((1000 + $(wc -l < {log})))\n')
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "LOG_DIR": str(tmp_path / "logs"),
+        "DATA_PIPELINE_STAGES": "filter dedup_bands dedup_buckets dedup",
+    }
+    out = subprocess.run(
+        ["bash", str(root / "launch/slurm_data_pipeline.sh"), str(cfg), "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    arrays = [(c.split("--stage ")[1].split()[0], c.split("--array=")[1].split()[0]) for c in calls]
+    assert arrays == [("filter", "0-7"), ("dedup_bands", "0-7"), ("dedup_buckets", "0-3"), ("dedup", "0-0")]
