@@ -221,6 +221,8 @@ class PipelineConfig:
                 f"dedup.band_tasks must be 0 (one in-memory task) or 1..num_bands "
                 f"({self.dedup.num_bands}), got {self.dedup.band_tasks}"
             )
+        if self.dedup.key_splits < 1:
+            raise ValueError(f"dedup.key_splits must be >= 1, got {self.dedup.key_splits}")
         if self.dedup.bucket_chunk_docs < 1:
             raise ValueError(f"dedup.bucket_chunk_docs must be >= 1, got {self.dedup.bucket_chunk_docs}")
         if self.domains.teacher_sample < 1:

@@ -3,7 +3,7 @@
     dedup_lsh/sigs/<task>.npy            (N, num_perm) uint64 MinHash signatures of one input task
     dedup_lsh/bands/<unit>/<task>.npy    BAND_DTYPE records of one input task, sorted by (key, gid)
     dedup_lsh/pairs/<task>.npz           one bucket task's verified pairs: exact, alias, near (E, 2)
-    dedup/duplicates/<task>.json         removals of one input task, as today's duplicates.json entry
+    dedup/duplicates/<task>.npy          REMOVAL_DTYPE removals of one input task, by position
 
 A unit is what one bucket task merges as a whole: `exact` (key = the exact-text hash) or `bNN`
 (key = a 64-bit hash of LSH band NN's rows). A document's global id `gid = task << 40 | position`
@@ -20,6 +20,8 @@ import numpy as np
 
 GID_SHIFT = 40  # positions < 2^40 per input task, tasks < 2^23
 BAND_DTYPE = np.dtype([("key", "<u8"), ("gid", "<i8"), ("sighash", "<u8")])  # 24 B per document
+# kind 0: exact copy, 1: near duplicate (lsh_stages.KINDS)
+REMOVAL_DTYPE = np.dtype([("pos", "<i8"), ("kept_task", "<i8"), ("kept_pos", "<i8"), ("kind", "u1")])
 _MUL = np.uint64(0x100000001B3)  # FNV-1a prime
 
 
@@ -70,7 +72,7 @@ def pairs_path(out: Path, task: int) -> Path:
 
 
 def removals_path(out: Path, task: int) -> Path:
-    return out / "dedup" / "duplicates" / f"{task:05d}.json"
+    return out / "dedup" / "duplicates" / f"{task:05d}.npy"
 
 
 def save_npy(path: Path, a: np.ndarray) -> None:

@@ -6,20 +6,22 @@ with (layout in `lsh_files.py`):
 1. dedup_bands (one task per input part): the filter stage's signatures re-laid out per LSH band:
    per document (band key, global id, hash of the whole signature), sorted by key; plus the exact
    keys as one more unit, and the signatures as a memory-mappable `.npy`.
-2. dedup_buckets (`band_tasks` tasks, each a contiguous share of the units): merges its units'
-   sorted files one key range at a time (at most `dedup.bucket_chunk_docs` entries, 24 B each, in
-   memory), and emits the pairs that share a bucket, verified on the full signatures (read by row
-   from the memory-mapped `.npy`): estimated Jaccard >= threshold, as the single task checks.
-3. dedup (one task): the single task's greedy walk over the verified pairs (below), writing each
-   input part's removal list; judge / annotate then drop those documents as they read the part.
+2. dedup_buckets (`band_tasks` x `key_splits` tasks, each a contiguous share of the units and a
+   1/key_splits share of their key space): merges its units' sorted files one key range at a time
+   (at most `dedup.bucket_chunk_docs` entries, 24 B each, in memory), and emits the pairs that
+   share a bucket, verified on the full signatures (read by row from the memory-mapped `.npy`):
+   estimated Jaccard >= threshold, as the single task checks.
+3. dedup (one task): the single task's greedy walk over the verified pairs (`greedy_walk`,
+   vectorised), writing each input part's removal list; judge / annotate then drop those
+   documents as they read the part.
 
 Same kept set, and the same removal records, as the single task, which walks documents in global
 order and removes one (a) whose exact key was seen before, else (b) that shares an LSH bucket with
 an already *kept* document at estimated Jaccard >= threshold, pointing at the smallest such one.
 That is the first-in-order greedy independent set of the verified-pair graph, not its connected
 components (a ~ b ~ c with a !~ c keeps a and c), so the last stage replays it: documents in order,
-each removed iff an earlier verified neighbour is kept. Only documents with an earlier neighbour
-are visited; the rest are kept.
+each removed iff an earlier verified neighbour is kept. Only documents in a verified pair take part;
+the rest are kept.
 
 Why documents with identical signatures are collapsed ("alias" pairs): a bucket of k identical
 documents would give k(k-1)/2 pairs; instead the first of them pairs with the others in the bucket
@@ -31,13 +33,12 @@ first, as today.
 
 Memory: a bucket task holds one key range of one band (`bucket_chunk_docs` x 24 B, sorted in
 place) plus its candidate pairs (16 B each) and blocks of 2 x 65536 signature rows for the check;
-never the corpus. The last stage holds the verified pairs (16 B each, x3 while sorting) and a dict
-entry per document that has an earlier neighbour (~200 B): O(duplicates), not O(documents).
+never the corpus. The last stage holds the verified pairs (16 B each, a few copies while sorting)
+and ~30 B per document in a pair: O(duplicates), not O(documents).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,11 @@ class _Meter:
 def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     d, out = cfg.dedup, cfg.out
     n_parts = _n_parts(cfg)
-    mine = lf.units_of_task(all_units(cfg), d.band_tasks, task)
+    mine = lf.units_of_task(all_units(cfg), d.band_tasks, task // d.key_splits)
+    # this task's share of each unit's key space; keys are uniform 64-bit hashes, so equal key
+    # ranges hold about equal numbers of documents
+    split = task % d.key_splits
+    lo, hi = split * (1 << 64) // d.key_splits, (split + 1) * (1 << 64) // d.key_splits
     merge, check = _Meter(), _Meter()
     exact, alias, cand = [_NO_PAIRS], [_NO_PAIRS], [_NO_PAIRS]
     chunks = 0
@@ -122,11 +127,11 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         files = [
             lf.load_npy(lf.band_path(out, unit, t), "dedup_bands", lf.BAND_DTYPE, 1) for t in range(n_parts)
         ]
-        rows = sum(len(f) for f in files)
+        ends = [_cut(f, lo) for f in files], [_cut(f, hi) for f in files]
+        rows = sum(e - s for s, e in zip(*ends))
         n_chunks = max(1, math.ceil(rows / d.bucket_chunk_docs))
-        # keys are uniform 64-bit hashes: equal key ranges hold about equal shares
-        edges = [int(i * (1 << 64) // n_chunks) for i in range(n_chunks)]
-        cuts = [np.searchsorted(f["key"], np.array(edges, np.uint64)).tolist() + [len(f)] for f in files]
+        edges = [lo + i * (hi - lo) // n_chunks for i in range(n_chunks)] + [hi]
+        cuts = [[_cut(f, e) for e in edges] for f in files]
         for c in range(n_chunks):
             rec = np.concatenate([f[cut[c] : cut[c + 1]] for f, cut in zip(files, cuts)])
             rec = rec[np.lexsort((rec["gid"], rec["sighash"], rec["key"]))]
@@ -149,6 +154,7 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     return {
         "task": task,
         "units": mine,
+        "key_range": [lo, hi],
         "chunks": chunks,
         "exact_pairs": len(exact_E2),
         "alias_pairs": len(alias_A2),
@@ -159,6 +165,11 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         "verify_peak_bytes": check.peak,
         "loaded_bytes": merge.total + check.total,
     }
+
+
+def _cut(f: np.ndarray, key: int) -> int:
+    """Index of the first record with key >= `key` (2^64: the end) in key-sorted records."""
+    return len(f) if key >= 1 << 64 else int(np.searchsorted(f["key"], np.uint64(key)))
 
 
 def _starts(*cols: np.ndarray) -> np.ndarray:
@@ -250,6 +261,9 @@ def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, identical:
 
 
 # ---------------------------------------------------------------- 3. dedup: the greedy walk
+KINDS = ("exact", "near")
+
+
 def clusters_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     d, out = cfg.dedup, cfg.out
     n_parts = _n_parts(cfg)
@@ -257,52 +271,87 @@ def clusters_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     n_docs = sum(counts[t] for t in range(n_parts))
     parts = [
         lf.load_npz(lf.pairs_path(out, t), "dedup_buckets", ("exact", "alias", "near"))
-        for t in range(d.band_tasks)
+        for t in range(d.band_tasks * d.key_splits)
     ]
     exact_E2 = np.concatenate([p["exact"] for p in parts])
     alias_A2 = _unique_pairs(np.concatenate([p["alias"] for p in parts]))
     near_M2 = _unique_pairs(np.concatenate([p["near"] for p in parts]))
-    removed: dict[int, tuple[int, str]] = dict(
-        zip(exact_E2[:, 1].tolist(), zip(exact_E2[:, 0].tolist(), ["exact"] * len(exact_E2)))
-    )
-    n_exact = len(removed)
     # an exact copy takes no part in the near pass (as in the single task); by construction it is
     # never a bucket's first copy, so this only drops its own alias pairs
-    if n_exact:
-        ex = np.fromiter(removed, np.int64, n_exact)
+    ex = np.sort(exact_E2[:, 1])
+    if len(ex):
         alias_A2 = alias_A2[~np.isin(alias_A2[:, 1], ex)]
         near_M2 = near_M2[~(np.isin(near_M2[:, 0], ex) | np.isin(near_M2[:, 1], ex))]
-    twin = dict(zip(alias_A2[:, 1].tolist(), alias_A2[:, 0].tolist()))
-    order = np.lexsort((near_M2[:, 0], near_M2[:, 1]))
-    later, earlier = near_M2[order, 1], near_M2[order, 0]
-    first = np.flatnonzero(np.r_[True, later[1:] != later[:-1]]) if len(later) else np.zeros(0, np.int64)
-    neighbours = dict(zip(later[first].tolist(), np.split(earlier, first[1:]) if len(first) else []))
-    for i in sorted(set(twin) | set(neighbours)):
-        if i in twin:
-            a = twin[i]
-            removed[i] = (removed[a][0] if a in removed else a, "near")
-            continue
-        kept = [j for j in neighbours[i].tolist() if j not in removed]  # ascending
-        if kept:
-            removed[i] = (kept[0], "near")
-    by_task: dict[int, list[list]] = {t: [] for t in range(n_parts)}
-    for i in sorted(removed):
-        j, kind = removed[i]
-        (ti, pi), (tj, pj) = (lf.split_gid(np.int64(x)) for x in (i, j))
-        by_task[int(ti)].append([int(pi), [int(tj), int(pj)], kind])
-    for t, recs in by_task.items():
-        p = lf.removals_path(out, t)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(recs))
-        tmp.replace(p)
+    near_gid, near_ptr, rounds = greedy_walk(near_M2)
+    # a later copy of an identical signature goes where its first copy went (or to it, when kept)
+    at = np.minimum(np.searchsorted(near_gid, alias_A2[:, 0]), max(len(near_gid) - 1, 0))
+    twin_removed = near_gid[at] == alias_A2[:, 0] if len(near_gid) else np.zeros(len(alias_A2), bool)
+    alias_ptr = np.where(twin_removed, near_ptr[at] if len(near_ptr) else 0, alias_A2[:, 0])
+    gid_R = np.concatenate([exact_E2[:, 1], near_gid, alias_A2[:, 1]])
+    ptr_R = np.concatenate([exact_E2[:, 0], near_ptr, alias_ptr])
+    kind_R = np.repeat(np.array([0, 1, 1], np.uint8), [len(exact_E2), len(near_gid), len(alias_A2)])
+    order = np.argsort(gid_R, kind="stable")
+    gid_R, ptr_R, kind_R = gid_R[order], ptr_R[order], kind_R[order]
+    if len(gid_R) and np.any(gid_R[1:] == gid_R[:-1]):
+        raise RuntimeError(
+            f"a document is removed twice: the pair files under {out / 'dedup_lsh'} are inconsistent"
+        )
+    task_R, pos_R = lf.split_gid(gid_R)
+    kept_task_R, kept_pos_R = lf.split_gid(ptr_R)
+    bounds = np.searchsorted(task_R, np.arange(n_parts + 1))
+    for t in range(n_parts):
+        sl = slice(bounds[t], bounds[t + 1])
+        rec = np.empty(bounds[t + 1] - bounds[t], lf.REMOVAL_DTYPE)
+        rec["pos"], rec["kept_task"], rec["kept_pos"], rec["kind"] = (
+            pos_R[sl],
+            kept_task_R[sl],
+            kept_pos_R[sl],
+            kind_R[sl],
+        )
+        lf.save_npy(lf.removals_path(out, t), rec)
+    n_exact, n_near = len(exact_E2), len(near_gid) + len(alias_A2)
     return {
         "task": task,
         "documents": n_docs,
-        "removed": len(removed),
-        "steps": [s.to_json() for s in _stats(cfg, n_docs, n_exact, len(removed) - n_exact)],
+        "removed": n_exact + n_near,
+        "steps": [s.to_json() for s in _stats(cfg, n_docs, n_exact, n_near)],
         "pairs": {"exact": len(exact_E2), "alias": len(alias_A2), "near": len(near_M2)},
+        "walk_rounds": rounds,
     }
+
+
+def greedy_walk(pairs_M2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The single task's decisions on the verified pairs (earlier gid, later gid): walking documents
+    in order, one is removed iff an earlier neighbour is kept, pointing at the smallest kept one.
+
+    Vectorised in rounds: every undecided document whose earlier neighbours are all decided decides
+    at once (the smallest undecided one always can, so each round decides at least one). Rounds =
+    the longest chain of documents waiting on each other (a few on real duplicate clusters);
+    each round costs the pairs still undecided. Returns (removed gids ascending, their kept gid,
+    rounds)."""
+    if not len(pairs_M2):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    nodes, inv = np.unique(pairs_M2, return_inverse=True)  # compact ids keep the order
+    j_M, i_M = inv.reshape(pairs_M2.shape).T
+    status = np.zeros(len(nodes), np.int8)  # 0 undecided, 1 kept, 2 removed
+    none = len(nodes)
+    ptr = np.full(len(nodes), none)
+    rounds = 0
+    while len(i_M):
+        rounds += 1
+        blocked = np.zeros(len(nodes), bool)
+        blocked[i_M[status[j_M] == 0]] = True
+        ready = (status == 0) & ~blocked
+        by_kept = (status[j_M] == 1) & ready[i_M]
+        best = np.full(len(nodes), none)
+        np.minimum.at(best, i_M[by_kept], j_M[by_kept])
+        removed = ready & (best < none)
+        status[removed], ptr[removed] = 2, best[removed]
+        status[ready & ~removed] = 1
+        live = status[i_M] == 0
+        j_M, i_M = j_M[live], i_M[live]
+    gone = np.flatnonzero(status == 2)
+    return nodes[gone], nodes[ptr[gone]], rounds
 
 
 def _stats(cfg: PipelineConfig, n_docs: int, n_exact: int, n_near: int) -> list[StepStats]:
@@ -319,12 +368,15 @@ def _stats(cfg: PipelineConfig, n_docs: int, n_exact: int, n_near: int) -> list[
     return [ex, mh]
 
 
-def read_removals(cfg: PipelineConfig, task: int) -> list[list]:
-    """Input part `task`'s removal records `[position, [task, position] kept, kind]`."""
-    p = lf.removals_path(cfg.out, task)
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise RuntimeError(f"{p} is missing: run the dedup stage first") from None
-    except json.JSONDecodeError as e:
-        raise lf.CorruptFile(f"{p}: not valid JSON ({e}); rerun the dedup stage with --rerun") from None
+def read_removals(cfg: PipelineConfig, task: int) -> np.ndarray:
+    """Input part `task`'s removals (REMOVAL_DTYPE: position, kept document's task and position,
+    kind 0 exact / 1 near), by position."""
+    return lf.load_npy(lf.removals_path(cfg.out, task), "dedup", lf.REMOVAL_DTYPE, 1, mmap=False)
+
+
+def removal_records(cfg: PipelineConfig, task: int) -> list[list]:
+    """The same as the single task's `duplicates.json` entry: `[[position, [task, position], kind]]`."""
+    return [
+        [int(r["pos"]), [int(r["kept_task"]), int(r["kept_pos"])], KINDS[int(r["kind"])]]
+        for r in read_removals(cfg, task)
+    ]

@@ -109,7 +109,7 @@ def n_tasks(cfg: PipelineConfig, stage: str) -> int:
     if stage in ("filter", "dedup_bands", "judge", "annotate"):
         return st.n_input_tasks(cfg)
     if stage == "dedup_buckets":
-        return cfg.dedup.band_tasks
+        return cfg.dedup.band_tasks * cfg.dedup.key_splits
     if stage == "shards":
         require_complete(cfg.out, "annotate", st.n_input_tasks(cfg))
         return len(_domains_with_data(cfg))
@@ -124,8 +124,10 @@ def describe_task(cfg: PipelineConfig, stage: str, task: int) -> str:
     if stage == "shards":
         doms = _domains_with_data(cfg)
         return f"domain {doms[task]!r}" if task < len(doms) else f"task {task}"
-    if stage == "dedup_buckets" and task < cfg.dedup.band_tasks:
-        return f"LSH units {lsh.lf.units_of_task(lsh.all_units(cfg), cfg.dedup.band_tasks, task)}"
+    if stage == "dedup_buckets" and task < n_tasks(cfg, stage):
+        ks = cfg.dedup.key_splits
+        units = lsh.lf.units_of_task(lsh.all_units(cfg), cfg.dedup.band_tasks, task // ks)
+        return f"LSH units {units}, key range {task % ks + 1}/{ks}"
     return f"task {task}"
 
 

@@ -196,7 +196,7 @@ def _duplicates(cfg: PipelineConfig, task: int) -> set[int]:
     if cfg.dedup.band_tasks > 0:
         from megaqwen.data_pipeline.lsh_stages import read_removals
 
-        return {pos for pos, _, _ in read_removals(cfg, task)}
+        return set(read_removals(cfg, task)["pos"].tolist())
     p = cfg.out / "dedup" / "duplicates.json"
     if not p.is_file():
         raise RuntimeError(f"{p} is missing: run the dedup stage first")

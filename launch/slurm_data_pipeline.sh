@@ -7,7 +7,8 @@
 # of the stage (N = array size). Completed tasks leave markers, so resubmitting the script after a
 # failure or preemption redoes only what is missing. Single-task stages (dedup, train_scorer,
 # recipes, report) run as arrays of one. With dedup.band_tasks > 0 the near-dedup is distributed:
-# dedup_bands runs as the input array, dedup_buckets as an array of band_tasks, dedup as one task. Per-stage partitions/resources via environment:
+# dedup_bands runs as the input array, dedup_buckets as an array of band_tasks x key_splits, dedup
+# as one task. Per-stage partitions/resources via environment:
 #   CPU_SBATCH_ARGS  (default "--cpus-per-task=4 --mem=16G --time=12:00:00")
 #   GPU_SBATCH_ARGS  for the judge stage when judge.backend is local (default adds --gres=gpu:1)
 #   DATA_PIPELINE_STAGES to run a subset, e.g. "annotate shards recipes report"
@@ -25,7 +26,8 @@ read -r judge_backend student band_tasks <<<"$(python - "$CONFIG" <<'PY'
 import sys
 from megaqwen.data_pipeline.config import load_config
 cfg = load_config(sys.argv[1])
-print(cfg.judge.backend, int(cfg.domains.backend == "embedding" and cfg.domains.student), cfg.dedup.band_tasks)
+print(cfg.judge.backend, int(cfg.domains.backend == "embedding" and cfg.domains.student),
+      cfg.dedup.band_tasks * cfg.dedup.key_splits)
 PY
 )"
 

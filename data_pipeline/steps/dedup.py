@@ -44,6 +44,9 @@ class DedupConfig:
     band_tasks: int = 0
     """0: one in-memory dedup task (fine to ~10M documents); 1..num_bands: distributed LSH stages
     (dedup_bands, dedup_buckets with this many tasks, dedup), same kept set (data_pipeline/lsh_stages.py)."""
+    key_splits: int = 1
+    """distributed: each band's key space is split over this many bucket tasks (band_tasks x key_splits
+    tasks in all), so the bucket stage can use more than num_bands cores; same result."""
     bucket_chunk_docs: int = 4_000_000
     """distributed: most band entries (24 B each) a bucket task sorts at once; a larger band is merged
     in key ranges of this size, so its memory never grows with the corpus."""

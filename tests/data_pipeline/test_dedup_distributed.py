@@ -10,11 +10,13 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megaqwen.data_pipeline import lsh_files as lf
 from megaqwen.data_pipeline.config import load_config
 from megaqwen.data_pipeline.executor import load_markers
+from megaqwen.data_pipeline.lsh_stages import greedy_walk, removal_records
 from megaqwen.data_pipeline.pipeline import run_stage
 
 DIST_STAGES = ("dedup_bands", "dedup_buckets", "dedup")
@@ -110,7 +112,7 @@ def _run(filtered, name: str, band_tasks: int, bucket_workers: int = 1, **top):
     cfg = _cfg(out, filtered["inputs"], band_tasks, min_mb_per_worker=0, **top)
     for s in DIST_STAGES:
         run_stage(cfg, s, workers=bucket_workers if s == "dedup_buckets" else 1, progress=False)
-    got = {t: json.loads(lf.removals_path(out, t).read_text()) for t in filtered["want"]}
+    got = {t: removal_records(cfg, t) for t in filtered["want"]}
     return cfg, got
 
 
@@ -118,6 +120,22 @@ def _ids(out: Path, t: int) -> list[str]:
     from megaqwen.data_pipeline.io import read_documents
 
     return [d.id for d in read_documents(out / "filtered" / f"{t:05d}.jsonl.zst")]
+
+
+def test_greedy_walk_equals_the_sequential_walk_on_random_graphs():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(2, 60))
+        m = int(rng.integers(1, 4 * n))
+        a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+        pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1)[a != b], axis=0) * 7 + 3
+        removed: dict[int, int] = {}  # the single task's loop, on the same graph
+        for i in sorted(set(pairs[:, 1].tolist())):
+            kept = sorted(j for j in pairs[pairs[:, 1] == i, 0].tolist() if j not in removed)
+            if kept:
+                removed[i] = kept[0]
+        gid, ptr, _ = greedy_walk(pairs)
+        assert dict(zip(gid.tolist(), ptr.tolist())) == removed, trial
 
 
 @pytest.mark.parametrize("band_tasks", [1, 4, 14])
@@ -159,11 +177,13 @@ def test_bucket_memory_is_a_band_key_range_not_the_corpus(filtered):
     # one band at a time: 24 B per document (x2 while sorting) plus its pairs, where the single task
     # holds 112 x 8 B of signature per document and its LSH index
     assert max(merge_peak.values()) < n_docs * 24 * 2 * 1.5 < n_docs * 112 * 8 / 5
-    # a band bigger than bucket_chunk_docs is merged in key ranges: less memory, same result
-    cfg, got = _run(filtered, "chunked", 4, dedup={**_dedup_dict(filtered), "bucket_chunk_docs": 300})
+    # a band bigger than bucket_chunk_docs is merged in key ranges, and key_splits spreads each band
+    # over several tasks: less memory, same result
+    dedup = {**_dedup_dict(filtered), "bucket_chunk_docs": 300, "key_splits": 2}
+    cfg, got = _run(filtered, "chunked", 4, dedup=dedup)
     chunked = load_markers(cfg.out, "dedup_buckets")
     assert got == filtered["want"]
-    assert max(m["chunks"] for m in chunked) > 4
+    assert len(chunked) == 8 and max(m["chunks"] for m in chunked) > 4
     assert max(m["merge_peak_bytes"] for m in chunked) < merge_peak[4] / 3
 
 
