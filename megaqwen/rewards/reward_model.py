@@ -35,10 +35,10 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | Path, tokenizer: str | Path | None = None, device: str = "auto",
              batch_size: int = 8) -> RewardModel:
+        from megaqwen.data.chat import chat_tokenizer
         from megaqwen.kernels.registry import resolve_ops
         from megaqwen.models.spec import get_spec
         from megaqwen.models.weights import read_weights
-        from megaqwen.tokenizer import open_tokenizer
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            "cpu" if device == "auto" else device)
@@ -51,10 +51,7 @@ class RewardModel:
         model.requires_grad_(False)
         if tokenizer is None and (Path(path) / "tokenizer.json").is_file():
             tokenizer = path
-        tok, _ = open_tokenizer(tokenizer)
-        if not getattr(tok, "chat_template", None):
-            raise ValueError(f"reward model {path}: its tokenizer has no chat template to render the "
-                             "prompt and completion with; pass a tokenizer folder that has one")
+        tok, _ = chat_tokenizer(None if tokenizer is None else str(tokenizer))  # cached; needs a template
         log.info("reward model %s on %s", path, dev)
         return cls(model.eval(), tok, dev, batch_size)
 
