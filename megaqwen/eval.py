@@ -9,8 +9,11 @@ JSON object with `loss`, `tokens`, `documents`, `perplexity`, `malformed`.
 
 Long context at inference (no retraining): `--yarn FACTOR` scales RoPE by YaRN from the trained
 length (`--yarn-original`, default the config's max_position_embeddings); `--dca CHUNK LOCAL` runs
-Dual Chunk Attention (kernels/dca.py). `--attention auto` uses DCA when the checkpoint's config has
-it (HF `dual_chunk_attention_config`).
+Dual Chunk Attention as vLLM does (kernels/dca.py), `--dca-original TOKENS` adds vLLM's length
+temperature (HF `original_max_position_embeddings`), `--dca-variant paper` the paper's positions.
+`--attention auto` uses DCA when the checkpoint's config has it (HF `dual_chunk_attention_config`).
+Under DCA, RoPE scaling is ignored as vLLM ignores `rope_scaling` next to a DCA config (`--yarn`
+with DCA is refused: DCA's YaRN-style temperature is --dca-original).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def read_documents(path: Path, tokenizer_loader, limit: int = 0) -> tuple[list[l
 
 
 def long_context_config(cfg, yarn: float | None = None, yarn_original: int | None = None,
-                        dca: tuple[int, int] | None = None):
+                        dca: tuple[int, int] | None = None, dca_original: int | None = None,
+                        dca_variant: str | None = None):
     """`cfg` with YaRN and/or DCA settings for evaluation (validated by ModelConfig)."""
     changes = {}
     if yarn is not None:
@@ -73,31 +77,68 @@ def long_context_config(cfg, yarn: float | None = None, yarn_original: int | Non
                        rope_original_max_position=yarn_original or cfg.max_position_embeddings)
     if dca is not None:
         changes.update(dca_chunk_size=dca[0], dca_local_size=dca[1])
+    if dca_original is not None:
+        changes.update(dca_original_max_position=dca_original)
+    if dca_variant is not None:
+        changes.update(dca_variant=dca_variant)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def load_for_eval(checkpoint, device, attention: str = "auto", yarn: float | None = None,
-                  yarn_original: int | None = None, dca: tuple[int, int] | None = None):
+                  yarn_original: int | None = None, dca: tuple[int, int] | None = None,
+                  dca_original: int | None = None, dca_variant: str | None = None, mesh=None):
     """Model in eval mode from a native or HF checkpoint, with the long-context options applied;
-    DCA (`attention` dca, or auto with DCA in the config) swaps the RoPE and attention ops."""
-    from megaqwen.kernels.dca import dca_ops
+    DCA (`attention` dca, or auto with DCA in the config) swaps the RoPE and attention ops. `mesh`
+    (a `ParallelMesh` with tp > 1): the model tensor-parallel over its tp group, each rank loading
+    its slices of the full weights."""
+    from megaqwen.models.weights import read_weights
+
+    cfg, weights = read_weights(checkpoint)
+    cfg = long_context_config(cfg, yarn, yarn_original, dca, dca_original, dca_variant)
+    return build_for_eval(cfg, weights, device, attention, mesh, yarn_requested=yarn is not None)
+
+
+def build_for_eval(cfg, weights: dict[str, torch.Tensor], device, attention: str = "auto", mesh=None,
+                   yarn_requested: bool = False):
+    """`cfg`'s model in eval mode holding `weights` (full tensors; this rank's slices under tp)."""
+    from megaqwen.kernels.dca import dca_config_of, dca_ops
     from megaqwen.kernels.registry import resolve_ops
     from megaqwen.models.spec import get_spec
-    from megaqwen.models.weights import read_weights
 
     if attention not in ("auto", "plain", "dca"):
         raise ValueError(f"attention={attention!r}; choose auto | plain | dca")
-    cfg, weights = read_weights(checkpoint)
-    cfg = long_context_config(cfg, yarn, yarn_original, dca)
-    use_dca = attention == "dca" or dca is not None or (attention == "auto" and cfg.dca_chunk_size > 0)
+    use_dca = attention == "dca" or (attention == "auto" and cfg.dca_chunk_size > 0)
     if use_dca and not cfg.dca_chunk_size:
         raise ValueError("attention=dca needs chunk and local sizes: pass --dca CHUNK LOCAL")
+    if use_dca and yarn_requested:
+        raise ValueError("--yarn with Dual Chunk Attention: vLLM ignores rope_scaling when a DCA config "
+                         "is present, and so does megaqwen; DCA's YaRN-style length temperature is "
+                         "--dca-original TOKENS (the trained context)")
+    if use_dca and cfg.rope_scaling != "none":
+        log.warning("model.rope_scaling=%s is not applied under Dual Chunk Attention (as vLLM: its DCA "
+                    "RoPE uses rope_theta alone)", cfg.rope_scaling)
     ops = resolve_ops(device=torch.device(device).type)
-    if use_dca and attention != "plain":
-        ops = dca_ops(ops, cfg.dca_chunk_size, cfg.dca_local_size)
-    model = get_spec(cfg).build(cfg, ops, device=device)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
+    if use_dca:
+        ops = dca_ops(ops, dca_config_of(cfg))
+    spec = get_spec(cfg)
+    if mesh is None or mesh.dims.tp == 1:
+        model = spec.build(cfg, ops, device=device)
+        model.load_state_dict(weights, strict=True)
+        return model.eval()
+    from megaqwen.parallel.materialize import materialize
+    from megaqwen.parallel.shards import local_tensor
+
+    model = spec.build(cfg, ops, device="meta")
+    shards = spec.parallelize_tp(model, mesh)
+    missing = sorted(set(dict(model.named_parameters())) - set(weights))
+    if missing:
+        raise ValueError(f"checkpoint weights lack {missing[:5]}")
+
+    def fill(fqn: str, p: torch.Tensor) -> None:
+        box = tuple(slice(a, b) for a, b in shards.box(fqn, p))
+        local_tensor(p).copy_(weights[fqn][box])
+
+    return materialize(model, shards, device, filler=fill).eval()
 
 
 @torch.no_grad()
@@ -124,6 +165,11 @@ def add_long_context_flags(p: argparse.ArgumentParser) -> None:
                    help="dca: Dual Chunk Attention; auto: dca when the checkpoint's config has it")
     p.add_argument("--dca", type=int, nargs=2, metavar=("CHUNK", "LOCAL"),
                    help="Dual Chunk Attention window c and local window w (chunks of c - w tokens)")
+    p.add_argument("--dca-original", type=int, metavar="TOKENS",
+                   help="DCA length temperature from this trained context (vLLM's "
+                        "original_max_position_embeddings; 0: off)")
+    p.add_argument("--dca-variant", choices=["vllm", "paper"],
+                   help="DCA positions: vllm (default, as vLLM/ChunkLlama) | paper (capped at c - 1)")
     p.add_argument("--yarn", type=float, metavar="FACTOR", help="YaRN RoPE scaling factor (e.g. 4)")
     p.add_argument("--yarn-original", type=int, metavar="TOKENS",
                    help="trained context YaRN extends (default: the config's max_position_embeddings)")
@@ -173,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model = load_for_eval(args.checkpoint, device, args.attention, args.yarn, args.yarn_original,
-                              tuple(args.dca) if args.dca else None)
+                              tuple(args.dca) if args.dca else None, args.dca_original, args.dca_variant)
         result = _run(args, model, data, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"megaqwen-eval: error: {e}", file=sys.stderr)

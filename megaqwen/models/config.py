@@ -70,6 +70,10 @@ class ModelConfig:
     """Dual Chunk Attention (inference only): window c that relative positions stay below; 0 = off."""
     dca_local_size: int = 0
     """Dual Chunk Attention: local window w; chunks hold c - w tokens (HF dual_chunk_attention_config)."""
+    dca_original_max_position: int = 0
+    """DCA length temperature: trained context (tokens); > 0 scales logits by max(1, 0.1 ln(L/it) + 1)^2."""
+    dca_variant: str = "vllm"
+    """DCA positions: vllm (as vLLM/ChunkLlama, capped at c; the default) | paper (capped at c - 1)."""
     max_position_embeddings: int = 4096
     """Longest context the config is meant for (metadata; RoPE tables are built on demand)."""
     tie_word_embeddings: bool = True
@@ -183,6 +187,10 @@ class ModelConfig:
         if dca and not 0 < self.dca_local_size < self.dca_chunk_size:
             bad.append(f"DCA needs 0 < dca_local_size ({self.dca_local_size}) < dca_chunk_size "
                        f"({self.dca_chunk_size})")
+        if self.dca_variant not in ("vllm", "paper"):
+            bad.append(f"dca_variant={self.dca_variant!r}; choose vllm | paper")
+        if self.dca_original_max_position < 0:
+            bad.append(f"dca_original_max_position={self.dca_original_max_position} must be >= 0 (0: off)")
         if bad:
             raise ValueError(f"model {self.name!r}: " + "; ".join(bad))
 

@@ -7,11 +7,14 @@ non-identity parts are the config keys below and the tied LM head, which HF's sa
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from megaqwen.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 HF_ARCHITECTURES = ["Qwen2ForCausalLM"]
 
@@ -63,9 +66,7 @@ def config_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str,
     kw["rope_theta"] = float(rope_theta)
     kw.update(head_from_hf(hf))
     kw.update(rope_scaling_from_hf(hf))
-    dca = hf.get("dual_chunk_attention_config")
-    if dca:
-        kw.update(dca_chunk_size=int(dca["chunk_size"]), dca_local_size=int(dca["local_size"]))
+    kw.update(dca_from_hf(hf))
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
         kw["head_dim"] = head_dim
@@ -161,11 +162,50 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype, config_cls: type, keys:
         d["rope_scaling"] = scaling
         d["rope_parameters"] = {**(d.get("rope_parameters") or {}), **scaling,
                                 "rope_theta": cfg.rope_theta}
-    if cfg.dca_chunk_size:
-        d["dual_chunk_attention_config"] = {
-            "chunk_size": cfg.dca_chunk_size, "local_size": cfg.dca_local_size,
-            "original_max_position_embeddings": cfg.rope_original_max_position
-            or cfg.max_position_embeddings}
+    dca = dca_to_hf(cfg)
+    if dca:
+        d["dual_chunk_attention_config"] = dca
+    return d
+
+
+# vLLM's sparse-attention keys of a DCA config (Qwen2.5-1M ships them): read with a warning, since
+# megaqwen runs dense DCA; vLLM switches sparse attention on above sparse_attention_threshold tokens
+_DCA_SPARSE = ("sparse_attention_config", "sparse_attention_enabled", "sparse_attention_threshold",
+               "sparse_attention_last_q")
+
+
+def dca_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig DCA kwargs from `dual_chunk_attention_config` as vLLM reads it: chunk_size (vLLM's
+    default 8192), local_size (1024), original_max_position_embeddings (0: no length temperature).
+    vLLM ignores rope_scaling next to it; the model does too under DCA (see kernels/dca.py)."""
+    dca = hf.get("dual_chunk_attention_config")
+    if not dca:
+        return {}
+    unknown = sorted(set(dca) - {"chunk_size", "local_size", "original_max_position_embeddings",
+                                  *_DCA_SPARSE})
+    if unknown:
+        raise ValueError(f"dual_chunk_attention_config keys {unknown} are not supported (megaqwen reads "
+                         "chunk_size, local_size, original_max_position_embeddings)")
+    sparse = [k for k in _DCA_SPARSE if k in dca]
+    if sparse:
+        log.warning("dual_chunk_attention_config: %s not implemented (megaqwen runs dense DCA; vLLM uses "
+                    "sparse attention above sparse_attention_threshold tokens); dropped", sparse)
+    return {"dca_chunk_size": int(dca.get("chunk_size", 8192)),
+            "dca_local_size": int(dca.get("local_size", 1024)),
+            "dca_original_max_position": int(dca.get("original_max_position_embeddings", 0))}
+
+
+def dca_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
+    """`dual_chunk_attention_config` of `cfg` (None without DCA): vLLM then runs the same DCA as our
+    eval (positions, and the length temperature when dca_original_max_position > 0)."""
+    if not cfg.dca_chunk_size:
+        return None
+    if cfg.dca_variant != "vllm":
+        raise ValueError(f"dca_variant={cfg.dca_variant!r} has no HF/vLLM spelling (vLLM runs the vllm "
+                         "variant); export with dca_variant=vllm")
+    d = {"chunk_size": cfg.dca_chunk_size, "local_size": cfg.dca_local_size}
+    if cfg.dca_original_max_position:
+        d["original_max_position_embeddings"] = cfg.dca_original_max_position
     return d
 
 
