@@ -41,7 +41,11 @@ The batch fields the objective reads (the GRPO loop, `megaqwen.train.rollout*`, 
                                         pipeline shards every field along the sequence)
     old_logprobs        (B, T) float    log pi_old of each label (0 where -100): recomputed with the
                                         policy before the first update of a rollout batch, or the
-                                        engine's sampling log-probs (`grpo.old_logprobs`)
+                                        engine's sampling log-probs (`grpo.old_logprobs`). Not read
+                                        on-policy (`on_policy`: updates_per_rollout=1 with recompute):
+                                        pi_old is then the policy itself, so the objective takes its
+                                        own log-probs, detached (ratio 1, the gradient A grad log pi;
+                                        TRL's GRPOTrainer does the same), and no extra forward runs
     reference_logprobs  (B, T) float    when grpo.kl_coef > 0 only: filled by the trainer
                                         (`megaqwen.train.reference`, REFERENCE_FIELD)
 
@@ -118,6 +122,12 @@ class GRPOConfig:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     """Reward components summed with their weights (megaqwen/rewards), e.g.
     [{name: math, weight: 1.0}, {name: format, weight: 0.1}, {name: rm, path: runs/rm, weight: 0.5}]."""
+
+
+def on_policy(cfg: GRPOConfig) -> bool:
+    """pi_old is the policy being trained (one update per rollout batch, old log-probs recomputed): the
+    objective uses its own log-probs, detached, and reads no `old_logprobs`."""
+    return cfg.updates_per_rollout == 1 and cfg.old_logprobs == "recompute"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +241,8 @@ def _grpo_parts(cfg: GRPOConfig, model, h: torch.Tensor, batch: dict[str, Any]) 
     valid = labels != IGNORE_INDEX
     logp = model.token_logprobs(h, labels).float()
     ref = batch[REFERENCE_FIELD] if cfg.kl_coef > 0 else None
-    terms = token_terms(logp, batch["old_logprobs"], token_advantages(batch["advantages"], labels), valid,
+    old = logp.detach() if on_policy(cfg) else batch["old_logprobs"]
+    terms = token_terms(logp, old, token_advantages(batch["advantages"], labels), valid,
                         cfg.clip_low, cfg.clip_high, cfg.kl_coef, ref)
     stats = {"grpo/clip_low": terms.clipped_low, "grpo/clip_high": terms.clipped_high,
              "grpo/ratio": terms.ratio, "grpo/nll": -logp.detach()}
@@ -276,7 +287,8 @@ def _units(cfg: GRPOConfig, batch: dict[str, Any]) -> torch.Tensor:
 
 def grpo_objective(cfg: GRPOConfig) -> Objective:
     """GRPO with these settings (see the module docstring); needs_reference iff kl_coef > 0."""
-    fields = ("labels", "advantages", "old_logprobs") + ((REFERENCE_FIELD,) if cfg.kl_coef > 0 else ())
+    fields = ("labels", "advantages") + (() if on_policy(cfg) else ("old_logprobs",))
+    fields += (REFERENCE_FIELD,) if cfg.kl_coef > 0 else ()
     return Objective("grpo", lambda model, h, batch: _grpo_parts(cfg, model, h, batch),
                      lambda batch: _units(cfg, batch), fields=fields, needs_reference=cfg.kl_coef > 0,
                      metrics=grpo_metric_names(cfg))

@@ -105,10 +105,11 @@ def test_grpo_layouts_equal_one_process():
     span the cp shards; tp=2 with SP x dp=2, 1-row micro-batches (accumulation) with the constant
     (Dr. GRPO) one. First step: loss and metrics to 1e-6 (absolute: the loss is a small difference of
     advantages), gradients to 1e-5 of their largest."""
-    cases = [("cp2-dp2-sequence", {"cp": 2}, GRPOConfig(loss_agg="sequence", clip_high=0.28)),
-             ("pp2-cp2-sequence", {"pp": 2, "cp": 2}, GRPOConfig(loss_agg="sequence")),
+    off = {"old_logprobs": "rollout"}  # the batch's old log-probs are read (not on-policy)
+    cases = [("cp2-dp2-sequence", {"cp": 2}, GRPOConfig(loss_agg="sequence", clip_high=0.28, **off)),
+             ("pp2-cp2-sequence", {"pp": 2, "cp": 2}, GRPOConfig(loss_agg="sequence", **off)),
              ("tp2-sp-dp2-mb1-constant", {"tp": 2, "sp": True, "micro": 1},
-              GRPOConfig(loss_agg="constant", max_new_tokens=T))]
+              GRPOConfig(loss_agg="constant", max_new_tokens=T, **off))]
     results = spawn(_worker, 4, cases)
     for n, r in results.items():
         print(n, r)

@@ -126,12 +126,18 @@ def _batch(labels, adv, old, ref):
     return {"labels": labels, "advantages": adv, "old_logprobs": old, REFERENCE_FIELD: ref}
 
 
+def _off(**kw) -> GRPOConfig:
+    """Off-policy settings (mu = 2 updates per rollout): the objective reads `old_logprobs`."""
+    return GRPOConfig(updates_per_rollout=2, **kw)
+
+
 CASES = [
-    GRPOConfig(),  # DAPO token-level, symmetric clip, no KL
-    GRPOConfig(loss_agg="sequence", kl_coef=0.04),  # GRPO as published
-    GRPOConfig(loss_agg="token", clip_high=0.28, kl_coef=0.1),  # DAPO clip-higher + KL
-    GRPOConfig(loss_agg="constant", std_normalize=False, max_new_tokens=MAX_NEW),  # Dr. GRPO
-    GRPOConfig(loss_agg="sequence", clip_low=0.1, clip_high=0.3, std_normalize=False, kl_coef=0.5),
+    _off(),  # DAPO token-level, symmetric clip, no KL
+    _off(loss_agg="sequence", kl_coef=0.04),  # GRPO as published
+    _off(loss_agg="token", clip_high=0.28, kl_coef=0.1),  # DAPO clip-higher + KL
+    _off(loss_agg="constant", std_normalize=False, max_new_tokens=MAX_NEW),  # Dr. GRPO
+    GRPOConfig(loss_agg="sequence", clip_low=0.1, clip_high=0.3, std_normalize=False, kl_coef=0.5,
+               old_logprobs="rollout"),
 ]
 
 
@@ -158,7 +164,7 @@ def test_both_clips_act_and_the_metrics_are_their_shares():
     """On the fixed rollouts some tokens are clipped low and some high (the test above covers the
     clipped branch); the logged shares and ratio mean equal a count by hand (token-level)."""
     logits, labels, lengths, rewards, old, ref = _rollouts(seed=3)
-    cfg = GRPOConfig(clip_high=0.28, kl_coef=0.1)
+    cfg = _off(clip_high=0.28, kl_coef=0.1)
     adv = group_advantages(rewards, GROUP)
     _, _, m = _step(grpo_objective(cfg), logits, _batch(labels, adv, old, ref))
     lp = _LogSoftmax().token_logprobs(logits, labels)
@@ -184,7 +190,7 @@ def test_micro_batches_and_dp_pieces_give_the_step_of_one_piece(agg):
     """The step's sum / units and its gradient are the same for the whole batch, 2 micro-batches, and
     dp2 x 2 micro-batches (4 pieces, each its own units): a response never spans two pieces."""
     logits, labels, lengths, rewards, old, ref = _rollouts(seed=5, groups=2)
-    cfg = GRPOConfig(loss_agg=agg, kl_coef=0.05, clip_high=0.28)
+    cfg = _off(loss_agg=agg, kl_coef=0.05, clip_high=0.28)
     batch = _batch(labels, group_advantages(rewards, GROUP), old, ref)
     obj = grpo_objective(cfg)
     one, g1, m1 = _step(obj, logits, batch)
@@ -200,8 +206,9 @@ def test_per_token_advantages_equal_per_response_ones():
     adv_B = group_advantages(rewards, GROUP)
     adv_BT = token_advantages(adv_B, labels)
     assert adv_BT.shape == labels.shape and (adv_BT[labels == X] == 0).all()
-    a, ga, _ = _step(GRPO, logits, _batch(labels, adv_B, old, ref))
-    b, gb, _ = _step(GRPO, logits, _batch(labels, adv_BT, old, ref))
+    obj = grpo_objective(_off())
+    a, ga, _ = _step(obj, logits, _batch(labels, adv_B, old, ref))
+    b, gb, _ = _step(obj, logits, _batch(labels, adv_BT, old, ref))
     assert a == b and torch.equal(ga, gb)
     with pytest.raises(ValueError, match="fit neither the rows"):
         token_advantages(adv_B[:3], labels)
@@ -224,21 +231,25 @@ def test_group_advantages_and_the_equal_group_filter_by_hand():
         group_advantages(r, 5)
 
 
-def test_rows_without_labels_are_not_responses_and_equal_policies_give_ratio_one():
-    """A padding row (all -100) adds no unit under any aggregation; with old = current log-probs and
-    no KL, the loss is -mean(A) per unit and the ratio metric exactly 1."""
+def test_rows_without_labels_are_not_responses_and_on_policy_reads_no_old_logprobs():
+    """A padding row (all -100) adds no unit under any aggregation. On-policy (mu = 1, recompute) the
+    objective reads no `old_logprobs` and equals the off-policy objective given old = the current
+    log-probs, loss and gradient: ratio exactly 1, loss -mean(A) per response (sequence)."""
     logits, labels, lengths, rewards, old, ref = _rollouts(seed=4)
     labels[0] = X
     lp = _LogSoftmax().token_logprobs(logits, labels)
     adv = group_advantages(rewards, GROUP)
     for agg in ("token", "sequence"):
-        obj = grpo_objective(GRPOConfig(loss_agg=agg))
+        on = grpo_objective(GRPOConfig(loss_agg=agg))
+        assert "old_logprobs" not in on.fields
         batch = _batch(labels, adv, lp, ref)
-        assert int(obj.units(batch)) == (sum(lengths[1:]) if agg == "token" else len(lengths) - 1)
-        got, _, m = _step(obj, logits, batch)
+        assert int(on.units(batch)) == (sum(lengths[1:]) if agg == "token" else len(lengths) - 1)
+        got, g, m = _step(on, logits, {k: v for k, v in batch.items() if k != "old_logprobs"})
+        want, g_off, _ = _step(grpo_objective(_off(loss_agg=agg)), logits, batch)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-8) and torch.allclose(g, g_off, atol=1e-8)
         if agg == "sequence":
             assert got == pytest.approx(-adv[1:].mean().item(), rel=1e-6)
-        assert m["grpo/ratio"] == pytest.approx(1.0, rel=1e-7)
+        assert m["grpo/ratio"] == 1.0
 
 
 def test_through_the_debug_model_contract():
@@ -257,7 +268,7 @@ def test_through_the_debug_model_contract():
         lp = torch.where(labels != X, lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
     old = lp + 0.1 * torch.randn(lp.shape, generator=g)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    obj = grpo_objective(GRPOConfig(loss_agg="sequence", kl_coef=0.1))
+    obj = grpo_objective(_off(loss_agg="sequence", kl_coef=0.1))
     batch = {"tokens": tokens, "labels": labels, "advantages": adv, "old_logprobs": old,
              REFERENCE_FIELD: lp - 0.2, "cp_group": None}
     parts = model(tokens, position_ids=pos, objective=obj, batch=batch).parts
