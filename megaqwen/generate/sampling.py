@@ -26,6 +26,16 @@ def filter_logits(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tens
     return x
 
 
+def draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from `probs` by inverting the CDF with one uniform number per row: the same
+    distribution as torch.multinomial, which costs 250 ms per step for 8 rows of the 152K vocabulary
+    on CPU (the cumsum here ~10 ms). u is in (0, total], so a zero-probability token is never hit."""
+    cdf = probs_BV.double().cumsum(-1)  # (B, V); fp64: no drift over 152K terms
+    u = (1.0 - torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device,
+                          dtype=torch.float64)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
+
+
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> next tokens (B,) int64 and their log-probs (B,) fp32 under log_softmax(logits) (temperature
@@ -34,7 +44,6 @@ def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
     if params.is_greedy:
         tokens = logits.argmax(-1)
     else:
-        probs = filter_logits(logits, params).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = draw(filter_logits(logits, params).softmax(-1), generator)
     logp = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logp

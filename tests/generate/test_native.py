@@ -127,3 +127,12 @@ def test_bad_requests_are_named(qwen2):
         build_engine("native", qwen2).generate([[1], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="unknown"):
         build_engine("beam", qwen2)
+
+
+def test_draw_follows_the_distribution():
+    from megaqwen.generate.sampling import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05]).expand(40_000, 5)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=5).double() / 40_000
+    assert counts[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(counts, probs[0].double(), atol=0.01)  # 4 sigma of the largest share
