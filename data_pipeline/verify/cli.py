@@ -7,7 +7,8 @@ from \\boxed{}, "answer is X" or the last number and compared numerically or, wi
 symbolically) or `{"prompt"|"messages", "tests"}` (code: Python asserts run after the response's last
 fenced code block in a sandbox with wall-clock, CPU, memory and file-size limits and no network).
 --samples responses are drawn per prompt with transformers `generate` (temperature sampling, the
-folder's chat template); a pair `{"prompt"|"messages", "chosen", "rejected", "source"}` is written
+folder's chat template), or with `--engine native` by megaqwen's batched KV-cache decoder; a pair
+`{"prompt"|"messages", "chosen", "rejected", "source"}` is written
 only where one response passes and another fails (`megaqwen-data tokenize --format dpo` reads it).
 The run prints a JSON summary (prompts, samples, passed, pairs, failures by reason, the sandbox
 isolation that applied), also written to OUTPUT.summary.json.
@@ -31,11 +32,16 @@ def run(args: argparse.Namespace, generate=None) -> int:
     except (OSError, ValueError) as e:
         print(f"megaqwen-data verify-pairs: {e}", file=sys.stderr)
         return 2
-    if generate is None:
+    if generate is None and args.engine == "hf":
         from megaqwen.data_pipeline.verify.hf_generate import hf_generator
 
         generate = hf_generator(args.checkpoint, args.max_new_tokens, args.temperature, args.top_p,
                                 args.seed, args.device)
+    elif generate is None:
+        from megaqwen.data_pipeline.verify.hf_generate import engine_generator
+
+        generate = engine_generator(args.checkpoint, args.engine, args.max_new_tokens, args.temperature,
+                                    args.top_p, args.seed, args.device)
     try:
         summary = build_pairs(tasks, generate, args.samples, args.output, sandbox, args.pairs_per_prompt,
                               args.batch_prompts, args.workers, args.log_every, source=args.checkpoint)
@@ -59,7 +65,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompts", required=True,
                    help="jsonl: {prompt|messages, answer} or {prompt|messages, tests}")
     p.add_argument("--checkpoint", required=True,
-                   help="Hugging Face folder (e.g. from megaqwen-convert to-hf)")
+                   help="Hugging Face folder (e.g. from megaqwen-convert to-hf); with --engine native "
+                        "also a run folder or native checkpoint")
+    p.add_argument("--engine", choices=["hf", "native", "vllm"], default="hf",
+                   help="sampler: hf (transformers generate per prompt, the default), native (our "
+                        "batched KV-cache decoder, megaqwen.generate) or vllm (GPU)")
     p.add_argument("--output", required=True, help="pairs jsonl; the summary goes to OUTPUT.summary.json")
     p.add_argument("--samples", type=int, default=8, help="responses sampled per prompt (>= 2)")
     p.add_argument("--pairs-per-prompt", type=int, default=1, help="most pairs kept per prompt")

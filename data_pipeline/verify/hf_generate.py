@@ -40,3 +40,44 @@ def hf_generator(checkpoint: str, max_new_tokens: int = 512, temperature: float 
         return out
 
     return generate
+
+
+def engine_generator(checkpoint: str, engine: str = "native", max_new_tokens: int = 512,
+                     temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
+                     device: str | None = None) -> Generator:
+    """A Generator on a `megaqwen.generate` engine: `native` (our KV-cache decoder; `checkpoint` a run
+    folder, native checkpoint or HF folder) or `vllm` (HF folder, GPU). All n samples of every task
+    of a batch go in one batched `generate` call; prompts through the chat template of the
+    checkpoint's tokenizer (Qwen2.5's when it ships none); a sample ends at <|im_end|> or end of text."""
+    from pathlib import Path
+
+    import torch
+
+    from megaqwen.generate import SamplingParams, build_engine
+    from megaqwen.tokenizer import open_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok, _ = open_tokenizer(checkpoint if (Path(checkpoint) / "tokenizer.json").is_file() else None)
+    gen = build_engine(engine, path=checkpoint, device=device)
+    stops = tuple(i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+                  if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
+    calls = 0
+
+    def prompt_ids(task: Task) -> list[int]:
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(task.chat, tokenize=False, add_generation_prompt=True)
+        else:
+            text = task.prompt if task.prompt is not None else "\n".join(m["content"] for m in task.messages)
+        return tok.encode(text, add_special_tokens=False)
+
+    def generate(tasks: list[Task], n: int) -> list[list[str]]:
+        nonlocal calls
+        prompts = [ids for task in tasks for ids in [prompt_ids(task)] * n]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed + calls, stop_token_ids=stops)
+        calls += 1  # each batch its own seed: the run repeats with the same flags
+        outs = gen.generate(prompts, params)
+        texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        return [texts[i * n:(i + 1) * n] for i in range(len(tasks))]
+
+    return generate
