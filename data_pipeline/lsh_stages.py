@@ -31,9 +31,10 @@ it removes nothing, so the walk resolves it as its twin's removal (or to the twi
 Exact copies (same normalised text, so the same shingles and signature) are removed as "exact"
 first, as today.
 
-Memory: a bucket task holds one key range of one band (`bucket_chunk_docs` x 24 B, sorted in
-place) plus its candidate pairs (16 B each) and blocks of 2 x 65536 signature rows for the check;
-never the corpus. The last stage holds the verified pairs (16 B each, a few copies while sorting)
+Memory: a bucket task holds one key range of one band (`bucket_chunk_docs` x 24 B, sorted with a
+copy), that range's candidate pairs (16 B each), blocks of 2 x 16384 signature rows for the check,
+and the verified pairs it outputs (its 1/(band_tasks x key_splits) share of the duplicates); never
+the corpus. The last stage holds the verified pairs (16 B each, a few copies while sorting)
 and ~30 B per document in a pair: O(duplicates), not O(documents).
 """
 
@@ -52,7 +53,7 @@ from megaqwen.data_pipeline.executor import load_markers, report_progress
 from megaqwen.data_pipeline.io import expand_inputs
 
 SIGHASH_SEED = 1 << 20  # seed of the whole-signature hash; bands use their index
-VERIFY_BLOCK = 65536  # candidate pairs checked at once: 2 x 65536 x 112 x 8 B = 117 MB of rows
+VERIFY_BLOCK = 16384  # candidate pairs checked at once: 2 x 16384 x 112 x 8 B = 29 MB of rows
 _NO_PAIRS = np.zeros((0, 2), np.int64)
 
 
@@ -121,8 +122,11 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     split = task % d.key_splits
     lo, hi = split * (1 << 64) // d.key_splits, (split + 1) * (1 << 64) // d.key_splits
     merge, check = _Meter(), _Meter()
-    exact, alias, cand = [_NO_PAIRS], [_NO_PAIRS], [_NO_PAIRS]
-    chunks = 0
+    exact = [_NO_PAIRS]
+    # pairs already found by an earlier unit (a near pair shares several bands) are not checked
+    # again; these are outputs anyway. A rejected candidate is checked again in each band it shares.
+    alias_A2, near_M2 = _NO_PAIRS, _NO_PAIRS
+    chunks = checked = 0
     for unit in mine:
         files = [
             lf.load_npy(lf.band_path(out, unit, t), "dedup_bands", lf.BAND_DTYPE, 1) for t in range(n_parts)
@@ -132,23 +136,24 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         n_chunks = max(1, math.ceil(rows / d.bucket_chunk_docs))
         edges = [lo + i * (hi - lo) // n_chunks for i in range(n_chunks)] + [hi]
         cuts = [[_cut(f, e) for e in edges] for f in files]
+        alias, near = [alias_A2], [near_M2]
         for c in range(n_chunks):
             rec = np.concatenate([f[cut[c] : cut[c + 1]] for f, cut in zip(files, cuts)])
             rec = rec[np.lexsort((rec["gid"], rec["sighash"], rec["key"]))]
             if unit == "exact":
-                e, a, p = _exact_pairs(rec), _NO_PAIRS, _NO_PAIRS
+                exact.append(_exact_pairs(rec))
+                merge.hold(rec, rec, exact[-1])  # the sort holds a second copy
             else:
-                e, (a, p) = _NO_PAIRS, _band_pairs(rec)
-            merge.hold(rec, rec, e, a, p)  # the sort holds a second copy
-            exact.append(e)
-            alias.append(a)
-            cand.append(p)
+                a, p = _band_pairs(rec)
+                a, p = a[~_isin_pairs(a, alias_A2)], p[~_isin_pairs(p, near_M2)]
+                merge.hold(rec, rec, a, p)
+                _verify(cfg, a, check, identical=True)
+                alias.append(a)
+                near.append(_verify(cfg, p, check, identical=False))
+                checked += len(p)
             chunks += 1
             report_progress(len(rec), 0, 0)
-    cand_M2 = _unique_pairs(np.concatenate(cand))
-    alias_A2 = _unique_pairs(np.concatenate(alias))
-    near_M2 = _verify(cfg, cand_M2, check, identical=False)
-    _verify(cfg, alias_A2, check, identical=True)
+        alias_A2, near_M2 = _unique_pairs(np.concatenate(alias)), _unique_pairs(np.concatenate(near))
     exact_E2 = np.concatenate(exact)
     lf.save_npz(lf.pairs_path(out, task), exact=exact_E2, alias=alias_A2, near=near_M2)
     return {
@@ -158,7 +163,7 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
         "chunks": chunks,
         "exact_pairs": len(exact_E2),
         "alias_pairs": len(alias_A2),
-        "candidate_pairs": len(cand_M2),
+        "checked_pairs": checked,
         "near_pairs": len(near_M2),
         "peak_bytes": max(merge.peak, check.peak),
         "merge_peak_bytes": merge.peak,
@@ -211,8 +216,20 @@ def _band_pairs(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alias, cand
 
 
+def _as_rows(p_M2: np.ndarray) -> np.ndarray:
+    """(M,) 16-byte items, one per pair: equal pairs are equal items (for unique / isin)."""
+    return np.ascontiguousarray(p_M2, np.int64).view("V16").ravel()
+
+
 def _unique_pairs(p_M2: np.ndarray) -> np.ndarray:
-    return np.unique(p_M2, axis=0) if len(p_M2) else _NO_PAIRS
+    """Distinct pairs (in byte order; callers order by gid themselves)."""
+    return np.unique(_as_rows(p_M2)).view(np.int64).reshape(-1, 2) if len(p_M2) else _NO_PAIRS
+
+
+def _isin_pairs(p_M2: np.ndarray, q_Q2: np.ndarray) -> np.ndarray:
+    if not len(p_M2) or not len(q_Q2):
+        return np.zeros(len(p_M2), bool)
+    return np.isin(_as_rows(p_M2), _as_rows(q_Q2))
 
 
 class _Signatures:
@@ -238,11 +255,12 @@ def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, identical:
     `LeanMinHash.jaccard`) and one band equal row for row (a key-hash collision is no bucket).
     `identical`: alias pairs, whose whole-signature hashes are equal, must have equal signatures."""
     d = cfg.dedup
-    sigs = _Signatures(cfg)
     keep = []
     for s in range(0, len(pairs_M2), VERIFY_BLOCK):
         blk = pairs_M2[s : s + VERIFY_BLOCK]
+        sigs = _Signatures(cfg)  # mapped again per block: resident file pages stay one block's
         a_BP, b_BP = sigs.rows(blk[:, 0]), sigs.rows(blk[:, 1])
+        del sigs
         meter.hold(a_BP, b_BP, pairs_M2)
         eq_BP = a_BP == b_BP
         if identical:
