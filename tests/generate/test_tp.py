@@ -61,3 +61,41 @@ def test_tp2_generation_equals_one_process_and_weight_sync_gathers_shards(tmp_pa
     for name, t in call:
         assert t.shape == want[name].shape and torch.equal(t, want[name].to(t.dtype)), name
     assert out["pushed"] == len(want) and out["resets"] == 1
+
+
+def _fsdp_worker(rank, world, hf_dir, prompts, stop):
+    from megaqwen.parallel.data_parallel import apply_fsdp
+
+    model = load_model(hf_dir, dtype=torch.float64)
+    mesh = ParallelDims(world_size=world, dp=world).build_mesh("cpu")
+    apply_fsdp(model, mesh, model.model.layers)
+    eng = build_engine("native", model, sync_group=dist.group.WORLD)
+    params = SamplingParams(max_new_tokens=8, greedy=True, stop_token_ids=(stop,))
+    outs = eng.generate(prompts[rank], params)  # different prompts and lengths per rank
+    every = [None] * world
+    dist.all_gather_object(every, [(o.token_ids, o.finish_reason) for o in outs])
+    llm = fake_llm() if rank == 0 else False
+    VLLMEngine(llm=llm).sync_weights(model)  # FSDP2 DTensors made whole by full_tensor()
+    return {"every": every, "calls": llm.model.calls if rank == 0 else None}
+
+
+@pytest.mark.distributed
+def test_fsdp_ranks_stay_in_lockstep_with_different_prompts(tmp_path):
+    """FSDP2 (dp=2) gathers parameters inside every forward, so both ranks must step together
+    although one rank's rows stop early: with `sync_group` each still gets one process's tokens."""
+    from megaqwen.models.weights import read_hf
+
+    hf_dir = save_random_hf(tmp_path / "hf", "qwen2", vocab_size=128)
+    ref_model = load_model(hf_dir, dtype=torch.float64)
+    ref_eng = build_engine("native", ref_model)
+    free = ref_eng.generate([[7]], SamplingParams(max_new_tokens=8, greedy=True))[0].token_ids
+    stop = free[1]  # rank 1's only prompt stops after two tokens; rank 0 runs all 8 steps
+    prompts = [[[5, 17, 3, 99], [11, 12]], [[7]]]
+    params = SamplingParams(max_new_tokens=8, greedy=True, stop_token_ids=(stop,))
+    want = [[(o.token_ids, o.finish_reason) for o in ref_eng.generate(p, params)] for p in prompts]
+    out = spawn(_fsdp_worker, 2, hf_dir, prompts, stop)
+    assert out["every"] == want
+    assert want[1][0][1] == "stop" and len(want[1][0][0]) <= 2
+    _, full = read_hf(hf_dir)
+    (call,) = out["calls"]
+    assert set(dict(call)) == set(full) and all(torch.equal(t, full[n]) for n, t in call)
