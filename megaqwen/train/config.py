@@ -17,6 +17,7 @@ from megaqwen.parallel.config import ParallelConfig
 from megaqwen.suggest import check_choice
 from megaqwen.train.grpo import GRPOConfig
 from megaqwen.train.objectives import DPOConfig, objective_for
+from megaqwen.train.rollout_config import RolloutConfig, check_rollout
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
@@ -220,6 +221,7 @@ class Config:
                              f"train.micro_batch_size={t.micro_batch_size}")
         check_choice("train.schedule", t.schedule, SCHEDULES)
         if not 0 <= t.min_lr <= t.lr:
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
             raise ValueError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr})")
         if not 0 <= t.schedule_start < t.steps:
             raise ValueError(f"train.schedule_start={t.schedule_start} must be in [0, train.steps={t.steps})")
@@ -247,6 +249,8 @@ class Config:
             raise ValueError(f"train.eval_every={t.eval_every} needs train.eval_iters >= 1")
         if not 0 <= self.data.valid_fraction < 1:
             raise ValueError(f"data.valid_fraction must be in [0, 1), got {self.data.valid_fraction}")
+        if t.objective == "grpo":
+            check_rollout(self)  # rollout.*: prompts, engine, sampling, the batch in whole groups
         if t.eval_every and self.data.valid_path is None and self.data.valid_fraction == 0:
             raise ValueError(f"train.eval_every={t.eval_every} needs held-out data: set data.valid_path "
                              "(a shard prefix or recipe) or data.valid_fraction (e.g. 0.01)")

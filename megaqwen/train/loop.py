@@ -271,7 +271,12 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         start_step, consumed = meta["step"], meta["consumed_samples"]
         consumed = run.data_position(consumed)  # 0 when an allowed change starts a new sample stream
         log.info("resumed from %s (step %d, %d samples consumed)", latest, start_step, consumed)
-    batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
+    if t.objective == "grpo":  # rows made online by rollouts of the policy (megaqwen.train.rollout)
+        from megaqwen.train.rollout import RolloutBatches
+
+        batches = RolloutBatches(cfg, env, model, consumed, accum_steps)
+    else:
+        batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     if reference is not None and cfg.dpo.precompute_reference:  # a second, identical stream
         from megaqwen.train.reference import PrecomputedReference
 
@@ -322,6 +327,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                                                   flops_per_token, t.peak_flops))
             with phase("straggler report"):
                 metrics.update(straggler_metrics(dt, env))
+            if hasattr(batches, "step_metrics"):  # rollout/*: rewards, phase times
+                metrics.update(batches.step_metrics(dt))
             if metrics.pop("nonfinite", None):  # on_nonfinite skip | rollback: the update was dropped
                 metrics.update(health.bad_step(step + 1, t.on_nonfinite))
                 if t.on_nonfinite == "rollback":
@@ -374,3 +381,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             log.info("expert load heat map: %s", path)
     return {"steps": t.steps, "start_step": start_step, "last_step": logger.last_step, "final": metrics,
             "out_dir": str(out_dir)}
+        if t.objective == "grpo":
+            from megaqwen.train.rollout_plot import plot_rewards
+
+            log.info("reward curve: %s", plot_rewards(out_dir))

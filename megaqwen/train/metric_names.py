@@ -39,12 +39,15 @@ WHEN = {
     "grpo-kl": "every step of a GRPO run with a KL penalty (grpo.kl_coef > 0)",
     "grpo-seq": "every step of a GRPO run with per-response aggregation (grpo.loss_agg=sequence|constant)",
     "objective-eval": "at every validation (as eval) when the train.objective declares metrics",
+    "rollout": "every step of a GRPO run (train.objective=grpo): the rollout the step trains on, and the "
+               "time the step spent in each phase (0 for a phase the step did not run)",
+    "rollout-math": "every step of a GRPO run whose grpo.rewards include math, with a verifiable prompt",
 }
 """when a metric is logged -> what that means"""
 
 # W&B workspace sections, in display order
 SECTIONS = ("training", "validation", "throughput", "memory", "data mix", "moe", "pipeline", "reliability",
-            "dpo", "grpo")
+            "dpo", "grpo", "rollout")
 
 _PLACEHOLDER = {"{r}": r"\d+", "{i}": r"\d+", "{e}": r"\d+", "{name}": r"[^/]+"}
 
@@ -110,6 +113,8 @@ METRICS: tuple[Metric, ...] = (
        "ranks' peak bf16 FLOP/s", "mfu", "throughput", "MFU"),
     _m("step_time_s", "s", "wall time of the optimizer step on the logging rank (forward, backward, "
        "optimizer)", "always", "throughput", "step time"),
+    _m("data_time_s", "s", "time the step waited for its micro-batches on the logging rank (reading and "
+       "packing; near 0 when data.num_workers prefetch ahead)", "always", "throughput", "data time"),
     # memory
     _m("peak_mem_gib", "GiB", "peak allocated device memory of the logging rank", "always", "memory",
        "peak memory"),
@@ -219,6 +224,38 @@ METRICS += (
        "GRPO KL to the reference"),
     _m("grpo/response_length", "tokens", "response tokens per response, mean", "grpo-seq", "grpo",
        "GRPO response length"),
+)
+
+METRICS += (
+    # rollout (megaqwen/train/rollout.py): the rollout batch of the step, all dp ranks' rows
+    _m("rollout/reward_mean", "", "total reward (grpo.rewards, weighted sum of the components), mean over "
+       "the rollout's completions", "rollout", "rollout", "reward"),
+    _m("rollout/reward_std", "", "standard deviation of the total reward over the rollout's completions",
+       "rollout", "rollout", "reward"),
+    _m("rollout/reward/{name}", "", "reward component `name` (its label in grpo.rewards, unweighted), mean "
+       "over the completions it applies to", "rollout", "rollout", "reward components"),
+    _m("rollout/accuracy", "fraction", "share of the completions of verifiable (maths) prompts whose "
+       "answer is right", "rollout-math", "rollout", "accuracy on verifiable prompts"),
+    _m("rollout/response_length", "tokens", "generated tokens per completion (stop token included), mean",
+       "rollout", "rollout", "response length"),
+    _m("rollout/stop_fraction", "fraction", "share of completions that ended with a stop token (the rest "
+       "hit grpo.max_new_tokens)", "rollout", "rollout", "stop fraction"),
+    _m("rollout/equal_groups", "fraction", "share of the rollout's prompts whose group rewards are all equal "
+       "(zero advantage: no signal)", "rollout", "rollout", "groups without signal"),
+    _m("rollout/rows_dropped", "rows", "completions dropped with their all-equal groups "
+       "(grpo.filter_equal_groups; 0 when off)", "rollout", "rollout", "rows dropped"),
+    _m("rollout/prompts", "prompts", "prompts in the rollout (all dp ranks)", "rollout", "rollout",
+       "prompts per rollout"),
+    _m("rollout/generate_s", "s", "time this step spent generating completions (engine.generate; 0 on "
+       "steps that reuse a rollout)", "rollout", "rollout", "time per phase"),
+    _m("rollout/score_s", "s", "time this step spent decoding and scoring completions (grpo.rewards)",
+       "rollout", "rollout", "time per phase"),
+    _m("rollout/old_logprobs_s", "s", "time this step spent recomputing the policy's old log-probabilities "
+       "(off-policy runs with grpo.old_logprobs=recompute)", "rollout", "rollout", "time per phase"),
+    _m("rollout/sync_s", "s", "time this step spent pushing the weights to the engine (0 for "
+       "rollout.engine=native, which runs the trainer's modules)", "rollout", "rollout", "time per phase"),
+    _m("rollout/train_s", "s", "the rest of the step: reference and policy forward/backward, optimizer",
+       "rollout", "rollout", "time per phase"),
 )
 
 for _x in METRICS:  # checked on import: a typo here must not ship
