@@ -83,9 +83,10 @@ def _worker(rank, world, cases):
         ref = _reference(cfg, grpo)
         pcfg = ParallelConfig(tp=lay.get("tp", 1), pp=lay.get("pp", 1), cp=lay.get("cp", 1), cp_tile=4,
                               sequence_parallel=lay.get("sp", False), pp_schedule="1f1b")
-        run_cfg = layout_config(cfg, pcfg, 1, GLOBAL_B, lay.get("micro", 2), T, LR, SEED, objective="grpo")
-        run_cfg = replace(run_cfg, grpo=grpo)
-        run_cfg.validate()
+        run_cfg = layout_config(cfg, pcfg, 1, GLOBAL_B, lay.get("micro", 2), T, LR, SEED)
+        # grpo after layout_config's validate(): its rollout.* checks (prompts; pp / cp need
+        # rollout.engine=vllm) are the loop's; train_step's objective_for still checks grpo.*
+        run_cfg = replace(run_cfg, train=replace(run_cfg.train, objective="grpo"), grpo=grpo)
         run = build_run(run_cfg)
         seen = capture_grads(run, gather_full)
         (metrics,) = run_steps(run, [_batch(cfg)])

@@ -322,3 +322,49 @@ def test_packed_rows_and_a_loss_mask_field_are_refused():
         GRPO.units({**batch, "document_ids": docs})
     with pytest.raises(ValueError, match="set those labels to -100"):
         GRPO.units({**batch, "loss_mask": labels != X})
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's step with a reference model, against transformers
+
+
+def test_trainer_step_with_kl_equals_the_formula_with_transformers(tmp_path):
+    """train_step with train.lr=0, policy A (init_from), frozen reference B (reference_from, built by
+    the trainer because kl_coef > 0) and GRPO's sequence aggregation: the logged loss and grpo/kl equal
+    the published formula on transformers' log-probabilities of A and B."""
+    from transformers import AutoModelForCausalLM
+
+    from megaqwen.parallel.config import ParallelConfig
+    from tests.parallel.trainer_harness import build_run, layout_config, run_steps
+    from tests.train.test_dpo import VOCAB, _hf_folder
+
+    a, b = _hf_folder(tmp_path / "A", seed=1), _hf_folder(tmp_path / "B", seed=2)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, VOCAB, (4, 12), generator=g)
+    labels = torch.full_like(tokens, X)
+    for i, n in enumerate([6, 8, 3, 7]):
+        labels[i, 3:3 + n] = tokens[i, 4:4 + n]
+    pos = torch.arange(12).expand(4, 12).contiguous()
+    batch = {"tokens": tokens, "labels": labels, "position_ids": pos,
+             "document_ids": torch.zeros_like(tokens), "advantages": torch.tensor([1.0, -0.5, 0.25, -0.75])}
+
+    def hf_logprobs(folder):
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(tokens, position_ids=pos).logits.float(), -1)
+        return torch.where(labels != X, lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+
+    pa, pb = hf_logprobs(a), hf_logprobs(b)
+    cfg = layout_config(get_config("debug", vocab_size=VOCAB), ParallelConfig(), steps=1, global_batch=4,
+                        micro_batch=2, seq_len=12, lr=0.0, seed=0)
+    grpo = GRPOConfig(loss_agg="sequence", kl_coef=0.3)  # on-policy: ratio 1
+    cfg = replace(cfg, train=replace(cfg.train, objective="grpo", init_from=str(a), reference_from=str(b)),
+                  grpo=grpo)  # not validate(): no rollout.* here (the loop's); objective_for checks grpo.*
+    (m,) = run_steps(build_run(cfg), [batch])
+    lengths = (labels != X).sum(1).tolist()
+    want, _ = _published_rows(pa, labels, lengths, batch["advantages"], pa, pb, grpo)
+    d = torch.where(labels != X, pb - pa, 0.0)
+    kl = ((torch.exp(d) - d - 1) * (labels != X)).sum(1) / (labels != X).sum(1)
+    assert m["loss"] == pytest.approx(want, abs=1e-5)
+    assert m["grpo/kl"] == pytest.approx(kl.mean().item(), rel=1e-4) and m["grpo/kl"] > 1e-3
+    assert m["grpo/ratio"] == pytest.approx(1.0) and unregistered(m) == []
