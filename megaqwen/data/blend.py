@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megaqwen.data.dataset import GPTDataset
+from megaqwen.data.index_cache import IndexCache, cache_key, load_or_build
 from megaqwen.data.indexed import IndexedDataset
 from megaqwen.data.pairs import PairDataset
 
@@ -140,6 +141,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         weights: list[float],
         num_samples: int,
         name: str = "blend",
+        cache: IndexCache | None = None,
+        beside: str | Path = ".",
     ):
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"{name}: {len(datasets)} datasets but {len(weights)} weights")
@@ -152,6 +155,19 @@ class BlendedDataset(torch.utils.data.Dataset):
         self._counts = [0] * len(datasets)  # draws per dataset over the computed part of the period
         self._dataset_index = np.zeros(0, dtype=np.int16)  # period entry r -> dataset
         self._sample_index = np.zeros(0, dtype=np.int64)  # period entry r -> draws of that dataset before r
+        if cache is not None:  # the table of every entry the run reads, built once and memory-mapped
+            need = min(self.period, num_samples)
+
+            def build(folder: Path) -> list[str]:
+                self._extend(need)
+                np.save(folder / "dataset_index.npy", self._dataset_index)
+                np.save(folder / "sample_index.npy", self._sample_index)
+                return ["dataset_index", "sample_index"]
+
+            key = cache_key(order="blend-1", W=self._W, Q=self.period)
+            what = f"{name}: blend of {len(datasets)} over a period of {self.period}"
+            arrays = load_or_build(cache, beside, "blend", key, need, need, build, what)
+            self._dataset_index, self._sample_index = arrays["dataset_index"], arrays["sample_index"]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -206,6 +222,7 @@ def build_dataset(
     num_samples: int,
     seed: int = 1234,
     documents: Callable[[IndexedDataset], Any] | None = None,
+    cache: IndexCache | None = None,
     **packing,
 ) -> torch.utils.data.Dataset:
     """The training dataset: `num_samples` packed samples of `seq_len` tokens.
@@ -215,7 +232,8 @@ def build_dataset(
     `holdout.split_documents`); None: all of them. `packing` goes to `GPTDataset` (shuffle, eod_id,
     reset_position_ids, reset_attention_mask, eod_mask_loss, epochs). An sft shard packs with its loss
     mask; a dpo shard (alone, never blended) gives `PairDataset` rows. Items are dicts of (seq_len,)
-    int64 tensors.
+    int64 tensors. `cache`: build the sample indexes once into that cache and memory-map them
+    (`megaqwen.data.index_cache`); None builds them in this process's memory.
     """
     if isinstance(source, BlendRecipe):
         recipe = source
@@ -234,8 +252,9 @@ def build_dataset(
         raise ValueError(f"{recipe.name}: a dpo shard cannot be blended (a blend draws rows one by one "
                          "and would split its pairs); give its prefix alone, or concatenate the sources "
                          "before tokenising")
-    datasets = [(PairDataset if getattr(s, "data_format", "text") == "dpo" else GPTDataset)(
-        s, seq_len, n, seed, **packing) for s, n in zip(shards, draws)]
+    datasets = [PairDataset(s, seq_len, n, seed, **packing) if getattr(s, "data_format", "text") == "dpo"
+                else GPTDataset(s, seq_len, n, seed, cache=cache, **packing) for s, n in zip(shards, draws)]
     if len(datasets) == 1:
         return datasets[0]
-    return BlendedDataset(datasets, list(recipe.weights), num_samples, name=recipe.name)
+    return BlendedDataset(datasets, list(recipe.weights), num_samples, name=recipe.name, cache=cache,
+                          beside=recipe.prefixes[0])

@@ -3,11 +3,14 @@
 The shard's documents (each already ending in EOD) are laid end to end in a seeded random order
 per epoch, forming one token stream. Sample w is the window of `seq_len + 1` tokens starting at
 stream position `w * seq_len` (consecutive windows share one token, so no token is lost as a label).
-Windows are shuffled inside blocks of one epoch's worth of samples.
+Windows are shuffled inside blocks of one epoch's worth of samples (at most 2**22 windows), and only
+the blocks a run samples from are built (the exact rule: `megaqwen.data.sample_order`).
 
-Every permutation comes from `np.random.default_rng([seed, kind, block])`, so the order of the
-first k samples never depends on how many samples were requested: extending a run (more steps)
-keeps everything already seen, and a resumed run rebuilds exactly the same order.
+Every permutation comes from `np.random.default_rng([seed, kind, block])` (or a keyed Feistel
+permutation for documents of shards above 2**22 documents), so the order of the first k samples
+never depends on how many samples were requested: extending a run (more steps) keeps everything
+already seen, and a resumed run rebuilds exactly the same order. With `cache` (`index_cache`) the
+arrays are built once, by one process, and memory-mapped by every rank.
 
 Sample tensors, all int64 of length T = seq_len:
     tokens        stream[w*T : w*T + T]
@@ -33,10 +36,10 @@ import math
 import numpy as np
 import torch
 
+from megaqwen.data import sample_order as order
+from megaqwen.data.index_cache import IndexCache, cache_key, load_or_build
 from megaqwen.data.indexed import IndexedDataset
 from megaqwen.tokenizer import EOD_ID
-
-_DOCS, _SAMPLES = 0, 1  # rng stream ids: document order per epoch, sample order per block
 
 
 def packing_features(
@@ -91,6 +94,7 @@ class GPTDataset(torch.utils.data.Dataset):
         reset_attention_mask: bool = True,
         eod_mask_loss: bool = False,
         epochs: int = 0,
+        cache: IndexCache | None = None,
     ):
         if seq_len < 1 or num_samples < 0:
             raise ValueError(
@@ -108,7 +112,7 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(f"{indexed.prefix} is a {fmt} shard: it is read as pairs (PairDataset), "
                              "not packed")
         self.masked = fmt == "sft"
-        n_docs, epoch_tokens = len(indexed), indexed.num_tokens
+        n_docs, epoch_tokens = len(indexed), order.shard_tokens(indexed)
         if epochs and num_samples > epochs_capacity(epoch_tokens, seq_len, epochs):
             raise ValueError(f"{indexed.prefix}: {num_samples} samples of {seq_len} tokens are more than "
                              f"train.epochs={epochs} passes over its {epoch_tokens} tokens hold "
@@ -117,31 +121,21 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"{indexed.prefix}: the shard holds no tokens, cannot draw {num_samples} samples"
             )
-        # One shuffle block = one epoch's worth of windows; build whole blocks so the order of a
-        # prefix of samples is independent of num_samples.
-        self.block = max(epoch_tokens // seq_len, 1)
+        self.block = max(min(epoch_tokens // seq_len, order.MAX_BLOCK), 1)
         num_windows = math.ceil(num_samples / self.block) * self.block
-        num_epochs = math.ceil((num_windows * seq_len + 1) / epoch_tokens) if num_samples else 0
-        self.num_epochs = num_epochs
-        idx_dtype = np.int32 if n_docs < 2**31 else np.int64
-        orders = [
-            (np.random.default_rng([seed, _DOCS, e]).permutation(n_docs) if shuffle else np.arange(n_docs))
-            for e in range(num_epochs)
-        ]
-        self.doc_order = np.concatenate(orders).astype(idx_dtype) if orders else np.zeros(0, idx_dtype)
-        # doc_start[j] = stream position where the j-th document of doc_order begins
-        self.doc_start = np.zeros(len(self.doc_order) + 1, dtype=np.int64)
-        np.cumsum(indexed.sizes[self.doc_order], out=self.doc_start[1:])
-        blocks = [
-            (
-                np.random.default_rng([seed, _SAMPLES, b]).permutation(self.block)
-                if shuffle
-                else np.arange(self.block)
-            )
-            + b * self.block
-            for b in range(num_windows // self.block)
-        ]
-        self.sample_order = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
+        inputs = dict(order=order.ORDER_VERSION, shard=order.shard_identity(indexed), seq_len=seq_len,
+                      seed=seed, shuffle=shuffle, max_block=order.MAX_BLOCK, max_docs=order.MAX_DOCS,
+                      doc_chunk=order.DOC_CHUNK)
+        plan = order.OrderPlan(indexed, n_docs, epoch_tokens, seq_len, num_windows, self.block, seed, shuffle)
+        if cache is None:
+            arrays = plan.build_in_memory()
+        else:
+            what = f"{indexed.prefix}: {num_windows:,} windows of {seq_len} tokens"
+            arrays = load_or_build(cache, indexed.prefix, "gpt", cache_key(**inputs), num_windows,
+                                   num_windows, plan.build_into, what)
+        self.doc_order, self.doc_start = arrays["doc_order"], arrays["doc_start"]
+        self.sample_order = arrays["sample_order"]
+        self.num_epochs = -(-len(self.doc_order) // max(n_docs, 1))  # epochs the built order touches
 
     def __len__(self) -> int:
         return self.num_samples

@@ -6,6 +6,11 @@ integer, `consumed_samples` (summed over all data-parallel ranks). Global batch 
 reads samples [base + r * MBS, base + (r + 1) * MBS) with base = g * GBS + m * MBS * dp_size. Ranks
 never overlap, together they cover the global batch, and a run restarted from a checkpoint's
 `consumed_samples` yields exactly the batches the uninterrupted run would have.
+
+With `num_workers` > 0 the micro-batches are read and stacked by that many worker processes (a torch
+`DataLoader` over this rank's micro-batch schedule), `prefetch` micro-batches ahead per worker, pinned
+for a fast copy to the GPU with `pin_memory`; the order is the same and the state is still the one
+integer: `consumed_samples` counts the micro-batches handed out, not the ones read ahead.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ class BatchIterator:
         dp_rank: int = 0,
         dp_size: int = 1,
         consumed_samples: int = 0,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        pin_memory: bool = False,
     ):
         if min(global_batch_size, micro_batch_size, dp_size) < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(
@@ -37,13 +45,17 @@ class BatchIterator:
                 f"global_batch_size {global_batch_size} is not divisible by micro_batch_size "
                 f"{micro_batch_size} x dp_size {dp_size} = {micro_batch_size * dp_size}"
             )
+        if num_workers < 0 or prefetch < 1:
+            raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
         if getattr(dataset, "pair_rows", False) and micro_batch_size % 2:
             raise ValueError(f"train.micro_batch_size={micro_batch_size} is odd, but a dpo shard's rows come "
                              "in (chosen, rejected) pairs that must share a micro-batch; use an even size")
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
         self._consumed = 0
+        self._loader = None  # the workers' iterator, started at the first micro-batch after a (re)position
         self.load_state_dict({"consumed_samples": consumed_samples})
 
     @property
@@ -77,7 +89,18 @@ class BatchIterator:
             raise ValueError(
                 f"consumed_samples {consumed} is past the end of the dataset ({len(self.dataset)} samples)"
             )
+        self.close()
         self._consumed = consumed
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart at the next micro-batch)."""
+        if self._loader is not None:
+            self._loader._shutdown_workers()
+            self._loader = None
+
+    def _micro_batch(self, first: int) -> dict[str, torch.Tensor]:
+        items = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}  # each (B_micro, T)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -86,10 +109,17 @@ class BatchIterator:
         step = self.micro_batch_size * self.dp_size
         if self._consumed + step > len(self.dataset):
             raise StopIteration
-        first = self._consumed + self.dp_rank * self.micro_batch_size
-        items = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
+        if self.num_workers == 0:
+            batch = self._micro_batch(self._consumed + self.dp_rank * self.micro_batch_size)
+        else:
+            if self._loader is None:
+                schedule = _Schedule(self, self._consumed)
+                self._loader = iter(torch.utils.data.DataLoader(
+                    schedule, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch, pin_memory=self.pin_memory))
+            batch = next(self._loader)
         self._consumed += step
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}  # each (B_micro, T)
+        return batch
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The `micro_batches_per_step` micro-batches of the next optimizer step."""
@@ -101,3 +131,18 @@ class BatchIterator:
         if self._consumed + self.global_batch_size > len(self.dataset):
             raise StopIteration
         return [next(self) for _ in range(self.micro_batches_per_step)]
+
+
+class _Schedule(torch.utils.data.Dataset):
+    """Item m = this rank's m-th micro-batch from sample position `start` on (for the workers)."""
+
+    def __init__(self, it: BatchIterator, start: int):
+        self.it, self.start = it, start
+        self.step = it.micro_batch_size * it.dp_size
+        self.length = (len(it.dataset) - start) // self.step
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, m: int) -> dict[str, torch.Tensor]:
+        return self.it._micro_batch(self.start + m * self.step + self.it.dp_rank * self.it.micro_batch_size)

@@ -156,6 +156,20 @@ class DataConfig:
     valid_fraction: float = 0.0
     """Fraction of each shard's documents held out of training for validation (whole documents, by a
     fixed hash: train.seed does not move them); 0 holds out nothing."""
+    index_cache: str = "auto"
+    """Folder where the sample indexes are built once and memory-mapped by every rank; auto: an
+    index-cache/ folder beside the data (set a writable folder for read-only data); off: each rank
+    builds them in its own memory."""
+    index_cache_shared: bool = True
+    """The index cache folder is on a filesystem all nodes see (rank 0 builds); false: node-local
+    (local rank 0 of each node builds). Other ranks wait for it."""
+    index_cache_timeout_s: float = 3600.0
+    """Seconds a rank waits for the index cache built by another rank before failing."""
+    num_workers: int = 1
+    """Worker processes that read and stack the next micro-batches while the step runs; 0 reads them
+    in the training process."""
+    prefetch: int = 2
+    """Micro-batches each data worker reads ahead."""
 
 
 @dataclass
@@ -207,6 +221,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def validate(self) -> None:
         t = self.train
@@ -221,7 +236,6 @@ class Config:
                              f"train.micro_batch_size={t.micro_batch_size}")
         check_choice("train.schedule", t.schedule, SCHEDULES)
         if not 0 <= t.min_lr <= t.lr:
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
             raise ValueError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr})")
         if not 0 <= t.schedule_start < t.steps:
             raise ValueError(f"train.schedule_start={t.schedule_start} must be in [0, train.steps={t.steps})")
@@ -235,6 +249,8 @@ class Config:
             raise ValueError(f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
         check_choice("train.engine", t.engine, ENGINES)
         objective_for(self)  # the objective exists and its section (dpo.*, grpo.*) fits the run
+        if t.objective == "grpo":
+            check_rollout(self)  # rollout.*: prompts, engine, sampling, the batch in whole groups
         check_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
         if t.seq_len > self.model.max_position_embeddings:
             # an error, not a warning: the HF export writes max_position_embeddings into config.json,
@@ -247,10 +263,12 @@ class Config:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.eval_every and t.eval_iters == 0:
             raise ValueError(f"train.eval_every={t.eval_every} needs train.eval_iters >= 1")
+        d = self.data
+        if d.num_workers < 0 or d.prefetch < 1 or d.index_cache_timeout_s <= 0:
+            raise ValueError(f"need data.num_workers >= 0, data.prefetch >= 1 and data.index_cache_timeout_s "
+                             f"> 0; got {d.num_workers}, {d.prefetch}, {d.index_cache_timeout_s}")
         if not 0 <= self.data.valid_fraction < 1:
             raise ValueError(f"data.valid_fraction must be in [0, 1), got {self.data.valid_fraction}")
-        if t.objective == "grpo":
-            check_rollout(self)  # rollout.*: prompts, engine, sampling, the batch in whole groups
         if t.eval_every and self.data.valid_path is None and self.data.valid_fraction == 0:
             raise ValueError(f"train.eval_every={t.eval_every} needs held-out data: set data.valid_path "
                              "(a shard prefix or recipe) or data.valid_fraction (e.g. 0.01)")

@@ -62,18 +62,23 @@ def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
 
 def build_batches(cfg: Config, env: par.DistEnv, consumed_samples: int, steps_left: int | None = None):
     from megaqwen.data.blend import build_dataset
+    from megaqwen.data.index_cache import IndexCache
     from megaqwen.data.sampler import BatchIterator
 
     t = cfg.train
     data_path = resolve_data_path(cfg.data.path, Path(t.out_dir), env)
     if steps_left is None:  # the stream position counts the steps done
         steps_left = t.steps - consumed_samples // t.global_batch_size
+    d = cfg.data
+    cache = IndexCache.for_rank(d.index_cache, d.index_cache_shared, env.rank, env.local_rank,
+                                d.index_cache_timeout_s)
     dataset = build_dataset(data_path, seq_len=t.seq_len,
                             num_samples=consumed_samples + steps_left * t.global_batch_size, seed=t.seed,
-                            documents=training_documents(cfg))
+                            documents=training_documents(cfg), cache=cache)
     return BatchIterator(dataset, global_batch_size=t.global_batch_size,
                          micro_batch_size=t.micro_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
-                         consumed_samples=consumed_samples)
+                         consumed_samples=consumed_samples, num_workers=d.num_workers, prefetch=d.prefetch,
+                         pin_memory=env.device.type == "cuda")
 
 
 def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: par.DistEnv,
@@ -107,7 +112,9 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
     objective = objective_for(cfg)
+    t_data = time.perf_counter()
     micro = [next(batches) for _ in range(accum_steps)]
+    data_time_s = time.perf_counter() - t_data  # the step waited this long for its micro-batches
     if objective.needs_reference:
         if reference is None:
             raise ValueError(f"train.objective={cfg.train.objective} needs a reference model; none was built")
@@ -163,7 +170,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     with phase("loss all-reduce"):
         pp_group = pipe.pp_group if pipe is not None else None
         reduced = meter.reduce(global_count, accum_steps, env.mesh, pp_group)
-    out = {"loss": reduced.pop("loss"), "lr": lr, "grad_norm": grad_norm.item(), **reduced}
+    out = {"loss": reduced.pop("loss"), "lr": lr, "grad_norm": grad_norm.item(), "data_time_s": data_time_s,
+           **reduced}
     if not deepspeed and nonfinite:
         out["nonfinite"] = 1.0
     if not deepspeed:
@@ -319,6 +327,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                 with phase("pipeline metrics"):
                     metrics.update(pipeline_metrics(pipe, dt, env.device))
             profiler.after_step(step + 1)
+            if hasattr(batches, "step_metrics"):  # rollout/*: rewards, phase times
+                metrics.update(batches.step_metrics(dt))
             metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                            peak_mem_gib=local_peak_memory_gib(env.device),
                            consumed_samples=batches.consumed_samples)
@@ -327,8 +337,6 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                                                   flops_per_token, t.peak_flops))
             with phase("straggler report"):
                 metrics.update(straggler_metrics(dt, env))
-            if hasattr(batches, "step_metrics"):  # rollout/*: rewards, phase times
-                metrics.update(batches.step_metrics(dt))
             if metrics.pop("nonfinite", None):  # on_nonfinite skip | rollback: the update was dropped
                 metrics.update(health.bad_step(step + 1, t.on_nonfinite))
                 if t.on_nonfinite == "rollback":
@@ -373,6 +381,10 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
         from megaqwen.train.plot import plot_run
 
         log.info("loss curve: %s", plot_run(out_dir))
+        if t.objective == "grpo":
+            from megaqwen.train.rollout_plot import plot_rewards
+
+            log.info("reward curve: %s", plot_rewards(out_dir))
         if expert_load:
             from megaqwen.train.moe_metrics import load_heatmap
 
@@ -381,7 +393,3 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             log.info("expert load heat map: %s", path)
     return {"steps": t.steps, "start_step": start_step, "last_step": logger.last_step, "final": metrics,
             "out_dir": str(out_dir)}
-        if t.objective == "grpo":
-            from megaqwen.train.rollout_plot import plot_rewards
-
-            log.info("reward curve: %s", plot_rewards(out_dir))
