@@ -15,6 +15,7 @@ Parallel layouts: the model is used in place, eval mode, no grad, under the trai
 - FSDP2 / ZeRO-3: parameters are gathered inside every forward, so all ranks of `sync_group` must
   run the same number of forwards: with `sync_group` no row is dropped and the loop runs until every
   rank of the group is done (one all-reduce per step).
+- compiled layers (parallel.compile) run eagerly during generation (no per-step recompiles).
 - sequence parallelism and pipeline stages are refused (a decode step is one token; a stage lacks
   the embedding or head): generate with sp off, or use the vllm engine for pp > 1.
 """
@@ -130,7 +131,9 @@ class NativeEngine:
         amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         try:
-            with torch.no_grad(), amp:
+            # layers compiled by the trainer (parallel.compile) run eagerly here: each decode step has
+            # a new cache length, which would recompile them every step
+            with torch.no_grad(), amp, torch.compiler.set_stance("force_eager"):
                 self._decode(rows, params, outs)
         finally:
             self.inner.train(was_training)

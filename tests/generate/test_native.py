@@ -136,3 +136,38 @@ def test_draw_follows_the_distribution():
     counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=5).double() / 40_000
     assert counts[1] == 0  # a zero-probability token is never drawn
     assert torch.allclose(counts, probs[0].double(), atol=0.01)  # 4 sigma of the largest share
+
+
+def test_compiled_layers_generate_eagerly(qwen2):
+    params = SamplingParams(max_new_tokens=5, greedy=True)
+    want = [o.token_ids for o in build_engine("native", qwen2).generate(PROMPTS, params)]
+    for layer in qwen2.model.layers.values():
+        layer.compile()  # as parallel.compile does
+    try:
+        torch._dynamo.reset()
+        got = [o.token_ids for o in build_engine("native", qwen2).generate(PROMPTS, params)]
+        assert got == want
+        assert not torch._dynamo.utils.counters["stats"]["calls_captured"]  # nothing was compiled
+    finally:
+        for layer in qwen2.model.layers.values():
+            layer._compiled_call_impl = None
+
+
+def test_pipeline_stages_and_sequence_parallelism_are_refused(tmp_path):
+    from megaqwen.parallel.tensor_parallel import SequenceParallelRMSNorm
+
+    hf_dir = save_random_hf(tmp_path / "hf", "qwen2")
+    stage = load_model(hf_dir)
+    stage.model.norm = None  # a first pipeline stage: no final norm, no head
+    with pytest.raises(ValueError, match="pipeline stage .*vllm"):
+        build_engine("native", stage)
+    sp = load_model(hf_dir)
+    ln = sp.model.layers["0"].input_layernorm
+    sp.model.layers["0"].input_layernorm = SequenceParallelRMSNorm(ln.weight, ln.eps, ln.ops.rms_norm, None)
+    with pytest.raises(ValueError, match="sequence parallelism.*sequence_parallel=false"):
+        build_engine("native", sp)
+    with pytest.raises(ValueError, match="head=.score"):
+        from megaqwen.models.spec import get_spec
+
+        cfg = sp.cfg.__class__(**{**sp.cfg.to_dict(), "head": "score", "tie_word_embeddings": False})
+        build_engine("native", get_spec(cfg).build(cfg, seed=0))
