@@ -35,9 +35,12 @@ q three ways into (B, T, 3, Hq, D), and the attention op
   stored after `dca_apply_rope`, i.e. at their chunk offsets): `dca_attention_positions`, each pair's
   table chosen from the two positions' chunks (vLLM's decode: intra / succ / inter key ranges of the
   query's chunk), O(Tq x S) per row. The cached keys are stored without the temperature and the
-  query's s_L^2 applies to all of them, so decoding equals the full-sequence attention of the same
-  tokens; vLLM multiplies each key by the s of the length when it was cached, so its decode differs
-  from its own prefill by s_L / s_L' on those logits once L exceeds orig (identical up to orig).
+  step's s_L^2 (L: the row's largest valid key position + 1) applies to all of its query's logits,
+  so a decode step's attention equals the full-sequence attention of the same tokens. vLLM instead
+  multiplies each cached key by the s of the length when it was cached (query by the current s):
+  the same up to L = orig, a factor s_L / s_L' on those logits beyond. Either way, past orig a
+  multi-layer model's decoding differs from its full-sequence prefill (there every earlier token is
+  a query at s_L too, not at the s of its own step).
 Not implemented: vLLM's sparse attention (`sparse_attention_config`, used above
 `sparse_attention_threshold` tokens); a config carrying it is read with a warning (dense DCA here).
 
