@@ -287,13 +287,14 @@ def clusters_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     n_parts = _n_parts(cfg)
     counts = {m["task"]: m["documents"] for m in load_markers(out, "dedup_bands")}
     n_docs = sum(counts[t] for t in range(n_parts))
-    parts = [
-        lf.load_npz(lf.pairs_path(out, t), "dedup_buckets", ("exact", "alias", "near"))
-        for t in range(d.band_tasks * d.key_splits)
-    ]
-    exact_E2 = np.concatenate([p["exact"] for p in parts])
-    alias_A2 = _unique_pairs(np.concatenate([p["alias"] for p in parts]))
-    near_M2 = _unique_pairs(np.concatenate([p["near"] for p in parts]))
+    # one bucket task's pairs at a time: a near pair found in several bands is held once
+    exact, alias_A2, near_M2 = [_NO_PAIRS], _NO_PAIRS, _NO_PAIRS
+    for t in range(d.band_tasks * d.key_splits):
+        p = lf.load_npz(lf.pairs_path(out, t), "dedup_buckets", ("exact", "alias", "near"))
+        exact.append(p["exact"])
+        alias_A2 = _unique_pairs(np.concatenate([alias_A2, p["alias"]]))
+        near_M2 = _unique_pairs(np.concatenate([near_M2, p["near"]]))
+    exact_E2 = np.concatenate(exact)
     # an exact copy takes no part in the near pass (as in the single task); by construction it is
     # never a bucket's first copy, so this only drops its own alias pairs
     ex = np.sort(exact_E2[:, 1])
