@@ -16,8 +16,10 @@ Parallel layouts: the model is used in place, eval mode, no grad, under the trai
   run the same number of forwards: with `sync_group` no row is dropped and the loop runs until every
   rank of the group is done (one all-reduce per step).
 - compiled layers (parallel.compile) run eagerly during generation (no per-step recompiles).
-- sequence parallelism and pipeline stages are refused (a decode step is one token; a stage lacks
-  the embedding or head): generate with sp off, or use the vllm engine for pp > 1.
+- sequence parallelism, context parallelism and pipeline stages are refused (a decode step is one
+  token; a stage lacks the embedding or head): generate with sp off and cp = pp = 1, or use vllm.
+- expert parallelism (ep > 1) is refused: the all-to-all dispatch would need every ep rank in
+  lockstep, and `full_hf_weights` sees only this rank's experts.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ def check_generation_layout(model: nn.Module) -> None:
         raise ValueError("native generation needs the whole model on every rank: this is a pipeline "
                          "stage (pp > 1). Generate with pp=1, or use the vllm engine (engine=vllm)")
     for name, mod in m.named_modules():
+        if getattr(mod, "dispatcher", None) is not None:
+            raise ValueError(f"native generation does not support expert parallelism ({name} dispatches "
+                             "tokens to other ranks); roll out from an ep=1 layout or use the vllm engine")
+        cp_group = getattr(mod, "cp_group", None)
+        if cp_group is not None and dist.get_world_size(cp_group) > 1:
+            raise ValueError(f"native generation cannot run under context parallelism ({name} attends "
+                             "over sequence shards); roll out from a cp=1 layout or use the vllm engine")
         if isinstance(mod, SequenceParallelRMSNorm) and name.endswith("layernorm") or \
                 isinstance(mod, VocabParallelEmbedding) and mod.sequence_parallel:
             raise ValueError(f"native generation cannot run under sequence parallelism ({name}: a "
