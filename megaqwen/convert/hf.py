@@ -67,11 +67,17 @@ def write_native(cfg: ModelConfig, weights: dict[str, torch.Tensor], out_dir: Pa
 
 
 def load_pretrained(path: str | Path, ops=None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32):
-    """A model from a native checkpoint folder or an HF folder (config.json + safetensors)."""
+                    dtype: torch.dtype = torch.float32, dca: bool = False):
+    """A model from a native checkpoint folder or an HF folder (config.json + safetensors). `dca`: a
+    config with Dual Chunk Attention (HF dual_chunk_attention_config) builds with its ops, as vLLM
+    serves it (inference: generation, evaluation)."""
+    from megaqwen.kernels.dca import dca_config_of, dca_ops
+    from megaqwen.kernels.registry import KernelOps
     from megaqwen.models.spec import get_spec
 
     cfg, weights = read_weights(path)
+    if dca and cfg.dca_chunk_size:
+        ops = dca_ops(ops or KernelOps(), dca_config_of(cfg))
     model = get_spec(cfg).build(cfg, ops, device=device, dtype=dtype)
     model.load_state_dict(weights, strict=True)  # copies and casts into the model's dtype
     return model

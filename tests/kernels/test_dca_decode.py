@@ -46,3 +46,22 @@ def test_kv_cache_decoding_equals_full_sequence_dca(orig, layers):
                 assert abs(logp - full[tok].item()) <= 1e-4
                 seq.append(tok)
         assert len(seq) - len(prompt) == 30 and len(seq) > 2 * 12  # decoded past two chunks (s = 12)
+
+
+def test_generation_loads_a_dca_checkpoint_with_dca(tmp_path):
+    """`megaqwen-generate` (generate.loading.load_model) builds a checkpoint whose config has DCA with
+    its ops, as vLLM serves it; without DCA in the config, plain attention."""
+    from megaqwen.generate.loading import load_model
+    from megaqwen.kernels.dca import dca_settings, uses_dca
+    from megaqwen.train.checkpoint import save_checkpoint
+
+    model = _dca_model(8, 1)
+    for name, cfg in (("dca", model.cfg), ("plain", get_config("debug", vocab_size=128, num_layers=1))):
+        save_checkpoint(tmp_path / name, 1, model, None,
+                        {"consumed_samples": 0, "model_config": cfg.to_dict()})
+    loaded = load_model(tmp_path / "dca")
+    assert dca_settings(loaded.ops) == DCAConfig(16, 4, 8)
+    assert not uses_dca(load_model(tmp_path / "plain").ops)
+    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))
