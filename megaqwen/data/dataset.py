@@ -112,7 +112,7 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(f"{indexed.prefix} is a {fmt} shard: it is read as pairs (PairDataset), "
                              "not packed")
         self.masked = fmt == "sft"
-        n_docs, epoch_tokens = len(indexed), order.shard_tokens(indexed)
+        n_docs, epoch_tokens = len(indexed), order.shard_tokens(indexed, cache)
         if epochs and num_samples > epochs_capacity(epoch_tokens, seq_len, epochs):
             raise ValueError(f"{indexed.prefix}: {num_samples} samples of {seq_len} tokens are more than "
                              f"train.epochs={epochs} passes over its {epoch_tokens} tokens hold "

@@ -122,21 +122,7 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         self._bin.close()
         n = len(self._lengths)
-        lengths = np.asarray(self._lengths, dtype=np.int32)
-        pointers = np.zeros(n, dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        doc_index = np.arange(n + 1, dtype=np.int64)
-        with open(self._tmp_idx, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", VERSION))
-            f.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
-            f.write(struct.pack("<Q", n))
-            f.write(struct.pack("<Q", n + 1))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(doc_index.astype("<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        write_index(self._tmp_idx, np.asarray(self._lengths, dtype=np.int32), self.dtype)
         meta = {"format": META_FORMAT, **self.meta, "dtype": str(self.dtype), "num_documents": n,
                 "num_tokens": self.num_tokens, "min_token_id": self.min_token_id,
                 "max_token_id": self.max_token_id}
@@ -159,6 +145,24 @@ class IndexedDatasetBuilder:
             self.finalize()
         else:
             self.abort()
+
+
+def write_index(path: str | Path, lengths: np.ndarray, dtype) -> None:
+    """A Megatron .idx at `path` for documents of `lengths` tokens of `dtype`, stored back to back."""
+    n, dtype = len(lengths), np.dtype(dtype)
+    pointers = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", VERSION))
+        f.write(struct.pack("<B", CODE_OF_DTYPE[dtype]))
+        f.write(struct.pack("<Q", n))
+        f.write(struct.pack("<Q", n + 1))
+        f.write(np.asarray(lengths).astype("<i4").tobytes())
+        f.write(pointers.astype("<i8").tobytes())
+        f.write(np.arange(n + 1, dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class IndexedDataset:
