@@ -9,7 +9,7 @@ component is also reported per sample under its `label` (default: its name).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 KINDS = ("math", "code", "format", "rm")
 """Built-in components: math (answer equivalence to the record's `answer`), code (the record's `tests`
@@ -53,6 +53,14 @@ class RewardSpec:
     def key(self) -> str:
         """The name the component is reported under."""
         return self.label or self.name
+
+    def __str__(self) -> str:
+        """As an override spells it: name, weight and the fields that differ from their defaults
+        (`{name: math, weight: 1.0}`; `megaqwen-train --help` prints this)."""
+        default = RewardSpec()
+        kept = [f.name for f in fields(self) if f.name in ("name", "weight")
+                or getattr(self, f.name) != getattr(default, f.name)]
+        return "{" + ", ".join(f"{k}: {getattr(self, k)}" for k in kept) + "}"
 
 
 def check_specs(specs: list[RewardSpec], where: str = "rewards") -> None:

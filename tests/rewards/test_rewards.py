@@ -88,6 +88,8 @@ def test_specs_are_checked_with_the_entry_named():
             check_specs(specs)
     with pytest.raises(ValueError, match="cannot import it"):
         Rewards.build([RewardSpec("tests.rewards.nowhere:fn")])
+    # what `megaqwen-train --help` prints: the override's spelling, defaults left out
+    assert str(RewardSpec("rm", 0.5, path="runs/rm")) == "{name: rm, weight: 0.5, path: runs/rm}"
 
 
 # ---------------------------------------------------------------------------------------------
