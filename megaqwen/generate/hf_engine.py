@@ -82,9 +82,12 @@ class HFEngine:
         else:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                       top_k=params.top_k or None)
-            if params.seed is not None:
+        devices = [self.device] if self.device.type == "cuda" else []
+        # transformers samples from torch's global RNG: seed it inside a fork, so the caller's
+        # stream (the trainer's) is left where it was
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            if params.seed is not None and not params.is_greedy:
                 torch.manual_seed(params.seed)
-        with torch.no_grad():
             res = self.hf.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kw)
         new = res.sequences[:, width:].cpu()
         logp = torch.stack(res.logits, 1).float().log_softmax(-1).cpu()  # (B, steps, V)
