@@ -10,7 +10,8 @@ with (layout in `lsh_files.py`):
    1/key_splits share of their key space): merges its units' sorted files one key range at a time
    (at most `dedup.bucket_chunk_docs` entries, 24 B each, in memory), and emits the pairs that
    share a bucket, verified on the full signatures (read by row from the memory-mapped `.npy`):
-   estimated Jaccard >= threshold, as the single task checks.
+   estimated Jaccard >= threshold, as the single task checks. A pair sharing several bands is
+   emitted by the lowest one only, so no pair is written twice.
 3. dedup (one task): the single task's greedy walk over the verified pairs (`greedy_walk`,
    vectorised), writing each input part's removal list; judge / annotate then drop those
    documents as they read the part.
@@ -145,11 +146,13 @@ def buckets_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
                 merge.hold(rec, rec, exact[-1])  # the sort holds a second copy
             else:
                 a, p = _band_pairs(rec)
-                a, p = a[~_isin_pairs(a, alias_A2)], p[~_isin_pairs(p, near_M2)]
+                if unit != "b00":  # identical signatures share every band: band 0 emits them
+                    a = _NO_PAIRS
+                p = p[~_isin_pairs(p, near_M2)]
                 merge.hold(rec, rec, a, p)
-                _verify(cfg, a, check, identical=True)
+                _verify(cfg, a, check, band=None)
                 alias.append(a)
-                near.append(_verify(cfg, p, check, identical=False))
+                near.append(_verify(cfg, p, check, band=int(unit[1:])))
                 checked += len(p)
             chunks += 1
             report_progress(len(rec), 0, 0)
@@ -250,10 +253,10 @@ class _Signatures:
         return out
 
 
-def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, identical: bool) -> np.ndarray:
+def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, band: int | None) -> np.ndarray:
     """The candidate pairs that the single task would match: estimated Jaccard >= threshold (as
-    `LeanMinHash.jaccard`) and one band equal row for row (a key-hash collision is no bucket).
-    `identical`: alias pairs, whose whole-signature hashes are equal, must have equal signatures."""
+    `LeanMinHash.jaccard`) whose lowest band equal row for row is `band`, the band that proposed
+    them. `band=None`: alias pairs (equal whole-signature hashes), which must have equal signatures."""
     d = cfg.dedup
     keep = []
     for s in range(0, len(pairs_M2), VERIFY_BLOCK):
@@ -263,7 +266,7 @@ def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, identical:
         del sigs
         meter.hold(a_BP, b_BP, pairs_M2)
         eq_BP = a_BP == b_BP
-        if identical:
+        if band is None:
             bad = ~eq_BP.all(1)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
@@ -273,8 +276,11 @@ def _verify(cfg: PipelineConfig, pairs_M2: np.ndarray, meter: _Meter, identical:
                 )
             continue
         jac_B = np.count_nonzero(eq_BP, 1).astype(np.float64) / float(d.num_perm)
-        band_B = eq_BP.reshape(len(blk), d.num_bands, d.rows_per_band).all(2).any(1)
-        keep.append(blk[(jac_B >= d.threshold) & band_B])
+        # the lowest band the two share row for row emits the pair, so each pair leaves exactly one
+        # bucket task (a band key collision without equal rows is no bucket)
+        same_BK = eq_BP.reshape(len(blk), d.num_bands, d.rows_per_band).all(2)
+        first_B = np.where(same_BK.any(1), same_BK.argmax(1), -1)
+        keep.append(blk[(jac_B >= d.threshold) & (first_B == band)])
     return np.concatenate(keep) if keep else _NO_PAIRS
 
 
@@ -287,14 +293,14 @@ def clusters_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     n_parts = _n_parts(cfg)
     counts = {m["task"]: m["documents"] for m in load_markers(out, "dedup_bands")}
     n_docs = sum(counts[t] for t in range(n_parts))
-    # one bucket task's pairs at a time: a near pair found in several bands is held once
-    exact, alias_A2, near_M2 = [_NO_PAIRS], _NO_PAIRS, _NO_PAIRS
-    for t in range(d.band_tasks * d.key_splits):
-        p = lf.load_npz(lf.pairs_path(out, t), "dedup_buckets", ("exact", "alias", "near"))
-        exact.append(p["exact"])
-        alias_A2 = _unique_pairs(np.concatenate([alias_A2, p["alias"]]))
-        near_M2 = _unique_pairs(np.concatenate([near_M2, p["near"]]))
-    exact_E2 = np.concatenate(exact)
+    # every pair comes from exactly one bucket task (exact: the exact unit; alias: band 0; near: the
+    # lowest band the pair shares), so the files only need concatenating
+    parts = [
+        lf.load_npz(lf.pairs_path(out, t), "dedup_buckets", ("exact", "alias", "near"))
+        for t in range(d.band_tasks * d.key_splits)
+    ]
+    exact_E2, alias_A2, near_M2 = (np.concatenate([p[k] for p in parts]) for k in ("exact", "alias", "near"))
+    del parts
     # an exact copy takes no part in the near pass (as in the single task); by construction it is
     # never a bucket's first copy, so this only drops its own alias pairs
     ex = np.sort(exact_E2[:, 1])

@@ -148,6 +148,8 @@ def test_distributed_dedup_removes_what_the_single_task_removes(filtered, band_t
     for t, recs in want.items():  # what judge / annotate drop as they read each part
         assert st._duplicates(cfg, t) == {pos for pos, _, _ in recs}
     m = load_markers(cfg.out, "dedup")[0]
+    near = np.concatenate([np.load(lf.pairs_path(cfg.out, t))["near"] for t in range(band_tasks)])
+    assert len(np.unique(near, axis=0)) == len(near)  # each pair leaves one bucket task (its lowest band)
     single = load_markers(filtered["ref"], "dedup")[0]
     assert m["steps"] == single["steps"] and m["removed"] == single["removed"]
     if filtered["chains"]:
