@@ -8,9 +8,9 @@ row generates --new tokens.
   hf               transformers `generate` on the same weights (engine=hf, exported in memory)
 
 Configs: `debug` (2 layers, hidden 64, the 152K vocabulary) and `small` (4 layers, hidden 256, 8
-heads / 2 KV heads, vocabulary 32K). Each number is the best of --repeat runs after one warm-up.
+heads / 2 KV heads, vocabulary 32K). Each number is the best of --repeat runs after a 2-token warm-up.
 
-    python benchmarks/bench_generate.py [--batch 8] [--new 64] [--threads 2]
+    python benchmarks/bench_generate.py [--batch 8] [--new 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def no_cache_generate(model, rows: list[list[int]], params: SamplingParams) -> i
     return len(rows) * params.max_new_tokens
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
+def timed(fn, args: tuple, params: SamplingParams, repeat: int) -> float:
+    fn(*args, dataclasses.replace(params, max_new_tokens=2))  # warm-up (allocator, first calls)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
+        fn(*args, params)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -74,8 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=0)
@@ -89,7 +89,7 @@ def main() -> None:
         total = args.batch * args.new
         runs = {"native": (native.generate, rows), "native-no-cache": (no_cache_generate, model, rows),
                 "hf": (hf.generate, rows)}
-        times = {k: timed(lambda fn=fn, a=a: fn(*a, params), args.repeat) for k, (fn, *a) in runs.items()}
+        times = {k: timed(fn, tuple(a), params, args.repeat) for k, (fn, *a) in runs.items()}
         for engine, s in times.items():
             print(f"{name:8} {engine:16} {total / s:9.0f} {s:8.2f} {times['hf'] / s:5.2f}x", flush=True)
 
