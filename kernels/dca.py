@@ -32,11 +32,13 @@ q three ways into (B, T, 3, Hq, D), and the attention op
 - with packed documents (`AttentionMeta` / document ids (B, T)): each document on its own, its
   positions 0..len-1 (as the packer writes them), its own temperature;
 - with a KV-cache step (`CachedAttention`: `q_positions_BT`, `k_positions_BS`, `k_valid_BS`, keys
-  stored after `dca_apply_rope`, i.e. at their chunk offsets): `dca_attention_positions`, each pair's
-  table chosen from the two positions' chunks (vLLM's decode: intra / succ / inter key ranges of the
-  query's chunk), O(Tq x S) per row. The cached keys are stored without the temperature and the
-  step's s_L^2 (L: the row's largest valid key position + 1) applies to all of its query's logits,
-  so a decode step's attention equals the full-sequence attention of the same tokens. vLLM instead
+  stored after `dca_apply_rope`, i.e. at their chunk offsets): a prefill into an empty cache runs
+  each row's valid tokens through the chunk loop (O(s^2) memory at any prompt length); later steps
+  (decode) `dca_attention_positions`, each pair's table chosen from the two positions' chunks (vLLM's
+  decode: intra / succ / inter key ranges of the query's chunk), O(Tq x S) per row. The cached keys
+  are stored without the temperature and the step's s_L^2 (L: the row's largest valid key position
+  + 1) applies to all of its query's logits, so a decode step's attention equals the full-sequence
+  attention of the same tokens. vLLM instead
   multiplies each cached key by the s of the length when it was cached (query by the current s):
   the same up to L = orig, a factor s_L / s_L' on those logits beyond. Either way, past orig a
   multi-layer model's decoding differs from its full-sequence prefill (there every earlier token is
@@ -167,6 +169,10 @@ def dca_attention(q3, k, v, attn=None, scale=None, *, dca: DCAConfig):
     """q3 (B, Tq, 3, Hq, D) from `dca_apply_rope`, k/v (B, Tk, Hk, D) -> (B, Tq, Hq, D); `attn` None
     (rows at 0..T-1), packed documents, or a KV-cache step (see the module docstring)."""
     if getattr(attn, "q_positions_BT", None) is not None:  # a KV-cache step (megaqwen.generate)
+        if getattr(attn, "start", None) == 0:  # prefill into an empty cache: O(s^2) per chunk pair
+            out = _prefill_rows(q3, k, v, attn, scale, dca)
+            if out is not None:
+                return out
         own = attn.q_slots[:, None] == torch.arange(k.shape[1], device=k.device)[None]  # (Tq, S)
         return dca_attention_positions(q3, k, v, attn.q_positions_BT, attn.k_positions_BS,
                                        attn.k_valid_BS, scale, dca, own_BQS=own[None])
@@ -188,6 +194,31 @@ def dca_attention(q3, k, v, attn=None, scale=None, *, dca: DCAConfig):
                                     dca.chunk_len)
         out[start:end] = piece[0].transpose(0, 1)
     return out.view(b, t, hq, d)
+
+
+def _prefill_rows(q3, k, v, attn, scale, dca: DCAConfig) -> torch.Tensor | None:
+    """A prefill step (queries = every slot, S = T): each row's valid slots as one sequence through
+    the chunk loop, when they hold positions 0..n-1 in order (left padding); None otherwise (the
+    caller takes the per-pair path). A padding query's output is its own value (the cached mask
+    lets it see only its own slot)."""
+    b, t, _, hq, d = q3.shape
+    groups = hq // k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    out = v.repeat_interleave(groups, dim=2).clone()  # (B, T, Hq, D)
+    for r in range(b):
+        idx = attn.k_valid_BS[r].nonzero().squeeze(1)
+        n = idx.numel()
+        expect = torch.arange(n, device=idx.device)
+        if not (torch.equal(attn.k_positions_BS[r, idx], expect)
+                and torch.equal(attn.q_positions_BT[r, idx], expect)):
+            return None
+        if n == 0:
+            continue
+        q_ = q3[r:r + 1, idx].permute(2, 0, 3, 1, 4)  # (3, 1, Hq, n, D)
+        k_, v_ = (x[r:r + 1, idx].transpose(1, 2).repeat_interleave(groups, dim=1) for x in (k, v))
+        piece = _sequence_attention(q_, k_, v_, scale * dca.temperature(n) ** 2, dca.chunk_len)
+        out[r, idx] = piece[0].transpose(0, 1)
+    return out
 
 
 def dca_attention_positions(q3, k, v, q_pos_BT, k_pos_BS, k_valid_BS, scale, dca: DCAConfig,

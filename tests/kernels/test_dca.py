@@ -172,6 +172,26 @@ def test_explicit_positions_decode_equals_the_full_sequence(orig):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_prefill_step_equals_the_per_pair_path():
+    """A KV-cache prefill (empty cache, left-padded rows) takes the chunk loop per row; its valid
+    rows equal the per-pair (decode) path."""
+    from types import SimpleNamespace
+
+    dca = DCAConfig(12, 4, 6)
+    b, t = 2, 40
+    q, k, v = _qkv(b, t, 4, 2, 8, seed=6, dtype=torch.float64)
+    pad = torch.tensor([0, 13])
+    slot = torch.arange(t)[None]
+    valid, pos = slot >= pad[:, None], (slot - pad[:, None]).clamp(min=0)
+    cos, sin = dca_rope(pos, rope_inv_freq(8, 100.0).double(), dca)
+    q3, k_rot = dca_apply_rope(q, k, cos, sin)
+    step = SimpleNamespace(q_positions_BT=pos, k_positions_BS=pos, k_valid_BS=valid,
+                           q_slots=torch.arange(t), start=0)
+    got = dca_attention(q3, k_rot, v, step, dca=dca)
+    want = dca_attention_positions(q3, k_rot, v, pos, pos, valid, None, dca)
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-10, atol=1e-10)
+
+
 def test_dca_settings_are_validated():
     with pytest.raises(ValueError, match="local_size"):
         DCAConfig(8, 8)
