@@ -12,6 +12,8 @@ length (`--yarn-original`, default the config's max_position_embeddings); `--dca
 Dual Chunk Attention as vLLM does (kernels/dca.py), `--dca-original TOKENS` adds vLLM's length
 temperature (HF `original_max_position_embeddings`), `--dca-variant paper` the paper's positions.
 `--attention auto` uses DCA when the checkpoint's config has it (HF `dual_chunk_attention_config`).
+Under torchrun (`torchrun --nproc-per-node N -m megaqwen.eval loss ...`) the model is
+tensor-parallel over the N ranks (loss and ppl-length; rank 0 prints).
 Under DCA, RoPE scaling is ignored as vLLM ignores `rope_scaling` next to a DCA config (`--yarn`
 with DCA is refused: DCA's YaRN-style temperature is --dca-original).
 """
@@ -210,24 +212,44 @@ def main(argv: list[str] | None = None) -> int:
     silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from megaqwen.parallel.setup import resolve_device
-
-    device = resolve_device(args.device)
     data = Path(args.data) if getattr(args, "data", None) else None
     if data is not None and not data.exists():
         print(f"megaqwen-eval: error: data file {data} not found", file=sys.stderr)
         return 2
     try:
+        device, mesh = _start(args)
         model = load_for_eval(args.checkpoint, device, args.attention, args.yarn, args.yarn_original,
-                              tuple(args.dca) if args.dca else None, args.dca_original, args.dca_variant)
+                              tuple(args.dca) if args.dca else None, args.dca_original, args.dca_variant,
+                              mesh=mesh)
         result = _run(args, model, data, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"megaqwen-eval: error: {e}", file=sys.stderr)
         return 2
     if result is None:
         return 2
-    print(json.dumps(result))
+    if mesh is None or mesh.tp_rank == 0:
+        print(json.dumps(result))
     return 0
+
+
+def _start(args) -> tuple[torch.device, object]:
+    """(device, tp mesh or None): under torchrun (WORLD_SIZE > 1) every rank joins one tp group and
+    holds its slices of the model (`loss` and `ppl-length`; each rank computes the same result)."""
+    import os
+
+    from megaqwen.parallel.setup import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return resolve_device(args.device), None
+    if args.command == "passkey":
+        raise ValueError("passkey reads whole-vocabulary logits: run it in one process (tensor "
+                         "parallelism covers `loss` and `ppl-length`)")
+    from megaqwen.parallel.config import ParallelConfig
+    from megaqwen.parallel.setup import init_distributed
+
+    env = init_distributed(ParallelConfig(tp=world), args.device)
+    return env.device, env.mesh
 
 
 def _run(args, model, data: Path | None, device) -> dict | None:

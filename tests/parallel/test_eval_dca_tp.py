@@ -1,6 +1,7 @@
 """Evaluation with Dual Chunk Attention under tp=2 (gloo) equals one process: `build_for_eval` with a
 mesh loads each rank's slices; the per-document loss (unpacked windows) and a packed batch's loss
-(document ids, positions restarting per document) match the single-process model."""
+(document ids, positions restarting per document) match the single-process model; `megaqwen-eval
+loss` run on two ranks (as under torchrun) prints the single-process loss."""
 
 from __future__ import annotations
 
@@ -57,3 +58,38 @@ def test_dca_eval_under_tp2_equals_one_process():
     got = spawn(eval_worker, 2)
     assert got[1] == want[1]
     assert abs(got[0] - want[0]) <= 1e-4 * abs(want[0]) and abs(got[2] - want[2]) <= 1e-4 * abs(want[2])
+
+
+def cli_worker(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    torch.set_num_threads(1)
+    from megaqwen.eval import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+def test_megaqwen_eval_cli_under_two_ranks_equals_one_process(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from megaqwen.eval import main
+    from megaqwen.train.checkpoint import save_checkpoint
+
+    cfg, weights, docs, _ = _setup()
+    model = build_model(dataclasses.replace(cfg, dca_chunk_size=0, dca_local_size=0,
+                                            dca_original_max_position=0), seed=0)
+    model.load_state_dict(weights)
+    save_checkpoint(tmp_path / "ckpt", 1, model, None, {"consumed_samples": 0, "model_config": cfg.to_dict()})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"input_ids": d}) for d in docs))
+    argv = ["loss", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "d.jsonl"),
+            "--max-len", "40", "--device", "cpu"]
+    assert main(argv) == 0
+    want = json.loads(capsys.readouterr().out)
+    rc, out = spawn(cli_worker, 2, argv)
+    got = json.loads(out)
+    assert rc == 0 and got["tokens"] == want["tokens"] and abs(got["loss"] - want["loss"]) <= 1e-5
