@@ -8,8 +8,8 @@ iterator makes a new rollout batch first:
    `native`, which runs the trainer's own modules in place; vllm/hf receive the weights);
 2. generation: this dp rank's share of the prompts, grpo.group_size completions each, sampled by the
    engine (`rollout.*` sampling settings, stop at `<|im_end|>` / `<|endoftext|>`, at most
-   grpo.max_new_tokens; the seed depends on train.seed, the rollout index and the dp rank, so tp
-   ranks sample the same tokens and a rerun samples the same ones);
+   grpo.max_new_tokens), seeded per prompt by train.seed and its stream position, so tp ranks sample
+   the same tokens, a dp layout samples what one process does, and a rerun samples the same ones;
 3. scoring: grpo.rewards on every completion (`megaqwen.rewards.combine.Rewards`), total + components;
 4. advantages: `grpo.group_advantages` per prompt's group; with grpo.filter_equal_groups the groups
    whose rewards are all equal are dropped (`grpo.kept_rows`);
@@ -275,7 +275,6 @@ class RolloutBatches:
     # -- one rollout ----------------------------------------------------------------------------
 
     def _rollout(self) -> None:
-        from megaqwen.generate import SamplingParams
         from megaqwen.rewards.sample import Sample
         from megaqwen.train.grpo import group_advantages, kept_rows
 
@@ -288,11 +287,8 @@ class RolloutBatches:
             t0 = time.perf_counter()
             self.engine.sync_weights(self.model)
             self._phase["sync_s"] += time.perf_counter() - t0
-        seed = (cfg.train.seed * 1_000_003 + index * 1009 + env.dp_rank) % 2**62
-        params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, stop_token_ids=self.stop_ids, seed=seed)
         t0 = time.perf_counter()
-        outs = self.engine.generate([p.ids for p in prompts for _ in range(self.group)], params)
+        outs = self._generate(prompts, first)
         self._phase["generate_s"] += time.perf_counter() - t0
         self._synced = cfg.rollout.engine == "native"  # the next update changes the weights
 
@@ -324,6 +320,25 @@ class RolloutBatches:
         self._stats = self._statistics(outs, scored, keep)
         if r.save_every and index % r.save_every == 0:
             self._save(index, prompts, outs, texts, scored, adv, keep)
+
+    def _generate(self, prompts: list[Prompt], first: int) -> list:
+        """grpo.group_size completions of each prompt, group after group. native / hf: one engine call
+        per prompt, seeded by train.seed and the prompt's stream position, so the samples do not
+        depend on the layout (dp2 samples what one process does) nor on the rest of the batch; vllm:
+        one call for all (its throughput is the batch), seeded by the rollout's first prompt."""
+        from megaqwen.generate import SamplingParams
+
+        g, r = self.cfg.grpo, self.cfg.rollout
+
+        def params(position: int) -> SamplingParams:
+            seed = (self.cfg.train.seed * 1_000_003 + position * 7919) % 2**62
+            return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  top_k=r.top_k, stop_token_ids=self.stop_ids, seed=seed)
+
+        if r.engine == "vllm":
+            return self.engine.generate([p.ids for p in prompts for _ in range(self.group)], params(first))
+        return [o for i, p in enumerate(prompts) for o in self.engine.generate([p.ids] * self.group,
+                                                                               params(first + i))]
 
     def _with_old_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The micro-batch with `old_logprobs`: the policy's log-probabilities of its labels now."""

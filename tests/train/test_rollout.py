@@ -1,0 +1,137 @@
+"""The online GRPO loop (megaqwen/train/rollout.py) through the trainer: rollouts of the policy on the
+shipped arithmetic prompts, scored, turned into rows, trained on; saved rollouts, rollout/* metrics,
+the reward curve; resume continues the prompt stream; bad configs refused with the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.train import metric_names as mn
+from megaqwen.train.loop import train
+from megaqwen.train.rollout import make_rows, spread
+
+# full vocabulary (the prompts are Qwen chat tokens); rows: a 19-token prompt + 3 new tokens
+GRPO = ("model.vocab_size=151936", "train.objective=grpo", "rollout.prompts=arithmetic", "grpo.group_size=4",
+        "grpo.max_new_tokens=3", "train.seq_len=24", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",
+        "grpo.rewards=[{name:math},{name:'rollout_rewards:parity',weight:0.5,label:parity}]")
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _rollouts(out: Path) -> dict[str, list[dict]]:
+    return {p.name: [json.loads(x) for x in p.read_text().splitlines()]
+            for p in sorted((out / "rollouts").glob("step_*.jsonl"))}
+
+
+def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make_config):
+    """Two updates per rollout (old log-probs recomputed): 4 steps uninterrupted vs stopped after step 3
+    (inside the second rollout) and resumed: the resumed run regenerates that rollout for the same
+    prompts and skips the update already done, so every step trains on the prompts of the
+    uninterrupted run."""
+    common = (*GRPO, "grpo.updates_per_rollout=2", "train.steps=4", "train.save_every=0")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(make_config(whole, shard, *common))
+    train(make_config(split, shard, *common, "train.exit_at_step=3"))
+    train(make_config(split, shard, *common))
+
+    rows = _rows(whole)
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert mn.unregistered({k for r in rows.values() for k in r}) == [], "logged but not registered"
+    for r in rows.values():
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0  # the parity reward varies in groups
+        assert all(any(m.matches(k) for k in r) for m in mn.by_when("rollout")), sorted(r)
+        assert 0 <= r["rollout/accuracy"] <= 1 and r["rollout/prompts"] == 4
+        assert set(r) >= {"rollout/reward/math", "rollout/reward/parity"}
+        assert abs(r["rollout/reward_mean"] - (r["rollout/reward/math"] + 0.5 * r["rollout/reward/parity"])) < 1e-6
+    # the rollout is made on the first step of each pair, reused on the second
+    assert [rows[s]["rollout/generate_s"] > 0 for s in (1, 2, 3, 4)] == [True, False, True, False]
+    assert [rows[s]["rollout/old_logprobs_s"] > 0 for s in (1, 2)] == [True, False]
+    assert [rows[s]["consumed_samples"] for s in rows] == [8, 16, 24, 32]
+    assert (whole / "reward.png").stat().st_size > 0
+
+    saved = _rollouts(whole)
+    assert list(saved) == ["step_0000001.jsonl", "step_0000003.jsonl"]
+    for lines in saved.values():
+        assert len(lines) == 16  # 4 prompts x 4 completions
+        assert [x["group"] for x in lines] == [g for g in range(4) for _ in range(4)]
+        for x in lines:
+            assert x["prompt"].endswith("assistant\n") and x["record"]["answer"].isdigit()
+            assert x["reward"] == x["components"]["math"] + 0.5 * x["components"]["parity"]
+            assert 1 <= len(x["token_ids"]) <= 3
+    prompts = {k: [x["prompt_line"] for x in v] for k, v in saved.items()}
+    assert prompts["step_0000001.jsonl"][::4] == [1, 2, 3, 4]  # the stream in file order
+    assert prompts["step_0000003.jsonl"][::4] == [5, 6, 7, 8]
+    # resumed mid-rollout: the same prompts for every step as the uninterrupted run
+    assert {k: [x["prompt_line"] for x in v] for k, v in _rollouts(split).items()} == prompts
+    resumed = _rows(split)
+    assert [resumed[s]["consumed_samples"] for s in range(1, 5)] == [8, 16, 24, 32]
+    # steps 1-3 ran in the first process on the same samples: the same losses
+    assert [resumed[s]["loss"] for s in (1, 2, 3)] == pytest.approx([rows[s]["loss"] for s in (1, 2, 3)],
+                                                                      abs=1e-6)
+    assert resumed[4]["rollout/generate_s"] > 0 and resumed[4]["rollout/old_logprobs_s"] > 0
+
+
+def test_rows_put_the_labels_where_the_completion_is_predicted():
+    rows = make_rows([[5, 6, 7], [8, 9]], [[10, 11], [12]], 6, pad_id=0, logprobs=[[-0.5, -1.5], [-2.0]])
+    assert rows["tokens"].tolist() == [[5, 6, 7, 10, 11, 0], [8, 9, 12, 0, 0, 0]]
+    x = IGNORE_INDEX
+    assert rows["labels"].tolist() == [[x, x, 10, 11, x, x], [x, 12, x, x, x, x]]
+    assert rows["old_logprobs"].tolist() == [[0, 0, -0.5, -1.5, 0, 0], [0, -2.0, 0, 0, 0, 0]]
+    assert rows["position_ids"][1].tolist() == list(range(6))
+    # labels are the next tokens, as the trainer's: labels[:, i] == tokens[:, i + 1] where set
+    lab, tok = rows["labels"][:, :-1], rows["tokens"][:, 1:]
+    assert bool(((lab == tok) | (lab == x)).all())
+    assert spread([0, 1, 2], 2, 3) == [[0, None, None], [1, 2, None]]
+    assert spread([], 1, 2) == [[None, None]]
+    with pytest.raises(ValueError, match="train.seq_len=4"):
+        make_rows([[1, 2, 3]], [[4, 5]], 4, pad_id=0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("parallel.pp=2",), "parallel.pp=2: rollout.engine=native generates with the whole model"),
+    (("parallel.cp=2",), "parallel.cp=2: rollout.engine=native does not generate"),
+    (("rollout.temperature=0",), "a greedy group is G copies"),
+    (("rollout.top_p=0",), "rollout.top_p must be in"),
+    (("rollout.engine=sglang",), "rollout.engine='sglang' is not one of"),
+    (("rollout.prompts=",), "needs rollout.prompts"),
+    (("rollout.prompts=/nonexistent/p.jsonl",), "no such file"),
+    (("grpo.group_size=3",), "is not a multiple of grpo.group_size=3"),
+    (("grpo.max_new_tokens=24",), "leaves no room for the prompt"),
+])
+def test_bad_rollout_configs_are_refused_with_the_fix(tmp_path, shard, make_config, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, shard, *GRPO, *overrides).validate()
+
+
+def test_bad_prompt_files_are_refused_naming_the_line(tmp_path, shard, make_config):
+    from megaqwen.train.rollout import PromptStream
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"question": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: a prompt record needs `prompt`"):
+        PromptStream(bad, 20)
+    bad.write_text('{"prompt": "1+1="}\nnot json\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
+        PromptStream(bad, 20)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x " * 50, "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"long.jsonl:1: the prompt is \d+ tokens"):
+        PromptStream(long, 20)[0]
+    # dp ranks take whole prompts: 8 rows / 4 per group = 2 prompts do not split over 4 dp ranks
+    from megaqwen.train.rollout import RolloutBatches
+
+    cfg = make_config(tmp_path / "run", shard, *GRPO)
+    env = type("Env", (), {"dp_size": 4, "dp_rank": 0, "mesh": None, "rank": 0,
+                           "device": torch.device("cpu")})()
+    with pytest.raises(ValueError, match="does not split over 4 data-parallel ranks"):
+        RolloutBatches(replace(cfg), env, None, 0, 1, engine=object())
