@@ -141,12 +141,21 @@ def main() -> None:
         help="instead: 2 ranks x 2 steps of the debug model at seq_len 256 on the shipped sample, "
         "then twice on PREFIX (first start builds the cache, second reuses it)",
     )
+    ap.add_argument(
+        "--compare-old",
+        action="store_true",
+        help="instead: check that shards under the 2**22 thresholds give the old implementation's "
+        "samples bit for bit (shipped sample, a 3-source blend)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     out = Path(args.out or tempfile.mkdtemp(prefix="dscale-"))
+    if args.compare_old:
+        compare_old(out)
+        return
     if args.train_check:
         train_check(args.train_check, out)
         return
@@ -233,6 +242,35 @@ def extrapolate(rows: list[dict]) -> None:
                 f"| {seq} | {name} | {w:.3g} | {b / 1e9:.1f} GB | {b / rate / 60:.1f} min | "
                 f"O(pages touched): {big['restart_gib']:.2f} GiB measured | {old / 2**30:.0f} GiB |"
             )
+
+
+def compare_old(out: Path) -> None:
+    """Every sample of a few runs under the thresholds equals the pre-cache implementation's."""
+    import torch
+
+    from megaqwen.data.blend import build_dataset
+    from megaqwen.data.index_cache import IndexCache
+    from megaqwen.data.indexed import IndexedDatasetBuilder
+    from megaqwen.data.tokenize import shipped_sample_corpus, tokenize_files
+
+    sys.path.insert(0, old_implementation(out / "old"))
+    import old_blend
+
+    tokenize_files([shipped_sample_corpus()], str(out / "sample"))
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        with IndexedDatasetBuilder(out / f"small{k}") as b:
+            for _ in range(3000 + 500 * k):
+                b.add_document(rng.integers(0, 1000, rng.integers(1, 400)).tolist() + [151643])
+    blend = [str(out / f"small{k}") for k in range(3)]
+    for src, n, seq in [(str(out / "sample"), 640, 256), (str(out / "sample"), 4096, 64), (blend, 3000, 128)]:
+        a = old_blend.build_dataset(src, seq_len=seq, num_samples=n, seed=1234)
+        b = build_dataset(
+            src, seq_len=seq, num_samples=n, seed=1234, cache=IndexCache(str(out / "cmp-cache"))
+        )
+        same = all(torch.equal(a[i][k], b[i][k]) for i in range(n) for k in a[i])
+        name = "3-source blend" if isinstance(src, list) else "shipped sample"
+        print(f"{name}, seq_len {seq}, {n} samples: all equal to the old implementation: {same}", flush=True)
 
 
 def train_check(prefix: str, out: Path) -> None:

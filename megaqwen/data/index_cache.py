@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -87,7 +88,12 @@ def find_entry(root: Path, kind: str, key: str, need: int) -> Path | None:
 def open_entry(path: Path) -> dict[str, np.ndarray]:
     """The entry's arrays, memory-mapped read-only."""
     meta = json.loads((path / "meta.json").read_text())
-    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+    for a in arrays.values():  # binary searches and scattered reads: no read-ahead of whole MBs
+        m = getattr(a, "_mmap", None)
+        if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            m.madvise(mmap.MADV_RANDOM)
+    return arrays
 
 
 def load_or_build(
