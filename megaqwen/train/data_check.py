@@ -38,15 +38,30 @@ if TYPE_CHECKING:
     from megaqwen.train.config import Config
 
 SAMPLE = "sample"
+SHIPPED_CHAT = {"arithmetic-sft": ("arithmetic_sft.jsonl", "sft"),
+                "arithmetic-dpo": ("arithmetic_pairs.jsonl", "dpo"),
+                "chat-sft": ("chat.jsonl", "sft"), "chat-dpo": ("preferences.jsonl", "dpo")}
+"""`data.path=sample:NAME`: a toy chat set shipped in data_pipeline/samples (file, --format), tokenised by
+the run into out_dir/data/NAME on first use, like `sample` (the stage chains use them: debug-grpo)."""
 TOKENIZE = "megaqwen-data tokenize --input 'FILES' --output-prefix {prefix}"
 
 log = logging.getLogger(__name__)
 
 
+def is_sample(path: str) -> bool:
+    """`sample` or `sample:NAME`: shipped data the run tokenises itself."""
+    return path == SAMPLE or path.startswith(SAMPLE + ":")
+
+
+def sample_prefix(path: str, out_dir: str | Path) -> Path:
+    """Where the run tokenises `sample` / `sample:NAME` (out_dir/data/sample, out_dir/data/NAME)."""
+    return Path(out_dir) / "data" / (SAMPLE if path == SAMPLE else path.split(":", 1)[1])
+
+
 def shard_prefixes(path: str, out_dir: str | Path) -> list[str]:
     """The shard prefixes `path` names (`sample`: where the run tokenises the shipped corpus)."""
-    if path == SAMPLE:
-        return [str(Path(out_dir) / "data" / SAMPLE)]
+    if is_sample(path):
+        return [str(sample_prefix(path, out_dir))]
     if path.endswith(".json"):
         from megaqwen.data.blend import load_blend_recipe
 
@@ -57,6 +72,12 @@ def shard_prefixes(path: str, out_dir: str | Path) -> list[str]:
 def check_data_path(key: str, path: str, out_dir: str | Path) -> None:
     """UsageError unless `path` (the value of config `key`) names shards that exist."""
     if path == SAMPLE:
+        return
+    if is_sample(path):
+        name = path.split(":", 1)[1]
+        if name not in SHIPPED_CHAT:
+            raise UsageError(f"{key}={path}: no shipped data set {name!r}; shipped: sample, "
+                             + ", ".join(f"sample:{n}" for n in SHIPPED_CHAT))
         return
     p = Path(path)
     if path.endswith(".json"):
@@ -107,7 +128,7 @@ def check_chat_shards(key: str, path: str, cfg: Config) -> None:
     examples, so it needs document masks and position resets; dpo rows come in pairs, so it needs an
     even micro-batch and its shard alone (a blend would split pairs). With train.epochs > 0, the run's
     samples must fit in that many passes over data.path."""
-    if path == SAMPLE:
+    if is_sample(path) and not exists(sample_prefix(path, cfg.train.out_dir)):  # not tokenised yet
         return
     from megaqwen.data.dataset import epochs_capacity
 
@@ -142,7 +163,7 @@ def check_shards_for_model(key: str, path: str, model: ModelConfig, out_dir: str
     """UsageError when a shard of `path` (the value of config `key`) was made by another tokenizer
     than `model`'s, or holds a token id >= model.vocab_size. Shards without PREFIX.shard.json (made by
     Megatron's tools) have no tokenizer to compare; their ids are read (`max_token_id`)."""
-    if path == SAMPLE:  # tokenised by the run itself, with the model's tokenizer
+    if is_sample(path):  # tokenised by the run itself, with the model's tokenizer
         return
     try:
         prefixes = list(dict.fromkeys(shard_prefixes(path, out_dir)))

@@ -42,11 +42,21 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_path(path: str, out_dir: Path, env: par.DistEnv) -> str:
-    """`sample` -> the shipped corpus tokenised once into out_dir/data/sample (rank 0 writes)."""
-    if path != "sample":
+    """`sample` -> the shipped corpus tokenised once into out_dir/data/sample (rank 0 writes);
+    `sample:NAME` -> a shipped toy chat set (`data_check.SHIPPED_CHAT`) into out_dir/data/NAME."""
+    from megaqwen.train.data_check import SHIPPED_CHAT, is_sample, sample_prefix
+
+    if not is_sample(path):
         return path
-    prefix = out_dir / "data" / "sample"
-    if env.rank == 0 and not prefix.with_suffix(".idx").exists():
+    prefix = sample_prefix(path, out_dir)
+    if path != "sample" and env.rank == 0 and not prefix.with_suffix(".idx").exists():
+        from megaqwen.data.chat import tokenize_chat, write_chat_summary
+        from megaqwen.data.tokenize import shipped_sample_corpus
+
+        file, fmt = SHIPPED_CHAT[path.split(":", 1)[1]]
+        log.info("tokenising the shipped %s set %s into %s", fmt, file, prefix)
+        write_chat_summary(tokenize_chat([str(shipped_sample_corpus().parent / file)], str(prefix), fmt))
+    elif env.rank == 0 and not prefix.with_suffix(".idx").exists():
         # megaqwen.data, not the curation pipeline: the trainer never imports megaqwen.data_pipeline
         from megaqwen.data.tokenize import shipped_sample_corpus, tokenize_files, write_summary
 

@@ -52,7 +52,8 @@ def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make
         assert all(any(m.matches(k) for k in r) for m in mn.by_when("rollout")), sorted(r)
         assert 0 <= r["rollout/accuracy"] <= 1 and r["rollout/prompts"] == 4
         assert set(r) >= {"rollout/reward/math", "rollout/reward/parity"}
-        assert abs(r["rollout/reward_mean"] - (r["rollout/reward/math"] + 0.5 * r["rollout/reward/parity"])) < 1e-6
+        total = r["rollout/reward/math"] + 0.5 * r["rollout/reward/parity"]
+        assert r["rollout/reward_mean"] == pytest.approx(total, abs=1e-6)
     # the rollout is made on the first step of each pair, reused on the second
     assert [rows[s]["rollout/generate_s"] > 0 for s in (1, 2, 3, 4)] == [True, False, True, False]
     assert [rows[s]["rollout/old_logprobs_s"] > 0 for s in (1, 2)] == [True, False]
@@ -135,3 +136,15 @@ def test_bad_prompt_files_are_refused_naming_the_line(tmp_path, shard, make_conf
                            "device": torch.device("cpu")})()
     with pytest.raises(ValueError, match="does not split over 4 data-parallel ranks"):
         RolloutBatches(replace(cfg), env, None, 0, 1, engine=object())
+
+
+def test_grpo_recipe_composes_with_the_report_settings():
+    import megaqwen.train.main  # noqa: F401  (registers the schema)
+    from megaqwen.train.preflight import compose_config
+
+    cfg = compose_config(["recipe=grpo-qwen2.5", "model=qwen2.5-7b", "rollout.prompts=arithmetic"])
+    cfg.validate()
+    t, g = cfg.train, cfg.grpo
+    # Qwen2.5 report sec. 4.2: 2048 query-response pairs per episode, 8 samples per query
+    assert (t.objective, t.global_batch_size, g.group_size, g.updates_per_rollout) == ("grpo", 2048, 8, 1)
+    assert t.global_batch_size // g.group_size == 256 and cfg.rollout.engine == "vllm"
