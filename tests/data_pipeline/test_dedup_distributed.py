@@ -252,3 +252,20 @@ def test_slurm_script_submits_the_distributed_stages(tmp_path):
     calls = log.read_text().splitlines()
     arrays = [(c.split("--stage ")[1].split()[0], c.split("--array=")[1].split()[0]) for c in calls]
     assert arrays == [("filter", "0-7"), ("dedup_bands", "0-7"), ("dedup_buckets", "0-3"), ("dedup", "0-0")]
+
+
+@pytest.mark.parametrize("mode", [["dedup.minhash=false"], ["dedup.exact=false"]])
+def test_exact_only_and_minhash_only(tmp_path, mode):
+    over = {"output_dir": str(tmp_path / "single"), "workers": 1, "steps": [{"name": "normalize"}]}
+    single = load_config("sample", over, sets=mode)
+    run_stage(single, "filter", progress=False)
+    shutil.copytree(single.out, tmp_path / "dist")
+    run_stage(single, "dedup", progress=False)
+    want = json.loads((single.out / "dedup" / "duplicates.json").read_text())
+    dist = load_config(
+        "sample", {**over, "output_dir": str(tmp_path / "dist")}, sets=mode + ["dedup.band_tasks=3"]
+    )
+    for s in DIST_STAGES:
+        run_stage(dist, s, progress=False)
+    got = {str(t): removal_records(dist, t) for t in range(4)}
+    assert want and {t: v for t, v in got.items() if v} == want
