@@ -32,8 +32,13 @@ def tests_source(tests) -> str:
 def code_reward(samples: list[Sample], timeout_s: float = 5.0, workers: int = 4) -> list[float | None]:
     """1.0 / 0.0 per sample with `tests` (checked `workers` at a time), None for the others."""
     config = SandboxConfig(timeout_s=timeout_s)
-    jobs = [(i, extract_code(s.completion), tests_source(s.record["tests"]))
-            for i, s in enumerate(samples) if "tests" in s.record]
+    jobs = []
+    for i, s in enumerate(samples):
+        if "tests" in s.record:
+            try:
+                jobs.append((i, extract_code(s.completion), tests_source(s.record["tests"])))
+            except ValueError as e:
+                raise ValueError(f"sample {i}: {e}") from e
     out: list[float | None] = [None] * len(samples)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda job: run_python(job[1], job[2], config), jobs)

@@ -51,6 +51,8 @@ def test_code_reward_runs_the_tests_in_the_sandbox():
     from megaqwen.rewards.code import code_reward
 
     assert code_reward(samples, timeout_s=10.0)[2] is None
+    with pytest.raises(ValueError, match="sample 1: a record's 'tests' must be a string or a list"):
+        code_reward([samples[2], _s("x", tests=3)])
 
 
 def test_weighted_combination_and_what_applies():
