@@ -269,3 +269,27 @@ def test_exact_only_and_minhash_only(tmp_path, mode):
         run_stage(dist, s, progress=False)
     got = {str(t): removal_records(dist, t) for t in range(4)}
     assert want and {t: v for t, v in got.items() if v} == want
+
+
+def test_a_task_killed_before_its_rename_reruns_alone(filtered, monkeypatch):
+    if filtered["chains"]:
+        pytest.skip("run once, on the sample corpus")
+    out = filtered["root"] / "killed"
+    shutil.copytree(filtered["base"], out)
+    cfg = _cfg(out, filtered["inputs"], 4)
+    run_stage(cfg, "dedup_bands", progress=False)
+    real = lf.os.replace
+
+    def dies_on_task_2(src, dst):  # the process dies after writing its pairs, before the rename
+        if Path(dst) == lf.pairs_path(out, 2):
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(lf.os, "replace", dies_on_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, "dedup_buckets", progress=False)
+    monkeypatch.setattr(lf.os, "replace", real)
+    assert not lf.pairs_path(out, 2).exists() and Path(str(lf.pairs_path(out, 2)) + ".tmp.npz").exists()
+    assert run_stage(cfg, "dedup_buckets", progress=False) == [2, 3]  # 0 and 1 kept their markers
+    run_stage(cfg, "dedup", progress=False)
+    assert {t: removal_records(cfg, t) for t in filtered["want"]} == filtered["want"]
