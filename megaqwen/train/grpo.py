@@ -51,7 +51,9 @@ The batch fields the objective reads (the GRPO loop, `megaqwen.train.rollout*`, 
 
 plus the model inputs the trainer reads (position_ids, document_ids when data.document_mask). The
 policy's log-probabilities come from `model.token_logprobs(h, labels)` (chunked, vocab-parallel under
-tp), so every layout of pretraining applies.
+tp), so every layout of pretraining applies. All log-probabilities are the untempered policy's
+(temperature 1), as the engines' sampling log-probs and the reference's: a sampling temperature shapes
+the behaviour policy only (TRL and verl divide the logits by it in training too; not done here).
 
 Metrics (`grpo/*`, means per unit of the step, i.e. per token under `token`, per response under
 `sequence` / `constant`, where each response contributes its token mean): grpo/clip_low and
