@@ -15,9 +15,14 @@ integer: `consumed_samples` counts the micro-batches handed out, not the ones re
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 
 import torch
+
+# fork: the workers share the parent's memory-mapped shards and indexes; a spawned worker would get a
+# pickled copy of every array (numpy pickles a memmap as its data)
+_CONTEXT = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 class BatchIterator:
@@ -116,7 +121,8 @@ class BatchIterator:
                 schedule = _Schedule(self, self._consumed)
                 self._loader = iter(torch.utils.data.DataLoader(
                     schedule, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                    prefetch_factor=self.prefetch, pin_memory=self.pin_memory))
+                    prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
+                    multiprocessing_context=_CONTEXT))
             batch = next(self._loader)
         self._consumed += step
         return batch
