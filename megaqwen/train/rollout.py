@@ -15,7 +15,8 @@ iterator makes a new rollout batch first:
    whose rewards are all equal are dropped (`grpo.kept_rows`);
 5. rows: one response per row, `tokens` = prompt + completion padded with `<|endoftext|>` to
    train.seq_len, `labels` = the completion's tokens at the positions that predict them (-100 on the
-   prompt and the padding), per-row `advantages`, plain positions; cut into the updates' global
+   prompt and the padding), `advantages` (B, T) (the row's on its labels), plain positions; cut into
+   the updates' global
    batches (the kept rows spread evenly over them; rows of dropped groups leave padding rows, all
    labels -100, which count no units);
 6. old log-probs (off-policy only: updates_per_rollout > 1 or grpo.old_logprobs=rollout):
@@ -175,7 +176,9 @@ def _select(rows: dict[str, torch.Tensor], adv: torch.Tensor, slots: list[int | 
     out["labels"][pad] = IGNORE_INDEX
     if "old_logprobs" in out:
         out["old_logprobs"][pad] = 0.0
-    out["advantages"] = torch.where(pad, 0.0, adv[idx].float())
+    adv_B = torch.where(pad, 0.0, adv[idx].float())
+    # (B, T): a pipeline shards every objective field along the sequence (a (B,) field cannot be)
+    out["advantages"] = torch.where(out["labels"] != IGNORE_INDEX, adv_B[:, None], 0.0).contiguous()
     return out
 
 
