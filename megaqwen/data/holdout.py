@@ -25,6 +25,7 @@ class DocumentSubset:
         self.prefix = Path(f"{indexed.prefix}[{tag}]")  # for error messages
         self.sizes = indexed.sizes[ids]
         self.data_format = getattr(indexed, "data_format", "text")
+        self.selection: str | None = None  # what chose `ids`, for the index cache's key (None: hash them)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +52,7 @@ def split_documents(indexed: IndexedDataset, fraction: float, held_out: bool) ->
     if fraction > 0 and not mask.any():
         raise ValueError(f"{indexed.prefix}: data.valid_fraction={fraction} of {len(indexed)} documents "
                          "holds out none; raise it or give data.valid_path")
-    if held_out:
-        return DocumentSubset(indexed, np.flatnonzero(mask), "held-out")
-    return DocumentSubset(indexed, np.flatnonzero(~mask), "train")
+    subset = (DocumentSubset(indexed, np.flatnonzero(mask), "held-out") if held_out
+              else DocumentSubset(indexed, np.flatnonzero(~mask), "train"))
+    subset.selection = f"holdout seed={HOLDOUT_SEED} fraction={fraction!r} held_out={held_out}"  # cache key
+    return subset

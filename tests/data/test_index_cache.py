@@ -152,3 +152,15 @@ def test_a_rewritten_shard_gets_a_new_entry(tmp_path):
     os.utime(f"{prefix}.idx", ns=(1, 1))  # as if rewritten (size and time are part of the key)
     build_dataset(prefix, seq_len=5, num_samples=40, seed=0, cache=IndexCache(str(root)))
     assert len(list(root.glob("gpt-*"))) == 2
+
+
+def test_a_held_out_split_is_part_of_the_key(tmp_path):
+    from megaqwen.data.holdout import split_documents
+
+    prefix, cache = make_shard(tmp_path / "s"), IndexCache(str(tmp_path / "cache"))
+    for frac in (0.1, 0.2):
+        docs = lambda ix, f=frac: split_documents(ix, f, held_out=False)  # noqa: E731
+        mem = build_dataset(prefix, seq_len=8, num_samples=50, seed=0, documents=docs)
+        cached = build_dataset(prefix, seq_len=8, num_samples=50, seed=0, documents=docs, cache=cache)
+        assert all(torch.equal(a, b) for a, b in zip(samples(mem, 50), samples(cached, 50)))
+    assert len(list((tmp_path / "cache").glob("gpt-*"))) == 2
