@@ -26,6 +26,8 @@ def save_random_hf(path: Path, arch: str = "qwen2", vocab_size: int = 131) -> Pa
         Qwen2MoeForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     common = COMMON | {"vocab_size": vocab_size}
@@ -40,6 +42,11 @@ def save_random_hf(path: Path, arch: str = "qwen2", vocab_size: int = 131) -> Pa
             **common, intermediate_size=56, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=24, shared_expert_intermediate_size=40, decoder_sparse_step=1,
             mlp_only_layers=[0], norm_topk_prob=False, tie_word_embeddings=False)
+    elif arch == "qwen3_moe":
+        cls, hc = Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            **common, intermediate_size=56, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+            head_dim=16, tie_word_embeddings=False)
     else:
         raise ValueError(arch)
     torch.manual_seed(0)

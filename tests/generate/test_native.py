@@ -1,6 +1,6 @@
 """Native KV-cache generation: greedy tokens equal full-sequence argmax decoding (no cache) and
 transformers `generate` on the same HF folder, token for token, for a batch of different prompt
-lengths (Qwen2, Qwen3, Qwen2-MoE); log-probs equal the trainer's `token_logprobs`; sampling with a
+lengths (Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE); log-probs equal the trainer's `token_logprobs`; sampling with a
 seed is reproducible; top-k=1 is greedy; stop tokens end their row only."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ PROMPTS = [[5, 17, 3, 99, 42, 8, 1], [7], [11, 12, 13, 14], [100, 2]]  # lengths
 NEW = 9
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen3", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "qwen2_moe", "qwen3_moe"])
 def hf_dir(request, tmp_path_factory):
     return save_random_hf(tmp_path_factory.mktemp(request.param) / "hf", request.param), request.param
 
