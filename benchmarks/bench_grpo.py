@@ -1,6 +1,7 @@
 """Online GRPO learns on CPU: the debug model, a short SFT on the shipped toy task (single-digit
 addition, data_pipeline/samples/make_arithmetic.py), then train.objective=grpo on its prompts with the
-maths verifier as the reward. Both are the trainer's own runs (`train(cfg)`), one after the other.
+maths verifier (exact answer, weight 1) plus a dense near-miss reward (make_arithmetic.closeness,
+weight --closeness-weight) as the reward. Both are the trainer's own runs (`train(cfg)`), one after the other.
 
 Reported:
   - the accuracy of the SFT model and of the GRPO model on the 100 distinct questions: greedy, and
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--grpo-lr", type=float, default=1e-3)
+    p.add_argument("--closeness-weight", type=float, default=0.5,
+                   help="weight of the dense near-miss reward beside the exact maths verifier (0: off)")
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--sft-from", default=None, help="a finished SFT run folder: skip the SFT run")
     p.add_argument("--out", default=None, help="run folders here (default: a temporary folder)")
@@ -119,6 +122,8 @@ def main() -> None:
                  f"train.global_batch_size={gbs}", f"train.micro_batch_size={gbs}",
                  f"train.steps={args.grpo_steps}", f"train.lr={args.grpo_lr}", "train.schedule=constant",
                  "train.warmup_steps=0", "train.save_every=0", "rollout.save_every=5",
+                 "grpo.rewards=[{name:math},{name:'megaqwen.data_pipeline.samples.make_arithmetic:closeness',"
+                 f"weight:{args.closeness_weight},label:closeness}}]",
                  f"train.log_every={max(args.grpo_steps // 10, 1)}"))
     grpo_s = time.perf_counter() - t0
     after = accuracy(grpo_dir, args.eval_samples)

@@ -50,6 +50,27 @@ def rl_prompt(rng: random.Random) -> dict:
     return {"messages": prompt, "answer": str(answer)}
 
 
+def closeness(samples) -> list[float | None]:
+    """A dense reward for the toy task (`grpo.rewards` name
+    `megaqwen.data_pipeline.samples.make_arithmetic:closeness`): 1 - |answer - sum| / 5, floored at 0,
+    for the completion's final number (0 without one; None for a record without `answer`). Beside the
+    exact maths verifier it rewards near misses, so a debug model that knows part of the table gets a
+    signal from most groups, not only from those where one completion is exactly right."""
+    from megaqwen.rewards.math_answer import extract_answer
+
+    out: list[float | None] = []
+    for s in samples:
+        if "answer" not in s.record:
+            out.append(None)
+            continue
+        got = extract_answer(s.completion)
+        try:
+            out.append(max(0.0, 1.0 - abs(float(got) - float(s.record["answer"])) / 5.0))
+        except (TypeError, ValueError):
+            out.append(0.0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(HERE))
