@@ -110,7 +110,8 @@ def main() -> None:
                      f"train.log_every={max(args.sft_steps // 10, 1)}"))
     sft_s = time.perf_counter() - t0
     before = accuracy(sft_dir, args.eval_samples)
-    print(f"after SFT ({args.sft_steps} steps, {sft_s:.0f} s): greedy {before['greedy']:.3f}, "
+    sft_label = f"SFT run {args.sft_from}" if args.sft_from else f"SFT ({args.sft_steps} steps)"
+    print(f"after {sft_label} ({sft_s:.0f} s): greedy {before['greedy']:.3f}, "
           f"sampled {before['sampled']:.3f}", flush=True)
 
     t0 = time.perf_counter()
@@ -140,7 +141,7 @@ def main() -> None:
               "reward_last": sum(curve[-k:]) / k, "reward_curve": curve, "phase_s": phases}
     print(f"\n| model | greedy accuracy | sampled accuracy (T=1, {args.eval_samples}/question) |")
     print("|---|---|---|")
-    print(f"| after SFT ({args.sft_steps} steps) | {before['greedy']:.3f} | {before['sampled']:.3f} |")
+    print(f"| after {sft_label} | {before['greedy']:.3f} | {before['sampled']:.3f} |")
     print(f"| after GRPO ({args.grpo_steps} steps) | {after['greedy']:.3f} | {after['sampled']:.3f} |")
     print(f"\nrollout mean reward: first {k} steps {result['reward_first']:.3f} -> last {k} steps "
           f"{result['reward_last']:.3f}")

@@ -292,7 +292,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
     if t.objective == "grpo":  # rows made online by rollouts of the policy (megaqwen.train.rollout)
         from megaqwen.train.rollout import RolloutBatches
 
-        batches = RolloutBatches(cfg, env, model, consumed, accum_steps)
+        batches = RolloutBatches(cfg, env, model, consumed, accum_steps, start_step=start_step)
     else:
         batches = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
     if reference is not None and cfg.dpo.precompute_reference:  # a second, identical stream

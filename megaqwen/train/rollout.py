@@ -192,7 +192,7 @@ class RolloutBatches:
     dataset = None  # no blend to report (the trainer's mix meter reads this)
 
     def __init__(self, cfg: Config, env: par.DistEnv, model, consumed_samples: int, accum_steps: int,
-                 engine=None, reference_like=None):
+                 engine=None, reference_like=None, start_step: int = 0):
         from megaqwen.rewards.combine import Rewards
         from megaqwen.tokenizer import EOD_ID, IM_END_ID
 
@@ -213,6 +213,7 @@ class RolloutBatches:
             raise ValueError(f"consumed_samples={consumed_samples} is not a whole number of steps of "
                              f"{t.global_batch_size} rows")
         self._consumed = consumed_samples
+        self._step = start_step  # the trainer's steps done (names the saved rollouts)
         self.stream = PromptStream(prompts_path(cfg), t.seq_len - g.max_new_tokens)
         self.pad_id, self.stop_ids = EOD_ID, (IM_END_ID, EOD_ID)
         self.rewards = Rewards.build(g.rewards)
@@ -265,6 +266,7 @@ class RolloutBatches:
                 self._rollout()
             self._queue = self._steps.pop(0)
             self._consumed += self.cfg.train.global_batch_size
+            self._step += 1
         return self._queue.pop(0)
 
     def step_metrics(self, step_time_s: float) -> dict[str, float]:
@@ -321,8 +323,8 @@ class RolloutBatches:
             self._phase["old_logprobs_s"] += time.perf_counter() - t0
         self._steps = steps[skip:]
         self._stats = self._statistics(outs, scored, keep)
-        if r.save_every and index % r.save_every == 0:
-            self._save(index, prompts, outs, texts, scored, adv, keep)
+        if r.save_every and index % r.save_every == 0:  # named by the trainer's step it starts at
+            self._save(self._step + 1 - skip, prompts, outs, texts, scored, adv, keep)
 
     def _generate(self, prompts: list[Prompt], first: int) -> list:
         """grpo.group_size completions of each prompt, group after group. native / hf: one engine call
@@ -392,7 +394,7 @@ class RolloutBatches:
                 out["rollout/accuracy"] = right / count
         return out
 
-    def _save(self, index: int, prompts, outs, texts, scored, adv, keep) -> None:
+    def _save(self, step: int, prompts, outs, texts, scored, adv, keep) -> None:
         """out_dir/rollouts/step_<first step>.jsonl: every dp rank's rows (gathered to rank 0)."""
         import torch.distributed as dist
 
@@ -416,6 +418,5 @@ class RolloutBatches:
             return
         folder = Path(self.cfg.train.out_dir) / ROLLOUT_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        step = index * self.updates + 1
         (folder / f"step_{step:07d}.jsonl").write_text("".join(x + "\n" for x in lines))
 
