@@ -266,7 +266,7 @@ FORBIDDEN = {
     "convert": {"eval", "plan"},
     "eval": {"train", "plan"},
     "plan": {"train", "convert", "eval"},
-    "generate": {"train", "eval", "plan"},
+    "generate": {"train", "convert", "eval", "plan"},  # the trainer's rollouts import generate
     "rewards": {"parallel", "train", "convert", "eval", "plan", "generate"},
 }
 """`train` is the top of the trainer (it may import everything below it, eval included); only `convert`

@@ -1,4 +1,9 @@
-"""A whole model for generation from a run folder, a native checkpoint step folder or an HF folder."""
+"""A whole model for generation from a run folder, a native checkpoint step folder or an HF folder.
+
+Built from `megaqwen.models.weights.read_weights` and the spec (what `megaqwen.convert.hf.
+load_pretrained` does too): generate may not import convert, which imports the trainer, which
+imports generate (tests/test_import_graph.py).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,14 @@ import torch.nn as nn
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Eval-mode model with kernels picked for `device` (`megaqwen.convert.hf.load_pretrained`:
-    config.json -> HF folder, else a native checkpoint: step folder, checkpoints/ or run folder);
-    Dual Chunk Attention when the config has it (KV-cache decoding: kernels/dca.py)."""
-    from megaqwen.convert.hf import load_pretrained
+    """Eval-mode model with kernels picked for `device` (config.json -> HF folder, else a native
+    checkpoint: step folder, checkpoints/ or run folder)."""
     from megaqwen.kernels.registry import resolve_ops
+    from megaqwen.models.spec import get_spec
+    from megaqwen.models.weights import read_weights
 
-    ops = resolve_ops(device=torch.device(device).type)
-    return load_pretrained(path, ops=ops, device=device, dtype=dtype, dca=True).eval()  # DCA as configured
+    cfg, weights = read_weights(path)
+    model = get_spec(cfg).build(cfg, resolve_ops(device=torch.device(device).type), device=device,
+                                dtype=dtype)
+    model.load_state_dict(weights, strict=True)  # copies and casts into the model's dtype
+    return model.eval()
