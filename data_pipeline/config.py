@@ -167,6 +167,80 @@ class RemixConfig:
     """tokenizer folder (None: the bundled Qwen2.5 tokenizer)."""
     stages: list[StageMix] = field(default_factory=lambda: [StageMix()])
     """one blend recipe per training stage."""
+    synthetic_max_share: float = 0.2
+    """most of a domain's tokens that may be synthetic (the synthesize stage's documents beyond it,
+    lowest judge score first, are left out at annotate, per input part, so the corpus share holds)."""
+    synthetic_max_share_by_domain: dict[str, float] = field(default_factory=dict)
+    """per-domain overrides of `synthetic_max_share`."""
+
+    def synthetic_cap(self, domain: str) -> float:
+        return self.synthetic_max_share_by_domain.get(domain, self.synthetic_max_share)
+
+
+GENERATOR_BACKENDS = ("local", "openai")
+SYNTHESIS_TEMPLATES = ("qa", "textbook", "math_problems", "code_exercises")  # synthesize.TEMPLATES
+
+
+@dataclass
+class GeneratorConfig:
+    backend: str = "local"
+    """"local" (a transformers causal-LM folder) or "openai" (an OpenAI-compatible chat server)."""
+    model: str = ""
+    """local: the model folder (e.g. Qwen2-72B-Instruct); openai: the served model name."""
+    base_url: str = ""
+    """openai: server root ending in /v1, e.g. http://localhost:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: environment variable holding the API key (a local vLLM accepts any)."""
+    tokenizer: str | None = None
+    """local: tokenizer folder for the chat template (None: the model's own, or the bundled Qwen2.5)."""
+    device: str = "auto"
+    """local: "auto" (cuda when present), "cpu", "cuda:0" ..."""
+    dtype: str = "auto"
+    """local: "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"."""
+    max_new_tokens: int = 512
+    """tokens generated per document at most."""
+    temperature: float = 0.7
+    """sampling temperature (0: greedy)."""
+    top_p: float = 0.95
+    """nucleus sampling."""
+    max_seed_chars: int = 4000
+    """seed text shown in the prompt, cut to this many characters."""
+    timeout_s: float = 600.0
+    """openai: seconds per request."""
+
+
+@dataclass
+class SynthesizeConfig:
+    enabled: bool = False
+    """run the synthesize stage (after dedup; annotate then reads its documents)."""
+    templates: list[str] = field(default_factory=lambda: list(SYNTHESIS_TEMPLATES))
+    """prompt templates (data_pipeline/synthesize.py TEMPLATES), each for seeds of its content types."""
+    seeds_per_task: int = 8
+    """seed documents per input part (smallest id hashes of the deduplicated documents)."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """the generator backend (the judge's backends: local transformers or an OpenAI-compatible server)."""
+    scorer: JudgeConfig = field(default_factory=JudgeConfig)
+    """the judge scoring each generation (backend "none": the pipeline's `judge` section)."""
+    min_score: float = 3.0
+    """keep a generation whose judge score (0-5) is at least this."""
+    min_score_dimension: str = "overall"
+    """the judge dimension `min_score` applies to ("overall": the mean of the dimensions)."""
+    seed: int = 0
+    """sampling seed (each seed x template pair samples from seed + a hash of the pair)."""
+
+    def validate(self) -> None:
+        bad = [t for t in self.templates if t not in SYNTHESIS_TEMPLATES]
+        if bad:
+            raise ValueError(f"synthesize.templates: unknown {bad}; known: {list(SYNTHESIS_TEMPLATES)}")
+        if self.generator.backend not in GENERATOR_BACKENDS:
+            raise ValueError(
+                f"synthesize.generator.backend must be one of {GENERATOR_BACKENDS}, "
+                f"got {self.generator.backend!r}"
+            )
+        if self.enabled and not self.generator.model:
+            raise ValueError("synthesize.generator.model is empty: a model folder or a served model name")
+        if self.seeds_per_task < 0:
+            raise ValueError(f"synthesize.seeds_per_task must be >= 0, got {self.seeds_per_task}")
 
 
 @dataclass
@@ -198,11 +272,17 @@ class PipelineConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     """quality threshold applied with the distilled scores."""
     remix: RemixConfig = field(default_factory=RemixConfig)
-    """per-domain shards and blend recipes."""
+    """per-domain shards and blend recipes (and the synthetic share cap)."""
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    """synthetic documents from seed documents (off by default; data_pipeline/synthesize.py)."""
 
     def validate(self) -> None:
         if not self.input.paths:
             raise ValueError("input.paths is empty: name at least one input file or glob")
+        self.synthesize.validate()
+        caps = [self.remix.synthetic_max_share, *self.remix.synthetic_max_share_by_domain.values()]
+        if not all(0.0 <= c < 1.0 for c in caps):
+            raise ValueError(f"remix.synthetic_max_share(_by_domain) must be in [0, 1), got {caps}")
         if self.executor.kind not in ("local", "ray"):
             raise ValueError(f"executor.kind must be local or ray, got {self.executor.kind!r}")
         if self.workers < 1:

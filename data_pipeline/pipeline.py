@@ -33,13 +33,14 @@ from megaqwen.data_pipeline.executor import (
 )
 from megaqwen.data_pipeline.fingerprint import ancestors, changes, stage_records, write_record
 from megaqwen.data_pipeline.slug import domain_slugs
+from megaqwen.data_pipeline.synthesize import synthesize_task
 
 log = logging.getLogger("megaqwen.data_pipeline")
 
 # stages whose markers hold per-step kept/removed stats, summed into stats.json["steps"]
 SUMMARY_STAGES = ("filter", "dedup", "annotate", "shards")
 STAGES = ["filter", "dedup_bands", "dedup_buckets", "dedup", "judge", "train_scorer", "train_domains",
-          "annotate", "shards", "recipes", "report"]
+          "synthesize", "annotate", "shards", "recipes", "report"]
 
 
 def _domains_with_data(cfg: PipelineConfig) -> list[str]:
@@ -106,7 +107,7 @@ def report_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
 
 
 def n_tasks(cfg: PipelineConfig, stage: str) -> int:
-    if stage in ("filter", "dedup_bands", "judge", "annotate"):
+    if stage in ("filter", "dedup_bands", "judge", "synthesize", "annotate"):
         return st.n_input_tasks(cfg)
     if stage == "dedup_buckets":
         return cfg.dedup.band_tasks * cfg.dedup.key_splits
@@ -118,7 +119,7 @@ def n_tasks(cfg: PipelineConfig, stage: str) -> int:
 
 def describe_task(cfg: PipelineConfig, stage: str, task: int) -> str:
     """What a task works on, for error messages: its input part, or its domain."""
-    if stage in ("filter", "dedup_bands", "judge", "annotate"):
+    if stage in ("filter", "dedup_bands", "judge", "synthesize", "annotate"):
         parts = st.expand_inputs(cfg.input.paths, cfg.input.parts_per_file)
         return f"input {parts[task].name}" if task < len(parts) else f"task {task}"
     if stage == "shards":
@@ -140,6 +141,7 @@ def stage_fn(stage: str) -> Callable[[PipelineConfig, int], dict[str, Any]]:
         "judge": st.judge_task,
         "train_scorer": st.train_scorer_task,
         "train_domains": train_domains_task,
+        "synthesize": synthesize_task,
         "annotate": st.annotate_task,
         "shards": shards_task,
         "recipes": recipes_task,
@@ -153,6 +155,8 @@ def enabled_stages(cfg: PipelineConfig) -> list[str]:
         skip |= {"dedup_bands", "dedup_buckets"}
     if not (cfg.domains.backend == "embedding" and cfg.domains.student):
         skip.add("train_domains")
+    if not cfg.synthesize.enabled:
+        skip.add("synthesize")
     return [s for s in STAGES if s not in skip]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,22 @@ def measure_blend(recipe_path: Path, n_samples: int, seq_length: int) -> dict[st
         }
         for d, (p, w) in enumerate(zip(recipe.prefixes, recipe.weights))
     }
+
+
+def cap_synthetic(
+    synthetic: list[tuple[str, int, float]], real_tokens: dict[str, int], cap: Callable[[str], float]
+) -> list[bool]:
+    """Which synthetic documents (domain, tokens, judge score) stay so that, per domain, synthetic
+    tokens are at most `cap(domain)` of the domain's tokens: syn <= cap / (1 - cap) * real. Highest
+    score first; a document that does not fit is left out and smaller ones after it may still fit.
+    Applied per input part (annotate), the bound holds for the sum over parts, so for the shards."""
+    used: dict[str, int] = {}
+    keep = [False] * len(synthetic)
+    for i in sorted(range(len(synthetic)), key=lambda i: -synthetic[i][2]):
+        dom, ntok, _ = synthetic[i]
+        c = cap(dom)
+        room = c / (1.0 - c) * real_tokens.get(dom, 0) - used.get(dom, 0)
+        if ntok <= room:
+            keep[i] = True
+            used[dom] = used.get(dom, 0) + ntok
+    return keep

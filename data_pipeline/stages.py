@@ -351,6 +351,11 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
     # shard, and a domain of only such documents would have no shard at all: dropped here, counted
     token_stats = StepStats("tokens")
     docs = list(_deduped(cfg, task, dedup_stats))
+    from megaqwen.data_pipeline.synthesize import is_synthetic, read_synthetic
+
+    docs += read_synthetic(cfg, task)  # after the corpus: its token counts bound their share (remix)
+    synthetic_stats = StepStats("synthetic_cap")
+    pending: list[tuple[Any, int]] = []  # synthetic documents, written after the cap
     s = cfg.scorer
     scorer, enc = None, None
     if cfg.judge.backend != "none":
@@ -390,6 +395,9 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
                     quality_stats.remove(f"quality:below_{cfg.quality.min_score}")
                     continue
             quality_stats.kept += 1
+            if is_synthetic(d):
+                pending.append((d, ntok[k]))
+                continue
             dom = d.metadata["domain"]
             if dom not in writers:
                 p = cfg.out / "annotated" / slugs.get(dom, slug(dom)) / f"{task:05d}.jsonl.zst"
@@ -398,15 +406,40 @@ def annotate_task(cfg: PipelineConfig, task: int) -> dict[str, Any]:
             domain_tokens[dom] += ntok[k]
             domain_docs[dom] += 1
         report_progress(len(batch), sum(ntok), 0)
+    synthetic_tokens: Counter = Counter()
+    if pending:
+        from megaqwen.data_pipeline.remix import cap_synthetic
+
+        keep = cap_synthetic(
+            [(d.metadata["domain"], n, float(d.metadata.get("synthetic_score", 0.0))) for d, n in pending],
+            dict(domain_tokens),
+            cfg.remix.synthetic_cap,
+        )
+        for (d, n), ok in zip(pending, keep):
+            synthetic_stats.seen += 1
+            dom = d.metadata["domain"]
+            if not ok:
+                synthetic_stats.remove(f"synthetic_cap:over_{cfg.remix.synthetic_cap(dom)}_of_{dom}")
+                continue
+            synthetic_stats.kept += 1
+            if dom not in writers:
+                p = cfg.out / "annotated" / slugs.get(dom, slug(dom)) / f"{task:05d}.jsonl.zst"
+                writers[dom] = (p, open_writer(p.with_name(p.name + ".tmp")))
+            writers[dom][1].write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
+            synthetic_tokens[dom] += n
+            domain_docs[dom] += 1
+        domain_tokens.update(synthetic_tokens)
     for p, f in writers.values():
         f.close()
         os.replace(p.with_name(p.name + ".tmp"), p)
     labeler.close()
     return {
         "task": task,
-        "steps": [dedup_stats.to_json(), token_stats.to_json(), quality_stats.to_json()],
+        "steps": [dedup_stats.to_json(), token_stats.to_json(), quality_stats.to_json()]
+        + ([synthetic_stats.to_json()] if synthetic_stats.seen else []),
         "domain_tokens": dict(domain_tokens),
         "domain_docs": dict(domain_docs),
+        "synthetic_tokens": dict(synthetic_tokens),
     }
 
 
