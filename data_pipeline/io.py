@@ -1,5 +1,8 @@
 """The pipeline's reading (the shared `megaqwen.data.readers.Reader`, yielding `Document`s) and writing.
 
+WARC / WARC.gz and HTML files are read by `web.py` (documents holding raw HTML plus url, fetch date
+and language hint; the `html_extract` step extracts their main text).
+
 Reading never stops on one bad record: see `megaqwen/data/readers.py` (malformed lines counted and
 logged with file and line; invalid UTF-8 decoded with replacement; lone surrogates repaired).
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 from megaqwen.data import readers
 from megaqwen.data.readers import InputPart, decompressed, expand_inputs
 from megaqwen.data_pipeline.document import Document
+from megaqwen.data_pipeline.web import is_web_input, read_web
 
 __all__ = ["InputPart", "Reader", "expand_inputs", "open_writer", "read_documents", "write_documents",
            "write_lines"]
@@ -25,8 +29,19 @@ class Reader(readers.Reader):
     """`megaqwen.data.readers.Reader` yielding pipeline `Document`s (with their `file:line` source)."""
 
     def read(self, part: InputPart) -> Iterator[Document]:  # type: ignore[override]
-        for r in super().read(part):
+        records = self._read_web(part) if is_web_input(part.path) else super().read(part)
+        for r in records:
             yield Document(r.id, r.text, r.metadata, source=r.source)
+
+    def _read_web(self, part: InputPart) -> Iterator[readers.TextRecord]:
+        """WARC / HTML files (`web.py`): documents holding raw HTML for the `html_extract` step."""
+        skips = self._skips = readers.SkipSummary(part.name)
+        try:
+            yield from read_web(self, part)
+        finally:
+            self._done_bytes += part.nbytes
+            self._position = lambda: 0
+            skips.report()
 
 
 def open_writer(path: Path) -> io.TextIOBase:

@@ -54,6 +54,8 @@ def step_types() -> dict[str, type[Step]]:
         code_filters,
         content,
         filters,
+        html,
+        junk,
         langid,
         math_filters,
         normalize,

@@ -90,6 +90,8 @@ _LATEX_CMD = re.compile(
 _LATEX_SOURCE = re.compile(r"\\documentclass|\\begin\{document\}|\\usepackage|\\section\*?\{")
 _MATH_SYMBOLS = "=+−×÷±≤≥≠≈∑∫√∞∂∇∈∉⊂⊆∀∃→⇒↦πθλσμ²³^"
 _EQUATION_LINE = re.compile(r"[=<>≤≥≈]")
+# what tells a math span from "$5 and $": an operator, a command, a sub/superscript or a lone variable
+_MATHY_SPAN = re.compile(r"[=<>^_\\+*/≤≥≠≈]|^\s*[A-Za-z]\s*$|[A-Za-z]\(|\d[A-Za-z]")
 
 
 def _extension_hint(metadata: dict[str, Any]) -> str | None:
@@ -145,6 +147,7 @@ class Signals:
     latex_commands: int
     latex_source: bool
     hint: str | None
+    math_spans: int = 0  # math spans that hold an operator, a command or a lone variable (not prices)
 
 
 def signals(text: str, metadata: dict[str, Any]) -> Signals:
@@ -169,7 +172,8 @@ def signals(text: str, metadata: dict[str, Any]) -> Signals:
             code += n
         elif is_equation_line(line):
             eq += n
-    spans = sum(len(m.group(0)) for m in _MATH_SPAN.finditer(text))
+    found = [m.group(0) for m in _MATH_SPAN.finditer(text)]
+    spans = sum(len(m) for m in found)
     cmds = _LATEX_CMD.findall(text)
     math_chars = spans + eq + sum(len(c) + 1 for c in cmds)
     total = max(total, 1)
@@ -182,6 +186,7 @@ def signals(text: str, metadata: dict[str, Any]) -> Signals:
         latex_commands=len(cmds) + len(_LATEX_ENV.findall(text)),
         latex_source=bool(_LATEX_SOURCE.search(text)),
         hint=_extension_hint(metadata),
+        math_spans=sum(bool(_MATHY_SPAN.search(m.strip("$\\()[]"))) for m in found),
     )
 
 
@@ -199,6 +204,10 @@ class ContentTypeConfig:
     """share of characters in math spans, LaTeX commands and equation lines from which it is math."""
     min_latex_commands: int = 4
     """LaTeX math commands / environments that make a document math on their own (with 1 per 400 chars)."""
+    min_math_spans: int = 2
+    """inline ($...$, \\(...\\)) or display ($$...$$, \\[...\\]) spans holding an operator, a LaTeX
+    command or a lone variable that make a document math (prose with a few equations: its short spans
+    are under `min_math_fraction`, and the prose filters read them as non-words); 0 disables."""
     use_file_hints: bool = True
     """trust path / file name / URL extensions and programming-language fields in the record."""
 
@@ -211,7 +220,8 @@ def classify(
     if cfg.use_file_hints and sig.hint is not None:
         return sig.hint, sig
     dense_latex = sig.latex_commands >= cfg.min_latex_commands and sig.latex_commands * 400 >= len(text)
-    is_math = sig.latex_source or sig.math_fraction >= cfg.min_math_fraction or dense_latex
+    spans = cfg.min_math_spans > 0 and sig.math_spans >= cfg.min_math_spans
+    is_math = sig.latex_source or sig.math_fraction >= cfg.min_math_fraction or dense_latex or spans
     defined = sig.definitions >= cfg.min_definitions and sig.definitions >= 0.04 * sig.lines
     fenced = sig.fenced_fraction >= cfg.min_fenced_fraction
     is_code = sig.code_fraction >= cfg.min_code_fraction or fenced or defined

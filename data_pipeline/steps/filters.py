@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from megaqwen.data_pipeline.document import Document
 from megaqwen.data_pipeline.steps.base import Step
+from megaqwen.data_pipeline.steps.junk import BOILERPLATE
 from megaqwen.data_pipeline.steps.text import (
     PROFILES,
     SENTENCE_END,
@@ -211,7 +212,21 @@ class C4Config:
     """remove documents containing '{' (C4's proxy for code; off when code is wanted)."""
     remove_citations: bool = True
     """strip Wikipedia-style citation markers such as [1]."""
+    notice_lines_only: bool = False
+    """with filter_javascript / filter_policy: drop only lines that read as notices ("please enable
+    JavaScript", "we use cookies": web_junk's phrases), not every line of an article about JavaScript
+    or privacy law (C4's default: false, every line; the shipped config: true)."""
+    keep_attribution_lines: bool = False
+    """keep short thread attribution lines ("Anna replied:", "mike_77 wrote:", "Quote from Bob:") that
+    the words-per-line and punctuation rules drop (C4's default: false; the shipped config: true)."""
 
+
+ATTRIBUTION = re.compile(
+    r"^(@?[\w.'-]{1,30}( [\w.'-]{1,30}){0,2} (replied|wrote|said|posted|commented|answered|asked|"
+    r"responded)( (on|at|in) [^:]{1,40})?|"
+    r"(quote|reply|answer) (from|by|to) @?[\w.'-]{1,30}( [\w.'-]{1,30})?)\s*:$",
+    re.IGNORECASE,
+)
 
 POLICY_PHRASES = (
     "terms of use",
@@ -246,9 +261,13 @@ class C4Filter(Step):
             if c.remove_citations:
                 s = _CITATION.sub("", s)
             lower = s.lower()
-            if (c.filter_javascript and "javascript" in lower) or (
+            flagged = (c.filter_javascript and "javascript" in lower) or (
                 c.filter_policy and any(p in lower for p in POLICY_PHRASES)
-            ):
+            )
+            if flagged and (not c.notice_lines_only or BOILERPLATE.search(s)):
+                continue
+            if c.keep_attribution_lines and len(s) <= 80 and ATTRIBUTION.match(s):
+                kept.append(s)
                 continue
             ws = words(s, cjk) or s.split()
             if len(ws) < c.min_words_per_line or max(len(w) for w in ws) > c.max_word_length:
@@ -275,6 +294,9 @@ class FineWebConfig:
     """remove if the fraction of characters in duplicated lines is at least this."""
     new_line_ratio: float = 0.3
     """remove if newlines per word is above this (lists and menus)."""
+    ignore_attribution_lines: bool = False
+    """leave thread attribution lines ("Anna replied:", c4's `keep_attribution_lines`) out of the
+    duplicated-characters ratio: one person answering twice is not a repeated line (shipped: true)."""
 
 
 class FineWebFilter(Step):
@@ -292,7 +314,8 @@ class FineWebFilter(Step):
         short = c.short_line_length if prof is PROFILES["en"] else prof.short_line_chars
         if sum(len(ln) <= short for ln in lines) / len(lines) >= c.short_line_thr:
             return "short_line_ratio"
-        _, dup_chars = _dup_fracs(lines)
+        dup_lines = [ln for ln in lines if not ATTRIBUTION.match(ln)] if c.ignore_attribution_lines else lines
+        _, dup_chars = _dup_fracs(dup_lines)
         # FineWeb measures duplicated characters against all non-newline characters
         if dup_chars >= c.char_duplicates_ratio:
             return "char_dup_ratio"
