@@ -105,8 +105,20 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
     # scores and domain agreement from the annotated documents
     scores: dict[str, list[float]] = {}
     hint_pairs: list[tuple[str, str]] = []
+    # (language, domain, content type, source) -> [documents, tokens] of the annotated output
+    cells: dict[tuple[str, str, str, str], list[int]] = {}
     for p in sorted((cfg.out / "annotated").rglob("*.jsonl.zst")):
         for d in read_documents(p):
+            m = d.metadata
+            key = (
+                m.get("language", "und"),
+                m.get("domain", "?"),
+                m.get("content_type", "prose"),
+                m.get("source", "corpus"),
+            )
+            c = cells.setdefault(key, [0, 0])
+            c[0] += 1
+            c[1] += int(m.get("tokens", 0))
             for k, v in d.metadata.get("quality", {}).items():
                 scores.setdefault(k, []).append(v)
             if "domain_hint" in d.metadata:
@@ -131,6 +143,32 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
         plot_mix(before, {n: p["weights"] for n, p in plans.items()}, out / "domain_mix.png")
         plots["domain mix"] = "domain_mix.png"
     domain_acc = (sum(a == b for a, b in hint_pairs) / len(hint_pairs)) if hint_pairs else None
+    composition = [
+        {
+            "language": k[0],
+            "domain": k[1],
+            "content_type": k[2],
+            "source": k[3],
+            "documents": v[0],
+            "tokens": v[1],
+        }
+        for k, v in sorted(cells.items())
+    ]
+    syn_tok: Counter = Counter()
+    all_tok: Counter = Counter()
+    for r in composition:
+        all_tok[r["domain"]] += r["tokens"]
+        if r["source"] == "synthetic":
+            syn_tok[r["domain"]] += r["tokens"]
+    synthetic_share = (
+        {
+            "total": sum(syn_tok.values()) / max(sum(all_tok.values()), 1),
+            "by_domain": {d: syn_tok[d] / t for d, t in sorted(all_tok.items()) if t},
+            "cap": cfg.remix.synthetic_max_share,
+        }
+        if syn_tok or cfg.synthesize.enabled
+        else None
+    )
     stats = {
         "steps": summ,
         "domain_tokens": tokens,
@@ -140,6 +178,8 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
         "domain_student": domain_student,
         "warnings": (metrics or {}).get("warnings", []) + (domain_student or {}).get("warnings", []),
         "removal_reasons": dict(reasons),
+        "composition": composition,
+        "synthetic_share": synthetic_share,
         "plots": plots,
     }
     (cfg.out / "stats.json").write_text(json.dumps(stats, indent=1, default=str))
@@ -230,6 +270,27 @@ def _markdown(s: dict[str, Any]) -> str:
                     f"{', '.join(s['plans'][n]['missing'])}.",
                     "",
                 ]
+    if s.get("composition"):
+        lines += [
+            "## Composition (language x domain x content type)",
+            "",
+            "| language | domain | content type | source | documents | tokens |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        for r in s["composition"]:
+            lines.append(
+                f"| {r['language']} | {r['domain']} | {r['content_type']} | {r['source']} | "
+                f"{r['documents']} | {r['tokens']} |"
+            )
+        lines.append("")
+    syn = s.get("synthetic_share")
+    if syn:
+        lines += [
+            f"Synthetic share of the annotated tokens: {100 * syn['total']:.1f}% (cap per domain "
+            f"{100 * syn['cap']:.0f}%, `remix.synthetic_max_share`); by domain: "
+            + ", ".join(f"{d} {100 * v:.1f}%" for d, v in syn["by_domain"].items() if v > 0),
+            "",
+        ]
     for title, f in s["plots"].items():
         lines += [f"![{title}]({f})", ""]
     return "\n".join(lines)

@@ -119,6 +119,16 @@ def test_a_tiny_model_generates_a_judge_filters_provenance_and_the_cap_hold(tmp_
         for d in read_documents(p)
     )
     assert sum(marker["synthetic_tokens"].values()) == sum(synth.values())
+    # the report: language x domain x content type x source counts and the synthetic share
+    from megaqwen.data_pipeline.report import write_report
+
+    write_report(cfg)
+    stats = json.loads((cfg.out / "stats.json").read_text())
+    rows = stats["composition"]
+    assert sum(r["tokens"] for r in rows if r["source"] == "synthetic") == sum(synth.values())
+    assert sum(r["documents"] for r in rows if r["source"] == "corpus") == 3
+    assert all(v <= 0.3 for v in stats["synthetic_share"]["by_domain"].values())
+    assert "Synthetic share" in (cfg.out / "report" / "report.md").read_text()
 
 
 def test_the_stage_resumes_after_a_kill_without_generating_again(tmp_path, tiny):
