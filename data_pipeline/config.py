@@ -217,6 +217,8 @@ class SynthesizeConfig:
     """prompt templates (data_pipeline/synthesize.py TEMPLATES), each for seeds of its content types."""
     seeds_per_task: int = 8
     """seed documents per input part (smallest id hashes of the deduplicated documents)."""
+    prompts: str = ""
+    """optional jsonl of prompts ({"prompt": ..., "id"?, "content_type"?}) generated as they are."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     """the generator backend (the judge's backends: local transformers or an OpenAI-compatible server)."""
     scorer: JudgeConfig = field(default_factory=JudgeConfig)

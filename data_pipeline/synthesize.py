@@ -6,7 +6,8 @@ generating, reward models filtering), per input part (one task each, after dedup
 1. seeds: the `synthesize.seeds_per_task` deduplicated documents with the smallest id hash (a fixed,
    spread sample), each paired with every template of `synthesize.templates` that fits its content
    type (`TEMPLATES`: Q&A and textbook rewrites of prose, maths problems with worked solutions,
-   code exercises);
+   code exercises); and the prompts of `synthesize.prompts` (a jsonl file, sent as they are, in
+   task 0; `prompt_template` "prompt");
 2. generate: the generator backend (`generator.backend`): "local" = a transformers causal LM (the
    judge's loader and chat template; sampling seeded per seed x template, so a rerun writes the
    same text), "openai" = an OpenAI-compatible chat server (vLLM, SGLang);
@@ -66,6 +67,7 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], str, str]] = {
         "language with tests, and explain it.\n\nCode:\n{text}",
     ),
 }
+PROMPT_TEMPLATE = "prompt"  # a line of `synthesize.prompts`: its text is the user message as it is
 
 
 # ---------------------------------------------------------------- generators
@@ -155,10 +157,31 @@ def build_scorer(cfg: PipelineConfig):
 
 # ---------------------------------------------------------------- the stage
 def messages_for(template: str, text: str, max_chars: int) -> list[dict[str, str]]:
+    user = text if template == PROMPT_TEMPLATE else TEMPLATES[template][2].format(text=text[:max_chars])
     return [
         {"role": "system", "content": "You write high-quality educational documents."},
-        {"role": "user", "content": TEMPLATES[template][2].format(text=text[:max_chars])},
+        {"role": "user", "content": user},
     ]
+
+
+def read_prompts(path: str) -> list[Document]:
+    """`synthesize.prompts`: jsonl lines {"prompt": ..., "id"?: ..., "content_type"?: ...}; a bad
+    line is an error naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                text = rec["prompt"]
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError("empty prompt")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: not a prompt line ({type(e).__name__}: {e})") from e
+            ct = rec.get("content_type", "prose")
+            out.append(Document(str(rec.get("id", f"prompt-{n}")), text, {"content_type": ct}))
+    return out
 
 
 def _seeds(cfg: PipelineConfig, task: int) -> list[Document]:
@@ -189,6 +212,12 @@ def generation_key(cfg: PipelineConfig) -> str:
         [dataclasses.asdict(s.generator), TEMPLATES, dataclasses.asdict(scorer), s.seed], sort_keys=True
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _text_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _pair_key(seed_id: str, template: str) -> int:
@@ -228,7 +257,11 @@ def synthesize_task(cfg: PipelineConfig, task: int, generator=None, scorer=None)
         for t in s.templates
         if seed.metadata.get("content_type", "prose") in TEMPLATES[t][0]
     ]
-    need = [(seed, t) for seed, t in todo if (seed.id, t) not in done]
+    if s.prompts and task == 0:  # the prompt file's generations belong to the first task
+        todo += [(doc, PROMPT_TEMPLATE) for doc in read_prompts(s.prompts)]
+    need = [
+        (seed, t) for seed, t in todo if done.get((seed.id, t), {}).get("seed_hash") != _text_hash(seed.text)
+    ]
     if need:
         generator = generator if generator is not None else build_generator(s)
         scorer = scorer if scorer is not None else build_scorer(cfg)
@@ -242,7 +275,8 @@ def synthesize_task(cfg: PipelineConfig, task: int, generator=None, scorer=None)
                 raise ValueError(
                     f"synthesize.min_score_dimension {s.min_score_dimension!r} is not one of {sorted(j)}"
                 )
-            rec = {"key": gkey, "seed_id": seed.id, "template": t, "text": text, "scores": j}
+            rec = {"key": gkey, "seed_id": seed.id, "seed_hash": _text_hash(seed.text), "template": t}
+            rec.update(text=text, scores=j)
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             done[(seed.id, t)] = rec
@@ -277,7 +311,9 @@ def synthesize_task(cfg: PipelineConfig, task: int, generator=None, scorer=None)
             "prompt_template": t,
             "seed_id": seed.id,
             "synthetic_score": round(score, 4),
-            "content_type": TEMPLATES[t][1],
+            "content_type": seed.metadata.get("content_type", "prose")
+            if t == PROMPT_TEMPLATE
+            else TEMPLATES[t][1],
         }
         if "language" in seed.metadata:
             meta["language"] = seed.metadata["language"]

@@ -133,6 +133,8 @@ def test_a_tiny_model_generates_a_judge_filters_provenance_and_the_cap_hold(tmp_
 
 def test_the_stage_resumes_after_a_kill_without_generating_again(tmp_path, tiny):
     cfg = _cfg(tmp_path, tiny)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Explain photosynthesis.", "id": "p1"}\n')
+    cfg.synthesize.prompts = str(tmp_path / "prompts.jsonl")
     for stage in ("filter", "dedup"):
         run_stage(cfg, stage, progress=False)
     real = LocalGenerator(cfg.synthesize.generator, cfg.synthesize.seed)
@@ -163,8 +165,14 @@ def test_the_stage_resumes_after_a_kill_without_generating_again(tmp_path, tiny)
     with open(log_path, "a") as f:  # the kill also cut a line short
         f.write('{"key": "')
     resumed = synthesize_task(cfg, 0, Dying(die_after=None), scorer)
-    assert len(calls) == 4 and len(set(calls)) == 4  # 2 before the kill, the 2 left after it
-    assert resumed["steps"][0]["seen"] == 4
+    assert len(calls) == 5 and len(set(calls)) == 5  # 2 before the kill, the 3 left after it
+    assert resumed["steps"][0]["seen"] == 5  # 2 seeds x 2 templates + 1 prompt
     after = {(r["seed_id"], r["template"]): r for r in map(json.loads, log_path.read_text().splitlines())}
-    assert len(after) == 4 and all(after[(r["seed_id"], r["template"])] == r for r in before)
-    assert {d.text for d in _synthetic(cfg)} == {r["text"] for r in after.values()}
+    assert len(after) == 5 and all(after[(r["seed_id"], r["template"])] == r for r in before)
+    syn = _synthetic(cfg)
+    assert {d.text for d in syn} == {r["text"] for r in after.values()}
+    assert [d.metadata["seed_id"] for d in syn if d.metadata["prompt_template"] == "prompt"] == ["p1"]
+    # a malformed prompt line is named
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:2"):
+        synthesize_task(cfg, 0, Dying(die_after=None), scorer)
