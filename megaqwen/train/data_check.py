@@ -128,8 +128,8 @@ def check_chat_shards(key: str, path: str, cfg: Config) -> None:
     examples, so it needs document masks and position resets; dpo rows come in pairs, so it needs an
     even micro-batch and its shard alone (a blend would split pairs). With train.epochs > 0, the run's
     samples must fit in that many passes over data.path."""
-    if is_sample(path) and not exists(sample_prefix(path, cfg.train.out_dir)):  # not tokenised yet
-        return
+    if path == SAMPLE or (is_sample(path) and not exists(sample_prefix(path, cfg.train.out_dir))):
+        return  # the corpus; a shipped chat set the run has not tokenised yet
     from megaqwen.data.dataset import epochs_capacity
 
     t, d = cfg.train, cfg.data
