@@ -297,6 +297,9 @@ def summary(cfg: PipelineConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stage in SUMMARY_STAGES:
         out[stage] = merge_stats([m["steps"] for m in load_markers(cfg.out, stage) if "steps" in m])
+    synthesized = [m["steps"] for m in load_markers(cfg.out, "synthesize") if "steps" in m]
+    if synthesized:  # generations kept / removed (score, duplicates), as the report's removal reasons
+        out["synthesize"] = merge_stats(synthesized)
     judged = load_markers(cfg.out, "judge")
     if judged:  # the judge labels a sample and removes nothing: how many, of how many candidates
         out["judge"] = {

@@ -128,6 +128,8 @@ def test_a_tiny_model_generates_a_judge_filters_provenance_and_the_cap_hold(tmp_
     assert sum(r["tokens"] for r in rows if r["source"] == "synthetic") == sum(synth.values())
     assert sum(r["documents"] for r in rows if r["source"] == "corpus") == 3
     assert all(v <= 0.3 for v in stats["synthetic_share"]["by_domain"].values())
+    (syn_step,) = stats["steps"]["synthesize"]  # the rerun's generations, below the threshold removed
+    assert syn_step["seen"] == 4 and syn_step["kept"] == len(kept)
     assert "Synthetic share" in (cfg.out / "report" / "report.md").read_text()
 
 
