@@ -148,3 +148,18 @@ def test_grpo_recipe_composes_with_the_report_settings():
     # Qwen2.5 report sec. 4.2: 2048 query-response pairs per episode, 8 samples per query
     assert (t.objective, t.global_batch_size, g.group_size, g.updates_per_rollout) == ("grpo", 2048, 8, 1)
     assert t.global_batch_size // g.group_size == 256 and cfg.rollout.engine == "vllm"
+
+
+def test_toy_task_files_regenerate_byte_for_byte(tmp_path):
+    from megaqwen.data_pipeline.samples import make_arithmetic
+    from megaqwen.train.rollout_config import shipped_prompts
+
+    make_arithmetic.main(["--out-dir", str(tmp_path)])
+    shipped = shipped_prompts("arithmetic").parent
+    for name in ("arithmetic_sft.jsonl", "arithmetic_pairs.jsonl", "arithmetic_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
+    from megaqwen.rewards.sample import Sample
+
+    near = make_arithmetic.closeness([Sample({"answer": "7"}, t) for t in ("7", "9", "17", "x")] +
+                                     [Sample({"prompt": "no answer"}, "7")])
+    assert near == [1.0, 0.6, 0.0, 0.0, None]
