@@ -187,6 +187,19 @@ def write_report(cfg: PipelineConfig) -> dict[str, Any]:
     return {"report": str(out / "report.md"), "plots": plots}
 
 
+def _extraction_yield(rows: list[dict[str, Any]]) -> list[str]:
+    """The html_extract step's yield (bytes of HTML in -> bytes of main text out), when it ran."""
+    ch = next((r.get("changes", {}) for r in rows if r["name"] == "html_extract"), {})
+    if not ch.get("html_bytes"):
+        return []
+    html, text = ch["html_bytes"], ch.get("text_bytes", 0)
+    return [
+        f"Extraction yield: {html / 1e6:.2f} MB of HTML -> {text / 1e6:.2f} MB of main text "
+        f"({text / html:.1%}).",
+        "",
+    ]
+
+
 def _markdown(s: dict[str, Any]) -> str:
     lines = ["# Data pipeline report", ""]
     if s.get("warnings"):
@@ -209,6 +222,7 @@ def _markdown(s: dict[str, Any]) -> str:
                 f"| {r['name']} | {r['seen']} | {r['kept']} | {r['removed']} | {r['modified']} | {top} |"
             )
         lines.append("")
+        lines += _extraction_yield(rows)
     if "judge" in s["steps"]:
         j = s["steps"]["judge"]
         lines += [f"The LLM judge labelled {j['labelled']} of {j['candidates']} deduplicated documents.", ""]

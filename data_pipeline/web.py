@@ -84,6 +84,7 @@ def _read_warc(reader: Reader, part: InputPart) -> Iterator[TextRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
     path = part.path
+    low = path.lower()
     with open(path, "rb") as f:
         reader._position = f.tell
         archive = ArchiveIterator(f, arc2warc=True)
@@ -93,10 +94,10 @@ def _read_warc(reader: Reader, part: InputPart) -> Iterator[TextRecord]:
             try:
                 rec = next(it)
             except StopIteration:
-                # warcio ends quietly at a gzip member cut short: bytes after the last whole record
+                # warcio ends quietly at a gzip member cut short: bytes after the last whole member
                 end = (archive.get_record_offset() or 0) + (archive.get_record_length() or 0)
                 size = os.path.getsize(path)
-                if end < size:
+                if low.endswith(".gz") and end < size:
                     reader.stats.seen += 1
                     reader._bad(
                         f"{path}:{end}",

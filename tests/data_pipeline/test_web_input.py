@@ -136,6 +136,7 @@ def test_warc_through_the_pipeline_into_shards(tmp_path: Path):
     assert rows["read"]["reasons"].get("malformed:truncated_file") == 1
     yield_ = rows["html_extract"]["changes"]
     assert 0 < yield_["text_bytes"] < yield_["html_bytes"]
+    assert "Extraction yield:" in (out / "report" / "report.md").read_text()
 
 
 def test_damaged_record_is_named_with_file_and_offset(tmp_path: Path, caplog):
