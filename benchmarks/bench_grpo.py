@@ -11,7 +11,7 @@ Reported:
   - the time split of the GRPO steps per phase (rollout/* metrics summed over the run): generation,
     scoring, old log-probs, weight sync, training (forward/backward/optimizer).
 
-    nice -n 10 python benchmarks/bench_grpo.py [--sft-steps 120] [--grpo-steps 40] \
+    nice -n 10 python benchmarks/bench_grpo.py [--sft-steps 120] [--grpo-steps 24] \
         [--png benchmarks/grpo_reward.png] [--json out.json]
 """
 
@@ -80,13 +80,13 @@ def accuracy(run: Path, samples: int, seed: int = 0) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft-steps", type=int, default=120)
-    p.add_argument("--grpo-steps", type=int, default=40)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--grpo-steps", type=int, default=24)
+    p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--grpo-lr", type=float, default=1e-3)
+    p.add_argument("--grpo-lr", type=float, default=3e-4)
     p.add_argument("--closeness-weight", type=float, default=0.5,
                    help="weight of the dense near-miss reward beside the exact maths verifier (0: off)")
-    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--sft-from", default=None, help="a finished SFT run folder: skip the SFT run")
     p.add_argument("--out", default=None, help="run folders here (default: a temporary folder)")
     p.add_argument("--png", default=None, help="copy the GRPO reward curve here")
