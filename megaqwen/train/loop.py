@@ -302,6 +302,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             again = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
             reference = built.reference = PrecomputedReference.compute(  # the model: no references left
                 reference, again, (t.steps - start_step) * accum_steps)
+            again.close()
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
     eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), objective_for(cfg),
                                              cfg.data.document_mask))
@@ -382,6 +383,8 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
                 log.info("%s: checkpoint saved at step %d, stopping (rerun the command to resume)", why, done)
                 break
     finally:
+        if hasattr(batches, "close"):  # the data workers end with the run, not at garbage collection
+            batches.close()
         saver.close()
         stop.close()
         logger.close()
