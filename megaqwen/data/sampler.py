@@ -113,6 +113,7 @@ class BatchIterator:
     def __next__(self) -> dict[str, torch.Tensor]:
         step = self.micro_batch_size * self.dp_size
         if self._consumed + step > len(self.dataset):
+            self.close()  # the workers have nothing left to read
             raise StopIteration
         if self.num_workers == 0:
             batch = self._micro_batch(self._consumed + self.dp_rank * self.micro_batch_size)

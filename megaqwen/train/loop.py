@@ -300,9 +300,11 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
 
         with phase("reference precompute"):
             again = build_batches(cfg, env, consumed, steps_left=t.steps - start_step)
-            reference = built.reference = PrecomputedReference.compute(  # the model: no references left
-                reference, again, (t.steps - start_step) * accum_steps)
-            again.close()
+            try:
+                reference = built.reference = PrecomputedReference.compute(  # the model: no references left
+                    reference, again, (t.steps - start_step) * accum_steps)
+            finally:
+                again.close()
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
     eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), objective_for(cfg),
                                              cfg.data.document_mask))

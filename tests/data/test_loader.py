@@ -34,6 +34,7 @@ def test_workers_give_the_same_batches_and_resume(tmp_path):
     assert ahead.consumed_samples == 20  # handed out, not read ahead
     ahead.load_state_dict({"consumed_samples": 8})  # reposition: the workers restart there
     got += list(ahead)
+    assert ahead._loader is None  # exhausted: its workers are stopped, not left to garbage collection
     assert len(got) == len(plain) + 3
     for a, b in zip(plain[:5] + plain[2:], got):
         assert all(torch.equal(a[k], b[k]) for k in a)
