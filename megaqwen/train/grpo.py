@@ -78,6 +78,7 @@ from megaqwen.train.objective import (
     Objective,
     ObjectiveParts,
     cp_size,
+    label_logprobs,
     register_objective,
     row_sums,
 )
@@ -241,7 +242,7 @@ def _row_totals(values_BTK: torch.Tensor, valid_BT: torch.Tensor, batch: dict[st
 def _grpo_parts(cfg: GRPOConfig, model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
     labels = batch["labels"]  # (B, T): this cp rank's shard
     valid = labels != IGNORE_INDEX
-    logp = model.token_logprobs(h, labels).float()
+    logp = label_logprobs(model, h, labels).float()  # the head only at the response positions
     ref = batch[REFERENCE_FIELD] if cfg.kl_coef > 0 else None
     old = logp.detach() if on_policy(cfg) else batch["old_logprobs"]
     terms = token_terms(logp, old, token_advantages(batch["advantages"], labels), valid,

@@ -9,6 +9,8 @@ It asks the model only for what the model exposes to every objective:
     model.loss(h, labels)            -> LossParts(sum, count)   next-token cross-entropy (chunked,
                                                                 vocab-parallel under tp)
     model.token_logprobs(h, labels)  -> (B, T) log p(label)     per-token log-probabilities
+    label_logprobs(model, h, labels) -> the same, the head computed only at labelled positions
+                                        when they are sparse (post-training; `labelled_rows`)
     sequence_sums(values, batch)     -> per-document sums       per-sequence (per packed document)
     row_sums(values, batch)          -> (B,) per-row sums       whole rows, summed over cp shards
 
@@ -78,8 +80,42 @@ class Objective:
         return self.parts(model, h, batch)
 
 
+SPARSE_LABELS = 0.5
+"""`labelled_rows` selects the labelled positions when at most this share of them carry a label."""
+
+
+def labelled_rows(h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor | None]:
+    """(h (1, N, H), labels (1, N), index (N,) into the flattened (B*T,) positions) of the N positions
+    whose label is not -100, when they are at most SPARSE_LABELS of the batch (post-training: the
+    prompt's positions carry no label, and the vocabulary head, most of a small model's step, is then
+    computed only where it is read); (h, labels, None) unchanged otherwise or when no label is valid.
+    The head is per position, so the values at the kept positions are the full computation's; every
+    tp rank holds the same labels (and, under sequence parallelism, the gathered h), so they select
+    alike."""
+    valid_N = (labels_BT != IGNORE_INDEX).reshape(-1)
+    n = int(valid_N.sum())
+    if n == 0 or n > SPARSE_LABELS * valid_N.numel():
+        return h_BTH, labels_BT, None
+    index = valid_N.nonzero().squeeze(1)
+    h_NH = h_BTH.reshape(-1, h_BTH.shape[-1]).index_select(0, index)
+    return h_NH[None], labels_BT.reshape(-1).index_select(0, index)[None], index
+
+
+def label_logprobs(model, h_BTH: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) `model.token_logprobs(h, labels)` (0 where the label is -100), with the head computed
+    only at the labelled positions when they are sparse (`labelled_rows`)."""
+    h_sel, labels_sel, index = labelled_rows(h_BTH, labels_BT)
+    logp = model.token_logprobs(h_sel, labels_sel)
+    if index is None:
+        return logp
+    out_N = torch.zeros(labels_BT.numel(), dtype=logp.dtype, device=logp.device)
+    return out_N.index_put((index,), logp.reshape(-1)).view(labels_BT.shape)
+
+
 def _lm_parts(model, h: torch.Tensor, batch: dict[str, torch.Tensor]) -> ObjectiveParts:
-    parts = model.loss(h, batch["labels"])
+    h_sel, labels_sel, _ = labelled_rows(h, batch["labels"])  # SFT: the assistant positions only
+    parts = model.loss(h_sel, labels_sel)
     return ObjectiveParts(parts.sum, parts.count)
 
 
@@ -227,7 +263,7 @@ class StepMeter:
         """Collective over the pipeline group (stages' shares add up: the loss lives on the last
         stage, each aux term's share on every stage) and then the dp (x cp for the objective's sums)
         ranks: `loss` and each objective metric are sums / global units; each aux term (a mean per
-        micro-batch) is averaged over micro-batches and dp ranks. Same names on every rank."""
+        micro-batch) is averaged over micro-batches and dp x cp ranks. Same names on every rank."""
         import torch.distributed as dist
 
         from megaqwen.parallel import setup as par
@@ -245,9 +281,9 @@ class StepMeter:
                 dist.all_reduce(aux, group=pp_group)
         sums = par.dp_sum(sums, env_mesh, with_cp=True) / global_count
         out = {"loss": sums[0].item(), **{n: sums[i + 1].item() for i, n in enumerate(names)}}
-        if aux is not None:
-            dp = env_mesh.dims.dp if env_mesh is not None else 1
-            aux = par.dp_sum(aux, env_mesh) / (micro_batches * dp)
+        if aux is not None:  # each cp rank's term is its shard's: averaged over dp x cp as the grads
+            ranks = env_mesh.dims.dp * env_mesh.dims.cp if env_mesh is not None else 1
+            aux = par.dp_sum(aux, env_mesh, with_cp=True) / (micro_batches * ranks)
             out.update({n: aux[i].item() for i, n in enumerate(aux_names)})
         return out
 

@@ -278,6 +278,38 @@ def test_through_the_debug_model_contract():
     assert (parts.sum / obj.units(batch)).item() == pytest.approx(want, rel=1e-5)
 
 
+def test_the_head_at_the_labelled_positions_only_equals_the_full_head():
+    """`label_logprobs` and the lm/sft objective compute the vocabulary head only where a label is
+    read (GRPO rows: a long prompt, a few response tokens): the same log-probabilities, loss and
+    gradients (hidden states and tied head) as the full computation."""
+    from megaqwen.train.objective import LM, label_logprobs, labelled_rows
+
+    cfg = get_config("debug", vocab_size=64)
+    model = get_spec(cfg).build(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 10, cfg.hidden_size, generator=g, requires_grad=True)
+    labels = torch.full((3, 10), X)
+    labels[0, 6:9], labels[2, 8] = torch.randint(0, 64, (3,), generator=g), 5
+    assert labelled_rows(h, labels)[2].tolist() == [6, 7, 8, 28]
+    weights = torch.randn(3, 10, generator=g)
+    results = []
+    for logp_fn, lm in ((model.token_logprobs, model.loss), (lambda h, y: label_logprobs(model, h, y),
+                                                              lambda h, y: LM(model, h, {"labels": y}))):
+        model.zero_grad()
+        h.grad = None
+        lp = logp_fn(h, labels)
+        parts = lm(h, labels)
+        ((lp * weights).sum() + parts.sum).backward()
+        results.append((lp.detach(), parts.sum.detach(), parts.count, h.grad.clone(),
+                        model.head_weight().grad.clone()))
+    full, sparse = results
+    assert sparse[2] == full[2] == 4
+    for a, b in zip(full, sparse):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    h_dense, _, none = labelled_rows(h, torch.zeros(3, 10, dtype=torch.long))  # dense labels: unchanged
+    assert none is None and h_dense is h
+
+
 def _published_rows(lp, labels, lengths, adv, old, ref, cfg):
     """`_published` for labels at arbitrary positions (each row's valid labels in order)."""
     loss = 0.0
