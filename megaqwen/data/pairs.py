@@ -3,8 +3,9 @@
 The shard holds each pair as documents 2p (chosen) and 2p+1 (rejected). Sample 2k is the chosen and
 sample 2k+1 the rejected document of pair order[k], where order is a seeded permutation of the pairs
 per epoch (`np.random.default_rng([seed, 2, epoch])`). `BatchIterator` refuses an odd micro-batch
-size for this dataset, and every rank's slice starts at an even sample, so rows 2i and 2i+1 of every
-micro-batch are (chosen, rejected) of one pair. The order is a function of the sample index alone, so
+size for this dataset (`check_pair_rows`, the check the dpo and reward objectives make too), and every
+rank's slice starts at an even sample, so rows 2i and 2i+1 of every micro-batch are (chosen, rejected)
+of one pair. The order is a function of the sample index alone, so
 a run resumed from consumed_samples continues it exactly.
 
 Row tensors, all int64 of length T = seq_len, from the document's tokens d and mask m (length L):
@@ -26,6 +27,16 @@ import torch
 from megaqwen.tokenizer import EOD_ID
 
 _PAIRS = 2  # rng stream id (dataset.py uses 0 and 1)
+
+
+def check_pair_rows(rows: int, what: str) -> None:
+    """The one check that a micro-batch of `rows` rows holds whole (chosen, rejected) pairs (rows 2i
+    and 2i + 1 of a pair must share a micro-batch); a ValueError starting with `what` (who reads the
+    pairs: the dpo / reward objective, a dpo shard) otherwise."""
+    if rows % 2:
+        raise ValueError(f"{what}: a micro-batch of {rows} row{'s' * (rows != 1)} is odd, but rows come in "
+                         "(chosen, rejected) pairs that must share a micro-batch: train.micro_batch_size "
+                         f"must be even (got {rows}; use {rows + 1})")
 
 
 def truncate(tokens: np.ndarray, mask: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:

@@ -52,9 +52,10 @@ class BatchIterator:
             )
         if num_workers < 0 or prefetch < 1:
             raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
-        if getattr(dataset, "pair_rows", False) and micro_batch_size % 2:
-            raise ValueError(f"train.micro_batch_size={micro_batch_size} is odd, but a dpo shard's rows come "
-                             "in (chosen, rejected) pairs that must share a micro-batch; use an even size")
+        if getattr(dataset, "pair_rows", False):
+            from megaqwen.data.pairs import check_pair_rows
+
+            check_pair_rows(micro_batch_size, f"{dataset.indexed.prefix} (a dpo shard)")
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size

@@ -16,6 +16,7 @@ from megaqwen.parallel import setup as par
 from megaqwen.parallel.shards import ShardMap
 from megaqwen.train.build import build_engine, build_model_for_run, build_pipeline
 from megaqwen.train.config import Config
+from megaqwen.train.objective import Objective
 from megaqwen.train.objectives import objective_for
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class Training:
     """What the step calls: the DDP/FSDP2-wrapped model, the DeepSpeed engine, or the plain model."""
     optimizer: Any
     shards: ShardMap
+    objective: Objective
+    """The run's objective (`objective_for(cfg)`), resolved once: every step and validation use it."""
     pipe: Any = None
     """`megaqwen.parallel.pipeline.Pipeline` under pp > 1."""
     reference: Any = None
@@ -43,15 +46,16 @@ def build_training(cfg: Config, env: par.DistEnv, ops, plan, accum_steps: int, r
                  "this rank's stages %s; theoretical bubble %.1f%%", plan.schedule, plan.pp, plan.virtual,
                  list(plan.layers), plan.microbatches, plan.stages_of(env.mesh.rank("pp")),
                  100 * plan.bubble_fraction())
+    objective = objective_for(cfg)
     reference = None
-    if objective_for(cfg).needs_reference:
+    if objective.needs_reference:
         from megaqwen.train.reference import ReferenceModel
 
         reference = ReferenceModel.build(cfg, env, ops, plan)
     if cfg.train.engine == "native":
         model = par.wrap_data_parallel(model, cfg.parallel, env, shards)  # DDP; FSDP2 was applied on meta
     model, optimizer = build_engine(cfg, env, model, shards, accum_steps, resuming=resuming)
-    return Training(model, optimizer, shards, pipe, reference)
+    return Training(model, optimizer, shards, objective, pipe, reference)
 
 
 def seed_and_ops(cfg: Config, env: par.DistEnv):

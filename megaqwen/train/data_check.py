@@ -140,10 +140,16 @@ def check_chat_shards(key: str, path: str, cfg: Config) -> None:
             raise UsageError(f"{key}={path}: {prefix} is an sft shard of packed examples; it needs "
                              "data.document_mask=true and data.reset_position_ids=true so that examples "
                              "never attend to each other")
-        if fmt == "dpo" and (t.micro_batch_size % 2 or len(prefixes) > 1):
-            raise UsageError(f"{key}={path}: {prefix} is a dpo shard: its rows are (chosen, rejected) pairs, "
-                             f"so train.micro_batch_size ({t.micro_batch_size}) must be even and the shard "
-                             f"read alone (not in a blend of {len(prefixes)})")
+        if fmt == "dpo":
+            if len(prefixes) > 1:
+                raise UsageError(f"{key}={path}: {prefix} is a dpo shard: its rows are (chosen, rejected) "
+                                 f"pairs, so the shard is read alone (not in a blend of {len(prefixes)})")
+            from megaqwen.data.pairs import check_pair_rows
+
+            try:
+                check_pair_rows(t.micro_batch_size, f"{key}={path}: {prefix} is a dpo shard")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
     if t.epochs and key == "data.path" and len(prefixes) == 1:
         prefix, fmt = prefixes[0], formats[prefixes[0]]
         ix = IndexedDataset(prefix)

@@ -56,23 +56,24 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
                  batch={**b, "cp_group": None})
 
 
-def validation_parts(model, batch, cfg: Config, env: par.DistEnv):
-    """Validation parts (sum, count, metrics) of one micro-batch under the run's objective; under
-    context parallelism summed over the cp group, so every cp rank reports the whole micro-batch."""
-    objective = objective_for(cfg)
+def validation_parts(model, batch, cfg: Config, env: par.DistEnv, objective: Objective | None = None):
+    """Validation parts (sum, count, metrics) of one micro-batch under `objective` (the run's, resolved
+    once by the trainer; default `objective_for(cfg)`); under context parallelism summed over the cp
+    group in one all-reduce, so every cp rank reports the whole micro-batch."""
+    objective = objective if objective is not None else objective_for(cfg)
     if env.mesh is None or env.dims.cp == 1:
         return forward_step(model, batch, cfg, env.device, objective).parts
     import torch.distributed as dist
 
-    from megaqwen.parallel.context_parallel import cp_loss_parts
     from megaqwen.train.objective import ObjectiveParts
 
     group = env.mesh.group("cp")
     parts = forward_step(model, batch, cfg, env.device, objective, group).parts
-    summed, names = cp_loss_parts(parts, group), sorted(parts.metrics)
-    metrics = {}
-    if names:  # the objective's metric sums, over the cp shards as the loss
-        stacked = torch.stack([parts.metrics[n].detach().float() for n in names])
-        dist.all_reduce(stacked, group=group)
-        metrics = dict(zip(names, stacked, strict=True))
-    return ObjectiveParts(summed.sum, summed.count, metrics)
+    names = sorted(parts.metrics)
+    # (2 + M,) float64 [sum, count, *metrics]: one collective instead of one per value; float64
+    # keeps the token counts exact
+    count = torch.as_tensor(parts.count, device=parts.sum.device)
+    stacked = torch.stack([parts.sum.detach().double(), count.double(),
+                           *(parts.metrics[n].detach().double() for n in names)])
+    dist.all_reduce(stacked, group=group)
+    return ObjectiveParts(stacked[0], stacked[1], dict(zip(names, stacked[2:], strict=True)))

@@ -105,7 +105,7 @@ def pipeline_step(pipe, micro: list[dict[str, torch.Tensor]], cfg: Config, env: 
 
 def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: int,
                accum_steps: int, shards: ShardMap | None = None, pipe=None,
-               reference=None) -> dict[str, float]:
+               reference=None, objective: Objective | None = None) -> dict[str, float]:
     """One optimizer step over `accum_steps` micro-batches; returns the step's metrics.
 
     The objective (`train.objective`, `megaqwen.train.objective`) is the mean over every unit
@@ -117,11 +117,12 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     over micro-batches, and logged under their names (`StepMeter`). Under pipeline parallelism
     (`pipe`) the schedule runs every micro-batch at once with the same meter. An objective that
     needs a reference model gets its per-token log-probabilities (`reference`, a
-    `megaqwen.train.reference.ReferenceModel`) in each micro-batch first.
+    `megaqwen.train.reference.ReferenceModel`) in each micro-batch first. `objective`: the run's,
+    resolved once (`Training.objective`); default `objective_for(cfg)`, for callers of one step.
     """
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
-    objective = objective_for(cfg)
+    objective = objective if objective is not None else objective_for(cfg)
     t_data = time.perf_counter()
     micro = [next(batches) for _ in range(accum_steps)]
     data_time_s = time.perf_counter() - t_data  # the step waited this long for its micro-batches
@@ -306,9 +307,9 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             finally:
                 again.close()
     mix = MixMeter(batches.dataset, cfg.data.path)  # mix/<source>: each blend source's share per step
-    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), objective_for(cfg),
+    eval_fn = ((lambda m, b: pipe.eval_parts(model_inputs(b, cfg, env.device), built.objective,
                                              cfg.data.document_mask))
-               if pipe is not None else (lambda m, b: validation_parts(m, b, cfg, env)))
+               if pipe is not None else (lambda m, b: validation_parts(m, b, cfg, env, built.objective)))
     validator = build_validator(cfg, env, resolve_data_path(cfg.data.path, out_dir, env), eval_fn,
                                 lambda: autocast_ctx(t.dtype, env.device))
     profiler = StepProfiler(cfg.profile, out_dir, env.rank, env.device, start_step)
@@ -330,7 +331,7 @@ def _train(cfg: Config, env: par.DistEnv, accum_steps: int, plan) -> dict[str, A
             begin_step(step + 1)
             t0 = time.perf_counter()
             metrics = train_step(model, optimizer, batches, cfg, env, step, accum_steps, shards, pipe,
-                                 reference)
+                                 reference, built.objective)
             dt = time.perf_counter() - t0
             if "_moe_loads" in metrics:
                 from megaqwen.train.moe_metrics import add_loads

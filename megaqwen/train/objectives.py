@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megaqwen.data.pairs import check_pair_rows
 from megaqwen.train import grpo, reward  # noqa: F401  (register "grpo" and "reward": a reward model's BT)
 from megaqwen.train.objective import (
     LM,
@@ -152,10 +153,6 @@ def check_dpo(cfg) -> None:
         raise ValueError(f"train.eval_every={t.eval_every}: validation of train.objective=dpo is not "
                          "supported yet (it needs the reference model's log-probabilities of the held-out "
                          "pairs); set train.eval_every=0")
-    if t.micro_batch_size % 2:
-        raise ValueError(f"train.objective=dpo needs an even train.micro_batch_size (chosen and rejected "
-                         f"of a pair in the same micro-batch), got {t.micro_batch_size}; use "
-                         f"{t.micro_batch_size + 1}")
 
 
 def objective_for(cfg) -> Objective:
@@ -164,6 +161,8 @@ def objective_for(cfg) -> Objective:
     grpo.kl_coef > 0); lm, sft and user objectives as registered."""
     obj = get_objective(cfg.train.objective)
     reward.check_head(cfg, obj)  # model.head=score <-> train.objective=reward
+    if obj is DPO or obj is reward.REWARD:  # rows 2i, 2i + 1 of every micro-batch are one pair
+        check_pair_rows(cfg.train.micro_batch_size, f"train.objective={obj.name}")
     if obj is DPO:
         check_dpo(cfg)
         return DPO if cfg.dpo == DPOConfig() else dpo_objective(cfg.dpo)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megaqwen.data.pairs import check_pair_rows
 from megaqwen.train.objective import Objective, ObjectiveParts, cp_size, register_objective, row_sums
 
 METRICS = ("reward/accuracy", "reward/margin", "reward/chosen", "reward/rejected")
@@ -78,9 +79,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 def _parts(model, h: torch.Tensor, batch: dict[str, Any]) -> ObjectiveParts:
-    if batch["tokens"].shape[0] % 2:
-        raise ValueError(f"train.objective=reward takes pairs of rows (chosen, rejected): a micro-batch "
-                         f"of {batch['tokens'].shape[0]} rows is odd; use an even train.micro_batch_size")
+    check_pair_rows(batch["tokens"].shape[0], "train.objective=reward")
     r = rewards(model, h, batch)
     chosen, rejected = r[0::2], r[1::2]  # (P,)
     share = 1.0 / cp_size(batch)  # every cp rank holds the whole pair losses

@@ -90,7 +90,7 @@ def test_dpo_rows_are_pairs_in_every_micro_batch(tmp_path, dp_size):
             assert torch.equal(b["tokens"][0][:3], b["tokens"][1][:3])  # same prompt
             seen.append(c[0] - 100)
     assert sorted(seen[:7]) == list(range(7)) if dp_size == 1 else len(seen) == 16  # an epoch is a shuffle
-    with pytest.raises(ValueError, match="micro_batch_size=3 is odd"):
+    with pytest.raises(ValueError, match="a micro-batch of 3 rows is odd"):
         BatchIterator(ds, global_batch_size=6, micro_batch_size=3)
 
 

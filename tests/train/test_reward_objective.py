@@ -200,3 +200,5 @@ def test_config_pairs_the_score_head_with_the_reward_objective():
         Config(model=score, train=lm).validate()
     user = replace(lm, objective="megaqwen.train.objective:LM")  # by import path: the user's choice
     Config(model=score, train=user).validate()
+    with pytest.raises(ValueError, match="train.objective=reward: a micro-batch of 1 row is odd"):
+        Config(model=score, train=replace(reward, micro_batch_size=1, global_batch_size=2)).validate()
