@@ -31,7 +31,13 @@ class ParallelConfig:
     cp_tile: int = 512
     """Ring attention tile edge in tokens (scores are computed tile x tile, never (T/cp)^2)."""
     ep: int = 1
-    """Expert-parallel degree (MoE experts split across ranks)."""
+    """Expert-parallel degree (MoE experts split across ranks; ep must divide dp*cp*tp/etp)."""
+    etp: int = -1
+    """MoE expert tensor parallelism: -1 = tp (each expert's intermediate dim split over the tp
+    group, gate/up column- and down row-parallel); k dividing tp: over k ranks, the tp group's
+    tokens cut into tp/k parts dispatched separately (k=1: sequence-parallel dispatch, ep may then
+    span tp ranks); 0: experts whole on every tp rank, each computing all tokens (tp-fold repeated
+    expert FLOPs, the pre-issue-24 layout)."""
     dp: int = -1
     """Data-parallel degree; -1 infers world_size / (tp * pp * cp)."""
     dp_mode: str = "ddp"

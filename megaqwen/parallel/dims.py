@@ -41,6 +41,13 @@ class ParallelDims:
     """Expert-parallel degree; experts are spread over ranks carved out of dp x cp."""
     dp: int = -1
     """Data-parallel degree; -1 infers world_size / (tp * pp * cp)."""
+    etp: int = -1
+    """MoE expert tensor-parallel degree (`ParallelConfig.etp`): -1 = tp, 0 = experts whole per tp rank."""
+
+    @property
+    def expert_parts(self) -> int:
+        """Parts a tp group's tokens are cut into for expert dispatch (tp/etp; 1 when etp is 0 or tp)."""
+        return self.tp // self.etp if self.etp > 0 else 1
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tp", "pp", "cp", "ep"):
@@ -59,14 +66,24 @@ class ParallelDims:
             raise ValueError(
                 f"dp*tp*pp*cp = {self.dp}*{self.tp}*{self.pp}*{self.cp} = {self.dp * model_parallel} "
                 f"!= world_size={self.world_size}")
-        if (self.dp * self.cp) % self.ep:
-            raise ValueError(f"ep={self.ep} must divide dp*cp={self.dp}*{self.cp}={self.dp * self.cp} "
+        if self.etp == -1:
+            self.etp = self.tp
+        if self.etp < 0 or (self.etp and self.tp % self.etp):
+            raise ValueError(f"parallel.etp={self.etp} must be -1 (= tp), 0 (experts whole on every tp rank) "
+                             f"or a divisor of tp={self.tp}")
+        if (self.dp * self.cp * self.expert_parts) % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp*cp*tp/etp={self.dp}*{self.cp}*{self.expert_parts}"
+                             f"={self.dp * self.cp * self.expert_parts} (expert-parallel ranks are carved "
+                             "out of the data-parallel ranks and the tp parts of parallel.etp < tp)"
+                             if self.expert_parts > 1 else
+                             f"ep={self.ep} must divide dp*cp={self.dp}*{self.cp}={self.dp * self.cp} "
                              "(expert-parallel ranks are carved out of the data-parallel ranks)")
 
     @classmethod
     def from_config(cls, cfg: Any, world_size: int) -> ParallelDims:
         """From a `ParallelConfig` (or anything with tp/pp/cp/ep/dp attributes)."""
-        return cls(world_size=world_size, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, dp=cfg.dp)
+        return cls(world_size=world_size, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, dp=cfg.dp,
+                   etp=getattr(cfg, "etp", -1))
 
     def kv_replicas(self, num_kv_heads: int) -> int:
         """How many TP ranks hold each KV head (1 unless tp > num_kv_heads)."""

@@ -1,10 +1,16 @@
 """Expert parallelism: MoE experts spread over an `ep` group carved out of the data-parallel ranks.
 
-Layout. For each (pp, tp) coordinate the D = dp*cp data-parallel ranks (mesh order) are cut into
-blocks of `ep` consecutive ranks: an *ep group* shares its tokens' experts, rank j of a block holds
-experts [j*E/ep, (j+1)*E/ep) of every sparse layer. The ranks at the same position in every block
-form the *expert-data-parallel* (edp) group, size D/ep: they hold the same experts and average their
-gradients. Attention, router and shared expert stay replicated over all D ranks (DDP/FSDP as usual).
+Layout ("parallel folding": the experts' mesh is cut from the attention mesh's ranks). Per pipeline
+stage the dp*cp*tp ranks (mesh order, tp innermost) form an (edp, ep, etp) grid, etp = parallel.etp:
+an *ep group* (ranks along ep) shares its tokens' experts, rank j of it holds experts
+[j*E/ep, (j+1)*E/ep) of every sparse layer; an *etp group* (along etp, inside one tp group) holds
+slices of the same experts' intermediate dim (`expert_tensor_parallel`); the *expert-data-parallel*
+(edp) group holds identical pieces and sums their gradients. With etp = tp (the default) the ep
+groups are blocks of ep dp*cp ranks at one tp coordinate; with etp < tp each tp group's rows are cut
+into tp/etp parts dispatched separately (sequence-parallel dispatch) and ep may span tp ranks.
+etp = 0 keeps the old layout: experts whole on every tp rank, each computing all the rows (tp-fold
+repeated expert work; for comparison). Attention, router and shared expert stay replicated over the
+dp*cp ranks (DDP/FSDP as usual).
 
 Parameter names never change (`model.layers.3.mlp.experts.5.up_proj.weight` lives on the ranks
 holding expert 5), so initialisation per name equals one process and DCP checkpoints load into any
@@ -35,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from megaqwen.parallel.collectives import copy_to_tp, gather_from_sp_split_grad, reduce_from_tp, split_to_sp
 from megaqwen.parallel.dims import ParallelMesh
 from megaqwen.parallel.shards import ShardMap
 
@@ -46,40 +53,84 @@ class EPGroups:
     ep_group: dist.ProcessGroup
     """This rank's ep block: tokens are exchanged here."""
     edp_group: dist.ProcessGroup
-    """Ranks holding the same experts as this one (size dp*cp/ep): expert grads averaged here."""
+    """Ranks holding the same experts (and expert-TP slice) as this one: expert grads summed here."""
     ep_rank: int
     """Position in the ep block: this rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep)."""
     dp_world: int
     """dp*cp: the ranks DDP/FSDP average dense gradients over."""
+    etp: int = 0
+    """Expert tensor-parallel degree (`megaqwen.parallel.expert_tensor_parallel`): 0 experts whole
+    on every tp rank (each computing all the tp group's rows, the layout before issue 24), k >= 1
+    each expert's intermediate dim over k tp ranks and the tp group's rows cut into tp/k parts."""
+    etp_group: dist.ProcessGroup | None = None
+    """The etp ranks sharing one part of the rows and slicing the same experts (None: etp <= 1)."""
+    part_group: dist.ProcessGroup | None = None
+    """The tp/etp ranks of this tp group that each take another part of its rows (None: one part)."""
+    tp: int = 1
+    """Tensor-parallel degree of the attention mesh."""
+
+    @property
+    def parts(self) -> int:
+        """Parts the tp group's (replicated) rows are cut into before dispatch."""
+        return self.tp // self.etp if self.etp else 1
 
     @property
     def edp(self) -> int:
-        return self.dp_world // self.ep
+        return self.dp_world * self.parts // self.ep
+
+    def expert_tp_copies(self, tp_copies: int) -> int:
+        """TP ranks holding the same values as this rank's piece of an expert tensor, given what the
+        ShardMap says (`tp_copies`: it knows the expert-TP slices; folded experts, whole but different
+        on each tp part, it would count tp times)."""
+        return 1 if self.parts > 1 else tp_copies
 
 
-def ep_groups(mesh: ParallelMesh, ep: int) -> EPGroups:
-    """This rank's ep and edp groups. Collective: every rank creates every group in the same order
-    (as `dist.new_group` requires), ep blocks first, then edp groups."""
+def resolve_etp(etp: int, tp: int) -> int:
+    """parallel.etp as used: -1 means tp; 0 (replicate) and divisors of tp as given."""
+    if etp == -1:
+        return tp
+    if etp < 0 or (etp and tp % etp):
+        raise ValueError(f"parallel.etp={etp} must be -1 (= tp), 0 (experts whole on every tp rank) or "
+                         f"a divisor of tp={tp}")
+    return etp
+
+
+def ep_groups(mesh: ParallelMesh, ep: int, etp: int = -1) -> EPGroups:
+    """This rank's ep, edp (and expert-TP) groups. Per pipeline stage the dp*cp*tp ranks, in mesh
+    order (tp innermost), are viewed as an (edp, ep, etp') grid with etp' = etp (tp in replicate
+    mode): the experts' own mesh over the attention mesh's ranks ("parallel folding"). Collective:
+    every rank creates every group in the same order (as `dist.new_group` requires)."""
     d = mesh.dims
-    dp_world = d.dp * d.cp
-    if dp_world % ep:
-        raise ValueError(f"ep={ep} must divide dp*cp={d.dp}*{d.cp}={dp_world}")
-    # (pp, dp, cp, tp) -> rows of the D data-parallel ranks, one row per (pp, tp)
-    rows = mesh.mesh.mesh.permute(0, 3, 1, 2).reshape(-1, dp_world).tolist()
+    etp = resolve_etp(etp, d.tp)
+    dp_world, inner = d.dp * d.cp, etp or d.tp
+    parts = d.tp // inner
+    if (dp_world * parts) % ep:
+        raise ValueError(f"ep={ep} must divide dp*cp*tp/etp={d.dp}*{d.cp}*{d.tp}/{inner}={dp_world * parts}")
+    edp = dp_world * parts // ep
+    grids = mesh.mesh.mesh.reshape(d.pp, edp, ep, inner)  # (pp, dp, cp, tp) flattened per stage
     me = dist.get_rank()
     ep_group = edp_group = None
     ep_rank = 0
-    for row in rows:
-        for i in range(0, dp_world, ep):
-            g = dist.new_group(row[i:i + ep])
-            if me in row[i:i + ep]:
-                ep_group, ep_rank = g, row[i:i + ep].index(me)
-    for row in rows:
-        for j in range(ep):
-            g = dist.new_group(row[j::ep])
-            if me in row[j::ep]:
-                edp_group = g
-    return EPGroups(ep, ep_group, edp_group, ep_rank, dp_world)
+    for grid in grids:
+        for a in range(edp):
+            for c in range(inner):
+                ranks = grid[a, :, c].tolist()
+                g = dist.new_group(ranks)
+                if me in ranks:
+                    ep_group, ep_rank = g, ranks.index(me)
+    for grid in grids:
+        for b in range(ep):
+            for c in range(inner):
+                ranks = grid[:, b, c].tolist()
+                g = dist.new_group(ranks)
+                if me in ranks:
+                    edp_group = g
+    etp_group = part_group = None
+    if etp > 1:
+        etp_group = mesh.tp_group if etp == d.tp else mesh.tp_subgroup(etp)
+    if etp and parts > 1:
+        part_group = mesh.tp_subgroup(etp, strided=True)
+    return EPGroups(ep, ep_group, edp_group, ep_rank, dp_world, etp, etp_group, part_group, d.tp)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -109,24 +160,65 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
 
 class AllToAllDispatcher:
     """A `SparseMoeBlock.dispatcher`: sends expert-sorted rows to the ep ranks holding their experts
-    and brings the outputs back in the input order."""
+    and brings the outputs back in the input order; with expert TP (`etp_group`) the experts here are
+    slices of their intermediate dim, whose partial outputs are summed over the etp group; with a
+    `part_group` this rank first keeps its part of the rows (which the tp group holds replicated)
+    and the parts' outputs are all-gathered after (sequence-parallel dispatch).
 
-    def __init__(self, group: dist.ProcessGroup, experts: int):
+    Counters (forward, what this rank did): `a2a_bytes` sent to other ranks by the two token
+    all-to-alls, `rows` it computed. The expert FLOPs are counted by the block's `compute`."""
+
+    def __init__(self, group: dist.ProcessGroup | None, experts: int,
+                 etp_group: dist.ProcessGroup | None = None, part_group: dist.ProcessGroup | None = None):
         self.group = group
-        self.ep = dist.get_world_size(group)
+        self.ep = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.experts = experts
         self.local = experts // self.ep  # a block's experts (all ranks together) / ep
+        self.etp_group, self.part_group = etp_group, part_group
+        self.parts = dist.get_world_size(part_group) if part_group is not None else 1
+        self.a2a_bytes = 0
+        self.rows = 0
 
     def __call__(self, x_AH: torch.Tensor, counts_E: torch.Tensor, compute) -> torch.Tensor:
+        a = x_AH.shape[0]
+        if self.parts > 1:
+            x_AH, counts_E = self._my_part(x_AH, counts_E)
+        x_AH = copy_to_tp(x_AH, self.etp_group)  # etp ranks: same rows, their slice of every expert
+        y = self._exchange(x_AH, counts_E, compute) if self.ep > 1 else compute(x_AH, counts_E)
+        y = reduce_from_tp(y, self.etp_group)  # down_proj is row-parallel: partial sums
+        if self.parts > 1:
+            y = gather_from_sp_split_grad(y, self.part_group, dim=0)[:a]
+        return y
+
+    def _my_part(self, x_AH: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's chunk of the expert-sorted rows (the tp group holds them all; zero rows pad the
+        last expert's block to a multiple of the parts) and its per-expert counts."""
+        a, p = x_AH.shape[0], self.parts
+        pad = -a % p
+        if pad:
+            x_AH = torch.cat([x_AH, x_AH.new_zeros(pad, x_AH.shape[1])])
+            counts_E = counts_E.clone()
+            counts_E[-1] += pad
+        expert_A = torch.repeat_interleave(torch.arange(self.experts, device=counts_E.device), counts_E)
+        r, chunk = dist.get_rank(self.part_group), (a + pad) // p
+        counts_E = torch.bincount(expert_A[r * chunk:(r + 1) * chunk], minlength=self.experts)
+        return split_to_sp(x_AH, self.part_group, dim=0), counts_E
+
+    def _exchange(self, x_AH: torch.Tensor, counts_E: torch.Tensor, compute) -> torch.Tensor:
         ep, el = self.ep, self.local
         recv = torch.empty_like(counts_E)
         dist.all_to_all_single(recv, counts_E.contiguous(), group=self.group)  # E/ep counts per rank
         recv_SL = recv.view(ep, el)  # rows from source s for local expert l
         send = counts_E.view(ep, el).sum(1).tolist()
         got = recv_SL.sum(1).tolist()
+        row_bytes = x_AH.shape[1] * x_AH.element_size()
+        self.a2a_bytes += (sum(send) - send[self.rank] + sum(got) - got[self.rank]) * row_bytes
         x_R = all_to_all(x_AH, got, send, self.group)  # (R, H), source-major
         local_ids = torch.arange(el, device=x_R.device).repeat(ep)
         expert_R = torch.repeat_interleave(local_ids, recv_SL.reshape(-1))
         perm = torch.argsort(expert_R, stable=True)  # -> local-expert-major
+        self.rows += x_R.shape[0]
         y = compute(x_R.index_select(0, perm), recv_SL.sum(0))
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -140,12 +232,16 @@ def _moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(getattr(m, "experts", None), nn.ModuleDict) and hasattr(m, "dispatcher")}
 
 
-def apply_expert_parallel(model: nn.Module, groups: EPGroups | dist.ProcessGroup) -> set[str]:
+def apply_expert_parallel(model: nn.Module, groups: EPGroups | dist.ProcessGroup,
+                          shards: ShardMap | None = None) -> set[str]:
     """Keep only this rank's experts (best on the meta model, before materialising) and route tokens
-    to them with all-to-all. Returns the FQNs of the expert parameters this rank holds (at ep=1 too:
-    they are what `reduce_expert_grads` and the grad norm treat apart). Raises ValueError before
-    changing anything when the experts do not split evenly."""
+    to them with all-to-all (and expert TP, `EPGroups.etp`). Returns the FQNs of the expert
+    parameters this rank holds (at ep=1 too: they are what `reduce_expert_grads` and the grad norm
+    treat apart); drops the deleted experts' expert-TP records from `shards`. Raises ValueError
+    before changing anything when the experts do not split evenly."""
     group = groups.ep_group if isinstance(groups, EPGroups) else groups
+    etp_group = groups.etp_group if isinstance(groups, EPGroups) else None
+    part_group = groups.part_group if isinstance(groups, EPGroups) else None
     ep, r = dist.get_world_size(group), dist.get_rank(group)
     blocks = _moe_blocks(model)
     for name, block in blocks.items():
@@ -156,9 +252,12 @@ def apply_expert_parallel(model: nn.Module, groups: EPGroups | dist.ProcessGroup
         e = len(block.experts)
         mine = {str(i) for i in range(r * e // ep, (r + 1) * e // ep)}
         for key in [k for k in block.experts if k not in mine]:
+            if shards is not None:
+                for p, _ in block.experts[key].named_parameters():
+                    shards.shards.pop(f"{name}.experts.{key}.{p}", None)
             del block.experts[key]
-        if ep > 1:
-            block.dispatcher = AllToAllDispatcher(group, e)
+        if ep > 1 or etp_group is not None or part_group is not None:
+            block.dispatcher = AllToAllDispatcher(group if ep > 1 else None, e, etp_group, part_group)
         fqns |= {f"{name}.experts.{p}" for p, _ in block.experts.named_parameters()}
     return fqns
 
@@ -206,7 +305,8 @@ def _expert_sq(named_params, expert_fqns: set[str], shards: ShardMap, groups: EP
             continue
         g = p.grad
         local = g.to_local() if isinstance(g, DTensor) else g  # FSDP2: split over edp already
-        copies = shards.tp_copies(fqn) * (1 if isinstance(g, DTensor) else groups.edp)
+        copies = groups.expert_tp_copies(shards.tp_copies(fqn))
+        copies *= 1 if isinstance(g, DTensor) else groups.edp
         norm = torch.linalg.vector_norm(local, dtype=torch.float32).double()
         sq = sq.to(local.device) + norm.square() / copies
     return sq

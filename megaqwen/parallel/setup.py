@@ -234,8 +234,8 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     if spec.expert_parallel and env.mesh is not None:
         from megaqwen.parallel.expert_parallel import apply_expert_parallel, apply_fsdp_experts, ep_groups
 
-        shards.ep_groups = ep_groups(env.mesh, env.dims.ep)  # collective: same order on every rank
-        shards.expert_fqns = apply_expert_parallel(model, shards.ep_groups)
+        shards.ep_groups = ep_groups(env.mesh, env.dims.ep, env.dims.etp)  # collective: same order everywhere
+        shards.expert_fqns = apply_expert_parallel(model, shards.ep_groups, shards)
         if use_fsdp and env.dims.ep > 1:  # experts sharded over their own (edp) group, before apply_fsdp
             apply_fsdp_experts(model, env.mesh, shards.ep_groups, mp_param_dtype)
     if env.mesh is not None and env.dims.cp > 1:

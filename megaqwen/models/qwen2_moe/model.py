@@ -26,7 +26,6 @@ bias `mlp.gate.e_score_correction_bias` (E,) added to the probabilities for the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import NamedTuple
@@ -37,7 +36,16 @@ import torch.nn.functional as F
 
 from megaqwen.kernels.attention import AttentionMeta
 from megaqwen.kernels.cross_entropy import LossParts
-from megaqwen.kernels.moe import expert_mlp, pick_backend
+from megaqwen.kernels.moe import (
+    capacity,
+    combine,
+    expert_flops,
+    expert_mlp,
+    permute,
+    pick_backend,
+    stack_experts,
+    stacked_weights,
+)
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
 from megaqwen.models.outputs import AuxTerm
@@ -115,6 +123,11 @@ class SparseMoeBlock(nn.Module):
         self.expert_backend = "auto"
         """kernels.moe backend: auto | loop | bmm | grouped_mm."""
         self.dispatcher: Dispatcher | None = None
+        self.expert_flops = 0
+        """Forward FLOPs of the routed experts run on this rank so far (`compute` adds them; padding
+        rows included, recomputed forwards too): what expert parallelism divides."""
+        self._stacked: dict[str, torch.Tensor] = {}
+        """Projection name -> the (E_local, ...) storage the experts' weights are views of."""
         self.router_out: list[RouterOut] | None = None
         """Set by the model around its forward: where this block appends its routing. An attribute,
         not a call argument: wrappers (FSDP2) may rebuild argument lists, losing the appends."""
@@ -152,39 +165,33 @@ class SparseMoeBlock(nn.Module):
     def compute(self, x_AH: torch.Tensor, counts) -> torch.Tensor:
         """Rows grouped by the experts held here (in key order), counts per expert -> outputs. The
         loop calls each expert module (also on zero rows: every expert gets a grad), which keeps
-        module hooks working (FSDP2 units); the stacked backends read the weights directly."""
+        module hooks working (FSDP2 units); the stacked backends read the weights stacked once
+        (`kernels.moe.stack_experts`: no copy per call). Adds the forward FLOPs it runs to
+        `expert_flops` (every dispatcher calls this, so the count is what this rank executed)."""
         experts = self.local_experts()
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-        w = experts[0].gate_proj.weight  # (I, H)
+        w = experts[0].gate_proj.weight  # (I, H): I is this rank's slice under expert TP
+        self.expert_flops += expert_flops(sum(counts), w.shape[1], w.shape[0])
         if _wrapped(w) or pick_backend(self.expert_backend, x_AH, w.shape[1], w.shape[0]) == "loop":
             return torch.cat([m(x) for m, x in zip(experts, x_AH.split(counts))])
-        return expert_mlp(x_AH, counts, [m.gate_proj.weight for m in experts],
-                          [m.up_proj.weight for m in experts], [m.down_proj.weight for m in experts],
-                          self.ops.swiglu, self.expert_backend)
+        stacked = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            ws = [getattr(m, name).weight for m in experts]
+            self._stacked[name] = stack_experts(ws, self._stacked.get(name))
+            stacked.append(stacked_weights(ws, self._stacked[name]))
+        return expert_mlp(x_AH, counts, *stacked, self.ops.swiglu, self.expert_backend)
 
     def experts_forward(self, x_NH: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Grouped dispatch: sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (dropped assignments add 0)."""
         n, k = idx_NK.shape
-        flat = idx_NK.reshape(-1)  # (A,)
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens in order
-        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        first_pass = not _recomputing()
-        if first_pass:
-            self.load_E = counts if self.load_E is None else self.load_E + counts
-        if self.capacity_factor > 0:
-            cap = math.ceil(self.capacity_factor * n * k / self.num_experts)
-            sorted_e = flat[order]
-            start = counts.cumsum(0) - counts
-            keep = torch.arange(order.numel(), device=flat.device) - start[sorted_e] < cap
-            order, counts = order[keep], counts.clamp(max=cap)
-            dropped = (~keep).sum()
-            if first_pass:
-                self.dropped = dropped if self.dropped is None else self.dropped + dropped
-        token_A = order // k
-        x_A = x_NH.index_select(0, token_A)  # (A, H) expert-major
-        y_A = (self.dispatcher or _local)(x_A, counts, self.compute)
-        y_A = y_A * w_NK.reshape(-1)[order, None]
-        return torch.zeros_like(x_NH).index_add_(0, token_A, y_A)
+        perm = permute(idx_NK, self.num_experts, capacity(self.capacity_factor, n, k, self.num_experts))
+        if not _recomputing():  # the load was counted on the first pass already
+            self.load_E = perm.load_E if self.load_E is None else self.load_E + perm.load_E
+            if self.capacity_factor > 0:
+                self.dropped = perm.dropped if self.dropped is None else self.dropped + perm.dropped
+        x_A = x_NH.index_select(0, perm.order_A // k)  # (A, H) expert-major
+        y_A = (self.dispatcher or _local)(x_A, perm.counts_E, self.compute)
+        return combine(y_A, w_NK, perm.order_A, n)
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         x = x_BTH.reshape(-1, x_BTH.shape[-1])  # (N, H)

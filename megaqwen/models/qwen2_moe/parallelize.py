@@ -1,13 +1,18 @@
 """Tensor-parallel plan for Qwen2-MoE: Qwen2's plan for everything but the sparse blocks.
 
 Attention, norms, embedding, head and the dense MLPs (mlp_only_layers, decoder_sparse_step) are
-sharded exactly as in Qwen2 (`megaqwen.models.qwen2.parallelize`). Sparse blocks stay whole on every
-TP rank: their input (the post-attention norm's output) is replicated over TP, so each rank routes
-the same tokens through the same experts, and the block's output and input grad come out replicated,
-as the residual stream expects. No collective is needed; router, shared-expert and expert grads are
-identical on the TP ranks (the grad norm counts them once: `ShardMap.tp_copies` = tp). Experts are
-spread over ranks by expert parallelism instead (`megaqwen.parallel.expert_parallel`, after this plan;
-its groups are per TP coordinate).
+sharded exactly as in Qwen2 (`megaqwen.models.qwen2.parallelize`). Router and shared expert stay
+whole on every TP rank: the block's input (the post-attention norm's output) is replicated over TP,
+so each rank routes the same tokens, and the block's output and input grad come out replicated, as
+the residual stream expects (router and shared-expert grads are identical on the TP ranks: the grad
+norm counts them once, `ShardMap.tp_copies` = tp).
+
+Routed experts (`parallel.etp`, resolved in `ParallelDims.etp`): with etp = k > 0 each expert's
+intermediate dim is split over k TP ranks (etp rank = tp rank mod k): gate/up keep rows
+[r*I/k, (r+1)*I/k) (column-parallel), down the same columns (row-parallel), recorded in the ShardMap
+so initialisation, checkpoints and the grad norm see slices of the full tensors. The collectives
+(partial sums over the etp group, the tp/k parts of the rows) are the dispatcher's, installed by
+expert parallelism after this plan (`megaqwen.parallel.expert_parallel`). etp = 0: experts whole.
 
 Sequence parallelism: a sparse block all-gathers its (B, T/tp, H) input and keeps its own slice of
 the output (`gather_from_sp_split_grad` in, `split_to_sp` out), so every TP rank again routes the
@@ -24,7 +29,7 @@ from megaqwen.models.qwen2.parallelize import parallelize_tp as qwen2_paralleliz
 from megaqwen.models.qwen2_moe.model import Qwen2MoeForCausalLM, SparseMoeBlock
 from megaqwen.parallel.collectives import gather_from_sp_split_grad, split_to_sp
 from megaqwen.parallel.dims import ParallelMesh
-from megaqwen.parallel.shards import ShardMap
+from megaqwen.parallel.shards import ShardMap, TensorShard
 
 
 def parallelize_tp(model: Qwen2MoeForCausalLM, mesh: ParallelMesh | None, sequence_parallel: bool = False,
@@ -44,12 +49,30 @@ def parallelize_tp(model: Qwen2MoeForCausalLM, mesh: ParallelMesh | None, sequen
     finally:
         for i, block in sparse.items():
             model.model.layers[i].mlp = block
+    etp = getattr(mesh.dims, "etp", 0)
     for i, block in sparse.items():
         for name in ("gate_proj", "up_proj", "down_proj"):
             shards.shards.pop(f"model.layers.{i}.mlp.{name}.weight", None)
+        if etp > 1:
+            _shard_experts(block, f"model.layers.{i}.mlp", etp, mesh.tp_rank % etp, shards)
         if sequence_parallel:
             _whole_sequence(block, mesh.tp_group)
     return shards
+
+
+def _shard_experts(block: SparseMoeBlock, prefix: str, etp: int, rank: int, shards: ShardMap) -> None:
+    """Expert TP: keep this etp rank's slice of every expert's intermediate dim (on meta: no copy)."""
+    for key, expert in block.experts.items():
+        for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            linear = getattr(expert, name)
+            full = tuple(linear.weight.shape)
+            if full[dim] % etp:
+                raise ValueError(f"moe_intermediate_size={full[dim]} is not divisible by etp={etp}")
+            n = full[dim] // etp
+            piece = linear.weight.detach().narrow(dim, rank * n, n).clone()
+            linear.weight = torch.nn.Parameter(piece, requires_grad=linear.weight.requires_grad)
+            linear.in_features, linear.out_features = piece.shape[1], piece.shape[0]
+            shards.add(f"{prefix}.experts.{key}.{name}.weight", TensorShard(full, dim, rank * n, n))
 
 
 def _whole_sequence(block: SparseMoeBlock, group) -> None:

@@ -11,6 +11,11 @@ from megaqwen.models.qwen2.validate import validate as validate_dense
 def validate(cfg: Any, dims: Any) -> list[str]:
     errors = validate_dense(cfg, dims)
     experts, k, ep, dp_world = cfg.num_experts, cfg.num_experts_per_tok, dims.ep, dims.dp * dims.cp
+    etp = getattr(dims, "etp", 0)
+    dp_world *= dims.tp // etp if etp > 0 else 1  # etp < tp: ep may span the tp parts
+    if etp > 1 and cfg.moe_intermediate_size % etp:
+        errors.append(f"moe_intermediate_size={cfg.moe_intermediate_size} is not divisible by etp={etp} "
+                      "(expert tensor parallelism splits it)")
     if experts % ep:
         errors.append(f"num_experts={experts} is not divisible by ep={ep}; pick ep from "
                       f"{[d for d in range(1, experts + 1) if experts % d == 0 and dp_world % d == 0]}")
