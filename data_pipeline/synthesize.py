@@ -165,22 +165,18 @@ def messages_for(template: str, text: str, max_chars: int) -> list[dict[str, str
 
 
 def read_prompts(path: str) -> list[Document]:
-    """`synthesize.prompts`: jsonl lines {"prompt": ..., "id"?: ..., "content_type"?: ...}; a bad
-    line is an error naming the file and line."""
+    """`synthesize.prompts`: jsonl lines {"prompt": ..., "id"?: ..., "content_type"?: ...}
+    (`megaqwen.data.prompts.read_prompt_records`: a bad line is an error naming the file and line)."""
+    from megaqwen.data.prompts import read_prompt_records
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec["prompt"]
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError("empty prompt")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: not a prompt line ({type(e).__name__}: {e})") from e
-            ct = rec.get("content_type", "prose")
-            out.append(Document(str(rec.get("id", f"prompt-{n}")), text, {"content_type": ct}))
+    for p in read_prompt_records(path):
+        rec = p.record
+        if "prompt" not in rec:
+            raise ValueError(f"{p.where}: the synthesize stage takes `prompt` lines (the text becomes the "
+                             "user turn after the stage's own system turn), not `messages`")
+        ct = rec.get("content_type", "prose")
+        out.append(Document(str(rec.get("id", f"prompt-{p.line}")), rec["prompt"], {"content_type": ct}))
     return out
 
 

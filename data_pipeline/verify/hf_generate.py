@@ -6,13 +6,14 @@ A stand-in until the serving engine lands: one `generate` call per prompt with
 
 from __future__ import annotations
 
+from megaqwen.data.prompts import prompt_ids
 from megaqwen.data_pipeline.verify.pairs import Generator, Task
 
 
 def hf_generator(checkpoint: str, max_new_tokens: int = 512, temperature: float = 0.8, top_p: float = 0.95,
                  seed: int = 0, device: str | None = None) -> Generator:
-    """A Generator sampling from `checkpoint` (temperature + nucleus); prompts go through the folder's
-    chat template, or are used as plain text when its tokenizer has none."""
+    """A Generator sampling from `checkpoint` (temperature + nucleus); prompts rendered by
+    `megaqwen.data.prompts.prompt_ids` with the folder's tokenizer (its chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,20 +24,16 @@ def hf_generator(checkpoint: str, max_new_tokens: int = 512, temperature: float 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
 
-    def prompt_text(task: Task) -> str:
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(task.chat, tokenize=False, add_generation_prompt=True)
-        return task.prompt if task.prompt is not None else "\n".join(m["content"] for m in task.messages)
-
     def generate(tasks: list[Task], n: int) -> list[list[str]]:
         out = []
         for task in tasks:
-            enc = tok(prompt_text(task), return_tensors="pt", add_special_tokens=False).to(device)
+            input_ids = torch.tensor([prompt_ids(tok, task.record)], device=device)
             with torch.no_grad():
-                ids = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                ids = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     do_sample=True, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens, num_return_sequences=n,
                                      pad_token_id=pad_id if pad_id is not None else 0)
-            out.append(tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out.append(tok.batch_decode(ids[:, input_ids.shape[1]:], skip_special_tokens=True))
         return out
 
     return generate
@@ -47,8 +44,9 @@ def engine_generator(checkpoint: str, engine: str = "native", max_new_tokens: in
                      device: str | None = None) -> Generator:
     """A Generator on a `megaqwen.generate` engine: `native` (our KV-cache decoder; `checkpoint` a run
     folder, native checkpoint or HF folder) or `vllm` (HF folder, GPU). All n samples of every task
-    of a batch go in one batched `generate` call; prompts through the chat template of the
-    checkpoint's tokenizer (Qwen2.5's when it ships none); a sample ends at <|im_end|> or end of text."""
+    of a batch go in one batched `generate` call; prompts rendered by `megaqwen.data.prompts.prompt_ids`
+    with the checkpoint's tokenizer (Qwen2.5's when it ships none); a sample ends at <|im_end|> or end
+    of text."""
     from pathlib import Path
 
     import torch
@@ -63,16 +61,9 @@ def engine_generator(checkpoint: str, engine: str = "native", max_new_tokens: in
                   if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
     calls = 0
 
-    def prompt_ids(task: Task) -> list[int]:
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(task.chat, tokenize=False, add_generation_prompt=True)
-        else:
-            text = task.prompt if task.prompt is not None else "\n".join(m["content"] for m in task.messages)
-        return tok.encode(text, add_special_tokens=False)
-
     def generate(tasks: list[Task], n: int) -> list[list[str]]:
         nonlocal calls
-        prompts = [ids for task in tasks for ids in [prompt_ids(task)] * n]
+        prompts = [ids for task in tasks for ids in [prompt_ids(tok, task.record)] * n]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed + calls, stop_token_ids=stops)
         calls += 1  # each batch its own seed: the run repeats with the same flags

@@ -1,6 +1,7 @@
 """Offline-RL preference pairs from verifiers: sample responses, check them, keep (pass, fail) pairs.
 
-A task is one line of the prompts file: `{"prompt": str}` or `{"messages": [...]}`, plus either
+A task is one line of the prompts file (read by `megaqwen.data.prompts`, which also renders it for the
+samplers): `{"prompt": str}` or `{"messages": [...]}`, plus either
 `"answer"` (maths: the final answer, checked by `math_answer.equivalent`) or `"tests"` (code: Python
 asserts, a string or a list of strings, run after the response's last fenced code block in the
 sandbox). A pair `{"prompt"|"messages", "chosen", "rejected", "source"}` is written only for a task
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megaqwen.data.prompts import prompt_messages, read_prompt_records
 from megaqwen.rewards.code import extract_code
 from megaqwen.rewards.math_answer import equivalent, extract_answer
 from megaqwen.rewards.sandbox import SandboxConfig, isolation, run_python
@@ -30,8 +32,8 @@ log = logging.getLogger("megaqwen.verify_pairs")
 class Task:
     line: int
     """1-based line of the prompts file."""
-    prompt: str | None
-    messages: list[dict] | None
+    record: dict
+    """The prompt record as read (`megaqwen.data.prompts`): `prompt` or `messages`, and the check."""
     answer: str | None
     """Maths: the reference final answer."""
     tests: str | None
@@ -43,10 +45,10 @@ class Task:
 
     @property
     def chat(self) -> list[dict]:
-        return self.messages if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        return prompt_messages(self.record)
 
     def prompt_fields(self) -> dict:
-        return {"messages": self.messages} if self.messages is not None else {"prompt": self.prompt}
+        return {k: self.record[k] for k in ("prompt", "messages") if k in self.record}
 
 
 Generator = Callable[[list[Task], int], list[list[str]]]
@@ -55,26 +57,18 @@ tests pass canned responses."""
 
 
 def read_tasks(path: str | Path) -> list[Task]:
-    """Every task of a jsonl prompts file; a malformed line raises ValueError naming it."""
+    """Every task of a jsonl prompts file (`megaqwen.data.prompts.read_prompt_records`, plus exactly one
+    of `answer` and `tests`); a malformed line raises ValueError naming it."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-            if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
-                raise ValueError(f"{path}:{i}: needs exactly one of 'prompt' and 'messages'")
-            if ("answer" in rec) == ("tests" in rec):
-                raise ValueError(f"{path}:{i}: needs exactly one of 'answer' (maths) and 'tests' (code)")
-            tests = rec.get("tests")
-            if isinstance(tests, list):
-                tests = "\n".join(tests)
-            answer = rec.get("answer")
-            tasks.append(Task(i, rec.get("prompt"), rec.get("messages"),
-                              None if answer is None else str(answer), tests))
+    for p in read_prompt_records(path):
+        rec = p.record
+        if ("answer" in rec) == ("tests" in rec):
+            raise ValueError(f"{p.where}: needs exactly one of 'answer' (maths) and 'tests' (code)")
+        tests = rec.get("tests")
+        if isinstance(tests, list):
+            tests = "\n".join(tests)
+        answer = rec.get("answer")
+        tasks.append(Task(p.line, rec, None if answer is None else str(answer), tests))
     return tasks
 
 

@@ -33,7 +33,6 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from megaqwen.data.indexed import IndexedDatasetBuilder
-from megaqwen.data.readers import MAX_EXAMPLES, InputPart, SkipSummary, decompressed
+from megaqwen.data.readers import MAX_EXAMPLES, InputPart, SkipSummary, json_records
 
 log = logging.getLogger("megaqwen.tokenize")
 FORMATS = ("sft", "dpo")
@@ -80,34 +79,10 @@ class ChatStats:
             firsts.append(where)
 
 
-# ---- reading raw records ----------------------------------------------------------------------------
-
-def read_records(path: str, skips: SkipSummary, stats: ChatStats) -> Iterator[tuple[str, Any]]:
-    """(`file:line`, parsed record) for each non-blank jsonl line / parquet row; bad JSON is counted."""
-    if path.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                row += 1
-                yield f"{path}:{row}", rec
-        return
-    with open(path, "rb") as raw, decompressed(path, raw) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line.decode("utf-8", "replace").removeprefix("\ufeff"))
-            except json.JSONDecodeError as e:
-                skips.skip(where, "invalid_json", e.msg, "line")
-                stats.skip(where, "invalid_json")
-
-
 # ---- validation -------------------------------------------------------------------------------------
 
-def _message(m: Any) -> dict:
+def check_message(m: Any) -> dict:
+    """One chat turn, validated (raises Malformed); an assistant turn may carry `tool_calls`."""
     if not isinstance(m, dict):
         raise Malformed("message_not_an_object", f"a message is a {type(m).__name__}")
     role = m.get("role")
@@ -134,7 +109,7 @@ def sft_messages(rec: Any) -> list[dict]:
         raise Malformed("missing_messages")
     if not isinstance(msgs, list) or not msgs:
         raise Malformed("messages_not_a_list")
-    out = [_message(m) for m in msgs]
+    out = [check_message(m) for m in msgs]
     roles = [m["role"] for m in out]
     if "assistant" not in roles:
         raise Malformed("no_assistant")
@@ -145,9 +120,9 @@ def sft_messages(rec: Any) -> list[dict]:
 
 def _turns(value: Any, name: str, as_role: str) -> list[dict]:
     if isinstance(value, str):
-        return [_message({"role": as_role, "content": value})]
+        return [check_message({"role": as_role, "content": value})]
     if isinstance(value, list) and value:
-        return [_message(m) for m in value]
+        return [check_message(m) for m in value]
     raise Malformed(f"missing_{name}" if value is None else f"{name}_not_text_or_messages")
 
 
@@ -255,19 +230,23 @@ def tokenize_chat(files: list[str] | list[InputPart], output_prefix: str, data_f
                                   meta={"mask_of": Path(str(output_prefix)).name}) as masks:
         for path in paths:
             skips = SkipSummary(path, log)
-            for where, rec in read_records(path, skips, stats):
+            unit = "row" if path.endswith(".parquet") else "line"
+
+            def bad(where: str, reason: str, detail: str = "", skips=skips, unit=unit) -> None:
+                skips.skip(where, reason, detail, unit)
+                stats.skip(where, reason)
+
+            for where, rec in json_records(path, bad):
                 try:
                     if data_format == "sft":
                         docs = [sft_document(tok, info.eod_id, sft_messages(rec), last_turn_only)]
                     else:
                         docs = dpo_documents(tok, info.eod_id, *dpo_pair(rec))
                 except Malformed as e:
-                    skips.skip(where, e.reason, str(e), "line" if not path.endswith(".parquet") else "row")
-                    stats.skip(where, e.reason)
+                    bad(where, e.reason, str(e))
                     continue
                 except Exception as e:  # noqa: BLE001 - the template raised on this record
-                    skips.skip(where, "template_failed", f"{type(e).__name__}: {e}")
-                    stats.skip(where, "template_failed")
+                    bad(where, "template_failed", f"{type(e).__name__}: {e}")
                     continue
                 for ids, mask in docs:
                     tokens.add_document(ids)

@@ -28,7 +28,7 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,31 @@ def decompressed(path: str, raw: io.BufferedIOBase) -> io.BufferedIOBase:
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return raw
+
+
+def json_records(path: str, on_bad: Callable[[str, str, str], None]) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed JSON value) for each non-blank line of a jsonl file (plain, .gz, .zst), or
+    (`file:row`, row dict) for each row of a parquet file: the raw reader of record files whose records
+    are not text documents (chat conversations, preference pairs, prompts; `Reader` reads those). A
+    line that is not JSON calls `on_bad(where, "invalid_json", message)`, which counts it or raises."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield f"{path}:{row}", rec
+        return
+    with open(path, "rb") as raw, decompressed(path, raw) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line.decode("utf-8", "replace").removeprefix("\ufeff"))
+            except json.JSONDecodeError as e:
+                on_bad(where, "invalid_json", e.msg)
 
 
 def _damaged_stream_errors() -> tuple[type[BaseException], ...]:

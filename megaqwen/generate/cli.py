@@ -4,8 +4,9 @@
         [--greedy | --temperature 0.7 --top-p 0.9 --top-k 50 --seed 0] [--engine native|hf|vllm]
 
 `--checkpoint`: a run folder, a native checkpoint (step folder) or an HF folder. Each input line is
-an object with `prompt` (text, tokenised as is) or `messages` (chat turns, rendered with the chat
-template and the assistant generation prompt). Each output line is the input record plus
+an object with `prompt` (text: one user turn) or `messages` (chat turns), rendered with the chat
+template and the assistant generation prompt (`megaqwen.data.prompts`); `--raw-prompts` tokenises a
+`prompt` as it is instead (a base model continuing text). Each output line is the input record plus
 `completion` (decoded text, special tokens dropped), `token_ids` and `finish_reason`. Malformed lines
 are counted and named (file:line) and skipped, never fatal. Generation stops at the tokenizer's end
 of text and <|im_end|> unless `--stop-token-ids` says otherwise.
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     add_version_flag(p)
     p.add_argument("--checkpoint", required=True, help="run folder, native checkpoint or HF folder")
     p.add_argument("--prompts", required=True, help="jsonl with `prompt` or `messages` per line")
+    p.add_argument("--raw-prompts", action="store_true",
+                   help="tokenise `prompt` text as it is (default: as a user turn in the chat template)")
     p.add_argument("--output", required=True, help="jsonl to write (input record + completion)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--greedy", action="store_true", help="arg-max decoding")
@@ -58,46 +61,6 @@ def _tokenizer(args):
     return open_tokenizer(path)
 
 
-def read_prompts(path: Path, tok, vocab: int, skips) -> list[tuple[dict, list[int]]]:
-    """(record, prompt ids) per good line; bad lines are counted in `skips` under their reason."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            where = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                skips.skip(where, "invalid_json", str(e))
-                continue
-            ids, why = _encode(rec, tok)
-            if why:
-                skips.skip(where, why)
-                continue
-            if max(ids) >= vocab:
-                skips.skip(where, "token_beyond_model_vocab", f"id {max(ids)} >= {vocab}")
-                continue
-            out.append((rec, ids))
-    return out
-
-
-def _encode(rec, tok) -> tuple[list[int], str | None]:
-    if not isinstance(rec, dict):
-        return [], "not_an_object"
-    if isinstance(rec.get("prompt"), str) and rec["prompt"]:
-        return tok.encode(rec["prompt"], add_special_tokens=False), None
-    msgs = rec.get("messages")
-    if isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs):
-        if not getattr(tok, "chat_template", None):
-            return [], "messages_without_chat_template"
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False), None
-    return [], "no_prompt_or_messages"
-
-
 def _stop_ids(args, tok) -> tuple[int, ...]:
     if args.stop_token_ids is not None:
         return tuple(args.stop_token_ids)
@@ -121,6 +84,7 @@ def _engine(args):
 
 def main(argv: list[str] | None = None) -> int:
     from megaqwen.cli_common import silence_known_warnings
+    from megaqwen.data.prompts import read_prompts
     from megaqwen.data.readers import SkipSummary
 
     args = _parser().parse_args(argv)
@@ -137,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     engine, vocab = _engine(args)
     params.stop_token_ids = _stop_ids(args, tok)
     skips = SkipSummary(str(args.prompts), log)
-    items = read_prompts(Path(args.prompts), tok, vocab, skips)
+    try:
+        items = read_prompts(args.prompts, tok, raw=args.raw_prompts, skips=skips, vocab=vocab)
+    except ValueError as e:  # the tokenizer cannot render them (no chat template)
+        raise SystemExit(f"megaqwen-generate: {e}") from e
     skips.report()
     log.info("megaqwen-generate: %d prompts (%s engine, tokenizer %s), stop at %s",
              len(items), args.engine, info.describe(), list(params.stop_token_ids))
@@ -148,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = items[b:b + args.batch_size]
             if params.seed is not None:  # each batch its own seed: reruns with the same flags repeat
                 params.seed = args.seed + b
-            outs = engine.generate([ids for _, ids in batch], params)
-            for (rec, _), o in zip(batch, outs):
-                rec = {**rec, "completion": tok.decode(o.token_ids, skip_special_tokens=True),
+            outs = engine.generate([p.ids for p in batch], params)
+            for p, o in zip(batch, outs):
+                rec = {**p.record, "completion": tok.decode(o.token_ids, skip_special_tokens=True),
                        "token_ids": o.token_ids, "finish_reason": o.finish_reason}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             tokens += sum(len(o.token_ids) for o in outs)

@@ -20,9 +20,7 @@ class Sample:
     """The completion's token ids as generated (for length-aware rewards)."""
 
     def messages(self) -> list[dict]:
-        """The prompt as chat turns (a bare `prompt` is one user turn)."""
-        if "messages" in self.record:
-            return list(self.record["messages"])
-        if "prompt" in self.record:
-            return [{"role": "user", "content": self.record["prompt"]}]
-        raise ValueError(f"prompt record has neither 'prompt' nor 'messages': keys {sorted(self.record)}")
+        """The prompt as chat turns (a bare `prompt` is one user turn: `megaqwen.data.prompts`)."""
+        from megaqwen.data.prompts import prompt_messages
+
+        return prompt_messages(self.record)

@@ -81,22 +81,13 @@ class PromptStream:
 
     def __init__(self, path: Path, max_prompt_len: int):
         from megaqwen.data.chat import chat_tokenizer
+        from megaqwen.data.prompts import read_prompt_records
 
         self.path, self.max_prompt_len = path, max_prompt_len
         self.tok, self.info = chat_tokenizer()
-        self.records: list[dict[str, Any]] = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str)
-                                                 or isinstance(rec.get("messages"), list)):
-                raise ValueError(f"{path}:{n}: a prompt record needs `prompt` (a string) or `messages` (a "
-                                 "list of chat turns)")
-            self.records.append({**rec, "_line": n})
+        # megaqwen.data.prompts: the one prompt-file reader and rendering rule (bad lines are errors)
+        self.records: list[dict[str, Any]] = [{**p.record, "_line": p.line}
+                                              for p in read_prompt_records(path)]
         if not self.records:
             raise ValueError(f"{path}: no prompt records")
         self._ids: dict[int, list[int]] = {}
@@ -104,16 +95,13 @@ class PromptStream:
     def __len__(self) -> int:
         return len(self.records)
 
-    def messages(self, rec: dict[str, Any]) -> list[dict]:
-        return list(rec["messages"]) if "messages" in rec else [{"role": "user", "content": rec["prompt"]}]
-
     def __getitem__(self, i: int) -> Prompt:
         k = i % len(self.records)
         rec = self.records[k]
         if k not in self._ids:
-            text = self.tok.apply_chat_template(self.messages(rec), tokenize=False,
-                                                add_generation_prompt=True)
-            ids = self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+            from megaqwen.data.prompts import prompt_ids
+
+            ids = prompt_ids(self.tok, rec)
             if len(ids) > self.max_prompt_len:
                 raise ValueError(f"{self.path}:{rec['_line']}: the prompt is {len(ids)} tokens; with "
                                  f"grpo.max_new_tokens it must fit train.seq_len (at most "

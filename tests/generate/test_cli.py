@@ -1,6 +1,6 @@
 """megaqwen-generate end to end on the debug model: a native run folder and its HF export give the
-same greedy completions (native and hf engines), chat `messages` get the template, malformed lines
-are counted and named, not fatal."""
+same greedy completions (native and hf engines), prompts rendered by `megaqwen.data.prompts`,
+malformed lines counted and named, not fatal."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_cli_native_run_folder_and_hf_folder(tmp_path, caplog):
     common = ["--prompts", str(prompts), "--max-new-tokens", "5", "--greedy", "--batch-size", "2"]
     with caplog.at_level(logging.INFO, logger="megaqwen.generate"):
         assert main(["--checkpoint", str(run), "--output", str(tmp_path / "a.jsonl"), *common]) == 0
-    assert f"{prompts}: 2 malformed records skipped" in caplog.text and "at records 2, 4" in caplog.text
+    assert f"{prompts}: 2 malformed lines skipped" in caplog.text and "at lines 2, 4" in caplog.text
     assert "tokens/s" in caplog.text
     assert main(["--checkpoint", str(hf), "--output", str(tmp_path / "b.jsonl"), "--engine", "hf",
                  *common]) == 0
