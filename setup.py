@@ -35,7 +35,10 @@ for src, dst in (("kernels", "megaqwen.kernels"), ("data_pipeline", "megaqwen.da
 
 EXTRAS = {
     # Test and lint tooling; triton runs the kernels on CPU under TRITON_INTERPRET=1.
-    "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton>=3.2", "datasets>=3.0"],
+    "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton>=3.2", "datasets>=3.0", "torchao>=0.18"],
+    # train.fp8: torchao's float8 training (pure-Python wheel, declares no torch dependency; its
+    # optional CUDA extensions are skipped on CPU). tests/train/test_fp8*.py need it, hence dev too.
+    "fp8": ["torchao>=0.18"],
     # GPU-only, built against CUDA: never installed on CPU machines, imported lazily.
     "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=1.11"],
     # Alternative data-parallel engine (ZeRO-1/2/3, CPU offload).

@@ -214,11 +214,13 @@ def check_layout(pcfg: ParallelConfig, env: DistEnv, model_cfg: Any, seq_len: in
 
 
 def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
-                fsdp: bool = True, mp_param_dtype: torch.dtype | None = None, plan: Any = None) -> ShardMap:
+                fsdp: bool = True, mp_param_dtype: torch.dtype | None = None, plan: Any = None,
+                low_precision: Callable[[nn.Module, nn.ModuleDict, ShardMap], Any] | None = None) -> ShardMap:
     """Apply the plans in place, in the design's order: pipeline cut (`plan`: this rank keeps its
     stages' layers) -> TP/SP (the spec's plan) -> EP (`spec.expert_parallel`: experts over the ep
     group) -> CP (the attention core over the cp group) -> activation recomputation -> compile ->
-    [stage modules] -> FSDP2 (dp_mode=fsdp and `fsdp`). Run it on the meta-device model, then
+    [stage modules] -> FSDP2 (dp_mode=fsdp and `fsdp`); `low_precision(model, layers, shards)` (FP8
+    linears) runs after CP, before recompute. Run it on the meta-device model, then
     materialise or load; DDP comes after that (`wrap_data_parallel`). Returns where every sharded
     parameter's piece sits (and, under pipelining, this rank's stage modules)."""
     pp_rank = env.mesh.rank("pp") if plan is not None else 0
@@ -243,6 +245,8 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
 
         apply_context_parallel(model, spec, env.mesh.group("cp"), pcfg.cp_mode)
     layers = spec.layers(model)
+    if low_precision is not None:  # e.g. FP8 linears (train.fp8): swapped before recompute/compile/FSDP2
+        low_precision(model, layers, shards)
     apply_recompute(layers, pcfg.recompute, spec.selective_recompute)
     if pcfg.compile:
         apply_compile(layers)

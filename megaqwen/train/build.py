@@ -16,6 +16,7 @@ from megaqwen.parallel.materialize import hf_filler, init_filler, materialize
 from megaqwen.parallel.shards import ShardMap
 from megaqwen.train import checkpoint as ckpt
 from megaqwen.train.config import Config
+from megaqwen.train.fp8 import Fp8Settings, check_fp8, convert_linears, precompute_scales_hook
 from megaqwen.train.optim import build_optimizer, param_groups
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,32 @@ def initial_source(path: str, cfg: Config, spec) -> tuple[str, Path]:
         kind, src_cfg = "native", type(cfg.model).from_dict(ckpt.read_meta(src)["model_config"])
     # training-only settings may differ from the source's: they shape the run, not the weights
     free = ("name", "init_std", "router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor",
-            "moe_routing_bias_update_rate")
+            "moe_routing_bias_update_rate", "moe_balance")
     mismatched = {k: (getattr(src_cfg, k), getattr(cfg.model, k)) for k in src_cfg.to_dict()
                   if k not in free and getattr(src_cfg, k) != getattr(cfg.model, k)}
     if mismatched:
         raise ValueError(f"train.init_from={path}: model config differs (checkpoint, run): {mismatched}")
     return kind, src
+
+
+def fp8_all_gather(cfg: Config, env: par.DistEnv) -> bool:
+    """FSDP2 all-gathers the FP8 weights in FP8 (torchao, tensorwise; at tp=1, where the dp
+    all-reduced amax is the whole weight's)."""
+    t, p = cfg.train, cfg.parallel
+    return (t.fp8 == "tensorwise" and p.tp_linear_backend == "torch" and t.engine == "native"
+            and p.dp_mode == "fsdp" and env.dims.tp == 1 and env.dims.dp * env.dims.cp > 1)
+
+
+def fp8_converter(cfg: Config, env: par.DistEnv):
+    """`train.fp8`'s module swap for `parallelize` (None without FP8), after refusing in one line a
+    recipe this device or install cannot run."""
+    t = cfg.train
+    check_fp8(t.fp8, env.device, cfg.parallel.tp_linear_backend, env.dims.tp)
+    if t.fp8 == "none" or cfg.parallel.tp_linear_backend == "te":  # TE: fp8_autocast in the forward
+        return None
+    s = Fp8Settings(t.fp8, t.fp8_skip_first_last, tuple(t.fp8_skip_modules), cfg.model.num_layers,
+                    fp8_all_gather(cfg, env))
+    return lambda model, layers, shards: convert_linears(model, layers, shards, s)
 
 
 def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan=None):
@@ -59,7 +80,7 @@ def build_model_for_run(cfg: Config, env: par.DistEnv, ops, resuming: bool, plan
     model = spec.build(cfg.model, ops, device="meta")
     mp_dtype = torch.bfloat16 if use_bf16(t.dtype, env.device) else None
     shards = par.parallelize(model, spec, cfg.parallel, env, fsdp=t.engine == "native",
-                             mp_param_dtype=mp_dtype, plan=plan)
+                             mp_param_dtype=mp_dtype, plan=plan, low_precision=fp8_converter(cfg, env))
     if source is not None and source[0] == "hf":
         filler = hf_filler(model, shards, source[1], spec.hf.hf_key, spec.hf.optional_hf_keys(cfg.model))
     elif resuming or source is not None:  # the checkpoint's values overwrite these right after
@@ -109,6 +130,8 @@ def build_engine(cfg: Config, env: par.DistEnv, model, shards: ShardMap | None, 
 
             load_model(str(source[1]), model, shards)  # fp32 partitions and the module's weights
             log.info("initialised weights from %s (this rank's ZeRO-3 partitions only)", t.init_from)
+    if fp8_all_gather(cfg, env):  # one amax all-reduce per step for all FP8-gathered weights
+        optimizer.register_step_post_hook(precompute_scales_hook(model))
     return model, optimizer
 
 

@@ -15,6 +15,7 @@ from megaqwen.kernels.registry import KernelConfig
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.suggest import check_choice
+from megaqwen.train.fp8 import FP8_RECIPES
 from megaqwen.train.grpo import GRPOConfig
 from megaqwen.train.objectives import DPOConfig, objective_for
 from megaqwen.train.rollout_config import RolloutConfig, check_rollout
@@ -69,6 +70,14 @@ class TrainConfig:
     """Max global L2 norm of gradients; 0 disables clipping (the norm is still logged)."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 autocast on CUDA with bf16 support, else fp32) | fp32 | bf16."""
+    fp8: str = "none"
+    """FP8 linears (compute only; checkpoints keep the master dtype): none | tensorwise | rowwise
+    (torchao float8, dynamic per-tensor / per-row scales; CPU too) | blockwise (CUDA sm90+) | mxfp8
+    (CUDA sm100); with parallel.tp_linear_backend=te: Transformer Engine's recipe of that name."""
+    fp8_skip_first_last: bool = True
+    """Keep the first and last decoder layer's linears out of FP8 (embedding and LM head always are)."""
+    fp8_skip_modules: list[str] = field(default_factory=lambda: ["mlp.gate"])
+    """Module FQN suffixes kept out of FP8 (whole dotted components; default: the MoE routers)."""
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda."""
     seed: int = 1234
@@ -242,6 +251,7 @@ class Config:
         if not 0 < t.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
         check_choice("train.dtype", t.dtype, DTYPES)
+        check_choice("train.fp8", t.fp8, FP8_RECIPES)
         check_choice("train.device", t.device, DEVICES)
         check_choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
         check_choice("train.on_bad_checkpoint", t.on_bad_checkpoint, BAD_CHECKPOINT_POLICIES)
