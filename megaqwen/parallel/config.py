@@ -34,10 +34,10 @@ class ParallelConfig:
     """Expert-parallel degree (MoE experts split across ranks; ep must divide dp*cp*tp/etp)."""
     etp: int = -1
     """MoE expert tensor parallelism: -1 = tp (each expert's intermediate dim split over the tp
-    group, gate/up column- and down row-parallel); k dividing tp: over k ranks, the tp group's
-    tokens cut into tp/k parts dispatched separately (k=1: sequence-parallel dispatch, ep may then
-    span tp ranks); 0: experts whole on every tp rank, each computing all tokens (tp-fold repeated
-    expert FLOPs, the pre-issue-24 layout)."""
+    group, gate/up column- and down row-parallel); 1: the tp group's tokens cut into tp parts
+    dispatched separately (sequence-parallel dispatch; ep may then span tp ranks, ep | dp*cp*tp);
+    0: experts whole on every tp rank, each computing all tokens (tp-fold repeated expert FLOPs,
+    the pre-issue-24 layout)."""
     dp: int = -1
     """Data-parallel degree; -1 infers world_size / (tp * pp * cp)."""
     dp_mode: str = "ddp"

@@ -68,9 +68,9 @@ class ParallelDims:
                 f"!= world_size={self.world_size}")
         if self.etp == -1:
             self.etp = self.tp
-        if self.etp < 0 or (self.etp and self.tp % self.etp):
-            raise ValueError(f"parallel.etp={self.etp} must be -1 (= tp), 0 (experts whole on every tp rank) "
-                             f"or a divisor of tp={self.tp}")
+        if self.etp not in (0, 1, self.tp):  # 1 < etp < tp: checkpoints describe shards over all of tp
+            raise ValueError(f"parallel.etp={self.etp} must be -1 or tp={self.tp} (expert TP over the tp "
+                             "group), 1 (sequence-parallel dispatch) or 0 (experts whole on every tp rank)")
         if (self.dp * self.cp * self.expert_parts) % self.ep:
             raise ValueError(f"ep={self.ep} must divide dp*cp*tp/etp={self.dp}*{self.cp}*{self.expert_parts}"
                              f"={self.dp * self.cp * self.expert_parts} (expert-parallel ranks are carved "

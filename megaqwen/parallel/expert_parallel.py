@@ -89,9 +89,9 @@ def resolve_etp(etp: int, tp: int) -> int:
     """parallel.etp as used: -1 means tp; 0 (replicate) and divisors of tp as given."""
     if etp == -1:
         return tp
-    if etp < 0 or (etp and tp % etp):
-        raise ValueError(f"parallel.etp={etp} must be -1 (= tp), 0 (experts whole on every tp rank) or "
-                         f"a divisor of tp={tp}")
+    if etp not in (0, 1, tp):
+        raise ValueError(f"parallel.etp={etp} must be -1 or tp={tp} (expert TP over the tp group), 1 "
+                         "(sequence-parallel dispatch) or 0 (experts whole on every tp rank)")
     return etp
 
 

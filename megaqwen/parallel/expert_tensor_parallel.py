@@ -9,10 +9,12 @@ attention tp x cp x dp, experts etp x ep x edp), chosen by `parallel.etp`:
     etp = tp   each expert's intermediate dim split over the tp group (gate/up column-parallel, down
                row-parallel: the partial outputs summed over the group). Every tp rank routes the
                same rows, each computes its I/tp slice: no repeat, 1/tp of the expert weights.
-    etp < tp   the tp group's rows cut into tp/etp parts (sequence-parallel dispatch: the
-               expert-sorted rows chunked evenly, so the parts are balanced whatever the routing),
-               each part dispatched by its etp ranks; ep may then span tp ranks (ep | dp*cp*tp/etp),
-               e.g. etp=1, ep=dp*tp: experts whole, 1/(dp*tp) of them per rank.
+    etp = 1    the tp group's rows cut into tp parts (sequence-parallel dispatch: the expert-sorted
+               rows chunked evenly, so the parts are balanced whatever the routing), each part
+               dispatched by its own rank; ep may then span tp ranks (ep | dp*cp*tp), e.g.
+               ep = dp*tp: experts whole, 1/(dp*tp) of them per rank. (The dispatcher also runs
+               1 < etp < tp, parts of etp ranks each; the layout validation refuses it because
+               checkpoints describe expert-TP shards over the whole tp group.)
     etp = 0    experts whole on every tp rank (the layout before; for comparison).
 
 The model's plan slices the weights (`megaqwen.models.qwen2_moe.parallelize`), `expert_parallel`

@@ -113,3 +113,20 @@ def test_ep2_x_tp2_splits_expert_work_and_weights_over_ep_times_tp():
         ranks = out[name]["ranks"]
         assert cost.expert_param_bytes == ranks[0]["bytes"], name
         assert cost.expert_flops / 3 == pytest.approx(sum(r["flops"] for r in ranks) / WORLD, rel=1e-3), name
+
+
+def test_expert_layouts_that_do_not_fit_are_refused_before_work():
+    from megaqwen.models.config import get_config
+    from megaqwen.models.spec import get_spec
+    from megaqwen.parallel.dims import ParallelDims
+
+    ParallelDims(world_size=4, tp=2, ep=4, etp=1)  # sequence-parallel dispatch: ep folded over tp
+    with pytest.raises(ValueError, match=r"ep=4 must divide dp\*cp=2\*1=2 "):
+        ParallelDims(world_size=4, tp=2, ep=4)  # expert TP over tp: ep from the dp ranks only
+    with pytest.raises(ValueError, match="parallel.etp=2 must be -1 or tp=4"):
+        ParallelDims(world_size=4, tp=4, etp=2)
+    cfg = get_config("debug-moe", moe_intermediate_size=50)
+    with pytest.raises(ValueError, match="moe_intermediate_size=50 is not divisible by etp=4"):
+        ParallelDims(world_size=4, tp=4).validate_model(cfg, get_spec(cfg))
+    with pytest.raises(ValueError, match="etp=3 must be -1, 0 or a divisor of tp=2"):
+        expert_layout_cost(64, 64, 48, 8, 2, 2, tp=2, ep=1, etp=3)
