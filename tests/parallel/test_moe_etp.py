@@ -39,7 +39,26 @@ def _stats(run) -> dict:
                 a2a=sum(getattr(b.dispatcher, "a2a_bytes", 0) for b in blocks.values()))
 
 
-def _layout(cfg, ref, ep: int, etp: int) -> dict:
+def _checkpoint_into_one_process(cfg, run, path: str) -> float:
+    """The trainer's checkpoint of this layout loaded into an unsharded model on every rank: the
+    largest difference to this rank's pieces (0: each expert slice saved where it sits)."""
+    from megaqwen.models.spec import get_spec
+    from megaqwen.parallel import checkpoint
+
+    checkpoint.save(path, run.model, run.optimizer, run.shards)
+    full = get_spec(cfg).build(cfg, seed=0)  # other values: everything must be overwritten
+    checkpoint.load_model(path, full, None)
+    whole = dict(full.named_parameters())
+    err = 0.0
+    for n, p in run.plain.named_parameters():
+        box = tuple(slice(a, b) for a, b in run.shards.box(n, p))
+        err = max(err, (whole[n][box] - p.detach()).abs().max().item())
+    worst = torch.tensor([err])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
+
+
+def _layout(cfg, ref, ep: int, etp: int, ckpt: str | None = None) -> dict:
     pcfg = ParallelConfig(tp=TP, ep=ep, etp=etp)
     run = build_run(layout_config(cfg, pcfg, STEPS, GLOBAL_B, GLOBAL_B // (WORLD // TP), T, LR, SEED))
     fqns = run.shards.expert_fqns
@@ -55,18 +74,21 @@ def _layout(cfg, ref, ep: int, etp: int) -> dict:
     mine = {n: [int(k.split(".")[-3]) for k in fqns if k.startswith(n + ".") and k.endswith("up_proj.weight")]
             for n in ref["load"]}
     rows_here = sum(int(ref["load"][n][mine[n]].sum()) for n in ref["load"])
+    ckpt_err = _checkpoint_into_one_process(cfg, run, f"{ckpt}/etp{etp}") if ckpt else None
     got = [None] * WORLD
     dist.all_gather_object(got, dict(flops=seen["also"]["flops"], a2a=seen["also"]["a2a"],
                                      bytes=expert_bytes, rows_here=rows_here))
     return dict(loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
-                grad_err=worst.item(), norm_rel=abs(metrics[0]["grad_norm"] / ref["norm"] - 1), ranks=got)
+                grad_err=worst.item(), norm_rel=abs(metrics[0]["grad_norm"] / ref["norm"] - 1), ranks=got,
+                ckpt_err=ckpt_err)
 
 
-def _worker(rank: int, world: int) -> dict:
+def _worker(rank: int, world: int, ckpt: str) -> dict:
     cfg = _cfg()
     ref = _reference(cfg)
     one = _one_process_expert_bytes(cfg)
-    out = {f"etp{etp}": _layout(cfg, ref, ep, etp) for ep, etp in ((2, 2), (4, 1), (2, 0))}
+    out = {f"etp{etp}": _layout(cfg, ref, ep, etp, ckpt if etp else None)
+           for ep, etp in ((2, 2), (4, 1), (2, 0))}
     rows = int(sum(v.sum() for v in ref["load"].values()))  # assignments of the global batch
     out["one"] = dict(flops=expert_flops(rows, cfg.hidden_size, cfg.moe_intermediate_size), bytes=one,
                       layers=list(ref["load"]))
@@ -82,13 +104,14 @@ def _one_process_expert_bytes(cfg) -> int:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ep2_x_tp2_splits_expert_work_and_weights_over_ep_times_tp():
+def test_ep2_x_tp2_splits_expert_work_and_weights_over_ep_times_tp(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, WORLD)
+    out = spawn(_worker, WORLD, str(tmp_path))
     one = out.pop("one")
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     for name, r in out.items():
         assert r["loss_rel"] <= 1e-5 and r["grad_err"] <= 1e-5 and r["norm_rel"] <= 1e-5, (name, r)
+    assert out["etp2"]["ckpt_err"] == 0 and out["etp1"]["ckpt_err"] == 0  # checkpoints hold every slice
     # expert TP (ep2 x etp2): each rank has 1/(ep*tp) of the expert weights and runs its experts'
     # rows of the whole batch at I/2: the ranks' FLOPs add up to one process's, not tp times it
     etp2 = out["etp2"]["ranks"]
