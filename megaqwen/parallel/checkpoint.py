@@ -40,7 +40,9 @@ LEGACY_DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's own format, as the DeepSpeed e
 def _is_zero1(optimizer) -> bool:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    return isinstance(optimizer, ZeroRedundancyOptimizer)
+    from megaqwen.parallel.data_parallel import ExpertZero1  # ZeRO-1 with experts over their edp group
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer | ExpertZero1)
 
 
 # Optimizer state flattened per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): keys are

@@ -193,10 +193,11 @@ def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, se
             raise ValueError("parallel.compile=true is not supported with train.engine=deepspeed "
                              "(DeepSpeed wraps the model itself); use train.engine=native")
         check_installed()
-    if d.ep > 1 and (engine == "deepspeed" or pcfg.dp_mode == "zero1"):
-        raise ValueError(f"parallel.ep={d.ep} needs train.engine=native with dp_mode=ddp or fsdp: "
-                         "DeepSpeed and ZeRO-1 would reduce or shard the expert parameters, which "
-                         "differ between ranks, over the whole dp group")
+    if d.ep > 1 and engine == "deepspeed":
+        raise ValueError(f"parallel.ep={d.ep} is not supported with train.engine=deepspeed (DeepSpeed "
+                         "builds expert-data-parallel groups only for its own MoE layer classes, and "
+                         "ZeRO-3 refuses MoE); use train.engine=native with parallel.dp_mode=zero1 or "
+                         "fsdp (experts sharded over their expert-data-parallel group)")
     if d.cp > 1 and engine == "deepspeed":
         raise ValueError(f"parallel.cp={d.cp} is not supported yet with train.engine=deepspeed (its "
                          "gradient averaging is over dp only)")
@@ -307,10 +308,14 @@ def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistE
                                      shards=shards, optimizer_class=optimizer_class, **adamw)
         return eng, eng.optimizer
     if pcfg.dp_mode == "zero1" and env.mesh is not None and env.dims.dp > 1:
-        from megaqwen.parallel.data_parallel import build_optimizer
+        from megaqwen.parallel.data_parallel import build_optimizer, unwrap
 
-        return model, build_optimizer(param_groups(model), env.mesh, "zero1",
-                                      optimizer_class=optimizer_class, **adamw)
+        experts = edp = None
+        if shards is not None and env.dims.ep > 1 and shards.expert_fqns:  # own ZeRO over edp
+            experts = {id(p) for n, p in unwrap(model).named_parameters() if n in shards.expert_fqns}
+            edp = shards.ep_groups.edp_group
+        return model, build_optimizer(param_groups(model), env.mesh, "zero1", optimizer_class=optimizer_class,
+                                      expert_params=experts, edp_group=edp, **adamw)
     return model, native(model)
 
 

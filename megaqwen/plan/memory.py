@@ -5,17 +5,19 @@ of `megaqwen-stages`) refuses runs with it.
 
 Parameters are counted tensor by tensor from the model spec's shapes on one tp rank
 (`ModelSpec.param_shapes`: the spec's own build and TP plan applied on meta, so whatever the
-architecture declares is counted and sharded as the run shards it); experts split over ep; a pipeline
+architecture declares is counted and sharded as the run shards it); experts split over ep and their
+intermediate dim over etp (`Layout.etp`, `layer_shapes`); a pipeline
 rank keeps its stages' layers, the first stage the embedding, the last the final norm and head (a tied
 embedding on both); FSDP2 then splits each tensor's dim 0 over dp x cp in `torch.chunk` pieces
-(expert tensors over the dp x cp / ep expert-data-parallel ranks). This is exact: it equals
+(expert tensors over the dp x cp x tp/etp / ep expert-data-parallel ranks). This is exact: it equals
 `local_param_bytes` of the meta-device build (tests/plan/test_planner.py).
 
 Bytes per parameter (fp32 master weights, AdamW), native engine: weights 4 + grads 4 + moments 8;
-zero1 divides the moments by dp x cp, fsdp everything, except that FSDP2 accumulates unsharded fp32
-gradients over the micro-batches before the last (the trainer's `grad_sync`). DeepSpeed (ZeRO paper
-accounting): compute-dtype weights and grads (2 + 2 in bf16, 4 + 4 in fp32) + fp32 master and
-moments 12; stage 1 shards the 12, stage 2 also the grads, stage 3 everything.
+zero1 divides the moments by dp x cp (the experts' by edp: `ExpertZero1`), fsdp everything, except
+that FSDP2 accumulates unsharded fp32 gradients over the micro-batches before the last (the trainer's
+`grad_sync`). DeepSpeed (ZeRO paper accounting): compute-dtype weights and grads (2 + 2 in bf16,
+4 + 4 in fp32) + fp32 master and moments 12; stage 1 shards the 12, stage 2 also the grads, stage 3
+everything.
 
 What does not shrink with dp: FSDP2 / ZeRO-3 gather the root unit (embedding, final norm, head: not
 wrapped on their own, so one unit, kept whole through the step) and two layers, and reduce-scatter
@@ -122,6 +124,10 @@ class Layout:
     cp: int = 1
     ep: int = 1
     dp: int = 1
+    etp: int = -1
+    """MoE expert tensor parallelism (parallel.etp): -1 = tp (each expert's intermediate dim over
+    the tp group), k | tp (over k tp ranks, the tp group's rows cut into tp/k parts dispatched
+    apart: ep may span tp ranks), 0 = experts whole on every tp rank (tp-fold repeated expert work)."""
     sequence_parallel: bool = True
     """Only matters with tp > 1 (the planner assumes it on, as every large run does)."""
     pp_schedule: str = "1f1b"
@@ -135,6 +141,21 @@ class Layout:
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        """Ranks each expert's intermediate dim is split over (1: whole)."""
+        return self.tp if self.etp == -1 else max(self.etp, 1)
+
+    @property
+    def expert_parts(self) -> int:
+        """Parts a tp group's rows are cut into before expert dispatch (tp / etp for 0 < etp < tp)."""
+        return self.tp // self.etp if 0 < self.etp < self.tp else 1
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel degree: ranks holding the same expert pieces (dp cp tp/etp / ep)."""
+        return self.dp * self.cp * self.expert_parts // self.ep
 
     @property
     def virtual(self) -> int:
@@ -154,7 +175,7 @@ class Layout:
         from megaqwen.parallel.config import ParallelConfig
 
         ds = self.engine == "deepspeed"
-        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, dp=self.dp,
+        return ParallelConfig(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, dp=self.dp, etp=self.etp,
                               dp_mode="ddp" if ds else self.dp_mode,
                               zero_stage=int(self.dp_mode[-1]) if ds else 1,
                               recompute=self.recompute, pp_schedule=self.pp_schedule,
@@ -167,6 +188,8 @@ class Layout:
         positive is checked here (the trainer reads them from a config that cannot be < 1)."""
         bad = [f"{f}={getattr(self, f)} must be >= 1"
                for f in ("tp", "pp", "cp", "ep", "dp", "micro_batch") if getattr(self, f) < 1]
+        if self.etp < -1:
+            bad.append(f"etp={self.etp} must be -1 (= tp), 0 or a divisor of tp")
         if not bad:
             from megaqwen.parallel.dims import ParallelDims
             from megaqwen.parallel.setup import validate_layout
@@ -223,6 +246,31 @@ def _routed_experts(m: ModelConfig, shapes) -> RoutedExperts | None:
     return RoutedExperts(len(one), len(one) - unused, len(sparse), tuple(next(iter(one.values()))))
 
 
+def layer_shapes(m: ModelConfig, lay: Layout) -> tuple[tuple[ParamShape, ...], ...]:
+    """Every decoder layer's tensors on one tp rank (layers of one kind share one tuple), routed
+    experts sliced as `lay.etp` slices them: the spec's tp-rank shapes split the experts over the
+    whole tp group (etp = tp, the default); for etp = k the dims that tp splits are split by k
+    instead, for etp = 0 the experts stay whole (their tp=1 shapes)."""
+    shapes = get_spec(m).param_shapes(m, lay.tp)
+    if lay.expert_tp == lay.tp or not routed_experts(m):
+        return shapes.layers
+    whole = get_spec(m).param_shapes(m, 1).layers
+    key = (id(shapes), lay.expert_tp)
+    if key not in _ETP_SHAPES:
+        out: dict[int, tuple[ParamShape, ...]] = {}
+        for at_tp, full in zip(shapes.layers, whole):
+            if id(at_tp) not in out:
+                out[id(at_tp)] = tuple(
+                    replace(t, shape=tuple(f // lay.expert_tp if f != x else f
+                                           for f, x in zip(w.shape, t.shape)))
+                    if t.expert else t for t, w in zip(at_tp, full))
+        _ETP_SHAPES[key] = (shapes, tuple(out[id(x)] for x in shapes.layers))
+    return _ETP_SHAPES[key][1]
+
+
+_ETP_SHAPES: dict[tuple[int, int], tuple[object, tuple]] = {}
+
+
 def _chunk(n0: int, parts: int, rank: int) -> int:
     """Rows of dim 0 that `torch.chunk(t, parts)[rank]` holds (FSDP2's Shard(0))."""
     c = math.ceil(n0 / parts)
@@ -244,14 +292,15 @@ def stage_layers(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[list[int], 
 
 
 def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int = 0,
-                     fsdp: bool | None = None) -> int:
+                     fsdp: bool | None = None, experts_only: bool = False) -> int:
     """Parameter elements held by one rank (its tp piece, pp stages, ep experts, FSDP chunk), from the
     model spec's shapes on a tp rank (`ModelSpec.param_shapes`). dp_rank indexes the dp x cp group
     (FSDP's mesh); expert tensors are chunked over the expert-data-parallel group (dp x cp / ep ranks,
     position dp_rank // ep). Every ep rank holds E / ep of each sparse layer's equal-shaped experts, so
-    the count does not depend on the ep rank."""
+    the count does not depend on the ep rank. `experts_only`: the routed experts' elements alone."""
     fsdp = lay.dp_mode == "fsdp" if fsdp is None else fsdp
     shapes = get_spec(m).param_shapes(m, lay.tp)
+    per_layer = layer_shapes(m, lay)
     layers, first, last = stage_layers(m, lay, pp_rank)
     dpc = lay.dp * lay.cp
 
@@ -259,14 +308,16 @@ def rank_param_count(m: ModelConfig, lay: Layout, pp_rank: int = 0, dp_rank: int
         return (_chunk(shape[0], parts, r) if fsdp else shape[0]) * math.prod(shape[1:])
 
     def count(tensors: tuple[ParamShape, ...]) -> int:
-        dense = sum(size(t.shape, dpc, dp_rank) for t in tensors if not t.expert)
-        experts = sum(size(t.shape, dpc // lay.ep, dp_rank // lay.ep) for t in tensors if t.expert)
+        dense = 0 if experts_only else sum(size(t.shape, dpc, dp_rank) for t in tensors if not t.expert)
+        experts = sum(size(t.shape, lay.edp, dp_rank // lay.ep) for t in tensors if t.expert)
         return dense + experts // lay.ep
 
     kinds: dict[int, list] = {}  # layers of one kind share one shapes tuple: count each kind once
     for i in layers:
-        kinds.setdefault(id(shapes.layers[i]), [shapes.layers[i], 0])[1] += 1
+        kinds.setdefault(id(per_layer[i]), [per_layer[i], 0])[1] += 1
     n = sum(k * count(tensors) for tensors, k in kinds.values())
+    if experts_only:
+        return n
     if first or (last and m.tie_word_embeddings):
         n += count(shapes.first)
     return n + (count(shapes.last) if last else 0)
@@ -340,7 +391,10 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     grad_bytes = 4 if mode in ("ddp", "zero1", "fsdp") else act_bytes  # FSDP reduces in fp32
     if mode in ("ddp", "zero1", "fsdp"):
         weights, grads = 4.0 * n, 4.0 * n
-        optimizer = 8.0 * (n if mode == "fsdp" else full / dpc if mode == "zero1" else full)
+        optimizer = 8.0 * (n if mode == "fsdp" else full if mode == "ddp" else full / dpc)
+        if mode == "zero1" and lay.ep > 1:  # experts' moments over their edp group (ExpertZero1)
+            experts = rank_param_count(m, lay, pp_rank, fsdp=False, experts_only=True)
+            optimizer = 8.0 * ((full - experts) / dpc + experts / lay.edp)
         if sharded and microbatches > 1:  # no reduce-scatter before the last micro-batch (grad_sync):
             grads += 4.0 * full  # FSDP2 accumulates unsharded gradients until then
     else:  # DeepSpeed: compute-dtype weights and grads, fp32 master + moments (12), sharded by stage
@@ -381,6 +435,7 @@ def unit_params(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[int, int]:
     `parallel.data_parallel.apply_fsdp` makes (one per layer, the root holding the rest); a layer's
     routed experts count E / ep."""
     shapes = get_spec(m).param_shapes(m, lay.tp)
+    per_layer = layer_shapes(m, lay)
     layers, first, last = stage_layers(m, lay, pp_rank)
 
     def count(tensors) -> int:
@@ -388,7 +443,7 @@ def unit_params(m: ModelConfig, lay: Layout, pp_rank: int) -> tuple[int, int]:
 
     root = (count(shapes.first) if first or (last and m.tie_word_embeddings) else 0) + \
         (count(shapes.last) if last else 0)
-    return root, max((count(shapes.layers[i]) for i in layers), default=0)
+    return root, max((count(per_layer[i]) for i in layers), default=0)
 
 
 def with_(lay: Layout, **kw) -> Layout:

@@ -3,7 +3,9 @@ bubble, and the communication the trainer does not overlap.
 
   GEMMs        each 2-D weight of the spec's shapes on one tp rank (`ModelSpec.param_shapes`: local
                (out, in)) is a GEMM of M = tokens per micro-batch (b s / cp) rows; a routed expert's
-               of M = tokens x ep x top-k / experts (what the all-to-all brings each expert), the head
+               of M = tokens / parts x ep x top-k / experts (what the all-to-all brings each expert;
+               parts = tp / etp when etp < tp cuts the tp group's rows, else 1), its weight sliced by
+               etp (`memory.layer_shapes`; etp = 0: whole, every tp rank repeating it), the head
                on the last stage, the attention core (flash attention: M = N = s / cp, K = head dim,
                causal half) on top. Time of one GEMM, an additive roofline:
                    2 M N K / (peak x e_max) + 2 (M K + K N + M N) / HBM bandwidth   (bf16 operands)
@@ -20,7 +22,12 @@ bubble, and the communication the trainer does not overlap.
                b s/cp h bf16 bytes, ring cost 2 (t-1)/t x bytes / bus bandwidth, not overlapped;
                NVLink inside a node (tp <= 8), the NIC beyond
   ep           4 all-to-alls per sparse layer (dispatch and combine, forward and backward) of
-               b s/cp top_k h bf16 bytes x (ep-1)/ep, not overlapped; NIC when tp x ep > 8
+               b s/cp / parts x top_k h bf16 bytes x (ep-1)/ep, not overlapped; NIC when the ep
+               group spans more than a node (ep x etp ranks, ep x tp for etp = tp or 0); with
+               1 < etp the partial expert outputs all-reduced over etp (forward, and the input grad
+               backward: 2 all-reduce-equivalents of the dispatched rows), not overlapped.
+               Reported per rank and step: `expert_flops` (routed experts' forward + backward GEMM
+               FLOPs, no recomputation) and `a2a_bytes` (bytes this rank sends in the all-to-alls)
   dp           as the trainer does it (`parallel.data_parallel`, `train.loop` `grad_sync`), over the
                NIC unless the whole job is one node:
                  ddp    fp32 gradient all-reduce once per step, during the last micro-batch's backward
@@ -44,7 +51,14 @@ from dataclasses import dataclass
 
 from megaqwen.models.config import ModelConfig
 from megaqwen.parallel.bubble import bubble_fraction
-from megaqwen.plan.memory import GPU, Layout, layer_activation_elements, rank_param_count, routed_experts
+from megaqwen.plan.memory import (
+    GPU,
+    Layout,
+    layer_activation_elements,
+    layer_shapes,
+    rank_param_count,
+    routed_experts,
+)
 
 DEFAULT_EFFICIENCY = 0.72
 """e_max: the fraction of the datasheet peak the largest bf16 GEMMs reach. FITTED (one constant, the
@@ -71,6 +85,12 @@ class StepEstimate:
     tokens_per_s: float
     gemm_efficiency: float = 0.0
     """Achieved fraction of peak over the rank's GEMMs and attention (model + recompute FLOPs / time)."""
+    expert_flops: float = 0.0
+    """Routed-expert GEMM FLOPs of one step on the busiest rank (forward + backward, no recompute)."""
+    a2a_bytes: float = 0.0
+    """Bytes one rank sends in the expert all-to-alls of one step (dispatch + combine, fwd + bwd)."""
+    etp_bytes: float = 0.0
+    """Bytes one rank moves in the expert-TP all-reduces of one step (ring: 2 (k-1)/k x the rows)."""
 
 
 def gemm_time(gpu: GPU, m: float, n: float, k: float, e_max: float,
@@ -81,27 +101,31 @@ def gemm_time(gpu: GPU, m: float, n: float, k: float, e_max: float,
 
 
 def forward_gemms(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, layers: list[int], last: bool,
-                  e_max: float) -> tuple[float, float, float, float]:
+                  e_max: float, expert_out: list[float] | None = None) -> tuple[float, float, float, float]:
     """(FLOPs, seconds) of one micro-batch's forward GEMMs on a rank holding `layers` (and the head
-    when `last`), then (FLOPs, seconds) of its attention cores alone."""
+    when `last`), then (FLOPs, seconds) of its attention cores alone; the routed experts' FLOPs are
+    also added to `expert_out[0]`."""
     from megaqwen.models.spec import get_spec
 
     shapes = get_spec(m).param_shapes(m, lay.tp)
+    per_layer = layer_shapes(m, lay)
     tokens = lay.micro_batch * seq / lay.cp
     moe = routed_experts(m)
     flops = secs = 0.0
     kinds: dict[int, list] = {}  # layers of one kind share one shapes tuple: time each kind once
     for i in layers:
-        kinds.setdefault(id(shapes.layers[i]), [shapes.layers[i], 0])[1] += 1
+        kinds.setdefault(id(per_layer[i]), [per_layer[i], 0])[1] += 1
     for tensors, n in kinds.values():
         for t in tensors:
             if len(t.shape) != 2:
                 continue
             rows, count = tokens, float(n)
-            if t.expert:  # each rank runs experts / ep experts, each on its share of the ep group's tokens
-                rows, count = tokens * lay.ep * moe.active / moe.experts, n / lay.ep
+            if t.expert:  # each rank runs experts / ep experts, each on its share of the ep group's rows
+                rows, count = tokens / lay.expert_parts * lay.ep * moe.active / moe.experts, n / lay.ep
             f, s = gemm_time(gpu, rows, t.shape[0], t.shape[1], e_max, count)
             flops, secs = flops + f, secs + s
+            if t.expert and expert_out is not None:
+                expert_out[0] += f
     if last:  # the head: the last stage's own 2-D weight, else (tied) the embedding's
         head = [t for t in shapes.last if len(t.shape) == 2] or [t for t in shapes.first if len(t.shape) == 2]
         for t in head:
@@ -139,9 +163,12 @@ def estimate_step(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch:
     elem = 4 * 2 * layer_activation_elements(m, "none", lay.tp, lay.sequence_parallel) * tok_mb / gpu.hbm_bw
 
     slowest = (0.0, 0.0, 0.0, 0.0)  # the slowest rank's (s per micro-batch, forward s, flops, layers)
+    expert_fwd = 0.0  # the busiest rank's routed-expert forward FLOPs per micro-batch
     for r in range(lay.pp):
         layers, _, last = stage_layers(m, lay, r)
-        flops, fwd, attn_flops, attn_t = forward_gemms(m, lay, gpu, seq, layers, last, efficiency)
+        ex = [0.0]
+        flops, fwd, attn_flops, attn_t = forward_gemms(m, lay, gpu, seq, layers, last, efficiency, ex)
+        expert_fwd = max(expert_fwd, ex[0])
         fwd += elem / 2 * len(layers)
         scores = 0.0
         if scores_in_memory:  # bf16 scores of (s / cp) x s per head, every layer
@@ -164,16 +191,27 @@ def estimate_step(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch:
         bw = gpu.intra_bw if lay.tp <= gpu.per_node else gpu.inter_bw
         n = 4 + 2 * (lay.recompute == "full")
         tp_comm = micro * layers * n * 2 * (lay.tp - 1) / lay.tp * act_bytes / bw
-    ep_comm = 0.0
-    if lay.ep > 1:
-        bw = gpu.intra_bw if lay.tp * lay.ep <= gpu.per_node else gpu.inter_bw
-        moe = routed_experts(m)
-        ep_comm = micro * moe.sparse_layers / lay.pp * 4 * act_bytes * moe.active * (lay.ep - 1) / lay.ep / bw
+    ep_comm = a2a = etp_bytes = 0.0
+    moe = routed_experts(m)
+    if moe is not None:
+        most = max(len(stage_layers(m, lay, r)[0]) for r in range(lay.pp))
+        layers_here = most * moe.sparse_layers / m.num_layers  # the fullest stage's sparse layers
+        rows_bytes = act_bytes / lay.expert_parts * moe.active  # one direction, one sparse layer
+        if lay.ep > 1:
+            span = lay.ep * (lay.etp if 0 < lay.etp < lay.tp else lay.tp)
+            bw = gpu.intra_bw if span <= gpu.per_node else gpu.inter_bw
+            a2a = micro * layers_here * 4 * rows_bytes * (lay.ep - 1) / lay.ep
+            ep_comm += a2a / bw
+        k = lay.expert_tp
+        if k > 1:
+            etp_bytes = micro * layers_here * 2 * 2 * (k - 1) / k * rows_bytes
+            ep_comm += etp_bytes / (gpu.intra_bw if k <= gpu.per_node else gpu.inter_bw)
     dp_exposed = dp_exposed_s(m, lay, gpu, micro, fwd_mb, bwd_mb)
     step = compute / (1 - bubble) + tp_comm + ep_comm + dp_exposed
     return StepEstimate(step, compute, bubble, tp_comm, ep_comm, dp_exposed, model_flops,
                         model_flops / (step * world * gpu.peak_flops), tokens / step,
-                        micro * flops_mb / (compute * gpu.peak_flops) if compute else 0.0)
+                        micro * flops_mb / (compute * gpu.peak_flops) if compute else 0.0,
+                        expert_flops=3 * micro * expert_fwd, a2a_bytes=a2a, etp_bytes=etp_bytes)
 
 
 def dp_exposed_s(m: ModelConfig, lay: Layout, gpu: GPU, micro: int, fwd_mb: float, bwd_mb: float) -> float:

@@ -85,9 +85,10 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
                rejected: Rejected | None = None) -> Iterator[Layout]:
     """tp within a node (1-8, sequence parallel on), pp up to 16 (1F1B, interleaved with v=2, ZB-V),
     cp up to 8 (only when seq >= 8K), ep over the MoE experts (a model whose spec flags routed-expert
-    tensors), dp the rest; ddp | zero1 | fsdp (under pipelining too: the step estimate counts FSDP's
-    gathers per micro-batch); every recompute mode; micro-batches of 1, 2, 4: those the trainer
-    accepts (the others counted in `rejected`)."""
+    tensors) with the experts split over tp (etp = tp) or, for tp > 1, whole with the tp group's rows
+    dispatched in tp parts (etp = 1: ep up to dp x cp x tp), dp the rest; ddp | zero1 | fsdp (under
+    pipelining too: the step estimate counts FSDP's gathers per micro-batch); every recompute mode;
+    micro-batches of 1, 2, 4: those the trainer accepts (the others counted in `rejected`)."""
     from megaqwen.parallel.setup import accumulation_steps
 
     rejected = rejected if rejected is not None else Rejected()
@@ -95,8 +96,10 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
         for pp in _divisors(gpus // tp, 16):
             for cp in _divisors(gpus // (tp * pp), 8 if seq >= 8192 else 1):
                 dp = gpus // (tp * pp * cp)
-                eps = _divisors(dp * cp, 64) if routed_experts(m) else [1]
-                for ep in eps:
+                moe = routed_experts(m) is not None
+                etps = (-1, 1) if moe and tp > 1 else (-1,)
+                for etp, ep in [(e, ep) for e in etps
+                                for ep in (_divisors(dp * cp * (tp if e == 1 else 1), 64) if moe else [1])]:
                     for sched in (("1f1b", "interleaved_1f1b", "zbv") if pp > 1 else ("1f1b",)):
                         for mode in ("ddp", "zero1", "fsdp"):
                             for rc in ("none", "selective", "full"):
@@ -106,7 +109,7 @@ def candidates(m: ModelConfig, gpus: int, seq: int, global_batch: int,
                                     except ValueError:
                                         rejected.batch_dp.add(dp)
                                         continue
-                                    lay = Layout(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp,
+                                    lay = Layout(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp, etp=etp,
                                                  sequence_parallel=tp > 1, pp_schedule=sched,
                                                  dp_mode=mode, recompute=rc, micro_batch=mb)
                                     why = trainer_refusal(m, lay, seq, steps)

@@ -55,8 +55,8 @@ def test_torchrun_moe_ep2_equals_one_process(tmp_path, shard):  # noqa: F811
 
 def test_expert_and_context_layouts_that_do_not_fit_fail_before_work(tmp_path, shard):  # noqa: F811
     out = tmp_path / "bad"
-    run = launch(out, shard, "model=debug-moe", "parallel.ep=2", "parallel.dp_mode=zero1")
-    assert run.returncode != 0 and "dp_mode=ddp or fsdp" in run.stderr
+    run = launch(out, shard, "model=debug-moe", "parallel.ep=2", "train.engine=deepspeed")
+    assert run.returncode != 0 and "use train.engine=native with parallel.dp_mode=zero1 or fsdp" in run.stderr
     run = launch(out, shard, "parallel.cp=2", "train.seq_len=18")
     assert run.returncode != 0 and "seq_len=18 is not divisible by 2*cp=4" in run.stderr
     assert MODEL_BUILT not in run.stdout + run.stderr

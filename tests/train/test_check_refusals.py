@@ -45,8 +45,10 @@ REFUSALS = {
     "nccl without CUDA": pytest.param(2, ["parallel.backend=nccl"], "parallel.backend=nccl needs CUDA",
                                       marks=NO_CUDA),
     "MoE with cp": (2, ["model=debug-moe", "parallel.cp=2"], "parallel.cp=2 is not supported yet with MoE"),
-    "ep with zero1": (2, ["model=debug-moe", "parallel.ep=2", "parallel.dp_mode=zero1"],
-                      "parallel.ep=2 needs train.engine=native with dp_mode=ddp or fsdp"),
+    "ep with deepspeed": (2, ["model=debug-moe", "parallel.ep=2", "train.engine=deepspeed"],
+                          "parallel.ep=2 is not supported with train.engine=deepspeed (DeepSpeed builds "
+                          "expert-data-parallel groups only for its own MoE layer classes, and ZeRO-3 "
+                          "refuses MoE); use train.engine=native with parallel.dp_mode=zero1 or fsdp"),
     "ep on a dense model": (2, ["parallel.ep=2"], "ep=2 needs an MoE model"),
     "cp with deepspeed": (2, ["parallel.cp=2", "train.engine=deepspeed"],
                           "parallel.cp=2 is not supported yet with train.engine=deepspeed"),
@@ -95,8 +97,9 @@ def test_check_makes_the_refusal_once_in_one_line(monkeypatch, capsys, tmp_path,
     (1, ["parallel.pp_schedule=zbv"]),  # a valid schedule is not refused at pp=1
     (4, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.dp_mode=ddp", *PP4]),
     (2, ["model=debug-moe", "parallel.ep=2", "parallel.dp_mode=fsdp"]),
+    (2, ["model=debug-moe", "parallel.ep=2", "parallel.dp_mode=zero1"]),
     (2, ["train.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload_params=true"]),
-], ids=["tp2", "schedule at pp=1", "zbv with ddp", "ep2 fsdp", "zero3 offload"])
+], ids=["tp2", "schedule at pp=1", "zbv with ddp", "ep2 fsdp", "ep2 zero1", "zero3 offload"])
 def test_check_passes_the_neighbours_of_the_refusals(monkeypatch, capsys, tmp_path, world, overrides):
     code, err = check(monkeypatch, capsys, tmp_path, world, overrides)
     assert code is None or code == 0, err
