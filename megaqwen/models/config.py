@@ -26,6 +26,8 @@ QK_NORM_ARCHS = frozenset({"qwen3", "qwen3_moe"})
 """Architectures with QK-norm and without QKV bias (Qwen3)."""
 NO_SHARED_EXPERT_ARCHS = frozenset({"qwen3_moe"})
 """MoE architectures whose checkpoints have no shared expert."""
+MOE_BALANCE = ("micro_batch", "global_batch", "sequence", "aux_free")
+"""`ModelConfig.moe_balance` values (see `megaqwen.models.moe_balance`)."""
 HEADS = ("lm", "score")
 """`ModelConfig.head` values: the LM head over the vocabulary, or a scalar score (reward model)."""
 
@@ -105,7 +107,13 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     """Layer indices forced dense (the Qwen2 MLP of intermediate_size)."""
     router_aux_loss_coef: float = 0.001
-    """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
+    """Weight of the Switch/GShard load-balancing loss added to the LM loss (the form: moe_balance)."""
+    moe_balance: str = "micro_batch"
+    """Load-balancing loss form (`megaqwen.models.moe_balance`): micro_batch (HF's, over one
+    micro-batch and all sparse layers together) | global_batch (Qwen's, per layer over the whole
+    optimizer step: all micro-batches and dp x cp ranks; Qiu et al. 2025) | sequence (per layer and
+    sequence, DeepSeek-V2/V3) | aux_free (no loss trained: the routing bias of
+    moe_routing_bias_update_rate balances; the micro_batch value is logged)."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits); 0 = off."""
     moe_routing_bias_update_rate: float = 0.0
@@ -233,6 +241,11 @@ class ModelConfig:
         out = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if out:
             bad.append(f"mlp_only_layers {out} are outside [0, num_layers={self.num_layers})")
+        if self.is_moe and self.moe_balance not in MOE_BALANCE:
+            bad.append(f"moe_balance={self.moe_balance!r} is not one of {list(MOE_BALANCE)}")
+        if self.is_moe and self.moe_balance == "aux_free" and self.moe_routing_bias_update_rate <= 0:
+            bad.append("moe_balance=aux_free needs moe_routing_bias_update_rate > 0 (e.g. 0.001): "
+                       "nothing else would balance the experts")
         if self.router_aux_loss_coef < 0:
             bad.append(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
         for f in ("router_z_loss_coef", "moe_routing_bias_update_rate", "moe_capacity_factor"):

@@ -1,7 +1,8 @@
 """MoE metrics for the run record: expert load per layer, drops, router losses; a load heat map.
 
 Input: `collect_load(model, dp_group)` (megaqwen.parallel.expert_parallel), called once per optimizer
-step: {block FQN: LayerLoad(load_E, dropped)} summed over the dp ranks. Load is reported relative
+step: {block FQN: LayerLoad(load_E, dropped)} summed over the dp ranks; under pipeline parallelism
+`gather_stage_loads` merges every stage's layers. Load is reported relative
 to perfect balance (fraction x the layer's expert count): 1.0 everywhere is balanced, 3.0 means an expert took
 3x its share. All values are plain floats, ready for the metrics JSONL and W&B:
 
@@ -11,7 +12,8 @@ to perfect balance (fraction x the layer's expert count): 1.0 everywhere is bala
                                          <= per_expert_limit; the heat map shows the rest)
   moe/load_max, moe/load_max_mean        worst layer's load_max, and the mean over layers
   moe/dropped, moe/dropped_frac          assignments dropped this step, over all layers
-  aux_loss, z_loss                       router losses when given (already dp-averaged)
+  aux_loss, z_loss                       router losses when given (already dp-averaged; aux_loss in
+                                         the model.moe_balance form)
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def moe_metrics(loads: dict, aux_loss: float | None = None, z_loss: float | None
     if z_loss is not None:
         out["z_loss"] = float(z_loss)
     return out
+
+
+def gather_stage_loads(loads: dict, pp_group) -> dict:
+    """Collective over the pipeline group: every stage's per-layer loads (each stage holds its own
+    layers' counters), merged in layer order, so the metrics and the heat map cover the whole model."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, {n: (ld.load_E.cpu(), ld.dropped) for n, ld in loads.items()},
+                           group=pp_group)
+    from megaqwen.parallel.expert_parallel import LayerLoad
+
+    merged = {n: LayerLoad(load, dropped) for part in parts for n, (load, dropped) in part.items()}
+    return dict(sorted(merged.items(), key=lambda kv: int(_layer(kv[0])) if _layer(kv[0]).isdigit() else 0))
 
 
 def add_loads(total: dict | None, loads: dict) -> dict:

@@ -67,6 +67,8 @@ def moe_kwargs_from_hf(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, An
     kw = dense.config_kwargs_from_hf(hf, keys)
     kw["mlp_only_layers"] = list(kw.get("mlp_only_layers") or [])
     kw.update({k: float(hf[k]) for k in EXTRA_CONFIG_KEYS if k in hf})
+    if "moe_balance" in hf:  # ours, written when not HF's form; absent: HF's micro-batch form
+        kw["moe_balance"] = str(hf["moe_balance"])
     return kw
 
 
@@ -80,6 +82,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 def with_extras(cfg: ModelConfig, d: dict[str, Any]) -> dict[str, Any]:
     """config.json dict `d` plus our non-zero extras (EXTRA_CONFIG_KEYS)."""
     d.update({k: getattr(cfg, k) for k in EXTRA_CONFIG_KEYS if getattr(cfg, k)})
+    if cfg.moe_balance != "micro_batch":
+        d["moe_balance"] = cfg.moe_balance
     return d
 
 

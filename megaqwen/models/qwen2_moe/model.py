@@ -48,6 +48,7 @@ from megaqwen.kernels.moe import (
 )
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
+from megaqwen.models.moe_balance import BalanceStats, RoutingCounts, balance_loss
 from megaqwen.models.outputs import AuxTerm
 from megaqwen.models.qwen2.model import (
     MLP,
@@ -68,6 +69,10 @@ class RouterOut(NamedTuple):
     """int64 chosen experts per token."""
     z_sum: torch.Tensor
     """fp32 scalar: sum over tokens of logsumexp(router logits)^2 (with grad, for the z-loss)."""
+    layer: int = -1
+    """Decoder layer index of the block (keys the balancing statistics)."""
+    rows: int = 1
+    """B: rows (sequences) the N tokens come from, N = B * T (the sequence-wise loss's rows)."""
 
 
 class MoELossParts(NamedTuple):
@@ -128,6 +133,8 @@ class SparseMoeBlock(nn.Module):
         rows included, recomputed forwards too): what expert parallelism divides."""
         self._stacked: dict[str, torch.Tensor] = {}
         """Projection name -> the (E_local, ...) storage the experts' weights are views of."""
+        self.layer_index = -1
+        """Decoder layer index (set by the decoder): tags this block's `RouterOut`."""
         self.router_out: list[RouterOut] | None = None
         """Set by the model around its forward: where this block appends its routing. An attribute,
         not a call argument: wrappers (FSDP2) may rebuild argument lists, losing the appends."""
@@ -197,7 +204,8 @@ class SparseMoeBlock(nn.Module):
         x = x_BTH.reshape(-1, x_BTH.shape[-1])  # (N, H)
         routing, w = self.route(x)
         if self.router_out is not None:
-            self.router_out.append(routing)
+            rows = x_BTH.shape[0] if x_BTH.dim() == 3 else 1
+            self.router_out.append(routing._replace(layer=self.layer_index, rows=rows))
         y = self.experts_forward(x, routing.topk_NK, w)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -245,6 +253,9 @@ class MoeDecoder(nn.Module):
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): MoeDecoderLayer(cfg, ops, cfg.is_sparse_layer(i))
                                      for i in range(cfg.num_layers)})
+        for i, layer in self.layers.items():
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp.layer_index = int(i)
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
@@ -284,24 +295,36 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             for block in blocks:
                 block.router_out = None
 
+    balance: BalanceStats | RoutingCounts | None = None
+    """Set by the trainer around one step (`megaqwen.train.moe_balance`): the counting pre-pass's
+    collector, then the step's routing counts the load-balancing forms need from other forwards."""
+
     def aux_terms(self, records: list[RouterOut], partial: bool = False) -> dict[str, AuxTerm]:
-        """`aux_loss` (HF's load balancing, `router_aux_loss_coef`) and `z_loss` (ST-MoE,
-        `router_z_loss_coef`) of one forward's routing. `partial` (a pipeline stage's layers): the
-        z-loss share of these layers, its sum divided by every sparse layer's rows, so the stages'
-        shares add up to the whole; the aux loss is a product of means over all layers, not a sum,
-        so it has no share (`validate` refuses it under pp when its coefficient is not 0)."""
+        """`aux_loss` (the `moe_balance` form of load balancing, `router_aux_loss_coef`; 0 under
+        aux_free) and `z_loss` (ST-MoE, `router_z_loss_coef`) of one forward's routing. `partial` (a
+        pipeline stage's layers): each term's share, the stages' shares adding up to the whole model's
+        (`megaqwen.models.moe_balance`); HF's micro_batch form has a share only with the step's
+        counts (`balance`), else only the z-loss is returned on every stage."""
         c = self.cfg
+        state = self.balance
+        if isinstance(state, RoutingCounts):
+            state.observe(records)
+        stats = state if isinstance(state, BalanceStats) else None
+        sparse = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
+        aux = balance_loss(records, c.moe_balance, c.num_experts, sparse, partial, stats)
+        coef = 0.0 if c.moe_balance == "aux_free" else c.router_aux_loss_coef
         if partial:  # the same names on every stage, a zero share where it has no sparse layer
             if not records:
-                zero = torch.zeros((), device=next(self.parameters()).device)  # no host/device mix
-                return {"z_loss": AuxTerm(zero, c.router_z_loss_coef)}
-            sparse = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
-            z = sum(r.z_sum for r in records) / (records[0].probs_NE.shape[0] * sparse)
-            return {"z_loss": AuxTerm(z, c.router_z_loss_coef)}
-        device = records[0].probs_NE.device if records else None
-        aux = load_balancing_loss(records, c.num_experts).to(device)
-        return {"aux_loss": AuxTerm(aux, c.router_aux_loss_coef),
-                "z_loss": AuxTerm(router_z_loss(records).to(device), c.router_z_loss_coef)}
+                z = torch.zeros((), device=next(self.parameters()).device)  # no host/device mix
+            else:
+                z = sum(r.z_sum for r in records) / (records[0].probs_NE.shape[0] * sparse)
+        else:
+            z = router_z_loss(records)
+        device = records[0].probs_NE.device if records else z.device
+        out = {"z_loss": AuxTerm(z.to(device), c.router_z_loss_coef)}
+        if aux is not None:
+            out["aux_loss"] = AuxTerm(aux.to(device), coef)
+        return out
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
