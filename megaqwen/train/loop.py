@@ -141,6 +141,11 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
     scale = env.dp_size * cp * (accum_steps if deepspeed else 1) / global_count
     if cfg.train.inject_nan_at_step == step + 1:  # fault drill: this step's loss and gradients NaN
         scale = scale * float("nan")
+    if cfg.model.spec.expert_parallel:  # the step's routing counts some balancing forms need
+        from megaqwen.train.moe_balance import prepare_balance
+
+        with phase("moe balance pre-pass"):
+            prepare_balance(model, micro, cfg, env, pipe)
     meter = StepMeter(scale, aux_weight=1.0 if deepspeed else 1.0 / accum_steps,
                       metric_names=objective.metrics)
     if pipe is not None:
@@ -159,6 +164,10 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
                 model.step()
             else:
                 loss.backward()
+    if cfg.model.spec.expert_parallel:
+        from megaqwen.train.moe_balance import release_balance
+
+        release_balance(model, pipe)
     ep = shards is not None and shards.ep_groups is not None and env.dims.ep > 1
     if deepspeed:
         grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
@@ -216,10 +225,14 @@ def _routing_step(plain, cfg: Config, env: par.DistEnv, out: dict[str, float],
 
     group = dp_reduce_mesh(env.mesh).get_group() if env.mesh is not None else None
     loads = collect_load(plain, group)
+    if update_bias and loads:  # not on a step whose update was dropped
+        update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
+    if env.mesh is not None and env.dims.pp > 1:  # every stage's layers, not this rank's only
+        from megaqwen.train.moe_metrics import gather_stage_loads
+
+        loads = gather_stage_loads(loads, env.mesh.group("pp"))
     if not loads:
         return {}
-    if update_bias:  # not on a step whose update was dropped
-        update_routing_bias(plain, loads, getattr(cfg.model, "moe_routing_bias_update_rate", 0.0))
     res: dict[str, Any] = moe_metrics(loads, aux_loss=out.get("aux_loss"), z_loss=out.get("z_loss"))
     res["_moe_loads"] = loads
     return res
