@@ -23,11 +23,12 @@ bubble, and the communication the trainer does not overlap.
                NVLink inside a node (tp <= 8), the NIC beyond
   ep           4 all-to-alls per sparse layer (dispatch and combine, forward and backward) of
                b s/cp / parts x top_k h bf16 bytes x (ep-1)/ep, not overlapped; NIC when the ep
-               group spans more than a node (ep x etp ranks, ep x tp for etp = tp or 0); with
-               1 < etp the partial expert outputs all-reduced over etp (forward, and the input grad
-               backward: 2 all-reduce-equivalents of the dispatched rows), not overlapped.
-               Reported per rank and step: `expert_flops` (routed experts' forward + backward GEMM
-               FLOPs, no recomputation) and `a2a_bytes` (bytes this rank sends in the all-to-alls)
+               group spans more than a node (ep x etp ranks, ep x tp for etp = tp or 0); expert TP
+               (etp > 1: partial outputs all-reduced, forward and backward) and the parts' all-
+               gathers (etp < tp) over NVLink, not overlapped: the runtime's own arithmetic,
+               `expert_cost`. Reported per rank and step: `expert_flops` (routed experts' forward +
+               backward GEMM FLOPs, no recomputation; from the timed GEMMs), `a2a_bytes` and
+               `etp_bytes` (bytes this rank sends)
   dp           as the trainer does it (`parallel.data_parallel`, `train.loop` `grad_sync`), over the
                NIC unless the whole job is one node:
                  ddp    fp32 gradient all-reduce once per step, during the last micro-batch's backward
@@ -47,6 +48,7 @@ Megatron-LM's ten published runs (tests/plan/test_megatron_table1.py) with e_max
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megaqwen.models.config import ModelConfig
@@ -58,6 +60,7 @@ from megaqwen.plan.memory import (
     layer_shapes,
     rank_param_count,
     routed_experts,
+    stage_layers,
 )
 
 DEFAULT_EFFICIENCY = 0.72
@@ -192,26 +195,36 @@ def estimate_step(m: ModelConfig, lay: Layout, gpu: GPU, seq: int, global_batch:
         n = 4 + 2 * (lay.recompute == "full")
         tp_comm = micro * layers * n * 2 * (lay.tp - 1) / lay.tp * act_bytes / bw
     ep_comm = a2a = etp_bytes = 0.0
-    moe = routed_experts(m)
-    if moe is not None:
-        most = max(len(stage_layers(m, lay, r)[0]) for r in range(lay.pp))
-        layers_here = most * moe.sparse_layers / m.num_layers  # the fullest stage's sparse layers
-        rows_bytes = act_bytes / lay.expert_parts * moe.active  # one direction, one sparse layer
-        if lay.ep > 1:
-            span = lay.ep * (lay.etp if 0 < lay.etp < lay.tp else lay.tp)
-            bw = gpu.intra_bw if span <= gpu.per_node else gpu.inter_bw
-            a2a = micro * layers_here * 4 * rows_bytes * (lay.ep - 1) / lay.ep
-            ep_comm += a2a / bw
-        k = lay.expert_tp
-        if k > 1:
-            etp_bytes = micro * layers_here * 2 * 2 * (k - 1) / k * rows_bytes
-            ep_comm += etp_bytes / (gpu.intra_bw if k <= gpu.per_node else gpu.inter_bw)
+    cost = expert_cost(m, lay, seq)
+    if cost is not None:
+        a2a, etp_bytes = micro * cost.a2a_bytes, micro * cost.etp_bytes
+        span = lay.ep * (lay.etp if 0 < lay.etp < lay.tp else lay.tp)  # ranks an ep group spans
+        ep_comm = (a2a / (gpu.intra_bw if span <= gpu.per_node else gpu.inter_bw)
+                   + etp_bytes / (gpu.intra_bw if lay.tp <= gpu.per_node else gpu.inter_bw))
     dp_exposed = dp_exposed_s(m, lay, gpu, micro, fwd_mb, bwd_mb)
     step = compute / (1 - bubble) + tp_comm + ep_comm + dp_exposed
     return StepEstimate(step, compute, bubble, tp_comm, ep_comm, dp_exposed, model_flops,
                         model_flops / (step * world * gpu.peak_flops), tokens / step,
                         micro * flops_mb / (compute * gpu.peak_flops) if compute else 0.0,
                         expert_flops=3 * micro * expert_fwd, a2a_bytes=a2a, etp_bytes=etp_bytes)
+
+
+def expert_cost(m: ModelConfig, lay: Layout, seq: int):
+    """The runtime's per-rank expert arithmetic (`parallel.expert_tensor_parallel.expert_layout_cost`,
+    which the MoE benchmark checks against the dispatcher's counters) for one micro-batch on the
+    fullest pipeline rank; None for a dense model. The expert width comes from the spec's shapes
+    (3 matrices of H x I per expert)."""
+    from megaqwen.parallel.expert_tensor_parallel import expert_layout_cost
+
+    moe = routed_experts(m)
+    if moe is None:
+        return None
+    per_layer = layer_shapes(m, lay)
+    sparse = max(sum(any(t.expert for t in per_layer[i]) for i in stage_layers(m, lay, r)[0])
+                 for r in range(lay.pp))
+    width = sum(math.prod(s) for s in moe.expert_shapes) // (3 * m.hidden_size)
+    return expert_layout_cost(lay.micro_batch * seq // lay.cp, m.hidden_size, width, moe.experts, moe.active,
+                              sparse, lay.tp, lay.ep, lay.etp)
 
 
 def dp_exposed_s(m: ModelConfig, lay: Layout, gpu: GPU, micro: int, fwd_mb: float, bwd_mb: float) -> float:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megaqwen.models.config import get_config
 from megaqwen.plan.cli import main
 from megaqwen.plan.memory import GPUS, Layout, rank_param_count, routed_experts
+from megaqwen.plan.perf import expert_cost
 from megaqwen.plan.search import evaluate
 
 SEQ, GLOBAL_BATCH = 4096, 1024
@@ -56,6 +57,10 @@ def test_planner_layout_fits_with_expert_flops_and_all_to_all_per_rank(name):
     rows = tokens / lay.dp / lay.expert_parts * moe.active
     want = 4 * rows * m.hidden_size * 2 * (lay.ep - 1) / lay.ep * moe.sparse_layers / lay.pp
     assert p.step.a2a_bytes == pytest.approx(want, rel=1e-9)
+    # the timed GEMMs' expert FLOPs (from the spec's shapes) equal the runtime's arithmetic
+    # (`expert_layout_cost`, which the MoE benchmark checks against the dispatcher's counters)
+    micro = GLOBAL_BATCH // (lay.micro_batch * lay.dp)
+    assert p.step.expert_flops == pytest.approx(micro * expert_cost(m, lay, SEQ).expert_flops, rel=1e-9)
 
 
 def _assemble(m, lay: Layout, rank: int) -> tuple[int, int]:
