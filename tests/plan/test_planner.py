@@ -207,13 +207,21 @@ def test_no_layout_says_whether_memory_or_divisibility_is_why():
 
 
 def test_search_proposes_only_layouts_the_trainer_accepts():
-    """The trainer refuses pipeline stages with the HF load-balancing loss (parallel.setup): the
-    search, asking the trainer's validation, drops them; with the loss off they are proposed again."""
-    moe = get_config("qwen2-57b-a14b")
-    assert moe.router_aux_loss_coef > 0
-    assert all(p.layout.pp == 1 for p in search(moe, 64, GPUS["h200"], 4096, 256))
-    aux_free = get_config("qwen2-57b-a14b", router_aux_loss_coef=0.0)
-    assert any(p.layout.pp > 1 for p in search(aux_free, 64, GPUS["h200"], 4096, 256))
+    """48 experts do not split over ep=32 or 64, which the search tries: the trainer's validation
+    (the model spec's rule) refuses those, so the search, asking it, drops them and counts why;
+    every layout it proposes passes the trainer's validation."""
+    from megaqwen.parallel.setup import accumulation_steps, validate_layout
+    from megaqwen.plan.search import Rejected
+
+    moe = get_config("qwen2-57b-a14b", num_experts=48)
+    rejected = Rejected()
+    plans = search(moe, 64, GPUS["h200"], 4096, 256, rejected=rejected)
+    assert plans and {p.layout.ep for p in plans} <= {1, 2, 4, 8, 16}
+    assert any("not divisible by ep=32" in why for why in rejected.refused)
+    for p in plans[:20]:
+        pcfg = p.layout.parallel_config()
+        validate_layout(pcfg, ParallelDims.from_config(pcfg, 64), moe, 4096, "native",
+                        accumulation_steps(256, p.layout.micro_batch, p.layout.dp))
 
 
 @pytest.mark.parametrize("lay, says", [
