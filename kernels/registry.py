@@ -102,7 +102,9 @@ class KernelOps:
     rms_norm: Callable = rms_norm_ref
     swiglu: Callable = swiglu_ref
     apply_rope: Callable = apply_rope_ref
-    linear_cross_entropy: Callable = linear_cross_entropy_ref
+    linear_cross_entropy: Callable = linear_cross_entropy_chunked
+    """Chunked by default (also for a model built without `resolve_ops`): the 152K vocabulary's
+    full fp32 logits are the first OOM at long sequences; same loss as the reference."""
     attention: Callable = sdpa_attention
     choices: dict[str, str] = field(default_factory=dict)
     """op -> chosen implementation name."""
@@ -110,7 +112,8 @@ class KernelOps:
     """op -> why that implementation was chosen."""
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.choices.items()) or "all torch references"
+        return ", ".join(f"{k}={v}" for k, v in self.choices.items()) or \
+            "torch references, chunked cross-entropy"
 
 
 def _pick(op: str, want: str, device: str) -> tuple[str, Callable, str]:

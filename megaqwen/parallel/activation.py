@@ -12,7 +12,10 @@ state dicts and shard metadata stay as they were.
 
 Compile (`parallel.compile`): `nn.Module.compile()` on every block, in place (no `_orig_mod.`
 prefix in parameter names). Region hooks and collectives are graph breaks, so each block compiles
-into the pieces between them.
+into the pieces between them. `auto` (the default) compiles on CUDA with the native engine, where
+fusing the elementwise work between the GEMMs (and the Triton kernels, registered as custom ops)
+pays back the compile time; it stays off on CPU, where every test and demo run would only pay the
+compile time, and under DeepSpeed, which wraps the model itself.
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def apply_recompute(layers: nn.ModuleDict, mode: str, selective: tuple[type, str
             raise ValueError(f"parallel.recompute=selective: no {cls.__name__} in {type(layer).__name__}")
         for m in targets:
             recompute_method(m, method)
+
+
+COMPILE_SETTINGS = ("auto", "true", "false")
+
+
+def compile_enabled(setting: bool | str, device_type: str, native_engine: bool = True) -> bool:
+    """Whether `parallel.compile` (auto | true | false; a bool, or its string form as Hydra gives a
+    str field) compiles the layers of a run on `device_type`: auto = CUDA with the native engine."""
+    value = str(setting).lower()
+    if value not in COMPILE_SETTINGS:
+        raise ValueError(f"parallel.compile={setting!r} is unknown; choose from {list(COMPILE_SETTINGS)}")
+    if value == "auto":
+        return device_type == "cuda" and native_engine
+    return value == "true"
 
 
 def apply_compile(layers: nn.ModuleDict) -> None:

@@ -53,10 +53,16 @@ class ParallelConfig:
     """DDP gradient bucket size in MiB (all-reduces overlap backward bucket by bucket)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered layer weights after forward (ZeRO-3) instead of keeping them (ZeRO-2-like)."""
+    fsdp_keep_gathered: bool = False
+    """FSDP2 with gradient accumulation: keep every unit's gathered weights from the step's first
+    micro-batch to the end of its last backward (one all-gather per unit and step; memory: the whole
+    model's compute-dtype weights, 2 B/param in bf16) instead of re-gathering them for every
+    micro-batch's forward and backward (M (2L + 1) all-gathers, L layers). See parallel/fsdp_step.py."""
     recompute: str = "none"
     """Activation recomputation per layer: none | selective (attention core) | full (whole layer)."""
-    compile: bool = False
-    """torch.compile each decoder layer (after recomputation, before data-parallel wrapping)."""
+    compile: str = "auto"
+    """torch.compile each decoder layer (after recomputation, before data-parallel wrapping): auto
+    (on for CUDA runs of the native engine, off on CPU where it costs only compile time) | true | false."""
     zero_stage: int = 1
     """DeepSpeed engine only (train.engine=deepspeed): ZeRO stage 1, 2 or 3."""
     zero_bucket_elements: int = 10_000_000

@@ -39,12 +39,18 @@ def dp_reduce_mesh(mesh: ParallelMesh) -> DeviceMesh:
 
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, layers: nn.ModuleDict,
-               reshard_after_forward: bool = True, mp_param_dtype: torch.dtype | None = None) -> nn.Module:
+               reshard_after_forward: bool = True, mp_param_dtype: torch.dtype | None = None,
+               keep_gathered: bool = False) -> nn.Module:
     """FSDP2 in place: every block in `layers`, then the root. Works on the meta device (apply it
     before materialising). `mp_param_dtype` (e.g. bf16) is the dtype parameters are all-gathered
     and computed in; gradients are reduced in fp32 and the sharded fp32 parameters stay the
-    optimizer's master weights."""
+    optimizer's master weights. `keep_gathered`: no unit is freed after forward, and the step's
+    micro-batches keep them gathered (`fsdp_step.microbatch_sync`); layers prefetch one ahead."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from megaqwen.parallel.fsdp_step import set_prefetch
+
+    reshard_after_forward = reshard_after_forward and not keep_gathered
 
     dp_mesh = dp_reduce_mesh(mesh)
     if dp_mesh.size() == 1:
@@ -57,6 +63,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, layers: nn.ModuleDict,
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    set_prefetch(blocks)
     return model
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megaqwen.parallel.activation import RECOMPUTE_MODES, apply_compile, apply_recompute
+from megaqwen.parallel.activation import RECOMPUTE_MODES, apply_compile, apply_recompute, compile_enabled
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.data_parallel import DP_MODES, apply_fsdp, wrap_ddp
 from megaqwen.parallel.dims import BACKENDS, ParallelDims, ParallelMesh, resolve_backend
@@ -169,6 +169,7 @@ def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, se
 
     check_choice("parallel.dp_mode", pcfg.dp_mode, DP_MODES)
     check_choice("parallel.recompute", pcfg.recompute, RECOMPUTE_MODES)
+    compile_enabled(pcfg.compile, "cpu")  # refuses an unknown setting
     check_choice("parallel.pp_schedule", pcfg.pp_schedule, SCHEDULES)
     spec = spec or model_cfg.spec
     dims.validate_model(model_cfg, spec, seq_len=seq_len, sequence_parallel=pcfg.sequence_parallel)
@@ -183,13 +184,17 @@ def validate_layout(pcfg: ParallelConfig, dims: ParallelDims, model_cfg: Any, se
                          f"parallel.pp_schedule={pcfg.pp_schedule} puts on pp rank 0 twice (first and last "
                          "stage, model.tie_word_embeddings=true); use dp_mode=ddp or zero1, or a looped "
                          "schedule (1f1b, interleaved_1f1b, zero_bubble)")
+    if pcfg.fsdp_keep_gathered and (pcfg.dp_mode != "fsdp" or plan is not None or engine != "native"):
+        raise ValueError(f"parallel.fsdp_keep_gathered=true needs train.engine=native, dp_mode=fsdp and pp=1 "
+                         f"(got engine={engine}, dp_mode={pcfg.dp_mode}, pp={pcfg.pp}): pipeline stages "
+                         "and the other modes hold no FSDP2 units across micro-batches; set it false")
     if engine == "deepspeed":
         from megaqwen.parallel.deepspeed_engine import check_installed
 
         deepspeed_config(pcfg)
         if d.world_size == 1:
             raise ValueError("train.engine=deepspeed needs a distributed launch (launch/torchrun.sh)")
-        if pcfg.compile:
+        if str(pcfg.compile).lower() == "true":
             raise ValueError("parallel.compile=true is not supported with train.engine=deepspeed "
                              "(DeepSpeed wraps the model itself); use train.engine=native")
         check_installed()
@@ -249,12 +254,12 @@ def parallelize(model: nn.Module, spec: Any, pcfg: ParallelConfig, env: DistEnv,
     if low_precision is not None:  # e.g. FP8 linears (train.fp8): swapped before recompute/compile/FSDP2
         low_precision(model, layers, shards)
     apply_recompute(layers, pcfg.recompute, spec.selective_recompute)
-    if pcfg.compile:
+    if compile_enabled(pcfg.compile, env.device.type, native_engine=fsdp):  # fsdp=False: DeepSpeed
         apply_compile(layers)
     if plan is None:
         if use_fsdp:
             apply_fsdp(model, env.mesh, layers, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
-                       mp_param_dtype=mp_param_dtype)
+                       mp_param_dtype=mp_param_dtype, keep_gathered=pcfg.fsdp_keep_gathered)
         return shards
     from megaqwen.parallel.data_parallel import dp_reduce_mesh
     from megaqwen.parallel.pipeline import apply_fsdp_stages, stage_modules
@@ -319,12 +324,15 @@ def build_optimizer_or_engine(model: nn.Module, pcfg: ParallelConfig, env: DistE
     return model, native(model)
 
 
-def grad_sync(model: nn.Module, sync: bool):
+def grad_sync(model: nn.Module, sync: bool, keep_gathered: bool = False):
     """Context for one micro-batch's forward and backward (DDP decides in its forward whether the
     backward reduces): skip the DDP/FSDP2 gradient reduction unless `sync` (the last micro-batch of
-    an accumulation), so it happens once per optimizer step."""
+    an accumulation), so it happens once per optimizer step. FSDP2 with `keep_gathered`
+    (parallel.fsdp_keep_gathered): parameters also stay gathered until the last micro-batch."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
+        from megaqwen.parallel.fsdp_step import microbatch_sync
+
+        microbatch_sync(model, last=sync, keep_gathered=keep_gathered)
         return contextlib.nullcontext()
     if hasattr(model, "no_sync") and not sync:  # DDP
         return model.no_sync()

@@ -137,6 +137,10 @@ class Layout:
     """ddp | zero1 | fsdp (native engine) or zero1 | zero2 | zero3 (DeepSpeed engine, bf16)."""
     recompute: str = "none"
     micro_batch: int = 1
+    fsdp_reshard_after_forward: bool = True
+    """fsdp only: parallel.fsdp_reshard_after_forward (free layers after forward, re-gather in backward)."""
+    fsdp_keep_gathered: bool = False
+    """fsdp only: parallel.fsdp_keep_gathered (every unit stays gathered through the step's micro-batches)."""
 
     @property
     def world(self) -> int:
@@ -179,6 +183,8 @@ class Layout:
                               dp_mode="ddp" if ds else self.dp_mode,
                               zero_stage=int(self.dp_mode[-1]) if ds else 1,
                               recompute=self.recompute, pp_schedule=self.pp_schedule,
+                              fsdp_reshard_after_forward=self.fsdp_reshard_after_forward,
+                              fsdp_keep_gathered=self.fsdp_keep_gathered,
                               pp_virtual_stages=self.pp_virtual_stages,
                               sequence_parallel=self.sequence_parallel)
 
@@ -422,7 +428,10 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
     gathered = buffers = 0.0
     if sharded:
         root, layer = unit_params(m, lay, pp_rank)
-        gathered = act_bytes * (GATHERED_ROOT_COPIES * root + 2 * layer)
+        if lay.fsdp_keep_gathered or not lay.fsdp_reshard_after_forward:  # every layer stays gathered
+            gathered = act_bytes * (GATHERED_ROOT_COPIES * root + (full - root))
+        else:
+            gathered = act_bytes * (GATHERED_ROOT_COPIES * root + 2 * layer)
         margin += grad_bytes * max(root, layer)  # the reduce-scatter's input copy of the largest unit
     elif mode in ("ddp", "zero1") and dpc > 1:
         buffers = 4.0 * full

@@ -34,7 +34,9 @@ bubble, and the communication the trainer does not overlap.
                  ddp    fp32 gradient all-reduce once per step, during the last micro-batch's backward
                  zero1  the same, then the updated fp32 weights broadcast (not overlapped)
                  fsdp   per micro-batch a bf16 all-gather in the forward and again in the backward
-                        (reshard after forward), the fp32 reduce-scatter on the last micro-batch only
+                        (reshard after forward), the fp32 reduce-scatter on the last micro-batch only;
+                        with fsdp_keep_gathered one forward all-gather per step
+                        (`fsdp_all_gathers_per_step` counts them per unit, as a test measures)
                  zero2  bf16 reduce-scatter every micro-batch's backward, bf16 all-gather after the step
                  zero3  per micro-batch two bf16 all-gathers and a bf16 reduce-scatter
                each overlapped with the forward or backward compute of its micro-batch; what exceeds
@@ -227,6 +229,18 @@ def expert_cost(m: ModelConfig, lay: Layout, seq: int):
                               sparse, lay.tp, lay.ep, lay.etp)
 
 
+def fsdp_all_gathers_per_step(layers: int, microbatches: int, reshard_after_forward: bool = True,
+                              keep_gathered: bool = False) -> int:
+    """Parameter all-gathers per optimizer step on one rank under FSDP2 (`parallel.fsdp_step`'s
+    table): L layer units + the root, gathered in every micro-batch's forward, and the units freed
+    after forward (all but the last layer) re-gathered in its backward; once per step with
+    keep_gathered."""
+    units = layers + 1
+    if keep_gathered:
+        return units
+    return microbatches * (units + (units - 1 if reshard_after_forward else 0))
+
+
 def dp_exposed_s(m: ModelConfig, lay: Layout, gpu: GPU, micro: int, fwd_mb: float, bwd_mb: float) -> float:
     """Data-parallel communication not hidden behind compute, per step (see the module docstring)."""
     d = lay.dp * lay.cp
@@ -246,5 +260,9 @@ def dp_exposed_s(m: ModelConfig, lay: Layout, gpu: GPU, micro: int, fwd_mb: floa
     rs = ring * (4 if mode == "fsdp" else 2)
     fwd = max(0.0, gather - fwd_mb)
     if mode == "fsdp":  # reduce-scatter only on the last micro-batch (grad_sync)
+        if lay.fsdp_keep_gathered:  # one forward gather per step (fsdp_all_gathers_per_step)
+            return fwd + max(0.0, rs - bwd_mb)
+        if not lay.fsdp_reshard_after_forward:  # no backward re-gather
+            return micro * fwd + max(0.0, rs - bwd_mb)
         return micro * fwd + (micro - 1) * max(0.0, gather - bwd_mb) + max(0.0, gather + rs - bwd_mb)
     return micro * (fwd + max(0.0, gather + rs - bwd_mb))

@@ -160,7 +160,8 @@ def run_shape(cfg, world_size: int) -> RunShape:
     lay = Layout(tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, dp=dims.dp,
                  sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
                  pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
-                 micro_batch=t.micro_batch_size)
+                 micro_batch=t.micro_batch_size, fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
+                 fsdp_keep_gathered=p.fsdp_keep_gathered)
     from megaqwen.train.objectives import objective_for
 
     return RunShape(m, lay, t.seq_len, t.global_batch_size, 2 if bf16 else 4, device.type == "cpu",

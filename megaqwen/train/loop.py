@@ -154,7 +154,8 @@ def train_step(model, optimizer, batches, cfg: Config, env: par.DistEnv, step: i
         micro = []
     for i, batch in enumerate(micro):
         # DDP decides in its forward whether the backward all-reduces: no_sync encloses both
-        sync = contextlib.nullcontext() if deepspeed else par.grad_sync(model, sync=i == accum_steps - 1)
+        sync = contextlib.nullcontext() if deepspeed else par.grad_sync(
+            model, sync=i == accum_steps - 1, keep_gathered=cfg.parallel.fsdp_keep_gathered)
         with sync, phase("forward/backward"):
             with autocast_ctx(cfg.train.dtype, env.device):
                 out = forward_step(model, batch, cfg, env.device, objective, cp_group)
