@@ -6,7 +6,9 @@ Clipping is on and binding (the norm adds the dense and the expert grads, each c
 norm counted over the wrong group changes every step. One spawn of 4 gloo ranks runs every layout
 through the trainer's builders and `train_step` (trainer_harness) and reports, against one process
 on the whole global batch: the losses of 3 steps, the first step's gradients as the optimizer gets
-them, the grad norm, and every parameter after the last step (experts checked where they live).
+them, the grad norm, and every parameter after the last step (experts checked where they live);
+under ZeRO-1 also the trainer's checkpoint of that state reloaded into a fresh run: every rank's
+optimizer shard (dense over dp, experts over edp) and every parameter back bit for bit.
 """
 
 from __future__ import annotations
@@ -68,7 +70,25 @@ def _max_over_ranks(x: float) -> float:
     return t.item()
 
 
-def _layout(cfg, ref: dict, world: int, ep: int, dp_mode: str) -> dict:
+def _reload_err(run, cfg, path: str) -> float:
+    """Save `run` with the trainer's checkpoint code, load it into a fresh run of the same layout: the
+    largest difference of any parameter or optimizer-state tensor on any rank (0: bit for bit)."""
+    from megaqwen.parallel import checkpoint
+
+    checkpoint.save(path, run.model, run.optimizer, run.shards)
+    fresh = build_run(run.cfg)
+    checkpoint.load(path, fresh.model, fresh.optimizer, fresh.shards)
+    err = max((a - b).abs().max().item() for a, b in zip(run.plain.state_dict().values(),
+                                                          fresh.plain.state_dict().values()))
+    old, new = run.optimizer.optim.state_dict(), fresh.optimizer.optim.state_dict()
+    for part in ("dense", "experts"):
+        assert old[part]["state"].keys() == new[part]["state"].keys() and old[part]["state"]
+        for k, st in old[part]["state"].items():
+            err = max([err] + [(v - new[part]["state"][k][n]).abs().max().item() for n, v in st.items()])
+    return _max_over_ranks(err)
+
+
+def _layout(cfg, ref: dict, world: int, ep: int, dp_mode: str, ckpt: str) -> dict:
     pcfg = ParallelConfig(ep=ep, dp_mode=dp_mode)
     run = build_run(layout_config(cfg, pcfg, STEPS, GLOBAL_B, GLOBAL_B // world, T, LR, SEED, grad_clip=CLIP))
     seen = capture_grads(run, gather_full)
@@ -84,20 +104,21 @@ def _layout(cfg, ref: dict, world: int, ep: int, dp_mode: str) -> dict:
                 norm_rel=abs(metrics[0]["grad_norm"] / ref["norm"] - 1),
                 grad_err=_max_over_ranks(grad_err), weight_err=_max_over_ranks(weight_err), worst=worst,
                 optimizer=type(run.optimizer).__name__, edp=run.shards.ep_groups.edp,
-                local_experts=len(run.shards.expert_fqns) // 3)
+                local_experts=len(run.shards.expert_fqns) // 3,
+                reload_err=_reload_err(run, cfg, f"{ckpt}/ep{ep}") if dp_mode == "zero1" else None)
 
 
-def _worker(rank: int, world: int) -> dict:
+def _worker(rank: int, world: int, ckpt: str) -> dict:
     cfg = get_config("debug-moe", **CFG)
     ref = _reference(cfg)
-    return {f"ep{lay['ep']}-{lay['dp_mode']}": _layout(cfg, ref, world, **lay) for lay in LAYOUTS}
+    return {f"ep{lay['ep']}-{lay['dp_mode']}": _layout(cfg, ref, world, ckpt=ckpt, **lay) for lay in LAYOUTS}
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ep_with_fsdp2_and_zero1_equals_one_process():
+def test_ep_with_fsdp2_and_zero1_equals_one_process(tmp_path):
     cfg = get_config("debug-moe", **CFG)
-    out = spawn(_worker, 4)
+    out = spawn(_worker, 4, str(tmp_path))
     assert set(out) == {"ep2-fsdp", "ep2-zero1", "ep4-zero1"}
     for name, r in out.items():
         assert r["loss_rel"] <= 1e-5, (name, r)
@@ -107,3 +128,4 @@ def test_ep_with_fsdp2_and_zero1_equals_one_process():
         ep = int(name[2])
         assert r["edp"] == 4 // ep and r["local_experts"] == 2 * cfg.num_experts // ep, (name, r)
     assert out["ep2-zero1"]["optimizer"] == out["ep4-zero1"]["optimizer"] == "ExpertZero1"
+    assert out["ep2-zero1"]["reload_err"] == out["ep4-zero1"]["reload_err"] == 0
