@@ -1,21 +1,28 @@
-"""MoE training throughput: expert parallelism degree x expert computation backend.
+"""MoE training throughput by layout (ep x tp, expert TP), against transformers' Qwen2-MoE.
 
-Each (ep, backend) runs in its own group of `ep` processes with dp = ep (every rank holds E/ep
-experts and 1/ep of the global batch; tokens cross ranks by all-to-all): forward + backward +
-expert-grad reduction + AdamW on random tokens. fp32 on CPU (gloo), bf16 autocast on GPU (nccl, one
-GPU per rank). The global batch is fixed, so tokens/s compare directly; CPU threads are split evenly
-so every layout uses the same cores. Baseline of the ratio column: ep=1 with the loop backend.
+Layouts (default): each (ep, tp) of `--ep` x `--tp` runs the trainer's own step (`train_step`: DDP,
+expert-grad reduction, grad norm, AdamW) on ep*tp processes, dp = ep, tp as `parallel.tp` with
+`parallel.etp` (`--etp`, values tried at tp > 1; default -1 = tp: experts' intermediate dim split
+over the tp group; 1: sequence-parallel dispatch; 0: the old layout, experts whole on every tp
+rank). The global batch is fixed, so tokens/s compare directly; CPU threads are split evenly over
+the ranks. Per layout: tokens/s, per-rank peak memory (CPU: the process's peak RSS, ~0.3 GiB of it
+torch itself), parameters per rank, all-to-all bytes per rank and step (the dispatcher's counter,
+forward x 2 for backward), routed-expert GFLOP per rank and step (the blocks' counter, forward x 3;
+the max over ranks), and the planner's arithmetic for the same layout
+(`megaqwen.parallel.expert_tensor_parallel.expert_layout_cost`, balanced routing).
+`--hf` adds one process of transformers' Qwen2MoeForCausalLM (same config, aux loss on, sdpa) and
+our model in one process (ep1 tp1), each in a fresh process (1 thread on CPU): step time, its CPU
+time, peak memory. On a shared VM compare CPU s/step (the process's own CPU time, which other jobs
+do not inflate much); wall time swings 10x with the load.
 
-    python benchmarks/bench_moe.py                                               # CPU, debug-moe
-    python benchmarks/bench_moe.py --device cuda --ep 1 --backends loop grouped_mm --seq-len 4096 \
-        --batch 8 --set hidden_size=2048 moe_intermediate_size=1408 num_experts=60 \
-        num_experts_per_tok=4 shared_expert_intermediate_size=5632 num_heads=16 num_kv_heads=16 \
-        num_layers=4 decoder_sparse_step=1 mlp_only_layers=[]                 # one GPU, A2.7B layer shape
-    python benchmarks/bench_moe.py --kernel-only                                 # expert GEMMs alone
+    python benchmarks/bench_moe.py                                   # CPU: debug-moe, then 64 experts top-8
+    python benchmarks/bench_moe.py --configs e64 --no-layouts --hf   # ours vs transformers only
+    # GPU (one node, N GPUs, nccl, bf16 autocast; ep*tp <= N):
+    python benchmarks/bench_moe.py --device cuda --configs e64 a2.7b --ep 1 2 4 --tp 1 2 \
+        --seq-len 4096 --batch 16 --hf
 `--kernel-only` times forward + backward of the expert computation by itself (kernels/moe.py) in
-one process at a realistic expert shape (Qwen1.5-MoE-A2.7B: H 2048, I 1408, 60 experts, top-4), so
-the backends compare without the model's and all-to-all's overheads.
-Prints a markdown table.
+one process at a realistic expert shape (Qwen1.5-MoE-A2.7B: H 2048, I 1408, 60 experts, top-4).
+Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -34,16 +41,8 @@ import torch.multiprocessing as mp
 
 from megaqwen.models.config import get_config
 from megaqwen.models.spec import get_spec
-from megaqwen.parallel.dims import ParallelDims
-from megaqwen.parallel.expert_parallel import (
-    apply_expert_parallel,
-    ddp_ignore_experts,
-    ep_groups,
-    reduce_expert_grads,
-)
-from megaqwen.parallel.materialize import materialize
 from megaqwen.parallel.metrics import local_peak_memory_gib
-from megaqwen.parallel.shards import ShardMap, local_param_bytes
+from megaqwen.parallel.shards import local_param_bytes
 
 
 def _free_port() -> int:
@@ -63,72 +62,181 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, backend: str, out: str):
+CONFIGS = {
+    "debug-moe": ("debug-moe", dict(vocab_size=4096)),
+    # 64 routed experts, top-8, every layer sparse: the routing shape of Qwen3-30B-A3B / OLMoE, small
+    "e64": ("debug-moe", dict(vocab_size=4096, hidden_size=128, num_heads=4, num_kv_heads=2,
+                              num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=128, decoder_sparse_step=1,
+                              mlp_only_layers=[])),
+    # Qwen1.5-MoE-A2.7B's layer shape, 4 layers (GPU)
+    "a2.7b": ("debug-moe", dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=16,
+                                num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                shared_expert_intermediate_size=5632, num_layers=4, decoder_sparse_step=1,
+                                mlp_only_layers=[])),
+}
+
+
+def model_config(name: str, extra: list[str]):
+    base, kw = CONFIGS.get(name, (name, {}))
+    return get_config(base, **{**kw, **_overrides(extra)})
+
+
+def _run_config(model_cfg, args: argparse.Namespace, ep: int, tp: int, etp: int, backend: str):
+    from megaqwen.parallel.config import ParallelConfig
+    from megaqwen.train.config import Config, DataConfig, LoggerConfig, TrainConfig, WandbConfig
+
+    cuda = args.device == "cuda"
+    pcfg = ParallelConfig(tp=tp, ep=ep, etp=etp, dp=ep, backend="nccl" if cuda else "gloo")
+    train = TrainConfig(steps=args.warmup + args.steps, seq_len=args.seq_len, global_batch_size=args.batch,
+                        micro_batch_size=args.batch // ep, lr=1e-4, min_lr=0.0, schedule="constant",
+                        warmup_steps=0, grad_clip=1.0, dtype="bf16" if cuda else "fp32",
+                        device=args.device, seed=0, save_every=0, fit_check=False)
+    cfg = Config(model=model_cfg, parallel=pcfg, train=train,
+                 data=DataConfig(reset_position_ids=False, document_mask=False),
+                 logger=LoggerConfig(wandb=WandbConfig(enabled=False, mode="disabled")))
+    cfg.validate()
+    return cfg
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, layout: tuple, out: str):
+    """One rank of one layout: the trainer's model, optimizer and `train_step` on random tokens."""
+    import megaqwen.parallel.setup as par
+    from megaqwen.train.assemble import build_training, seed_and_ops
+    from megaqwen.train.loop import train_step
+
+    name, ep, tp, etp, backend = layout
     cuda = args.device == "cuda"
     torch.set_num_threads(max(1, (args.threads or os.cpu_count() or 1) // world))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    model_cfg = model_config(name, args.set)
+    cfg = _run_config(model_cfg, args, ep, tp, etp, backend)
+    env = par.init_distributed(cfg.parallel, args.device)
     try:
-        cfg = get_config(args.model, **_overrides(args.set))
-        mesh = ParallelDims(world_size=world, ep=world).build_mesh(device.type)
-        spec = get_spec(cfg)
-        model = spec.build(cfg, device="meta")
-        groups = ep_groups(mesh, world)
-        fqns = apply_expert_parallel(model, groups)
-        for block in model.moe_blocks().values():
+        accum = par.accumulation_steps(args.batch, args.batch // ep, env.dp_size)
+        plan = par.check_layout(cfg.parallel, env, model_cfg, args.seq_len)
+        built = build_training(cfg, env, seed_and_ops(cfg, env), plan, accum, resuming=False)
+        plain = built.model.module if hasattr(built.model, "module") else built.model
+        blocks = plain.moe_blocks().values()
+        for block in blocks:
             block.expert_backend = backend
-        materialize(model, ShardMap(mesh), device, seed=0)
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ddp_ignore_experts(model, fqns)
-            wrapped = DDP(model, process_group=mesh.dp_group, device_ids=[rank] if cuda else None)
-        else:
-            wrapped = model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-        b = args.batch // world
-        g = torch.Generator(device=device).manual_seed(rank)
-        tokens = torch.randint(0, cfg.vocab_size, (b, args.seq_len + 1), device=device, generator=g)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        times = []
+        g = torch.Generator().manual_seed(env.dp_rank)  # tp ranks of one dp rank: the same rows
+        b = args.batch // ep
+        ids = torch.randint(0, model_cfg.vocab_size, (b, args.seq_len + 1), generator=g).to(env.device)
+        batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:]}
+        times, cpus = [], []
         for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                for block in blocks:
+                    block.expert_flops = 0
+                    if block.dispatcher is not None and hasattr(block.dispatcher, "a2a_bytes"):
+                        block.dispatcher.a2a_bytes = 0
             if cuda:
                 torch.cuda.synchronize()
             dist.barrier()
-            t0 = time.perf_counter()
-            with autocast:
-                loss = wrapped(tokens[:, :-1], tokens[:, 1:]).mean()
-            loss.backward()
-            if world > 1:
-                reduce_expert_grads(model, fqns, groups)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(built.model, built.optimizer, iter([batch]), cfg, env, step, accum, built.shards,
+                       built.pipe)
             if cuda:
                 torch.cuda.synchronize()
-            dt = torch.tensor([time.perf_counter() - t0])
+            dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], device=env.device)
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if step >= args.warmup:
-                times.append(dt.item())
+                times.append(dt[0].item())
+                cpus.append(dt[1].item())
         step_s = sorted(times)[len(times) // 2]  # median step
-        mem = torch.tensor([local_peak_memory_gib(device)], device=device)
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        cpu_s = sorted(cpus)[len(cpus) // 2]  # its CPU time on the busiest rank (robust to a shared VM)
+        flops = sum(bl.expert_flops for bl in blocks) * 3 / args.steps  # forward counted: x3 fwd+bwd
+        a2a = sum(getattr(bl.dispatcher, "a2a_bytes", 0) for bl in blocks) * 2 / args.steps  # + backward
+        mine = torch.tensor([local_peak_memory_gib(env.device), local_param_bytes(plain) / 2**20, flops, a2a],
+                            dtype=torch.float64, device=env.device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         if rank == 0:
-            torch.save(dict(tok_s=args.batch * args.seq_len / step_s, step_s=step_s, mem=mem.item(),
-                            param_mib=local_param_bytes(model) / 2**20,
-                            total=cfg.num_params(), active=cfg.active_params()), out)
+            torch.save(dict(tok_s=args.batch * args.seq_len / step_s, step_s=step_s, cpu_s=cpu_s,
+                            mem=mine[0].item(),
+                            param_mib=mine[1].item(), tflop=mine[2].item() / 1e12,
+                            a2a_mib=mine[3].item() / 2**20,
+                            total=model_cfg.num_params(), active=model_cfg.active_params()), out)
     finally:
         dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace, ep: int, backend: str) -> dict:
+def run(args: argparse.Namespace, layout: tuple) -> dict:
+    _, ep, tp, _, _ = layout
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.pt")
-        mp.start_processes(_worker, args=(ep, _free_port(), args, backend, out), nprocs=ep,
-                           start_method="spawn")
+        # fork on CPU: the ranks inherit the imports (spawn re-imports torch per rank: minutes on a
+        # loaded 2-core VM); CUDA needs spawn
+        mp.start_processes(_worker, args=(ep * tp, _free_port(), args, layout, out), nprocs=ep * tp,
+                           start_method="spawn" if args.device == "cuda" else "fork")
         return torch.load(out)
+
+
+def _one_process(kind: str, args: argparse.Namespace, name: str, out: str) -> None:
+    """transformers' Qwen2MoeForCausalLM or ours, one process: median step (fwd, bwd, AdamW), peak memory."""
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or (os.cpu_count() if cuda else 1))  # CPU: 1 thread, no stalls
+    cfg = model_config(name, args.set)
+    torch.manual_seed(0)
+    if kind == "hf":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        from megaqwen.models.qwen2_moe.hf_adapter import config_to_hf
+
+        hf_cfg = Qwen2MoeConfig(**{**config_to_hf(cfg, torch.float32), "output_router_logits": True})
+        model = Qwen2MoeForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    else:
+        model = get_spec(cfg).build(cfg, device=device, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    times, cpus = [], []
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with autocast:
+            if kind == "hf":
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # CE + coef * aux
+            else:
+                parts = model(ids[:, :-1], ids[:, 1:])
+                loss = parts.mean() + cfg.router_aux_loss_coef * parts.aux
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    step_s, cpu_s = sorted(times)[len(times) // 2], sorted(cpus)[len(cpus) // 2]
+    torch.save(dict(step_s=step_s, cpu_s=cpu_s, tok_s=args.batch * args.seq_len / step_s,
+                    mem=local_peak_memory_gib(device)), out)
+
+
+def against_hf(args: argparse.Namespace, name: str) -> None:
+    rows = {}
+    for kind in ("megaqwen", "hf"):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "r.pt")
+            p = mp.get_context("spawn").Process(target=_one_process, args=(kind, args, name, out))
+            p.start()
+            p.join()
+            if p.exitcode:
+                raise RuntimeError(f"{kind} run failed (exit {p.exitcode})")
+            rows[kind] = torch.load(out)
+    ours, hf = rows["megaqwen"], rows["hf"]
+    print(f"\n# {name}: one process, ours vs transformers Qwen2MoeForCausalLM (same config, aux loss on)")
+    print("| model | tokens/s | step s | CPU s/step | peak mem GiB |")
+    print("|---|---|---|---|---|")
+    for kind, r in rows.items():
+        print(f"| {kind} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['mem']:.2f} |")
+    print(f"ours / transformers: {ours['tok_s'] / hf['tok_s']:.2f}x the speed (wall), "
+          f"{hf['cpu_s'] / ours['cpu_s']:.2f}x (CPU time), at {ours['mem'] / hf['mem']:.2f}x the peak memory",
+          flush=True)
 
 
 def kernel_only(args: argparse.Namespace) -> None:
@@ -173,19 +281,31 @@ def kernel_only(args: argparse.Namespace) -> None:
         print(f"| {name} | {dt * 1e3:.1f} | {ratio} | {flops / dt / 1e12:.3f} |", flush=True)
 
 
+def _preload() -> None:
+    """Import what the ranks run before forking them."""
+    import megaqwen.parallel.setup  # noqa: F401
+    import megaqwen.train.assemble  # noqa: F401
+    import megaqwen.train.loop  # noqa: F401
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="debug-moe")
-    p.add_argument("--set", nargs="*", default=["vocab_size=4096"], metavar="KEY=VALUE",
-                   help="model config overrides (default: vocab_size=4096, so the head does not dominate)")
+    p.add_argument("--configs", nargs="+", default=["debug-moe", "e64"], help=f"from {sorted(CONFIGS)} "
+                   "or a model name")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
     p.add_argument("--ep", nargs="+", type=int, default=[1, 2, 4])
-    p.add_argument("--backends", nargs="+", default=["loop", "bmm", "grouped_mm"])
+    p.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--etp", nargs="+", type=int, default=[-1],
+                   help="parallel.etp values tried at tp > 1 (-1 = tp; 0 = experts whole per tp rank)")
+    p.add_argument("--backends", nargs="+", default=["auto"], help="expert backends (kernels/moe.py)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="global batch (split over the ep ranks)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over the dp = ep ranks)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads shared by all ranks (0: all cores)")
+    p.add_argument("--hf", action="store_true", help="also one process of ours vs transformers' Qwen2-MoE")
+    p.add_argument("--no-layouts", action="store_true", help="skip the ep x tp grid (with --hf)")
     p.add_argument("--kernel-only", action="store_true", help="time the expert computation alone")
     p.add_argument("--kernel-shape", nargs=4, type=int, default=[2048, 1408, 60, 4],
                    metavar=("H", "I", "E", "K"))
@@ -193,23 +313,45 @@ def main() -> None:
     args = p.parse_args()
     if args.kernel_only:
         return kernel_only(args)
-    if args.device == "cuda" and max(args.ep) > torch.cuda.device_count():
-        p.error(f"--ep {max(args.ep)} needs that many GPUs; {torch.cuda.device_count()} visible")
+    if args.device == "cuda" and max(args.ep) * max(args.tp) > torch.cuda.device_count():
+        p.error(f"--ep x --tp {max(args.ep) * max(args.tp)} needs that many GPUs; "
+                f"{torch.cuda.device_count()} visible")
+    from megaqwen.parallel.expert_tensor_parallel import expert_layout_cost
+
+    _preload()
+
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"# {dev}, {args.model} {' '.join(args.set)}, seq_len {args.seq_len}, global batch "
-          f"{args.batch}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}")
-    print("| ep | experts backend | tokens/s | vs ep1 loop | step s | params/rank MiB | peak mem/rank GiB |")
-    print("|---|---|---|---|---|---|---|")
-    base = None
-    for ep in args.ep:
-        for backend in args.backends:
-            r = run(args, ep, backend)
-            if base is None and ep == 1 and backend == "loop":
-                base = r["tok_s"]
-            ratio = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
-            print(f"| {ep} | {backend} | {r['tok_s']:.0f} | {ratio} | {r['step_s']:.3f} | "
-                  f"{r['param_mib']:.1f} | {r['mem']:.2f} |", flush=True)
-    print(f"\n# total params {r['total'] / 1e6:.2f}M, active {r['active'] / 1e6:.2f}M")
+    for name in args.configs:
+        cfg = model_config(name, args.set)
+        print(f"\n# {dev}, {name}: H {cfg.hidden_size}, {cfg.num_experts} experts "
+              f"top-{cfg.num_experts_per_tok}, I {cfg.moe_intermediate_size}, {cfg.num_layers} layers, "
+              f"{cfg.num_params() / 1e6:.2f}M params ({cfg.active_params() / 1e6:.2f}M active); "
+              f"seq_len {args.seq_len}, global batch {args.batch}, "
+              f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}")
+        if not args.no_layouts:
+            print("| ep | tp | etp | backend | tokens/s | vs ep1 tp1 | step s | CPU s/step | params/rank MiB "
+                  "| peak mem/rank GiB | a2a MiB/rank/step | expert GFLOP/rank/step | planner GFLOP "
+                  "| planner a2a MiB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            base = None
+            sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
+            for tp, etp in [(t, e) for t in args.tp for e in (args.etp if t > 1 else [-1])]:
+                for ep in args.ep:
+                    for backend in args.backends:
+                        r = run(args, (name, ep, tp, etp, backend))
+                        base = base or (r["tok_s"] if ep == tp == 1 else None)
+                        ratio = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
+                        c = expert_layout_cost(args.batch // ep * args.seq_len, cfg.hidden_size,
+                                               cfg.moe_intermediate_size, cfg.num_experts,
+                                               cfg.num_experts_per_tok, sparse, tp, ep, etp,
+                                               act_bytes=2 if args.device == "cuda" else 4)
+                        print(f"| {ep} | {tp} | {etp if tp > 1 else '-'} | {backend} | {r['tok_s']:.0f} | "
+                              f"{ratio} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | "
+                              f"{r['param_mib']:.2f} | {r['mem']:.2f} | {r['a2a_mib']:.2f} | "
+                              f"{r['tflop'] * 1e3:.2f} | "
+                              f"{c.expert_flops / 1e9:.2f} | {c.a2a_bytes / 2**20:.2f} |", flush=True)
+        if args.hf:
+            against_hf(args, name)
 
 
 if __name__ == "__main__":
