@@ -77,13 +77,25 @@ class RoutingCounts:
     """The counting pre-pass's collector: set as the model's `balance` state, the model's `aux_terms`
     hands it every forward's routing; per layer, one (B, E) row-count tensor per micro-batch."""
 
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
+    def __init__(self, num_experts: int, mode: str):
+        self.width, self.mode = num_experts, mode
+        """width: E, the columns of every count."""
         self.by_layer: dict[int, list[torch.Tensor]] = {}
 
     def observe(self, records) -> None:
         for r in records:
-            self.by_layer.setdefault(r.layer, []).append(row_counts(r.topk_NK, r.rows, self.num_experts))
+            self.by_layer.setdefault(r.layer, []).append(row_counts(r.topk_NK, r.rows, self.width))
+
+
+def needs_step_counts(mode: str, micro_batches: int, dp: int, cp: int, pp: int) -> bool:
+    """Whether form `mode`'s exact value needs counts beyond one forward's: the global form over more
+    than one micro-batch or rank, HF's pooled form over cp shards or pipeline stages, the sequence
+    form over cp shards (its rows are split)."""
+    if mode == "global_batch":
+        return micro_batches * dp * cp > 1
+    if mode == "micro_batch":
+        return pp > 1 or cp > 1
+    return mode == "sequence" and cp > 1
 
 
 def _product(counts_E: torch.Tensor, probs_sum_E: torch.Tensor, tokens: float, num_experts: int):

@@ -7,10 +7,12 @@ objective code (`megaqwen.train.objective`) adds `coef * value` to the step's ob
 place. The trainer never knows which architecture contributed what.
 
 Under pipeline parallelism a stage computes only its own layers' share of each term
-(`Qwen2ForCausalLM.aux_terms(records, partial=True)`): a term is pipeline-safe when the shares of all
-stages add up to the whole-model value (a sum over layers divided by a constant, like the z-loss).
-A term that is not (HF's load-balancing loss multiplies means over every layer's routers) is refused
-under pp by the spec's validation.
+(`Qwen2ForCausalLM.aux_terms(records, partial=True)`): the shares of all stages add up to the
+whole-model value (a sum over layers divided by a constant, like the z-loss). A term whose factors
+span more than one forward (HF's load-balancing loss multiplies counts pooled over every layer; the
+global-batch form counts over the whole step) is linear in this forward's router probabilities once
+those counts are fixed: the trainer hands them in from a counting pre-pass (`megaqwen.models.
+moe_balance`, `megaqwen.train.moe_balance`), so each stage's, shard's and micro-batch's share is exact.
 """
 
 from __future__ import annotations

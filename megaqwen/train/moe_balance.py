@@ -43,18 +43,6 @@ COUNT_ONLY = Objective("moe_balance_counts", _count_only, lambda b: torch.zeros(
 """The pre-pass's objective: nothing past the final norm (no LM head)."""
 
 
-def needs_prepass(model_cfg, dims, micro_batches: int) -> bool:
-    """True when the step's load-balancing term needs counts from other forwards or ranks."""
-    if not getattr(model_cfg, "is_moe", False) or model_cfg.router_aux_loss_coef <= 0:
-        return False
-    mode = model_cfg.moe_balance
-    if mode == "global_batch":
-        return micro_batches * dims.dp * dims.cp > 1
-    if mode == "micro_batch":
-        return dims.pp > 1 or dims.cp > 1
-    return mode == "sequence" and dims.cp > 1
-
-
 def balance_model(model, pipe=None):
     """The object whose `aux_terms` the step's forwards call (a pipeline's stage model, else the
     model under its data-parallel wrapper)."""
@@ -64,18 +52,17 @@ def balance_model(model, pipe=None):
 @torch.no_grad()
 def prepare_balance(model, micro: list[dict], cfg: Config, env: par.DistEnv,
                     pipe=None) -> BalanceStats | None:
-    """Collective (every rank of the step): the counting pre-pass when `needs_prepass`, its
-    `BalanceStats` set as the model's `balance` (None set otherwise). Call before the step's first
-    forward; `release_balance` after its last backward."""
+    """Collective (every rank of the step): the counting pre-pass when the model's `balance_counter`
+    asks for one, its `BalanceStats` set as the model's `balance` (None otherwise). Call before the
+    step's first forward; `release_balance` after its last backward."""
     target = balance_model(model, pipe)
-    if not hasattr(target, "aux_terms"):
+    if not hasattr(target, "balance_counter"):
         return None
     target.balance = None
-    if not needs_prepass(cfg.model, env.dims, len(micro)):
+    counts = target.balance_counter(len(micro), env.dims)
+    if counts is None:
         return None
-    m = cfg.model
     saved = [(mod, mod.load_E, mod.dropped) for mod in target.modules() if hasattr(mod, "load_E")]
-    counts = RoutingCounts(m.num_experts)
     target.balance = counts
     try:
         with autocast_ctx(cfg.train.dtype, env.device):
@@ -98,7 +85,7 @@ def prepare_balance(model, micro: list[dict], cfg: Config, env: par.DistEnv,
 def reduce_counts(counts: RoutingCounts, micro: list[dict], cfg: Config, env: par.DistEnv,
                   pipe=None) -> BalanceStats:
     """The pre-pass's local counts -> the step's `BalanceStats` (module docstring), one all-reduce."""
-    mode, e, d = cfg.model.moe_balance, cfg.model.num_experts, env.dims
+    mode, e, d = counts.mode, counts.width, env.dims
     device = env.device
     layers = sorted(counts.by_layer)
     full_tokens = [float(b["tokens"].numel()) for b in micro]  # B * T of each whole micro-batch

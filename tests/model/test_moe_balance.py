@@ -61,7 +61,7 @@ def _split_sum(model, cfg, tokens, mode: str, pieces: int):
     counting pass, as the trainer's pre-pass gives them; replicas 1 (no averaging here)."""
     sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
     chunks = tokens.chunk(pieces)
-    counts = RoutingCounts(cfg.num_experts)
+    counts = RoutingCounts(cfg.num_experts, mode)
     with torch.no_grad():
         for c in chunks:
             counts.observe(_records(model, c))

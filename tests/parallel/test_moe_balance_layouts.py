@@ -6,8 +6,9 @@ aux gradient is a real part of every router's gradient), through the trainer's b
 `train_step` (tests/parallel/trainer_harness.py): pp2 x dp2 with 4 micro-batches per dp rank (the
 counting pre-pass runs through the pipeline), pp2 x dp2 x ep2, cp2 x dp2 (MoE x cp, the counts summed
 over the sequence shards), and HF's micro-batch form under pp2 x dp2 (each micro-batch's counts pooled
-over both stages). The one-process references compute the forms directly: the global form on the
-whole batch in one forward, HF's form as the mean over the micro-batches (one row each) of HF's loss.
+over both stages), and the sequence form under cp2 x dp2 (each row's counts over its shards). The
+one-process references compute the forms directly: the global and sequence forms on
+the whole batch in one forward, HF's form as the mean over the micro-batches (one row each) of HF's loss.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _reference(cfg) -> dict:
     out = {"losses": [], "aux": []}
     for s, b in enumerate(_batches(cfg, GLOBAL_B)[:STEPS]):
         parts = model(b["tokens"], b["labels"])
-        if cfg.moe_balance == "global_batch":  # the whole batch in one forward: the global form
-            aux = parts.aux
+        if cfg.moe_balance != "micro_batch":  # the whole batch in one forward: global form; the
+            aux = parts.aux  # sequence form's mean over rows (of equal length) is the whole batch's
         else:  # HF's form per micro-batch of MBS rows, averaged
             aux = torch.stack([model(b["tokens"][i:i + MBS], b["labels"][i:i + MBS]).aux
                                for i in range(0, GLOBAL_B, MBS)]).mean()
@@ -91,7 +92,8 @@ def test_balancing_under_pp_dp_ep_cp_equals_one_process_over_the_global_batch():
     cases = [("pp2-dp2-global", "global_batch", {"pp": 2}),
              ("pp2-dp2-ep2-global", "global_batch", {"pp": 2, "ep": 2}),
              ("cp2-dp2-global", "global_batch", {"cp": 2}),
-             ("pp2-dp2-micro", "micro_batch", {"pp": 2})]
+             ("pp2-dp2-micro", "micro_batch", {"pp": 2}),
+             ("cp2-dp2-sequence", "sequence", {"cp": 2})]
     out = spawn(_worker, 4, cases)
     bad = {n: r for n, r in out.items()
            if not (r["loss_rel"] <= 1e-5 and r["aux_rel"] <= 1e-5 and r["grad_err"] <= 1e-5)}

@@ -99,11 +99,9 @@ def test_qwen3_cp2_ring_and_alltoall_equal_one_process():
     _check_model(res)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "the MoE spec's validate (megaqwen/models/qwen2_moe/validate.py) refuses parallel.cp > 1: the "
-    "load-balancing loss is not a sum over sequence shards; shared with Qwen2-MoE, lifted by issue 24's "
-    "global-batch balancing"))
 def test_qwen3_moe_cp2_equals_one_process():
+    """MoE x cp: the aux-free bias moves by the load summed over both sequence shards (the balancing
+    losses under cp: tests/parallel/test_moe_balance_layouts.py)."""
     from test_context_parallel import _check_model
 
     from megaqwen.parallel.config import ParallelConfig
@@ -111,11 +109,7 @@ def test_qwen3_moe_cp2_equals_one_process():
     from megaqwen.parallel.setup import validate_layout
 
     cfg = _moe()
-    try:  # the trainer's check; any other refusal would be a different failure
-        validate_layout(ParallelConfig(cp=2), ParallelDims(world_size=2, cp=2), cfg, 32)
-    except ValueError as e:
-        assert "parallel.cp=2 is not supported yet with MoE models" in str(e), e
-        raise
+    validate_layout(ParallelConfig(cp=2), ParallelDims(world_size=2, cp=2), cfg, 32)  # the trainer's check
     _check_model(spawn(_cp_worker, 2, cfg, [(1, 2, 1, "ring")]))
 
 

@@ -44,7 +44,6 @@ REFUSALS = {
     "batch split over dp": (2, ["train.global_batch_size=6"], "micro_batch_size (2) x dp (2) = 4"),
     "nccl without CUDA": pytest.param(2, ["parallel.backend=nccl"], "parallel.backend=nccl needs CUDA",
                                       marks=NO_CUDA),
-    "MoE with cp": (2, ["model=debug-moe", "parallel.cp=2"], "parallel.cp=2 is not supported yet with MoE"),
     "ep with deepspeed": (2, ["model=debug-moe", "parallel.ep=2", "train.engine=deepspeed"],
                           "parallel.ep=2 is not supported with train.engine=deepspeed (DeepSpeed builds "
                           "expert-data-parallel groups only for its own MoE layer classes, and ZeRO-3 "
@@ -58,7 +57,6 @@ REFUSALS = {
     "zero stage": (2, ["parallel.zero_stage=4", "train.engine=deepspeed"], "must be 1, 2 or 3, got 4"),
     "offload without ZeRO-3": (2, ["parallel.offload_params=true", "train.engine=deepspeed"],
                                "parallel.offload_params needs ZeRO stage 3"),
-    "pp with the MoE aux loss": (2, ["model=debug-moe", "parallel.pp=2"], "set model.router_aux_loss_coef=0"),
     "pp micro-batches": (2, ["parallel.pp=2", "train.global_batch_size=2"], "needs at least 2 micro-batches"),
     "pp layers": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv"], "parallel.pp_layers=[0, 1, 1, 0]"),
     "all-to-all heads": (8, ["parallel.cp=8", "parallel.cp_mode=alltoall"],
@@ -99,7 +97,10 @@ def test_check_makes_the_refusal_once_in_one_line(monkeypatch, capsys, tmp_path,
     (2, ["model=debug-moe", "parallel.ep=2", "parallel.dp_mode=fsdp"]),
     (2, ["model=debug-moe", "parallel.ep=2", "parallel.dp_mode=zero1"]),
     (2, ["train.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload_params=true"]),
-], ids=["tp2", "schedule at pp=1", "zbv with ddp", "ep2 fsdp", "ep2 zero1", "zero3 offload"])
+    (2, ["model=debug-moe", "parallel.cp=2"]),  # MoE x cp (issue 24)
+    (2, ["model=debug-moe", "parallel.pp=2"]),  # HF's aux loss under pp (issue 24)
+], ids=["tp2", "schedule at pp=1", "zbv with ddp", "ep2 fsdp", "ep2 zero1", "zero3 offload", "moe cp2",
+        "moe pp2 aux"])
 def test_check_passes_the_neighbours_of_the_refusals(monkeypatch, capsys, tmp_path, world, overrides):
     code, err = check(monkeypatch, capsys, tmp_path, world, overrides)
     assert code is None or code == 0, err
@@ -162,12 +163,12 @@ def test_console_script_check_refuses_a_typo_in_one_line(tmp_path):
 
 
 def test_launcher_refuses_what_only_two_ranks_refuse_before_starting_them(tmp_path):
-    """launch/torchrun.sh --nproc-per-node 2: its `--check` (WORLD_SIZE=2) refuses MoE with cp=2, a
-    layout a single process never reaches; no rank starts, so no per-rank traceback."""
+    """launch/torchrun.sh --nproc-per-node 2: its `--check` (WORLD_SIZE=2) refuses tp=4 on two ranks,
+    a layout a single process never reaches; no rank starts, so no per-rank traceback."""
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", f"train.out_dir={tmp_path}",
-           "logger.wandb.enabled=false", "model=debug-moe", "parallel.cp=2"]
+           "logger.wandb.enabled=false", "parallel.tp=4"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert_one_line(run.returncode, run.stderr, "parallel.cp=2 is not supported yet with MoE models")
+    assert_one_line(run.returncode, run.stderr, "world_size=2 is not divisible by tp*pp*cp=4*1*1=4")
     assert "process(es)" not in run.stderr and "ChildFailedError" not in run.stdout + run.stderr
     assert not (tmp_path / ".hydra").exists()

@@ -17,8 +17,9 @@ tokens), and the weighted outputs are summed back per token with one index_add. 
 `moe_capacity_factor` > 0. Expert parallelism plugs in as the block's `dispatcher` (an all-to-all
 to the ranks holding the experts); this file stays single-device.
 
-Losses: the load-balancing loss (`MoELossParts.aux`) and the router z-loss (`.z`) are returned next
-to the LM loss; the trainer adds `router_aux_loss_coef * aux + router_z_loss_coef * z` to the LM mean.
+Losses: the load-balancing loss (`MoELossParts.aux`, in the `moe_balance` form of
+`megaqwen.models.moe_balance`) and the router z-loss (`.z`) are returned next to the LM loss; the
+trainer adds `router_aux_loss_coef * aux + router_z_loss_coef * z` to the LM mean.
 Aux-loss-free balancing (DeepSeek-V3): with `moe_routing_bias_update_rate` > 0 each router has a
 bias `mlp.gate.e_score_correction_bias` (E,) added to the probabilities for the top-k choice only;
 `update_routing_bias` moves it after each optimizer step from the load counted in `load_E`.
@@ -48,7 +49,7 @@ from megaqwen.kernels.moe import (
 )
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
-from megaqwen.models.moe_balance import BalanceStats, RoutingCounts, balance_loss
+from megaqwen.models.moe_balance import BalanceStats, RoutingCounts, balance_loss, needs_step_counts
 from megaqwen.models.outputs import AuxTerm
 from megaqwen.models.qwen2.model import (
     MLP,
@@ -82,7 +83,8 @@ class MoELossParts(NamedTuple):
     sum: torch.Tensor
     count: torch.Tensor
     aux: torch.Tensor
-    """fp32 scalar: HF's `aux_loss` (Switch/GShard form over all sparse layers of the forward)."""
+    """fp32 scalar: the load-balancing loss of this forward in the `moe_balance` form (micro_batch:
+    HF's `aux_loss`, Switch/GShard over all sparse layers of the forward)."""
     z: torch.Tensor | None = None
     """fp32 scalar: router z-loss, mean over the tokens of all sparse layers (ST-MoE)."""
 
@@ -298,6 +300,17 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     balance: BalanceStats | RoutingCounts | None = None
     """Set by the trainer around one step (`megaqwen.train.moe_balance`): the counting pre-pass's
     collector, then the step's routing counts the load-balancing forms need from other forwards."""
+
+    def balance_counter(self, micro_batches: int, dims) -> RoutingCounts | None:
+        """The trainer's counting pre-pass collector (`megaqwen.train.moe_balance`) when this step's
+        trained balancing form needs routing counts beyond one forward's (`dims`: the layout's dp, cp
+        and pp degrees); None when each forward's own counts are exact or no loss is trained."""
+        c = self.cfg
+        if c.router_aux_loss_coef <= 0 or c.moe_balance == "aux_free":
+            return None
+        if not needs_step_counts(c.moe_balance, micro_batches, dims.dp, dims.cp, dims.pp):
+            return None
+        return RoutingCounts(c.num_experts, c.moe_balance)
 
     def aux_terms(self, records: list[RouterOut], partial: bool = False) -> dict[str, AuxTerm]:
         """`aux_loss` (the `moe_balance` form of load balancing, `router_aux_loss_coef`; 0 under
