@@ -42,6 +42,9 @@ WHEN = {
     "rollout": "every step of a GRPO run (train.objective=grpo): the rollout the step trains on, and the "
                "time the step spent in each phase (0 for a phase the step did not run)",
     "rollout-math": "every step of a GRPO run whose grpo.rewards include math, with a verifiable prompt",
+    "rollout-eval": "on the steps of a GRPO run with rollout.eval_every > 0 whose rollout evaluates the "
+                    "fixed set (rollout 0 and every rollout.eval_every-th); the accuracies when grpo.rewards "
+                    "include math",
 }
 """when a metric is logged -> what that means"""
 
@@ -252,6 +255,17 @@ METRICS += (
        "rollout", "rollout", "time per phase"),
     _m("rollout/old_logprobs_s", "s", "time this step spent recomputing the policy's old log-probabilities "
        "(off-policy runs with grpo.old_logprobs=recompute)", "rollout", "rollout", "time per phase"),
+    _m("rollout/eval_s", "s", "time this step spent evaluating the fixed set (rollout.eval_every; 0 on "
+       "other steps)", "rollout", "rollout", "time per phase"),
+    _m("rollout/eval_greedy_reward", "", "total reward of the greedy completions of the fixed evaluation "
+       "set (rollout.eval_prompts), mean", "rollout-eval", "rollout", "fixed-set evaluation"),
+    _m("rollout/eval_greedy_accuracy", "fraction", "share of the fixed set's greedy completions whose "
+       "(maths) answer is right", "rollout-eval", "rollout", "fixed-set evaluation"),
+    _m("rollout/eval_reward", "", "total reward of rollout.eval_samples sampled completions per fixed-set "
+       "prompt (the rollouts' sampling, a fixed seed), mean", "rollout-eval", "rollout",
+       "fixed-set evaluation"),
+    _m("rollout/eval_accuracy", "fraction", "share of the fixed set's sampled completions whose (maths) "
+       "answer is right", "rollout-eval", "rollout", "fixed-set evaluation"),
     _m("rollout/sync_s", "s", "time this step spent pushing the weights to the engine (0 for "
        "rollout.engine=native, which runs the trainer's modules)", "rollout", "rollout", "time per phase"),
     _m("rollout/train_s", "s", "the rest of the step: reference and policy forward/backward, optimizer",

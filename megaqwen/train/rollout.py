@@ -31,6 +31,13 @@ from a checkpoint at step s regenerates the rollout that step s + 1 belongs to (
 weights) and skips the updates already done, so step k always trains on the same prompts as in an
 uninterrupted run.
 
+Fixed-set evaluation (rollout.eval_every > 0, `EvalSet`): before rollout 0 and every eval_every-th
+rollout, one greedy and rollout.eval_samples sampled completions (the rollouts' sampling, one fixed
+seed) of every prompt of rollout.eval_prompts (default: the distinct records of rollout.prompts) are
+scored with grpo.rewards and logged as rollout/eval_* on that step: the same prompts and draws each
+time, so the curve follows the policy, not the prompts a step drew. Every rank evaluates the whole set
+(tp ranks must; dp ranks get the same numbers).
+
 Metrics (`rollout/*`, see `megaqwen.train.metric_names`): per step, the statistics of the rollout the
 step trains on (reward mean / std and per component over all dp ranks, accuracy of the verifiable
 prompts, response length, groups filtered) and the time this step spent in each phase (generation,
@@ -54,7 +61,7 @@ import torch
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX
 from megaqwen.parallel import setup as par
 from megaqwen.train.config import Config
-from megaqwen.train.rollout_config import check_rollout, prompts_path
+from megaqwen.train.rollout_config import check_rollout, eval_prompts_path, prompts_path
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,84 @@ class PromptStream:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fixed evaluation set
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-completion rewards of one evaluation: (N,) totals and the maths component (NaN where it does
+    not apply), greedy (one per prompt) and sampled (`samples` per prompt)."""
+
+    greedy: torch.Tensor
+    greedy_math: torch.Tensor | None
+    sampled: torch.Tensor
+    sampled_math: torch.Tensor | None
+
+    def metrics(self) -> dict[str, float]:
+        """`rollout/eval_*` means (and the sampled mean's standard error over prompts)."""
+        out = {"rollout/eval_greedy_reward": float(self.greedy.mean())}
+        if self.greedy_math is not None and not bool(self.greedy_math.isnan().all()):
+            out["rollout/eval_greedy_accuracy"] = float(self.greedy_math.nanmean())
+        if self.sampled.numel():
+            out["rollout/eval_reward"] = float(self.sampled.mean())
+            if self.sampled_math is not None and not bool(self.sampled_math.isnan().all()):
+                out["rollout/eval_accuracy"] = float(self.sampled_math.nanmean())
+        return out
+
+
+def standard_error(values_PS: torch.Tensor) -> float:
+    """Standard error of the mean of (P prompts, S samples) values, prompts the independent units (the
+    samples of one prompt are correlated): std of the P prompt means / sqrt(P)."""
+    means = values_PS.double().reshape(values_PS.shape[0], -1).mean(1)
+    return float(means.std() / math.sqrt(means.numel())) if means.numel() > 1 else float("nan")
+
+
+def eval_seed(train_seed: int) -> int:
+    """The sampling seed of every fixed-set evaluation of a run (train.seed's)."""
+    return (train_seed * 1_000_003 + 17) % 2**62
+
+
+class EvalSet:
+    """A fixed set of prompts (`rollout.eval_prompts`; by default the distinct records of the prompt
+    stream), evaluated with the same sampling seed each time: a curve of the policy itself, not of the
+    prompts a step happened to draw."""
+
+    def __init__(self, stream: PromptStream, distinct: bool = True):
+        self.stream = stream
+        seen: set[str] = set()
+        self.prompts: list[Prompt] = []
+        for i in range(len(stream)):
+            key = json.dumps({k: v for k, v in stream.records[i].items() if k != "_line"}, sort_keys=True)
+            if distinct and key in seen:
+                continue
+            seen.add(key)
+            self.prompts.append(stream[i])
+
+    def run(self, engine, rewards, max_new_tokens: int, stop_ids: tuple[int, ...], samples: int,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> EvalResult:
+        """One greedy completion of every prompt and `samples` sampled ones (one engine call each)."""
+        from megaqwen.generate import SamplingParams
+        from megaqwen.rewards.sample import Sample
+
+        def score(reps: int, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+            outs = engine.generate([p.ids for p in self.prompts for _ in range(reps)], params)
+            scored = rewards([Sample(record=self.prompts[i // reps].record,
+                                     completion=self.stream.decode(o.token_ids), token_ids=list(o.token_ids))
+                              for i, o in enumerate(outs)])
+            maths = scored.components.get("math")
+            return scored.total.float(), None if maths is None else maths.float()
+
+        greedy = score(1, SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=stop_ids))
+        if samples:
+            sampled = score(samples, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                    top_p=top_p, top_k=top_k, stop_token_ids=stop_ids,
+                                                    seed=seed))
+        else:
+            sampled = (torch.zeros(0), None)
+        return EvalResult(*greedy, *sampled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +295,10 @@ class RolloutBatches:
         self._queue: list[dict[str, torch.Tensor]] = []  # this step's remaining micro-batches
         self._steps: list[list[dict[str, torch.Tensor]]] = []  # the rollout's remaining steps
         self._stats: dict[str, float] = {}
-        self._phase = dict.fromkeys(("generate_s", "score_s", "old_logprobs_s", "sync_s"), 0.0)
+        self._eval_stats: dict[str, float] = {}
+        self._phase = dict.fromkeys(("generate_s", "score_s", "old_logprobs_s", "sync_s", "eval_s"), 0.0)
+        self.eval_set = (EvalSet(PromptStream(eval_prompts_path(cfg), t.seq_len - g.max_new_tokens),
+                                 distinct=not cfg.rollout.eval_prompts) if cfg.rollout.eval_every else None)
         self._reference_like = reference_like
         from megaqwen.train.grpo import on_policy
 
@@ -263,7 +351,8 @@ class RolloutBatches:
         phases = {f"rollout/{k}": v for k, v in self._phase.items()}
         busy = sum(self._phase.values())
         self._phase = dict.fromkeys(self._phase, 0.0)
-        return {**self._stats, **phases, "rollout/train_s": max(step_time_s - busy, 0.0)}
+        evals, self._eval_stats = self._eval_stats, {}
+        return {**self._stats, **evals, **phases, "rollout/train_s": max(step_time_s - busy, 0.0)}
 
     # -- one rollout ----------------------------------------------------------------------------
 
@@ -311,6 +400,10 @@ class RolloutBatches:
             self._phase["old_logprobs_s"] += time.perf_counter() - t0
         self._steps = steps[skip:]
         self._stats = self._statistics(outs, scored, keep)
+        if self.eval_set is not None and index % r.eval_every == 0:
+            t0 = time.perf_counter()
+            self._eval_stats = self.evaluate()  # logged once, on the step that made this rollout
+            self._phase["eval_s"] += time.perf_counter() - t0
         if r.save_every and index % r.save_every == 0:  # named by the trainer's step it starts at
             self._save(self._step + 1 - skip, prompts, outs, texts, scored, adv, keep)
 
@@ -332,6 +425,13 @@ class RolloutBatches:
             return self.engine.generate([p.ids for p in prompts for _ in range(self.group)], params(first))
         return [o for i, p in enumerate(prompts) for o in self.engine.generate([p.ids] * self.group,
                                                                                params(first + i))]
+
+    def evaluate(self) -> dict[str, float]:
+        """`rollout/eval_*`: the policy on the fixed evaluation set (`EvalSet.run`, every rank alike)."""
+        r = self.cfg.rollout
+        return self.eval_set.run(self.engine, self.rewards, self.cfg.grpo.max_new_tokens, self.stop_ids,
+                                 r.eval_samples, r.temperature, r.top_p, r.top_k,
+                                 seed=eval_seed(self.cfg.train.seed)).metrics()
 
     def _with_old_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The micro-batch with `old_logprobs`: the policy's log-probabilities of its labels now."""

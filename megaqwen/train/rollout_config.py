@@ -32,6 +32,16 @@ class RolloutConfig:
     """Nucleus sampling: keep the smallest set of tokens with this much probability (1: all)."""
     top_k: int = 0
     """Sample among the k most likely tokens only; 0: no limit."""
+    eval_every: int = 0
+    """Evaluate the policy on a fixed prompt set (rollout.eval_prompts) before rollout 0 and every this
+    many rollouts, logged as rollout/eval_* on that step (the same prompts and sampling seed each time:
+    a curve that does not depend on which prompts a step drew); 0: never."""
+    eval_prompts: str = ""
+    """The fixed evaluation prompts (jsonl as rollout.prompts; `arithmetic`: the shipped toy task);
+    empty: the distinct records of rollout.prompts (all of them are evaluated each time)."""
+    eval_samples: int = 4
+    """Completions per evaluation prompt sampled as the rollouts sample (temperature, top-p, top-k,
+    a fixed seed from train.seed), besides one greedy completion; 0: greedy only."""
     save_every: int = 1
     """Write rollout k's rows (prompt, completion, rewards, advantage) to
     out_dir/rollouts/step_<first step>.jsonl every this many rollouts (rank 0, all dp ranks' rows);
@@ -66,6 +76,17 @@ def prompts_path(cfg) -> Path:
     return path
 
 
+def eval_prompts_path(cfg) -> Path:
+    """The fixed evaluation prompt file (rollout.eval_prompts, default rollout.prompts)."""
+    name = cfg.rollout.eval_prompts
+    if not name:
+        return prompts_path(cfg)
+    path = shipped_prompts(name) or Path(name)
+    if not path.is_file():
+        raise ValueError(f"rollout.eval_prompts={name}: no such file ({path.resolve()})")
+    return path
+
+
 def check_rollout(cfg) -> None:
     """ValueError naming the setting and the fix when an online RL run's config cannot work."""
     from megaqwen.suggest import check_choice
@@ -84,6 +105,11 @@ def check_rollout(cfg) -> None:
         raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.top_k < 0:
         raise ValueError(f"rollout.top_k must be >= 0 (0: no limit), got {r.top_k}")
+    if r.eval_every < 0 or r.eval_samples < 0:
+        raise ValueError(f"rollout.eval_every ({r.eval_every}) and rollout.eval_samples ({r.eval_samples}) "
+                         "must be >= 0 (eval_every 0: no evaluation; eval_samples 0: greedy only)")
+    if r.eval_every:
+        eval_prompts_path(cfg)
     if r.save_every < 0:
         raise ValueError(f"rollout.save_every must be >= 0 (0: never), got {r.save_every}")
     if r.engine == "native":

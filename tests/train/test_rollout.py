@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,12 @@ def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make
     second rollout) and resumed: the metrics and saved rollouts of every step; the resumed run
     regenerates that rollout for the same prompts (its saved file, deleted before the resume, is
     written again with prompts 5-8) and skips the update already done. One run serves every check."""
-    common = (*GRPO, "grpo.updates_per_rollout=2", "train.steps=4", "train.save_every=0")
+    evalset = tmp_path / "eval.jsonl"  # the fixed evaluation set: 3 prompts, one of them twice
+    evalset.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Add."},
+                                                       {"role": "user", "content": q}], "answer": a}) + "\n"
+                               for q, a in (("1+1=", "2"), ("2+3=", "5"), ("1+1=", "2"))))
+    common = (*GRPO, "grpo.updates_per_rollout=2", "train.steps=4", "train.save_every=0",
+              "rollout.eval_every=1", f"rollout.eval_prompts={evalset}", "rollout.eval_samples=2")
     out = tmp_path / "run"
     train(make_config(out, shard, *common, "train.exit_at_step=3"))
     first = _rollouts(out)
@@ -62,6 +68,16 @@ def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make
     assert [rows[s]["rollout/generate_s"] > 0 for s in (1, 2, 3, 4)] == [True, False, True, True]
     assert [rows[s]["rollout/old_logprobs_s"] > 0 for s in (1, 2, 4)] == [True, False, True]
     assert [rows[s]["consumed_samples"] for s in rows] == [8, 16, 24, 32]
+    # the fixed set is evaluated with each rollout made (rollout.eval_every=1), the same draws each
+    # time: before any update (step 1) and with the rollouts of steps 3 and 4
+    assert [s for s in rows if "rollout/eval_reward" in rows[s]] == [1, 3, 4]
+    for s in (1, 3, 4):
+        r = rows[s]
+        assert r["rollout/eval_s"] > 0 and set(r) >= {m.name for m in mn.by_when("rollout-eval")}
+        # all 3 lines of an explicit eval file (no de-duplication) x 2 samples; 1 greedy each
+        acc, greedy = r["rollout/eval_accuracy"] * 6, r["rollout/eval_greedy_accuracy"] * 3
+        assert acc == pytest.approx(round(acc)) and greedy == pytest.approx(round(greedy))
+    assert rows[2]["rollout/eval_s"] == 0
     assert (out / "reward.png").stat().st_size > 0
 
     saved = _rollouts(out)
@@ -78,6 +94,40 @@ def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make
     # resumed mid-rollout: the prompts of the uninterrupted stream, as the first process had them
     assert prompts["step_0000003.jsonl"] == [x["prompt_line"] for x in first["step_0000003.jsonl"]]
     assert prompts["step_0000003.jsonl"][::4] == [5, 6, 7, 8]
+
+
+def test_the_fixed_evaluation_set_scores_greedy_and_seeded_samples_of_each_distinct_prompt(tmp_path):
+    """EvalSet: the distinct records of a prompt file, one greedy call and one seeded sampled call
+    (samples per prompt, grouped), scored by grpo.rewards; means and the standard error over prompts."""
+    from megaqwen.generate import Completion
+    from megaqwen.rewards.combine import Rewards
+    from megaqwen.rewards.spec import RewardSpec
+    from megaqwen.train.rollout import EvalSet, PromptStream, standard_error
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n"
+                            for q, a in (("1+1=", "2"), ("2+2=", "4"), ("1+1=", "2"))))
+    stream = PromptStream(path, 64)
+    evalset = EvalSet(stream)
+    assert [p.line for p in evalset.prompts] == [1, 2] and len(EvalSet(stream, distinct=False).prompts) == 3
+    enc = stream.tok.backend_tokenizer
+
+    class Engine:  # answers "2" greedily; sampled: right for the first prompt, wrong for the second
+        calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append((len(prompts), params.is_greedy, params.seed))
+            text = ["2"] * len(prompts) if params.is_greedy else ["2", "2", "2", "5", "5", "4"]
+            return [Completion(p, enc.encode(t, add_special_tokens=False).ids) for p, t in zip(prompts, text)]
+
+    res = evalset.run(Engine(), Rewards.build([RewardSpec()]), 3, (0,), samples=3, seed=5)
+    assert Engine.calls == [(2, True, None), (6, False, 5)]
+    assert res.greedy.tolist() == [1.0, 0.0] and res.sampled.tolist() == [1, 1, 1, 0, 0, 1]
+    m = res.metrics()
+    assert m["rollout/eval_greedy_accuracy"] == 0.5 and m["rollout/eval_accuracy"] == pytest.approx(4 / 6)
+    # prompts are the units: means 1 and 1/3, std of the two means / sqrt(2)
+    want = statistics.stdev([1, 1 / 3]) / math.sqrt(2)
+    assert standard_error(res.sampled.view(2, 3)) == pytest.approx(want)
 
 
 def test_rows_put_the_labels_where_the_completion_is_predicted():
