@@ -157,7 +157,7 @@ def run_shape(cfg, world_size: int) -> RunShape:
     if p.pp_layers is not None:  # every stage counted as the largest: an upper bound
         virtual = len(p.pp_layers) // p.pp
         m = dataclasses.replace(m, num_layers=max(p.pp_layers) * len(p.pp_layers))
-    lay = Layout(tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, dp=dims.dp,
+    lay = Layout(tp=dims.tp, pp=dims.pp, cp=dims.cp, ep=dims.ep, dp=dims.dp, etp=dims.etp,
                  sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
                  pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
                  micro_batch=t.micro_batch_size, fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
