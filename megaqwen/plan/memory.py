@@ -351,7 +351,8 @@ class MemoryEstimate:
     gathered through the step) and two layers (the current one and the prefetched next)."""
     buffers: float = 0.0
     """Communication buffers that do not shrink with dp: DDP's gradient buckets (a second copy of
-    every gradient; `gradient_as_bucket_view` is off) for ddp and zero1."""
+    every gradient DDP reduces, so not of ep > 1 experts; `gradient_as_bucket_view` is off) for ddp
+    and zero1."""
 
     @property
     def state(self) -> float:
@@ -435,6 +436,8 @@ def estimate_memory(m: ModelConfig, lay: Layout, seq: int, microbatches: int, *,
         margin += grad_bytes * max(root, layer)  # the reduce-scatter's input copy of the largest unit
     elif mode in ("ddp", "zero1") and dpc > 1:
         buffers = 4.0 * full
+        if lay.ep > 1:  # DDP leaves the experts out (`ddp_ignore_experts`): no buckets for them
+            buffers -= 4.0 * rank_param_count(m, lay, pp_rank, fsdp=False, experts_only=True)
     return MemoryEstimate(pp_rank, n, weights, grads, optimizer, acts, k, margin, device_bytes,
                           gathered=gathered, buffers=buffers)
 
