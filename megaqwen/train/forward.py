@@ -13,6 +13,7 @@ from megaqwen.models.outputs import ForwardOut
 from megaqwen.parallel import setup as par
 from megaqwen.train.build import use_bf16
 from megaqwen.train.config import Config
+from megaqwen.train.fp8 import fp8_context
 from megaqwen.train.objective import Objective
 from megaqwen.train.objectives import objective_for
 
@@ -44,16 +45,19 @@ def forward_step(model, batch: dict[str, torch.Tensor], cfg: Config, device: tor
     cp rank holds the whole micro-batch and runs its zig-zag shard of the sequence: the parts are
     then this shard's (the objective sees the shard's fields)."""
     b = model_inputs(batch, cfg, device)
+    fp8 = fp8_context(cfg.train.fp8, cfg.parallel.tp_linear_backend)  # TE's recipe; torchao: nothing
     if cp_group is not None:
         from megaqwen.parallel.context_parallel import context_parallel_inputs
 
         local, meta = context_parallel_inputs(b, cp_group, document_mask=cfg.data.document_mask,
                                               tile=cfg.parallel.cp_tile)
-        return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
-                     objective=objective, batch={**local, "cp_group": cp_group})
+        with fp8:
+            return model(local["tokens"], position_ids=local["position_ids"], document_ids=meta,
+                         objective=objective, batch={**local, "cp_group": cp_group})
     attn = AttentionMeta(b["document_ids"]) if cfg.data.document_mask else None
-    return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective,
-                 batch={**b, "cp_group": None})
+    with fp8:
+        return model(b["tokens"], position_ids=b["position_ids"], document_ids=attn, objective=objective,
+                     batch={**b, "cp_group": None})
 
 
 def validation_parts(model, batch, cfg: Config, env: par.DistEnv, objective: Objective | None = None):
