@@ -1,6 +1,7 @@
 """Cost of the global-batch balancing's counting pre-pass (`megaqwen.train.moe_balance`): one step of
 M micro-batches (forward + backward with the aux loss) with and without the no-grad counting forwards
-the exact global-batch form adds, on one process. Prints a table: ms per step, the pre-pass's share.
+the exact global-batch form adds, on one process, one thread. Prints a table: CPU ms per step (the
+process's CPU time: steadier than wall time on a shared machine) and the pre-pass's share.
 
     python benchmarks/bench_moe_balance.py [--model debug-qwen3-moe] [--micro 4] [--rows 2] [--seq 256]
 """
@@ -20,7 +21,7 @@ from megaqwen.models.spec import get_spec
 
 
 def step(model, micro, prepass: bool) -> float:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     if prepass:
         counts = RoutingCounts(model.cfg.num_experts, "global_batch")
         with torch.no_grad():
@@ -33,7 +34,7 @@ def step(model, micro, prepass: bool) -> float:
         parts = model(tokens, tokens.roll(-1, 1))
         (parts.mean() + 0.001 * parts.aux).backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
+    torch.set_num_threads(1)
     cfg = replace(get_config(a.model, vocab_size=4096), moe_balance="global_batch")
     model = get_spec(cfg).build(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
@@ -57,7 +59,7 @@ def main() -> None:
     base, pre = statistics.median(times[False]), statistics.median(times[True])
     threads = torch.get_num_threads()
     print(f"\n{a.model}, {a.micro} micro-batches x {a.rows} x {a.seq} tokens, {threads} threads")
-    print("| step | ms (median) | vs without |")
+    print("| step | CPU ms (median) | vs without |")
     print("| --- | --- | --- |")
     print(f"| fwd+bwd, local counts | {base * 1e3:.0f} | 1.00x |")
     print(f"| + counting pre-pass (global_batch exact) | {pre * 1e3:.0f} | {pre / base:.2f}x |")
