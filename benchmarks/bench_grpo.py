@@ -62,8 +62,8 @@ def evaluate(run: Path, samples: int, rewards) -> dict[str, float]:
 
     engine = build_engine("native", load_model(run / "checkpoints"))
     evalset = EvalSet(PromptStream(shipped_prompts("arithmetic"), 64))
-    res = evalset.run(engine, Rewards.build([RewardSpec(**r) for r in rewards]), MAX_NEW, (IM_END_ID, EOD_ID), samples,
-                      seed=eval_seed(SEED))
+    res = evalset.run(engine, Rewards.build([RewardSpec(**r) for r in rewards]), MAX_NEW,
+                      (IM_END_ID, EOD_ID), samples, seed=eval_seed(SEED))
     p = len(evalset.prompts)
     out = {"prompts": p}
     for name, values in (("greedy_accuracy", res.greedy_math), ("greedy_reward", res.greedy),
@@ -86,9 +86,11 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--sft-lr", type=float, default=1e-2)
     p.add_argument("--grpo-steps", type=int, default=24)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--grpo-lr", type=float, default=1e-3)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--grpo-lr", type=float, default=3e-4,
+                   help="1e-3 (16 prompts x 8) raised the policy's entropy on its samples (grpo/nll 1.3 -> "
+                        "5.9 in 12 steps) with no accuracy gain")
     p.add_argument("--closeness-weight", type=float, default=0.5,
                    help="weight of the dense near-miss reward beside the exact maths verifier (0: off)")
     p.add_argument("--eval-every", type=int, default=4, help="fixed-set evaluation every this many steps")

@@ -42,6 +42,10 @@ class SamplingParams:
     seed: int | None = None
     """Sampling RNG seed: the same seed, prompts and weights give the same tokens. None: drawn from
     torch's global RNG (under tp: rank 0's draw, broadcast)."""
+    row_seeds: tuple[int, ...] | None = None
+    """One seed per prompt (native engine only; replaces `seed`): row i draws from its own generator,
+    so its tokens do not depend on the other rows of the call (one batched call samples what one call
+    per row would)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -53,6 +57,8 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.row_seeds is not None:
+            self.row_seeds = tuple(int(s) for s in self.row_seeds)
 
     @property
     def is_greedy(self) -> bool:

@@ -83,6 +83,9 @@ class HFEngine:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                       top_k=params.top_k or None)
         devices = [self.device] if self.device.type == "cuda" else []
+        if params.row_seeds is not None:
+            raise ValueError("SamplingParams.row_seeds (one seed per prompt) is supported by the native "
+                             "engine only: give one seed (`seed`) per call")
         # transformers samples from torch's global RNG: seed it inside a fork, so the caller's
         # stream (the trainer's) is left where it was
         with torch.no_grad(), torch.random.fork_rng(devices=devices):

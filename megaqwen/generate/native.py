@@ -167,9 +167,15 @@ class NativeEngine:
         next_pos = lengths.clone()
         stop = torch.tensor(params.stop_token_ids or [-1], device=dev)
         gen = None if params.is_greedy else self._generator(params.seed)
+        if params.row_seeds is not None and not params.is_greedy:  # one generator per row
+            if len(params.row_seeds) != len(outs):
+                raise ValueError(f"{len(params.row_seeds)} row_seeds for {len(outs)} prompts")
+            gen = [torch.Generator(dev).manual_seed(s) for s in params.row_seeds]
+            gen += [torch.Generator(dev).manual_seed(0) for _ in range(b - len(gen))]  # a sync pad row
         n_real = len(outs)
         for step in range(params.max_new_tokens):
-            tok, logp = sample_next(logits, params, gen)
+            tok, logp = sample_next(logits, params, [gen[i] for i in live.tolist()] if isinstance(gen, list)
+                                    else gen)
             finished = torch.isin(tok, stop) | done
             for row, t, lp, fin, was in zip(live.tolist(), tok.tolist(), logp.tolist(),
                                             finished.tolist(), done.tolist()):

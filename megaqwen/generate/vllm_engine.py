@@ -101,6 +101,9 @@ class VLLMEngine:
         if self.llm is None:
             raise RuntimeError("this rank holds no vLLM engine (built with llm=False)")
         from vllm import SamplingParams as VLLMSamplingParams
+        if params.row_seeds is not None:
+            raise ValueError("SamplingParams.row_seeds (one seed per prompt) is supported by the native "
+                             "engine only: give one seed (`seed`) per call")
 
         sp = VLLMSamplingParams(
             n=1, max_tokens=params.max_new_tokens,

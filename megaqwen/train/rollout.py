@@ -411,7 +411,13 @@ class RolloutBatches:
         """grpo.group_size completions of each prompt, group after group. native / hf: one engine call
         per prompt, seeded by train.seed and the prompt's stream position, so the samples do not
         depend on the layout (dp2 samples what one process does) nor on the rest of the batch; vllm:
-        one call for all (its throughput is the batch), seeded by the rollout's first prompt."""
+        one call for all (its throughput is the batch), seeded by the rollout's first prompt.
+
+        One batched native call with a seed per row (`SamplingParams.row_seeds`) was 3.6-4x faster on
+        CPU (128 rows: 15-18 s against 54-75 s for 16 calls, loaded VM) but is not used: the logits of
+        a 128-row call and of tp2's gathered vocabulary halves differ from the per-group calls' in the
+        last bits, and on a near-uniform 152K distribution (an untrained model) that moved one sampled
+        token, so tp2 no longer sampled what one process does (tests/parallel/test_rollout_layouts.py)."""
         from megaqwen.generate import SamplingParams
 
         g, r = self.cfg.grpo, self.cfg.rollout

@@ -5,6 +5,8 @@ seed is reproducible; top-k=1 is greedy; stop tokens end their row only."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hf_models import dtype, save_random_hf
@@ -89,6 +91,23 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(qwen2):
     eng.generate(PROMPTS[:1], p)
     assert qwen2.training  # generation runs in eval mode and restores the caller's mode
     qwen2.eval()
+
+
+def test_row_seeds_sample_each_row_as_a_call_of_its_own(qwen2):
+    """SamplingParams.row_seeds: one batched call (rows of different lengths, stopping at different
+    steps) gives each row the tokens of a one-row call with that row's seed; the hf engine refuses it."""
+    eng = build_engine("native", qwen2)
+    seeds = (11, 12, 13, 14)[:len(PROMPTS)]
+    stop = (5,)
+    p = SamplingParams(max_new_tokens=8, temperature=1.3, row_seeds=seeds, stop_token_ids=stop)
+    batched = eng.generate(PROMPTS, p)
+    alone = [eng.generate([q], SamplingParams(max_new_tokens=8, temperature=1.3, row_seeds=(s,),
+                                              stop_token_ids=stop))[0] for q, s in zip(PROMPTS, seeds)]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    swapped = eng.generate(PROMPTS[::-1], replace(p, row_seeds=seeds[::-1]))
+    assert [o.token_ids for o in swapped[::-1]] == [o.token_ids for o in batched]
+    with pytest.raises(ValueError, match="row_seeds for"):
+        eng.generate(PROMPTS, replace(p, row_seeds=seeds[:1]))
 
 
 def test_stop_tokens_end_their_row_only(qwen2):
