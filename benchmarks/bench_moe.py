@@ -112,6 +112,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, layout: 
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     model_cfg = model_config(name, args.set)
     cfg = _run_config(model_cfg, args, ep, tp, etp, backend)
+    if world == 1:  # the trainer runs one process without a process group; the timing uses one
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     env = par.init_distributed(cfg.parallel, args.device)
     try:
         accum = par.accumulation_steps(args.batch, args.batch // ep, env.dp_size)
@@ -173,12 +175,7 @@ def run(args: argparse.Namespace, layout: tuple) -> dict:
         return torch.load(out)
 
 
-def _one_process(kind: str, args: argparse.Namespace, name: str, out: str) -> None:
-    """transformers' Qwen2MoeForCausalLM or ours, one process: median step (fwd, bwd, AdamW), peak memory."""
-    cuda = args.device == "cuda"
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads or (os.cpu_count() if cuda else 1))  # CPU: 1 thread, no stalls
-    cfg = model_config(name, args.set)
+def _build(kind: str, cfg, device: torch.device):
     torch.manual_seed(0)
     if kind == "hf":
         from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
@@ -186,18 +183,16 @@ def _one_process(kind: str, args: argparse.Namespace, name: str, out: str) -> No
         from megaqwen.models.qwen2_moe.hf_adapter import config_to_hf
 
         hf_cfg = Qwen2MoeConfig(**{**config_to_hf(cfg, torch.float32), "output_router_logits": True})
-        model = Qwen2MoeForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").to(device)
-    else:
-        model = get_spec(cfg).build(cfg, device=device, seed=0)
+        return Qwen2MoeForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    return get_spec(cfg).build(cfg, device=device, seed=0)
+
+
+def _stepper(kind: str, model, cfg, ids: torch.Tensor, cuda: bool):
+    """One training step (fwd, bwd, AdamW) of `model` on `ids`, as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    times, cpus = [], []
-    for step in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def step():
         with autocast:
             if kind == "hf":
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # CE + coef * aux
@@ -207,29 +202,58 @@ def _one_process(kind: str, args: argparse.Namespace, name: str, out: str) -> No
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-    step_s, cpu_s = sorted(times)[len(times) // 2], sorted(cpus)[len(cpus) // 2]
-    torch.save(dict(step_s=step_s, cpu_s=cpu_s, tok_s=args.batch * args.seq_len / step_s,
-                    mem=local_peak_memory_gib(device)), out)
+
+    return step
+
+
+def _one_process(kinds: tuple[str, ...], args: argparse.Namespace, name: str, out: str) -> None:
+    """Train `kinds` in this process, their steps interleaved (both see the same load): median step
+    and CPU time per step of each, and the process's peak memory (meaningful with one kind)."""
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or (os.cpu_count() if cuda else 1))  # CPU: 1 thread, no stalls
+    cfg = model_config(name, args.set)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g).to(device)
+    steps = {k: _stepper(k, _build(k, cfg, device), cfg, ids, cuda) for k in kinds}
+    times = {k: ([], []) for k in kinds}
+    for step in range(args.warmup + args.steps):
+        for k, fn in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[k][0].append(time.perf_counter() - t0)
+                times[k][1].append(time.process_time() - c0)
+    res = {}
+    for k, (wall, cpu) in times.items():
+        step_s, cpu_s = sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
+        res[k] = dict(step_s=step_s, cpu_s=cpu_s, tok_s=args.batch * args.seq_len / step_s)
+    res["mem"] = local_peak_memory_gib(device)
+    torch.save(res, out)
+
+
+def _in_fresh_process(kinds: tuple[str, ...], args: argparse.Namespace, name: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.pt")
+        p = mp.get_context("spawn").Process(target=_one_process, args=(kinds, args, name, out))
+        p.start()
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"{kinds} run failed (exit {p.exitcode})")
+        return torch.load(out)
 
 
 def against_hf(args: argparse.Namespace, name: str) -> None:
-    rows = {}
-    for kind in ("megaqwen", "hf"):
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "r.pt")
-            p = mp.get_context("spawn").Process(target=_one_process, args=(kind, args, name, out))
-            p.start()
-            p.join()
-            if p.exitcode:
-                raise RuntimeError(f"{kind} run failed (exit {p.exitcode})")
-            rows[kind] = torch.load(out)
+    """Timing: both models in one process, steps interleaved; peak memory: each alone in a fresh one."""
+    both = _in_fresh_process(("megaqwen", "hf"), args, name)
+    rows = {k: {**both[k], "mem": _in_fresh_process((k,), args, name)["mem"]} for k in ("megaqwen", "hf")}
     ours, hf = rows["megaqwen"], rows["hf"]
-    print(f"\n# {name}: one process, ours vs transformers Qwen2MoeForCausalLM (same config, aux loss on)")
+    print(f"\n# {name}: one process, ours vs transformers Qwen2MoeForCausalLM (same config, aux loss on; "
+          "steps interleaved in one process, peak memory of each alone)")
     print("| model | tokens/s | step s | CPU s/step | peak mem GiB |")
     print("|---|---|---|---|---|")
     for kind, r in rows.items():
