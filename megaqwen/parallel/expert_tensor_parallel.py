@@ -55,8 +55,8 @@ def expert_layout_cost(tokens: int, hidden: int, moe_intermediate: int, experts:
     if etp < 0 or (etp and tp % etp):
         raise ValueError(f"etp={etp} must be -1, 0 or a divisor of tp={tp}")
     if experts % ep or (etp and moe_intermediate % etp):
-        raise ValueError(f"num_experts={experts} must divide by ep={ep} and moe_intermediate_size="
-                         f"{moe_intermediate} by etp={etp}")
+        raise ValueError(f"the model's {experts} routed experts must divide by ep={ep} and their "
+                         f"intermediate width {moe_intermediate} by etp={etp}")
     parts, width = (tp // etp, moe_intermediate // etp) if etp else (1, moe_intermediate)
     rows = tokens * top_k / parts  # assignments this rank's part dispatches (and, balanced, receives)
     flops = 3 * 6 * hidden * width * rows * sparse_layers
