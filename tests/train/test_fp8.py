@@ -64,6 +64,8 @@ def test_refusals_name_the_reason():
             check_fp8(recipe, CPU)
     with pytest.raises(ValueError, match="train.fp8"):
         check_fp8("fp8", CPU)
+    with pytest.raises(ValueError, match="train.fp8=rowwise with parallel.tp=2 is not supported"):
+        check_fp8("rowwise", CPU, tp=2)
     with pytest.raises(ValueError, match="train.fp8=rowwise has no Transformer Engine recipe"):
         check_fp8("rowwise", CPU, "te")
     try:
