@@ -38,8 +38,9 @@ attention core, the class swap `activation.py` uses for recomputation, keeping p
             all-to-all back. Needs Hq divisible by cp; KV heads are replicated up to a multiple of
             cp when Hk is not (GQA groups stay aligned).
 Loss: each rank's LossParts covers its Tl tokens; sum and count add over the cp group exactly
-(`cp_loss_parts`). Gradients: the data-parallel wrapper reduces over dp x cp
-(`data_parallel.dp_reduce_mesh`), so the objective is scaled by dp*cp / global token count.
+(one all-reduce in `train.forward.validation_parts`). Gradients: the data-parallel wrapper reduces
+over dp x cp (`data_parallel.dp_reduce_mesh`), so the objective is scaled by dp*cp / global token
+count.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megaqwen.kernels.attention import AttentionMeta
-from megaqwen.kernels.cross_entropy import LossParts
 from megaqwen.suggest import check_choice
 
 CP_MODES = ("ring", "alltoall")
@@ -231,15 +231,6 @@ def context_parallel_inputs(batch: dict[str, torch.Tensor], group: dist.ProcessG
     docs = batch.get("document_ids") if document_mask else None
     meta = ContextParallelMeta(docs, group, shape=tuple(tokens.shape[:2]), device=tokens.device, tile=tile)
     return shard_batch(batch, cp, rank), meta
-
-
-def cp_loss_parts(parts: LossParts, group: dist.ProcessGroup | None) -> LossParts:
-    """Sum and count over the cp group (detached: for logging; gradients flow from each shard)."""
-    s, n = parts.sum.detach().clone(), parts.count.detach().clone()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(s, group=group)
-        dist.all_reduce(n, group=group)
-    return LossParts(s, n)
 
 
 # ---------------------------------------------------------------------------------------------
