@@ -379,7 +379,8 @@ def _fits(ctx: Ctx, model: str, seq: int) -> str | None:
 
 def step_context_parallel(ctx: Ctx) -> None:
     from megaqwen.kernels.registry import resolve_ops
-    from megaqwen.parallel.context_parallel import ContextParallelMeta, _fused_tile_kernel, ring_attention
+    from megaqwen.parallel.context_parallel import ContextParallelMeta, ring_attention
+    from megaqwen.parallel.cp_flash_tiles import fused_tile_kernel
 
     b, t, hq, hk, d = (1, 64, 4, 2, 16) if ctx.dry else (1, 32768, 12, 2, 128)
     dt = torch.float32 if ctx.dry else torch.bfloat16
@@ -393,7 +394,7 @@ def step_context_parallel(ctx: Ctx) -> None:
 
     whole = resolve_ops(device=ctx.device.type)
     out_ref: dict[str, Any] = {}
-    tiles = "flash-attn" if ctx.cuda and _fused_tile_kernel(ctx.device) is not None else \
+    tiles = "flash-attn" if ctx.cuda and fused_tile_kernel(ctx.device) is not None else \
         ("ATen flash (CPU)" if not ctx.cuda else "PyTorch (flash-attn not installed)")
 
     def one_device():

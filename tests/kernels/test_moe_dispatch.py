@@ -3,6 +3,7 @@ and the expert FLOPs a block counts; each against the plain version."""
 
 import pytest
 import torch
+from expert_grads import outputs_and_grads
 
 from megaqwen.kernels.moe import (
     combine,
@@ -30,16 +31,8 @@ def _params(seed=0):
 
 
 def _outputs_and_grads(fn, x, ws, stacked=None):
-    args = ws if stacked is None else [stacked_weights(w, s) for w, s in zip(ws, stacked)]
-    y = fn(x, COUNTS, *args)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    out = [y.detach(), x.grad.clone()] + [torch.zeros_like(w) if w.grad is None else w.grad.clone()
-                                             for group in ws for w in group]
-    x.grad = None
-    for group in ws:
-        for w in group:
-            w.grad = None
-    return out
+    args = None if stacked is None else [stacked_weights(w, s) for w, s in zip(ws, stacked)]
+    return outputs_and_grads(fn, x, COUNTS, ws, args)
 
 
 @pytest.mark.parametrize("fn", [expert_mlp_loop, expert_mlp_bmm, expert_mlp_grouped])

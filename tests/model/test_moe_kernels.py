@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from expert_grads import outputs_and_grads
 
 from megaqwen.kernels.moe import (
     expert_mlp,
@@ -29,15 +30,7 @@ def _inputs(seed=0, h=H, i=I, counts=COUNTS):
 
 
 def _grads(fn, x, ws, counts=COUNTS):
-    y = fn(x, counts, *ws)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    out = [y.detach(), x.grad] + [w.grad if w.grad is not None else torch.zeros_like(w)
-                                  for ws_ in ws for w in ws_]
-    x.grad = None
-    for ws_ in ws:
-        for w in ws_:
-            w.grad = None
-    return out
+    return outputs_and_grads(fn, x, counts, ws)
 
 
 @pytest.mark.parametrize("fn", [expert_mlp_loop, expert_mlp_bmm, expert_mlp_grouped])

@@ -81,9 +81,9 @@ def test_tiled_attention_equals_sdpa(tile, fused, monkeypatch):
     """The ring's tiled kernel on one rank (no communication): every tile kind (skipped, fully
     visible, masked, rows masked entirely) against SDPA, fp64 to rounding and fp32; fully visible
     tiles through the fused CPU kernel and through the PyTorch tile."""
-    import megaqwen.parallel.context_parallel as cpm
+    import megaqwen.parallel.cp_flash_tiles as tiles
 
-    monkeypatch.setattr(cpm, "FUSED_TILES", fused)
+    monkeypatch.setattr(tiles, "FUSED_TILES", fused)
     g = torch.Generator().manual_seed(tile)
     docs = packed_documents(B, 37, seed=tile)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, RTOL)):

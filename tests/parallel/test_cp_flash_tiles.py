@@ -11,9 +11,10 @@ import importlib.util
 import pytest
 import torch
 
-import megaqwen.parallel.context_parallel as cpm
+import megaqwen.parallel.cp_flash_tiles as cpm
 from megaqwen.kernels.attention import AttentionMeta, sdpa_attention
-from megaqwen.parallel.context_parallel import ContextParallelMeta, flash_tile_kernel, ring_attention
+from megaqwen.parallel.context_parallel import ContextParallelMeta, ring_attention
+from megaqwen.parallel.cp_flash_tiles import flash_tile_kernel
 
 B, T, HQ, HK, D = 2, 37, 4, 2, 8
 
@@ -94,7 +95,7 @@ GPU_FLASH = torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
                                           "the CPU CI machine)")
 def test_flash_attn_tiles_on_gpu_match_sdpa():
     """The real flash-attn tiles on CUDA: bf16 ring attention within bf16 rounding of fp32 SDPA."""
-    assert cpm._fused_tile_kernel(torch.device("cuda")) is not None
+    assert cpm.fused_tile_kernel(torch.device("cuda")) is not None
     g = torch.Generator(device="cuda").manual_seed(0)
     docs = (torch.rand(B, 256, generator=g, device="cuda") < 0.02).long().cumsum(1)
     q, k, v = (torch.randn(B, 256, h, 64, generator=g, device="cuda", requires_grad=True)
