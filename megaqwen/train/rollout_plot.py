@@ -44,7 +44,7 @@ def plot_rewards(out_dir: str | Path, path: str | Path | None = None, title: str
     steps = sorted(rows)
     mean = [rows[s]["rollout/reward_mean"] for s in steps]
     std = [rows[s].get("rollout/reward_std", 0.0) for s in steps]
-    fig, (ax, ax_len) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_len) = plt.subplots(2, 1, figsize=(9.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot(steps, mean, lw=1.0, color="tab:blue", alpha=0.6, label="rollout reward (mean)")
     if len(steps) >= 2 * SMOOTH:
         smooth = [sum(mean[max(0, i - SMOOTH + 1):i + 1]) / len(mean[max(0, i - SMOOTH + 1):i + 1])
@@ -74,7 +74,7 @@ def plot_rewards(out_dir: str | Path, path: str | Path | None = None, title: str
     ax.set_ylabel("reward")
     ax.set_title(title or f"{out_dir.name}: reward over {len(steps)} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     ax_len.plot(steps, [rows[s].get("rollout/response_length", float("nan")) for s in steps],
                 color="tab:orange", lw=1.2)
     ax_len.set_ylabel("response tokens")
