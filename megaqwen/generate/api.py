@@ -46,6 +46,9 @@ class SamplingParams:
     """One seed per prompt (native engine only; replaces `seed`): row i draws from its own generator,
     so its tokens do not depend on the other rows of the call (one batched call samples what one call
     per row would)."""
+    return_routed_experts: bool = False
+    """MoE models, native engine only: fill `Completion.routed_experts` with the experts every sparse
+    layer chose for each token the engine fed (routing replay, `grpo.routing_replay`)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -78,6 +81,10 @@ class Completion:
     the same quantity from its scores; vllm returns vLLM's logprobs of the sampled token."""
     finish_reason: str = "length"
     """"stop" (a stop token was emitted) or "length" (max_new_tokens reached)."""
+    routed_experts: object = None
+    """With `SamplingParams.return_routed_experts`: an int16 tensor (P + G - 1, num_layers, K) of the
+    experts each sparse layer routed each fed token to (the prompt's P tokens, then every generated
+    token but the last, which is never fed); -1 in dense layers."""
 
 
 class Engine(Protocol):

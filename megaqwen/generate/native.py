@@ -20,6 +20,8 @@ Parallel layouts: the model is used in place, eval mode, no grad, under the trai
   token; a stage lacks the embedding or head): generate with sp off and cp = pp = 1, or use vllm.
 - expert parallelism (ep > 1) is refused: the all-to-all dispatch would need every ep rank in
   lockstep, and `full_hf_weights` sees only this rank's experts.
+MoE models: with `SamplingParams.return_routed_experts` each completion carries the experts every
+sparse layer chose for the tokens fed (the model's `recording_routing`), for routing replay.
 """
 
 from __future__ import annotations
@@ -142,13 +144,31 @@ class NativeEngine:
         try:
             # layers compiled by the trainer (parallel.compile) run eagerly here: each decode step has
             # a new cache length, which would recompile them every step
-            with torch.no_grad(), amp, torch.compiler.set_stance("force_eager"):
-                self._decode(rows, params, outs)
+            record = contextlib.nullcontext()
+            if params.return_routed_experts:
+                if not hasattr(self.inner, "recording_routing"):
+                    raise ValueError(f"return_routed_experts: {type(self.inner).__name__} has no MoE routing "
+                                     "to return (a dense model)")
+                record = self.inner.recording_routing()
+            with torch.no_grad(), amp, torch.compiler.set_stance("force_eager"), record as tape:
+                self._decode(rows, params, outs, tape)
         finally:
             self.inner.train(was_training)
         return outs
 
-    def _decode(self, rows: list[list[int]], params: SamplingParams, outs: list[Completion]) -> None:
+    def _routes(self, tape: list, rows: int, width: int) -> torch.Tensor:
+        """The forward just run's expert choices from the recording `tape` (emptied): (rows, width,
+        num_layers, K) int16, -1 in dense layers."""
+        cfg = self.inner.cfg
+        out = torch.full((rows, width, cfg.num_layers, cfg.num_experts_per_tok), -1, dtype=torch.int16)
+        k = cfg.num_experts_per_tok
+        for layer, idx in tape:
+            out[:, :, layer] = idx.view(rows, width, k).to("cpu", torch.int16)
+        tape.clear()
+        return out
+
+    def _decode(self, rows: list[list[int]], params: SamplingParams, outs: list[Completion],
+                tape: list | None = None) -> None:
         dev, b = self.device, len(rows)
         lengths = torch.tensor([len(r) for r in rows], device=dev)  # (B,)
         width = int(lengths.max())
@@ -162,6 +182,10 @@ class NativeEngine:
         cache = KVCache(b, width + params.max_new_tokens, dev)
         logits = self._last_logits(tokens, positions, cache.step(positions, valid))
         self.stats["prefill_tokens"] += int(lengths.sum())
+        routes: list[list[torch.Tensor]] = []  # per real row: (tokens, L, K) pieces, prompt first
+        if tape is not None:
+            prefill = self._routes(tape, b, width)
+            routes = [[prefill[i, width - len(r):]] for i, r in enumerate(rows[:len(outs)])]
         live = torch.arange(b, device=dev)  # original row of each cache row
         done = torch.zeros(b, dtype=torch.bool, device=dev)  # only used without compaction (sync)
         next_pos = lengths.clone()
@@ -198,5 +222,12 @@ class NativeEngine:
                 live, tok, next_pos, done = live[keep], tok[keep], next_pos[keep], done[keep]
             positions = next_pos[:, None]
             logits = self._last_logits(tok[:, None], positions, cache.step(positions))
+            if tape is not None:  # rows fed a token they will be scored on (not a finished row's)
+                fed = self._routes(tape, len(live), 1)
+                for j, (row, fin) in enumerate(zip(live.tolist(), done.tolist())):  # done: sync only
+                    if row < n_real and not fin:
+                        routes[row].append(fed[j])
             next_pos = next_pos + 1
             self.stats["decode_steps"] += 1
+        for row, pieces in enumerate(routes):
+            outs[row].routed_experts = torch.cat(pieces)

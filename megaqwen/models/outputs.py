@@ -38,3 +38,10 @@ class ForwardOut(NamedTuple):
     """What the objective returned for this micro-batch (`megaqwen.train.objective.ObjectiveParts`)."""
     aux: dict[str, AuxTerm]
     """The model's named auxiliary terms of this forward (empty for a dense model)."""
+
+
+ROUTED_EXPERTS = "routed_experts"
+"""Batch field (B, T, num_layers, K) int: the experts each sparse layer routes each token to (routing
+replay, `grpo.routing_replay`), -1 where the router chooses (dense layers, padding, positions the
+rollout never fed). A model with experts replays it in every forward whose batch carries it; a dense
+model has no such field to read."""

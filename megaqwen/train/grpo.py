@@ -118,8 +118,9 @@ class GRPOConfig:
     """Where log pi_old comes from: recompute (a forward of the policy before the first update, on the
     trainer's numerics) | rollout (the generation engine's sampling log-probabilities)."""
     routing_replay: bool = False
-    """MoE policies: reuse the experts chosen at rollout time when computing training log-probs (not
-    supported yet: refused at start-up)."""
+    """MoE policies: route every token of the training (and old-log-prob) forwards to the experts the
+    rollout chose for it (rollout routing replay, arXiv:2510.11370), so an update's ratios are not
+    moved by routing changes; the router's weights at those experts are still trained. Native engine."""
     max_new_tokens: int = 256
     """Tokens generated per response at most; also the constant divisor of loss_agg=constant."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
@@ -321,9 +322,17 @@ def check_grpo(cfg) -> None:
     if g.updates_per_rollout < 1 or g.max_new_tokens < 1:
         raise ValueError(f"grpo.updates_per_rollout ({g.updates_per_rollout}) and grpo.max_new_tokens "
                          f"({g.max_new_tokens}) must be >= 1")
+    engine = getattr(getattr(cfg, "rollout", None), "engine", "native")
+    if g.routing_replay and engine != "native":
+        raise ValueError(f"grpo.routing_replay=true needs the experts the rollout chose, which only "
+                         f"rollout.engine=native returns (got {engine!r}); use the native "
+                         "engine or set grpo.routing_replay=false")
     if g.routing_replay:
-        raise ValueError("grpo.routing_replay=true is not supported yet: the MoE model has no way to take "
-                         "the rollout's expert choices; set grpo.routing_replay=false")
+        from megaqwen.models.spec import get_spec
+
+        if not get_spec(cfg.model).expert_parallel:
+            raise ValueError(f"grpo.routing_replay=true replays the experts of an MoE policy; model "
+                             f"{cfg.model.name!r} has no routed experts: set grpo.routing_replay=false")
     if t.eval_every:
         raise ValueError(f"train.eval_every={t.eval_every}: validation of train.objective=grpo is not "
                          "supported (held-out text has no advantages); set train.eval_every=0")

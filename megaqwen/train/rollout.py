@@ -23,6 +23,10 @@ iterator makes a new rollout batch first:
    `recompute` runs the policy forward (no grad) on every micro-batch before the first update, as the
    reference model does (`megaqwen.train.reference.ReferenceModel`, so tp/dp/FSDP layouts apply);
    `rollout` places the engine's log-probabilities of the sampled tokens.
+7. routing replay (grpo.routing_replay, MoE policies, native engine): the engine records the experts
+   every sparse layer chose for each token it fed, and the rows carry them (`routed_experts`,
+   `megaqwen.models.outputs.ROUTED_EXPERTS`), so the training and old-log-prob forwards route each
+   token as the rollout did.
 
 Stream position and resume: `consumed_samples` counts rows (= samples) of the steps served, the
 trainer's usual unit; the prompt stream position is consumed_samples / grpo.group_size (prompts are
@@ -59,6 +63,7 @@ from typing import Any
 import torch
 
 from megaqwen.kernels.cross_entropy import IGNORE_INDEX
+from megaqwen.models.outputs import ROUTED_EXPERTS
 from megaqwen.parallel import setup as par
 from megaqwen.train.config import Config
 from megaqwen.train.rollout_config import check_rollout, eval_prompts_path, prompts_path
@@ -204,10 +209,12 @@ class EvalSet:
 
 
 def make_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], seq_len: int, pad_id: int,
-              logprobs: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
+              logprobs: list[list[float]] | None = None,
+              routed: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """(N, seq_len) tokens / labels / position_ids / document_ids (+ old_logprobs (N, seq_len) when
-    `logprobs`): one prompt + completion per row, padded with `pad_id`; labels[i] = tokens[i + 1] on
-    the completion's tokens, -100 elsewhere."""
+    `logprobs`; + routed_experts (N, seq_len, num_layers, K) when `routed`, the engine's
+    `Completion.routed_experts`, -1 past what it fed): one prompt + completion per row, padded with
+    `pad_id`; labels[i] = tokens[i + 1] on the completion's tokens, -100 elsewhere."""
     n = len(prompt_ids)
     tokens = torch.full((n, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
@@ -226,6 +233,13 @@ def make_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], seq_
            "document_ids": torch.zeros((n, seq_len), dtype=torch.long)}
     if old is not None:
         out["old_logprobs"] = old
+    if routed is not None:
+        out[ROUTED_EXPERTS] = torch.full((n, seq_len, *routed[0].shape[1:]), -1, dtype=torch.int16)
+        for r, (p, c, e) in enumerate(zip(prompt_ids, completion_ids, routed, strict=True)):
+            if e.shape[0] != len(p) + max(len(c) - 1, 0):
+                raise ValueError(f"row {r}: the engine routed {e.shape[0]} tokens, fed were "
+                                 f"{len(p) + max(len(c) - 1, 0)} (prompt + completion but its last token)")
+            out[ROUTED_EXPERTS][r, :e.shape[0]] = e
     return out
 
 
@@ -249,6 +263,8 @@ def _select(rows: dict[str, torch.Tensor], adv: torch.Tensor, slots: list[int | 
     out["labels"][pad] = IGNORE_INDEX
     if "old_logprobs" in out:
         out["old_logprobs"][pad] = 0.0
+    if ROUTED_EXPERTS in out:  # a padding row's tokens route freely
+        out[ROUTED_EXPERTS][pad] = -1
     adv_B = torch.where(pad, 0.0, adv[idx].float())
     # (B, T): a pipeline shards every objective field along the sequence (a (B,) field cannot be)
     out["advantages"] = torch.where(out["labels"] != IGNORE_INDEX, adv_B[:, None], 0.0).contiguous()
@@ -387,7 +403,8 @@ class RolloutBatches:
 
         rows = make_rows([o.prompt_ids for o in outs], [list(o.token_ids) for o in outs], cfg.train.seq_len,
                          self.pad_id, [list(o.logprobs) for o in outs]
-                         if self.off_policy and g.old_logprobs == "rollout" else None)
+                         if self.off_policy and g.old_logprobs == "rollout" else None,
+                         [o.routed_experts for o in outs] if g.routing_replay else None)
         kept = [i for i in range(len(outs)) if bool(keep[i])]
         steps = []
         for slots in spread(kept, self.updates, self.rows_per_step):
@@ -425,7 +442,8 @@ class RolloutBatches:
         def params(position: int) -> SamplingParams:
             seed = (self.cfg.train.seed * 1_000_003 + position * 7919) % 2**62
             return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                  top_k=r.top_k, stop_token_ids=self.stop_ids, seed=seed)
+                                  top_k=r.top_k, stop_token_ids=self.stop_ids, seed=seed,
+                                  return_routed_experts=g.routing_replay)
 
         if r.engine == "vllm":
             return self.engine.generate([p.ids for p in prompts for _ in range(self.group)], params(first))

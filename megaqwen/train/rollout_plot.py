@@ -44,7 +44,8 @@ def plot_rewards(out_dir: str | Path, path: str | Path | None = None, title: str
     steps = sorted(rows)
     mean = [rows[s]["rollout/reward_mean"] for s in steps]
     std = [rows[s].get("rollout/reward_std", 0.0) for s in steps]
-    fig, (ax, ax_len) = plt.subplots(2, 1, figsize=(9.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_len) = plt.subplots(2, 1, figsize=(9.5, 5), sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1]})
     ax.plot(steps, mean, lw=1.0, color="tab:blue", alpha=0.6, label="rollout reward (mean)")
     if len(steps) >= 2 * SMOOTH:
         smooth = [sum(mean[max(0, i - SMOOTH + 1):i + 1]) / len(mean[max(0, i - SMOOTH + 1):i + 1])

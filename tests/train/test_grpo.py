@@ -30,6 +30,7 @@ from megaqwen.train.grpo import (
 from megaqwen.train.metric_names import unregistered
 from megaqwen.train.objective import REFERENCE_FIELD
 from megaqwen.train.objectives import objective_for
+from megaqwen.train.rollout_config import RolloutConfig
 
 V, T, PROMPT, GROUP, MAX_NEW = 11, 9, 3, 4, 7
 
@@ -336,10 +337,17 @@ def test_objective_for_builds_grpo_from_its_section_and_refuses_bad_settings():
                        ({"clip_low": 1.0}, "0 <= grpo.clip_low < 1"),
                        ({"kl_coef": -0.1}, "grpo.kl_coef must be >= 0"),
                        ({"old_logprobs": "cache"}, "grpo.old_logprobs='cache'"),
-                       ({"routing_replay": True}, "routing_replay=true is not supported"),
                        ({"rewards": []}, "grpo.rewards is empty")]:
         with pytest.raises(ValueError, match=match):
             cfg(**bad).validate()
+    # the native engine returns the experts it routed to, the others do not
+    replay = replace(cfg(routing_replay=True, max_new_tokens=8), model=get_config("debug-moe"),
+                     rollout=RolloutConfig(prompts="arithmetic"))
+    replay.validate()
+    with pytest.raises(ValueError, match="which only rollout.engine=native returns"):
+        replace(replay, rollout=RolloutConfig(engine="hf", prompts="arithmetic")).validate()
+    with pytest.raises(ValueError, match="model 'debug' has no routed experts"):
+        replace(replay, model=get_config("debug")).validate()
     with pytest.raises(ValueError, match="validation of train.objective=grpo is not supported"):
         replace(cfg(), train=TrainConfig(objective="grpo", eval_every=5),
                 data=DataConfig(valid_fraction=0.1)).validate()

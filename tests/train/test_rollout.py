@@ -96,6 +96,38 @@ def test_grpo_run_logs_saves_and_resumes_the_prompt_stream(tmp_path, shard, make
     assert prompts["step_0000003.jsonl"][::4] == [5, 6, 7, 8]
 
 
+def test_moe_policy_trains_on_the_routing_of_its_rollouts(tmp_path, shard, make_config, monkeypatch):
+    """grpo.routing_replay with a Qwen2-MoE policy, two updates per rollout: every forward of the
+    training steps and of the old log-probs carries the rollout's experts (B, T, layers, K) for the
+    tokens the engine fed (-1 in the dense layers, on padding and on each row's last token), the
+    engine's own forwards none."""
+    from megaqwen.models.qwen2_moe.model import Qwen2MoeForCausalLM
+
+    seen = []
+    replay = Qwen2MoeForCausalLM.replay_routing
+
+    def spy(self, routed):
+        seen.append(None if routed is None else routed.clone())
+        return replay(self, routed)
+
+    monkeypatch.setattr(Qwen2MoeForCausalLM, "replay_routing", spy)
+    out = tmp_path / "run"
+    train(make_config(out, shard, *GRPO, "model=debug-moe", "grpo.routing_replay=true",
+                      "grpo.updates_per_rollout=2", "train.steps=2", "train.save_every=0"))
+    rows = _rows(out)
+    assert sorted(rows) == [1, 2] and all(math.isfinite(r["loss"]) for r in rows.values())
+    replayed = [r for r in seen if r is not None]
+    # 2 steps x 2 micro-batches trained, and their old log-probs computed once before the first
+    assert len(replayed) == 8 and len(seen) > len(replayed)  # generation forwards replay nothing
+    for r in replayed:
+        assert r.dtype == torch.int16 and r.shape == (4, 24, 4, 2)  # micro-batch, seq_len, layers, top-2
+        assert (r[:, :, [0, 2]] == -1).all()  # debug-moe's dense layers
+        fed = (r[:, :, 1] >= 0).all(-1)  # (B, T) positions with the rollout's experts
+        assert fed[:, :19].all()  # the 19-token prompts, every row
+        assert (fed == (r[:, :, 3] >= 0).all(-1)).all() and not fed[:, -1].any()
+        assert ((r[:, :, [1, 3]] >= -1) & (r[:, :, [1, 3]] < 8)).all()
+
+
 def test_the_fixed_evaluation_set_scores_greedy_and_seeded_samples_of_each_distinct_prompt(tmp_path):
     """EvalSet: the distinct records of a prompt file, one greedy call and one seeded sampled call
     (samples per prompt, grouped), scored by grpo.rewards; means and the standard error over prompts."""

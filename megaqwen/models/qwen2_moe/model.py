@@ -23,11 +23,20 @@ trainer adds `router_aux_loss_coef * aux + router_z_loss_coef * z` to the LM mea
 Aux-loss-free balancing (DeepSeek-V3): with `moe_routing_bias_update_rate` > 0 each router has a
 bias `mlp.gate.e_score_correction_bias` (E,) added to the probabilities for the top-k choice only;
 `update_routing_bias` moves it after each optimizer step from the load counted in `load_E`.
+
+Routing replay (online RL, `grpo.routing_replay`; "rollout routing replay", Ma et al. 2025,
+arXiv:2510.11370): `recording_routing()` collects the experts every sparse layer chooses while the
+generation engine runs; a forward whose `batch` carries `ROUTED_EXPERTS` (B, T, num_layers, K)
+routes each token to those experts (-1: the router's own choice) with the weights of the current
+router at them (softmax probabilities gathered, renormalised as `norm_topk_prob` says), so the
+router still gets gradients and a policy update cannot move a token to other experts between
+rollout and training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -50,7 +59,7 @@ from megaqwen.kernels.moe import (
 from megaqwen.kernels.registry import KernelOps
 from megaqwen.models.config import ModelConfig
 from megaqwen.models.moe_balance import BalanceStats, RoutingCounts, balance_loss, needs_step_counts
-from megaqwen.models.outputs import AuxTerm
+from megaqwen.models.outputs import ROUTED_EXPERTS, AuxTerm
 from megaqwen.models.qwen2.model import (
     MLP,
     DecoderLayer,
@@ -140,6 +149,11 @@ class SparseMoeBlock(nn.Module):
         self.router_out: list[RouterOut] | None = None
         """Set by the model around its forward: where this block appends its routing. An attribute,
         not a call argument: wrappers (FSDP2) may rebuild argument lists, losing the appends."""
+        self.routing_record: list[tuple[int, torch.Tensor]] | None = None
+        """Set by `recording_routing`: every forward appends (layer index, chosen experts (N, K))."""
+        self.routing_replay: torch.Tensor | None = None
+        """(N, K) experts the next forwards route to (-1: the router's choice); set by the model's
+        forward from its batch and kept until the next one, so a recomputed forward replays too."""
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -163,6 +177,16 @@ class SparseMoeBlock(nn.Module):
         else:
             idx = torch.topk(probs + bias.float(), self.top_k, dim=-1).indices
             w = probs.gather(1, idx)
+        if self.routing_replay is not None:
+            replay = self.routing_replay.to(idx.device, torch.long)
+            if replay.shape != idx.shape:
+                raise ValueError(f"routing replay of layer {self.layer_index}: {tuple(replay.shape)} expert "
+                                 f"choices for {tuple(idx.shape)} routed (tokens, top-k); the batch's "
+                                 f"{ROUTED_EXPERTS} must be (B, T, num_layers, K) of the same rows")
+            idx = torch.where(replay >= 0, replay, idx)
+            w = probs.gather(1, idx)
+        if self.routing_record is not None:
+            self.routing_record.append((self.layer_index, idx.detach()))
         if self.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
         z_sum = torch.logsumexp(logits, dim=-1).square().sum()
@@ -343,7 +367,10 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
                 position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | AttentionMeta | None = None,
                 objective: Callable | None = None, batch: dict | None = None):
-        """As Qwen2's forward, but with labels the result is `MoELossParts` (LM loss + aux loss)."""
+        """As Qwen2's forward, but with labels the result is `MoELossParts` (LM loss + aux loss).
+        A `batch` with `ROUTED_EXPERTS` replays that routing (module docstring); any other call
+        routes freely."""
+        self.replay_routing(None if batch is None else batch.get(ROUTED_EXPERTS))
         if objective is not None or labels is None:
             return super().forward(tokens, labels, position_ids, document_ids, objective, batch)
         position_ids, attn = self.prepare_inputs(tokens, position_ids, document_ids)
@@ -355,6 +382,27 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
         aux = self.aux_terms(routing)
         return MoELossParts(lm.sum, lm.count, aux["aux_loss"].value.to(lm.sum.device),
                             aux["z_loss"].value.to(lm.sum.device))
+
+    def replay_routing(self, routed_BTLK: torch.Tensor | None) -> None:
+        """Route the next forwards' tokens to `routed_BTLK[:, :, layer]` (-1: the router's choice) in
+        every sparse layer of this model (stage); None: route freely."""
+        for block in self.moe_blocks().values():
+            block.routing_replay = None if routed_BTLK is None else \
+                routed_BTLK[:, :, block.layer_index].reshape(-1, routed_BTLK.shape[-1])
+
+    @contextlib.contextmanager
+    def recording_routing(self) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        """Within: every sparse layer's forward appends (layer index, chosen experts (N, K)) to the
+        yielded list, in call order (the generation engine reads it after each forward)."""
+        tape: list[tuple[int, torch.Tensor]] = []
+        blocks = list(self.moe_blocks().values())
+        for block in blocks:
+            block.routing_record = tape
+        try:
+            yield tape
+        finally:
+            for block in blocks:
+                block.routing_record = None
 
     def param_init(self, name: str) -> ParamInit:
         """As Qwen2's; the aux-free routing bias starts at zero."""
