@@ -160,8 +160,8 @@ class NativeEngine:
         """The forward just run's expert choices from the recording `tape` (emptied): (rows, width,
         num_layers, K) int16, -1 in dense layers."""
         cfg = self.inner.cfg
-        out = torch.full((rows, width, cfg.num_layers, cfg.num_experts_per_tok), -1, dtype=torch.int16)
         k = cfg.num_experts_per_tok
+        out = torch.full((rows, width, cfg.num_layers, k), -1, dtype=torch.int16)
         for layer, idx in tape:
             out[:, :, layer] = idx.view(rows, width, k).to("cpu", torch.int16)
         tape.clear()
