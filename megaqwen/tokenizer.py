@@ -25,9 +25,10 @@ import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers costs ~1.3 s to import: only the functions that build a tokenizer do
+    from transformers import PreTrainedTokenizerFast
 
 NUM_REGULAR_TOKENS = 151_643
 EOD_ID = 151_643  # <|endoftext|>: ends every pre-training document; there is no BOS
@@ -196,6 +197,9 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
 
 
 def _qwen25_from_spec(spec: dict) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer.from_str(json.dumps(spec))
     control = [c for c, special in QWEN25_ADDED_TOKENS.values() if special and c != "<|endoftext|>"]
     tok = PreTrainedTokenizerFast(

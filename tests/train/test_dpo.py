@@ -238,17 +238,16 @@ def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.dp_mode=fsdp"),
-                                    ("parallel.tp=2", "train.engine=deepspeed", "parallel.zero_stage=2"),
+@pytest.mark.parametrize("layout", [("parallel.tp=2", "train.engine=deepspeed", "parallel.zero_stage=2"),
                                     ("parallel.pp=2", "parallel.cp=2", "dpo.precompute_reference=true")],
-                         ids=["tp2-fsdp-dp2", "tp2-deepspeed-zero2-dp2", "pp2-cp2-precomputed"])
+                         ids=["tp2-deepspeed-zero2-dp2", "pp2-cp2-precomputed"])
 def test_dpo_under_layouts_equals_one_process(tmp_path, shard, pair_shard, layout):  # noqa: F811
     """Pair rows of a dpo shard (padded: the padding is a second document), reference = the initial
-    weights: step 1 is ln 2, and every step's loss and dpo/* metrics under tp2 x FSDP dp2, tp2 x
-    DeepSpeed ZeRO-2 dp2 (reference online) and pp2 x cp2 (row sums over cp shards, loss on the last
+    weights: step 1 is ln 2, and every step's loss and dpo/* metrics under tp2 x DeepSpeed ZeRO-2 dp2
+    (pairs over dp ranks, reference online) and pp2 x cp2 (row sums over cp shards, loss on the last
     stage, the reference precomputed there by dpo.precompute_reference) equal one process with the
-    reference online. The online reference under pp2 x cp2 is test_objective.py's
-    test_reference_objective_under_layouts_equals_one_process[pp2-cp2]."""
+    reference online. A reference model under tp2 x FSDP dp2 and pp2 x cp2 online is test_objective.py's
+    test_reference_objective_under_layouts_equals_one_process."""
     single_process(tmp_path / "init", shard, FULL_VOCAB)
     common = (FULL_VOCAB, "train.objective=dpo", f"train.init_from={tmp_path / 'init'}",
               "train.micro_batch_size=2", "dpo.beta=0.5")
