@@ -322,14 +322,13 @@ def check_grpo(cfg) -> None:
     if g.updates_per_rollout < 1 or g.max_new_tokens < 1:
         raise ValueError(f"grpo.updates_per_rollout ({g.updates_per_rollout}) and grpo.max_new_tokens "
                          f"({g.max_new_tokens}) must be >= 1")
-    engine = getattr(getattr(cfg, "rollout", None), "engine", "native")
-    if g.routing_replay and engine != "native":
-        raise ValueError(f"grpo.routing_replay=true needs the experts the rollout chose, which only "
-                         f"rollout.engine=native returns (got {engine!r}); use the native "
-                         "engine or set grpo.routing_replay=false")
     if g.routing_replay:
         from megaqwen.models.spec import get_spec
 
+        if cfg.rollout.engine != "native":
+            raise ValueError(f"grpo.routing_replay=true needs the experts the rollout chose, which only "
+                             f"rollout.engine=native returns (got {cfg.rollout.engine!r}); use the native "
+                             "engine or set grpo.routing_replay=false")
         if not get_spec(cfg.model).expert_parallel:
             raise ValueError(f"grpo.routing_replay=true replays the experts of an MoE policy; model "
                              f"{cfg.model.name!r} has no routed experts: set grpo.routing_replay=false")

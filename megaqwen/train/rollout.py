@@ -236,9 +236,10 @@ def make_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], seq_
     if routed is not None:
         out[ROUTED_EXPERTS] = torch.full((n, seq_len, *routed[0].shape[1:]), -1, dtype=torch.int16)
         for r, (p, c, e) in enumerate(zip(prompt_ids, completion_ids, routed, strict=True)):
-            if e.shape[0] != len(p) + max(len(c) - 1, 0):
-                raise ValueError(f"row {r}: the engine routed {e.shape[0]} tokens, fed were "
-                                 f"{len(p) + max(len(c) - 1, 0)} (prompt + completion but its last token)")
+            fed = len(p) + max(len(c) - 1, 0)  # the completion's last token is never fed
+            if e.shape[0] != fed:
+                raise ValueError(f"row {r}: the engine routed {e.shape[0]} tokens, fed were {fed} (prompt "
+                                 "+ completion but its last token)")
             out[ROUTED_EXPERTS][r, :e.shape[0]] = e
     return out
 
