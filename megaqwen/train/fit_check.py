@@ -10,10 +10,11 @@ Memory one process may use: `train.memory_limit_gb` when set, else detected:
         the world size (launch/torchrun.sh checks its one node before starting any rank).
 A run fits when the estimate is at most 90% of that (the planner's `MemoryEstimate.fits` rule: allocator
 fragmentation, CUDA context, NCCL buffers). A CPU process also holds its runtime (RUNTIME_BYTES:
-interpreter, torch, the trainer's modules and what its first step faults in) and, with
-train.async_save, a host copy of its weights and optimizer state; DeepSpeed offload moves state off
-the GPU. Against the whole CPU trainer's measured peak resident set (debug model, the four runs in
-RUNTIME_BYTES) the total is 0.92-1.14x (tests/train/test_fit_check.py holds it within 15%).
+interpreter, torch, the trainer's modules and what its first step faults in), the Qwen tokenizer where
+it loads one (TOKENIZER_BYTES) and, with train.async_save, a host copy of its weights and optimizer
+state; DeepSpeed offload moves state off the GPU. Against the whole CPU trainer's measured peak resident
+set (debug model, the four runs behind RUNTIME_BYTES and TOKENIZER_BYTES) the total is 0.95-1.06x
+(tests/train/test_fit_check.py holds it within 15%).
 
 One memory model: the planner's (`megaqwen.plan.memory`), so `megaqwen-plan` proposes per-rank
 memory this check computes for the same layout (tests/train/test_fit_check.py); `megaqwen-stages`
@@ -41,12 +42,17 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 0.9
 """Fraction of the available memory a run may plan to use (as `MemoryEstimate.fits`)."""
-RUNTIME_BYTES = 0.6 * GIB
-"""A CPU trainer's own resident memory besides its model, state and activations: 366 MiB before the
-model is built (interpreter, torch, the trainer's modules, data index) plus what its first steps fault
-in (kernels' code pages, thread pools, allocator arenas, batches, metrics); measured peak minus the
-planner's estimate, debug model at 256 and 8,192 tokens per micro-batch: 0.52 and 0.45 GiB on a
-pre-tokenised shard, 0.68 and 0.58 GiB with data.path=sample (the tokenizer loaded in-process)."""
+RUNTIME_BYTES = 0.47 * GIB
+"""A CPU trainer's own resident memory besides its model, state and activations: the interpreter,
+torch, the trainer's modules and data index before the model is built, plus what its first steps
+fault in (kernels' code pages, thread pools, allocator arenas, batches, metrics). Measured peak minus
+the planner's estimate, debug model on a pre-tokenised shard at 256 and 8,192 tokens per micro-batch:
+0.50 and 0.44 GiB (tests/train/test_fit_check.py)."""
+TOKENIZER_BYTES = 0.17 * GIB
+"""The Qwen tokenizer (151,646-entry BPE, `tokenizers` plus `transformers`' wrapper) loaded into the
+trainer: data.path=sample or sample:NAME (the shipped data, tokenised by the run itself) and GRPO
+(its rollouts detokenise and score). Measured as the same two runs' difference with data.path=sample:
+0.19 and 0.14 GiB more."""
 MEMINFO = "/proc/meminfo"
 CGROUP_FILES = (  # (limit, usage, stat, reclaimable page-cache key): v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
@@ -73,6 +79,8 @@ class RunShape:
     reference: bool = False
     """The objective holds a frozen reference model (`megaqwen.train.reference`): fp32 weights
     sharded like the policy's (whole per dp rank under DeepSpeed, which it does not partition)."""
+    tokenizer: bool = False
+    """The process loads the Qwen tokenizer (TOKENIZER_BYTES; counted for CPU runs, with the runtime)."""
 
     def terms(self) -> dict[str, float]:
         """Bytes per process, by term, on the most loaded pipeline rank."""
@@ -91,6 +99,8 @@ class RunShape:
             out["reference model"] = 4.0 * e.params  # this rank's parameter elements, fp32
         if self.cpu:
             out["runtime"] = RUNTIME_BYTES
+            if self.tokenizer:
+                out["tokenizer"] = TOKENIZER_BYTES
             if self.async_save:
                 out["async checkpoint copy"] = e.weights + e.optimizer
         return out
@@ -162,11 +172,13 @@ def run_shape(cfg, world_size: int) -> RunShape:
                  pp_virtual_stages=virtual, dp_mode=mode, recompute=p.recompute,
                  micro_batch=t.micro_batch_size, fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
                  fsdp_keep_gathered=p.fsdp_keep_gathered)
+    from megaqwen.train.data_check import is_sample
     from megaqwen.train.objectives import objective_for
 
     return RunShape(m, lay, t.seq_len, t.global_batch_size, 2 if bf16 else 4, device.type == "cpu",
                     t.async_save, t.engine == "deepspeed", t.engine == "deepspeed" and p.offload_optimizer,
-                    t.engine == "deepspeed" and p.offload_params, _holds_reference(cfg, objective_for(cfg)))
+                    t.engine == "deepspeed" and p.offload_params, _holds_reference(cfg, objective_for(cfg)),
+                    is_sample(cfg.data.path) or t.objective == "grpo")
 
 
 def _holds_reference(cfg, objective) -> bool:
