@@ -149,3 +149,43 @@ def test_a_moved_router_is_replayed_by_the_forward_that_carries_the_routing():
         assert torch.equal(sorted_(seen[layer][len(fed):]), sorted_(whole[layer][len(fed):]))
         assert torch.equal(sorted_(seen_free[layer]), sorted_(whole[layer]))
     assert not torch.allclose(replayed[labels != -100], free[labels != -100])
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_replays_the_routing_its_forward_replayed(mode):
+    """parallel.recompute re-runs each layer's forward in backward: that re-run routes as the forward
+    did (the rollout's experts, not the router's own choice), so the gradients equal those of the same
+    replayed forward without recompute, to fp64 rounding."""
+    import copy
+
+    from megaqwen.parallel.activation import apply_recompute
+
+    model = _model()
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    routed = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok]
+                          for _ in range(2 * 9 * cfg.num_layers)]).view(2, 9, cfg.num_layers, -1).to(torch.int16)
+    routed[0, 4:] = -1  # half a row routes freely
+    free = _free_routing(model, tokens[0].tolist())
+    assert any(not torch.equal(routed[0, :4, i].long().sort(-1).values, free[i][:4].sort(-1).values)
+               for i in free), "the replay equals the free routing: no test"
+
+    def grads(m, replay: bool) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        lp = m(tokens, objective=lambda mm, h, b: mm.token_logprobs(h, labels),
+               batch={ROUTED_EXPERTS: routed} if replay else {}).parts
+        lp.sum().backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    plain = grads(model, True)
+    recomputed = copy.deepcopy(model)
+    apply_recompute(recomputed.model.layers, mode, get_spec(cfg).selective_recompute)
+    assert any(type(m).__name__.startswith("Recompute") for m in recomputed.modules())
+    got = grads(recomputed, True)
+    assert plain.keys() == got.keys()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=1e-10, atol=1e-12, msg=k)
+    unreplayed = grads(model, False)
+    assert any(not torch.allclose(unreplayed[k], plain[k]) for k in plain)  # the replay moved the gradients
