@@ -4,7 +4,8 @@ Every rank first trains the unsharded model on the whole global batch (plain PyT
 layout as a run of the trainer (its Config, builders and `train_step`: trainer_harness.py) on its
 dp slice; rank 0 reports the first losses, every parameter's gradient as the optimizer gets it at
 the first step (expert grads gathered from the ranks holding them), the grad norm, the z-loss and
-the expert load. One spawn per world size, several layouts each.
+the expert load. One spawn per world size, several layouts each. A `replay` layout's batches carry
+routing to replay (`ROUTED_EXPERTS`, as grpo.routing_replay's rows do), and so does its reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megaqwen.models.config import get_config
+from megaqwen.models.outputs import ROUTED_EXPERTS
 from megaqwen.models.spec import get_spec
 from megaqwen.parallel.config import ParallelConfig
 from megaqwen.parallel.dims import ParallelDims
@@ -46,14 +48,27 @@ def _batches(cfg):
     return ids[..., :-1], ids[..., 1:]
 
 
-def _reference(cfg):
+def _routed(cfg) -> torch.Tensor:
+    """(STEPS, B, T, layers, K) experts to replay: random distinct ones per token, -1 (the router's
+    choice) in dense layers and for the last quarter of each row."""
+    g = torch.Generator().manual_seed(8)
+    n = STEPS * GLOBAL_B * T * cfg.num_layers
+    r = torch.rand(n, cfg.num_experts, generator=g).argsort(-1)[:, :cfg.num_experts_per_tok]
+    r = r.view(STEPS, GLOBAL_B, T, cfg.num_layers, -1).to(torch.int16)
+    r[:, :, 3 * T // 4:] = -1
+    r[:, :, :, [i for i in range(cfg.num_layers) if not cfg.is_sparse_layer(i)]] = -1
+    return r
+
+
+def _reference(cfg, replay: bool = False):
     """One process, plain PyTorch: the whole global batch per step, the runs' AdamW settings."""
     model = get_spec(cfg).build(cfg, seed=SEED)
     opt = reference_adamw(model, TrainConfig(lr=LR))
     tokens, labels = _batches(cfg)
+    routed = _routed(cfg) if replay else None
     losses = []
     for s in range(STEPS):
-        parts = model(tokens[s], labels[s])
+        parts = model(tokens[s], labels[s], batch={ROUTED_EXPERTS: routed[s]} if replay else None)
         loss = parts.mean()
         if s == 0:
             z = parts.z.item()  # a mean over tokens: the dp ranks' means average to it
@@ -87,10 +102,14 @@ def _dcp_into_one_process(plain, cfg, ckpt_dir: str) -> float:
     return max((full.state_dict()[k] - v).abs().max().item() for k, v in mine.items())
 
 
-def _global_batches(cfg) -> list[dict[str, torch.Tensor]]:
+def _global_batches(cfg, replay: bool = False) -> list[dict[str, torch.Tensor]]:
     tokens, labels = _batches(cfg)
-    return [{"tokens": tokens[s], "labels": labels[s], "position_ids": torch.arange(T).expand(GLOBAL_B, T),
-             "document_ids": torch.zeros_like(tokens[s])} for s in range(STEPS)]
+    out = [{"tokens": tokens[s], "labels": labels[s], "position_ids": torch.arange(T).expand(GLOBAL_B, T),
+            "document_ids": torch.zeros_like(tokens[s])} for s in range(STEPS)]
+    if replay:
+        for b, r in zip(out, _routed(cfg)):
+            b[ROUTED_EXPERTS] = r
+    return out
 
 
 def _layout_run(cfg, world: int, ep: int, fsdp: bool = False, tp: int = 1, sp: bool = False,
@@ -103,12 +122,12 @@ def _layout_run(cfg, world: int, ep: int, fsdp: bool = False, tp: int = 1, sp: b
 
 
 def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None = None, tp: int = 1,
-         sp: bool = False, recompute: str = "none"):
+         sp: bool = False, recompute: str = "none", replay: bool = False):
     """The layout through the trainer's builders and `train_step` (tests/parallel/trainer_harness)."""
     run = _layout_run(cfg, world, ep, fsdp, tp, sp, recompute)
     plain, fqns = run.plain, run.shards.expert_fqns
     seen = capture_grads(run, gather_full)  # after the expert (edp) reduction, as the optimizer gets them
-    metrics = run_steps(run, _global_batches(cfg))
+    metrics = run_steps(run, _global_batches(cfg, replay))
     first = metrics[0]
     grad_err = {n: ((g - ref["grads"][n]).abs().max() / ref["grads"][n].abs().max().clamp(min=1e-12)).item()
                 for n, g in seen["grads"].items()}
@@ -123,8 +142,8 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
     bias_err = max((b.routing_bias.full_tensor() if isinstance(b.routing_bias, DTensor) else b.routing_bias)
                    .sub(ref["bias"][n]).abs().max().item() for n, b in plain.moe_blocks().items())
     dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) \
-        if ckpt_dir and not fsdp and recompute == "none" else None
-    return dict(loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
+        if ckpt_dir and not fsdp and recompute == "none" and not replay else None
+    return dict(load={n: ld.load_E.tolist() for n, ld in loads.items()}, loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
                 grad_err=worst_all.item(), worst=worst, norm_rel=abs(first["grad_norm"] / ref["norm"] - 1),
                 load_err=load_err, z_rel=abs(first["z_loss"] / ref["z"] - 1), experts_held=held.item(),
                 local_experts=len(fqns) // 3, bias_err=bias_err, dcp_err=dcp_err)
@@ -141,8 +160,9 @@ def _capacity_losses(world: int, ep: int) -> list[float]:
 
 def _name(layout: dict) -> str:
     """ep2-fsdp-tp2-sp-full: ep, then whatever differs from the defaults."""
-    defaults = dict(fsdp=False, tp=1, sp=False, recompute="none")
-    tags = dict(fsdp="fsdp", tp=f"tp{layout.get('tp')}", sp="sp", recompute=layout.get("recompute"))
+    defaults = dict(fsdp=False, tp=1, sp=False, recompute="none", replay=False)
+    tags = dict(fsdp="fsdp", tp=f"tp{layout.get('tp')}", sp="sp", recompute=layout.get("recompute"),
+                replay="replay")
     changed = [tags[k] for k in defaults if layout.get(k, defaults[k]) != defaults[k]]
     return "-".join([f"ep{layout['ep']}", *changed])
 
@@ -150,8 +170,9 @@ def _name(layout: dict) -> str:
 def _worker(rank: int, world: int, layouts: list[dict], ckpt_dir: str | None = None,
             capacity: bool = False):
     cfg = _cfg()
-    ref = _reference(cfg)
-    out = {_name(lay): _run(cfg, ref, world, ckpt_dir=ckpt_dir, **lay) for lay in layouts}
+    refs = {replay: _reference(cfg, replay) for replay in {lay.get("replay", False) for lay in layouts}}
+    out = {_name(lay): _run(cfg, refs[lay.get("replay", False)], world, ckpt_dir=ckpt_dir, **lay)
+           for lay in layouts}
     if capacity:
         out["capacity"] = {ep: _capacity_losses(world, ep) for ep in (1, world)}
     return out
@@ -176,10 +197,13 @@ def _check(out: dict, world: int, n_sparse: int, experts: int):
 @pytest.mark.slow
 def test_ep2_world2_equals_one_process(tmp_path):
     cfg = _cfg()
-    out = spawn(_worker, 2, [dict(ep=2), dict(ep=2, fsdp=True), dict(ep=2, recompute="full")],
-                str(tmp_path / "ckpt"), True)
-    assert {"ep2", "ep2-fsdp", "ep2-full"} == set(out) - {"capacity"}
+    # replay (grpo.routing_replay's rows) under ep with recompute: the re-run forward dispatches the
+    # replayed experts again
+    out = spawn(_worker, 2, [dict(ep=2), dict(ep=2, fsdp=True), dict(ep=2, recompute="full"),
+                             dict(ep=2, recompute="full", replay=True)], str(tmp_path / "ckpt"), True)
+    assert {"ep2", "ep2-fsdp", "ep2-full", "ep2-full-replay"} == set(out) - {"capacity"}
     _check(out, 2, 2, cfg.num_experts)
+    assert out["ep2-full-replay"]["load"] != out["ep2"]["load"]  # the replay routed otherwise
     assert out["ep2"]["dcp_err"] == 0  # ep=2 checkpoint loads bit-exact into one process
     ep1, ep2 = out["capacity"][1], out["capacity"][2]
     assert ep1[-1] == ep2[-1] > 0  # the same assignments dropped, some
