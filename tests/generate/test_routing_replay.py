@@ -166,7 +166,8 @@ def test_recompute_replays_the_routing_its_forward_replayed(mode):
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
     routed = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.num_experts_per_tok]
-                          for _ in range(2 * 9 * cfg.num_layers)]).view(2, 9, cfg.num_layers, -1).to(torch.int16)
+                          for _ in range(2 * 9 * cfg.num_layers)])
+    routed = routed.view(2, 9, cfg.num_layers, -1).to(torch.int16)
     routed[0, 4:] = -1  # half a row routes freely
     free = _free_routing(model, tokens[0].tolist())
     assert any(not torch.equal(routed[0, :4, i].long().sort(-1).values, free[i][:4].sort(-1).values)

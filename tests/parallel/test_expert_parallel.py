@@ -143,7 +143,8 @@ def _run(cfg, ref, world: int, ep: int, fsdp: bool = False, ckpt_dir: str | None
                    .sub(ref["bias"][n]).abs().max().item() for n, b in plain.moe_blocks().items())
     dcp_err = _dcp_into_one_process(plain, cfg, ckpt_dir) \
         if ckpt_dir and not fsdp and recompute == "none" and not replay else None
-    return dict(load={n: ld.load_E.tolist() for n, ld in loads.items()}, loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
+    return dict(load={n: ld.load_E.tolist() for n, ld in loads.items()},
+                loss_rel=max(abs(m["loss"] - r) / abs(r) for m, r in zip(metrics, ref["losses"])),
                 grad_err=worst_all.item(), worst=worst, norm_rel=abs(first["grad_norm"] / ref["norm"] - 1),
                 load_err=load_err, z_rel=abs(first["z_loss"] / ref["z"] - 1), experts_held=held.item(),
                 local_experts=len(fqns) // 3, bias_err=bias_err, dcp_err=dcp_err)
