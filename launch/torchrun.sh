@@ -43,7 +43,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+# GPUs torch would see; without an NVIDIA, ROCm (/dev/kfd) or WSL (/dev/dxg) device node there are
+# none, and that is known without importing torch (2 s of every launch on a CPU machine)
+if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [ -e /dev/kfd ] || [ -e /dev/dxg ]; then
+  NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+else
+  NGPU=0
+fi
 if [ -z "$NPROC" ]; then
   if [ "$NGPU" -gt 0 ]; then NPROC=$NGPU; else NPROC=2; fi
 fi

@@ -34,6 +34,13 @@ def shard(tmp_path_factory) -> str:
     return str(prefix)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, shard) -> tuple[Path, list[float]]:
+    """The COMMON run in one process, shared by this module's tests: (its run folder, its losses)."""
+    out = tmp_path_factory.mktemp("one") / "single"
+    return out, single_process(out, shard)
+
+
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -80,8 +87,8 @@ def launch(out: Path, shard: str, *overrides: str, nproc: int = 2) -> subprocess
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
-def test_torchrun_tp2_sp_equals_one_process(tmp_path, shard):
-    ref = single_process(tmp_path / "single", shard)
+def test_torchrun_tp2_sp_equals_one_process(tmp_path, shard, one_process):
+    ref = one_process[1]
     out = tmp_path / "tp2"
     run = launch(out, shard, "parallel.tp=2", "parallel.sequence_parallel=true")
     assert run.returncode == 0, run.stderr[-4000:]
@@ -99,8 +106,8 @@ def test_torchrun_tp2_sp_equals_one_process(tmp_path, shard):
 
 
 @pytest.mark.slow
-def test_torchrun_dp2_zero1_resumes_after_exit(tmp_path, shard):
-    ref = single_process(tmp_path / "single", shard)
+def test_torchrun_dp2_zero1_resumes_after_exit(tmp_path, shard, one_process):
+    ref = one_process[1]
     out = tmp_path / "zero1"
     args = ("parallel.dp_mode=zero1",)
     first = launch(out, shard, *args, "train.exit_at_step=2")
@@ -111,9 +118,9 @@ def test_torchrun_dp2_zero1_resumes_after_exit(tmp_path, shard):
 
 
 @pytest.mark.slow
-def test_torchrun_deepspeed_zero2_tp2(tmp_path, shard):
+def test_torchrun_deepspeed_zero2_tp2(tmp_path, shard, one_process):
     pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'megaqwen[deepspeed]')")
-    ref = single_process(tmp_path / "single", shard)
+    ref = one_process[1]
     out = tmp_path / "ds"
     # asynchronous saves: DeepSpeed's partitions gathered into fresh tensors, written in the background
     args = ("train.engine=deepspeed", "parallel.zero_stage=2", "parallel.tp=2", "train.async_save=true")
@@ -125,13 +132,12 @@ def test_torchrun_deepspeed_zero2_tp2(tmp_path, shard):
 
 
 @pytest.mark.slow
-def test_init_from_hf_slices_under_tp_sp_recompute_and_zero3(tmp_path, shard):
+def test_init_from_hf_slices_under_tp_sp_recompute_and_zero3(tmp_path, shard, one_process):
     """train.init_from an HF export: tp=2 + SP + full recompute (each rank reads its slices) and
     DeepSpeed ZeRO-3 (built block by block, partitioned) continue exactly like one process."""
     from megaqwen.convert.hf import to_hf
 
-    single_process(tmp_path / "pre", shard)
-    hf = to_hf(tmp_path / "pre", tmp_path / "hf", tokenizer=False)
+    hf = to_hf(one_process[0], tmp_path / "hf", tokenizer=False)
     ref = single_process(tmp_path / "single", shard, f"train.init_from={hf}")
     tp = launch(tmp_path / "tp", shard, f"train.init_from={hf}", "parallel.tp=2",
                 "parallel.sequence_parallel=true", "parallel.recompute=full")

@@ -215,19 +215,27 @@ def pair_shard(tmp_path_factory) -> str:
     return write_masked_shard(tmp_path_factory.mktemp("pairs") / "prefs", "dpo", documents)
 
 
+@pytest.fixture(scope="module")
+def dpo_one(tmp_path_factory, shard, pair_shard) -> tuple[str, tuple[str, ...], list[dict]]:  # noqa: F811
+    """One process through the trainer: a pretraining run (the initial weights), then DPO on the pair
+    shard from them, reference = those weights online. (pair shard, the DPO run's overrides, its
+    metrics rows), shared by the tests below."""
+    base = tmp_path_factory.mktemp("dpo_one")
+    single_process(base / "init", shard, FULL_VOCAB)
+    common = (FULL_VOCAB, "train.objective=dpo", f"train.init_from={base / 'init'}",
+              "train.micro_batch_size=2", "dpo.beta=0.5")
+    single_process(base / "one", pair_shard, *common)
+    return pair_shard, common, _rows(base / "one")
+
+
 @pytest.mark.slow
-def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  # noqa: F811
+def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, dpo_one):
     """The trainer's own data path: pair rows from a dpo shard, reference = the initial weights:
     step 1 is ln 2 with margin 0; then the policy has moved off the reference (the pairs are random
     tokens: which way the next pairs' margins go says nothing)."""
-    single_process(tmp_path / "init", shard, FULL_VOCAB)
-    single_process(tmp_path / "dpo", pair_shard, FULL_VOCAB, "train.objective=dpo",
-                   "train.micro_batch_size=2", f"train.init_from={tmp_path / 'init'}", "dpo.beta=0.5")
-    rows = _rows(tmp_path / "dpo")
+    pair_shard, common, rows = dpo_one
     # dpo.precompute_reference: the same log-probabilities, computed before the first step
-    single_process(tmp_path / "pre", pair_shard, FULL_VOCAB, "train.objective=dpo",
-                   "train.micro_batch_size=2", f"train.init_from={tmp_path / 'init'}", "dpo.beta=0.5",
-                   "dpo.precompute_reference=true")
+    single_process(tmp_path / "pre", pair_shard, *common, "dpo.precompute_reference=true")
     keys = ("loss", "grad_norm", *DPO_METRICS)
     assert [[r[k] for k in keys] for r in _rows(tmp_path / "pre")] == [[r[k] for k in keys] for r in rows]
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
@@ -241,20 +249,17 @@ def test_dpo_on_a_pair_shard_through_the_trainer(tmp_path, shard, pair_shard):  
 @pytest.mark.parametrize("layout", [("parallel.tp=2", "train.engine=deepspeed", "parallel.zero_stage=2"),
                                     ("parallel.pp=2", "parallel.cp=2", "dpo.precompute_reference=true")],
                          ids=["tp2-deepspeed-zero2-dp2", "pp2-cp2-precomputed"])
-def test_dpo_under_layouts_equals_one_process(tmp_path, shard, pair_shard, layout):  # noqa: F811
+def test_dpo_under_layouts_equals_one_process(tmp_path, dpo_one, layout):
     """Pair rows of a dpo shard (padded: the padding is a second document), reference = the initial
     weights: step 1 is ln 2, and every step's loss and dpo/* metrics under tp2 x DeepSpeed ZeRO-2 dp2
     (pairs over dp ranks, reference online) and pp2 x cp2 (row sums over cp shards, loss on the last
     stage, the reference precomputed there by dpo.precompute_reference) equal one process with the
     reference online. A reference model under tp2 x FSDP dp2 and pp2 x cp2 online is test_objective.py's
     test_reference_objective_under_layouts_equals_one_process."""
-    single_process(tmp_path / "init", shard, FULL_VOCAB)
-    common = (FULL_VOCAB, "train.objective=dpo", f"train.init_from={tmp_path / 'init'}",
-              "train.micro_batch_size=2", "dpo.beta=0.5")
-    single_process(tmp_path / "one", pair_shard, *common)
+    pair_shard, common, one = dpo_one
     run = launch(tmp_path / "lay", pair_shard, *common, *layout, nproc=4)
     assert run.returncode == 0, run.stderr[-4000:]
-    one, lay = _rows(tmp_path / "one"), _rows(tmp_path / "lay")
+    lay = _rows(tmp_path / "lay")
     assert one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert one[-1]["dpo/margin"] > 1e-4  # the policy moved away from the reference
     assert unregistered({k for r in one for k in r}) == []

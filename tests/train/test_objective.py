@@ -102,19 +102,24 @@ def _rows(out: Path) -> list[dict]:
 PLUGIN = ("train.objective=objective_plugin:REF_GAP",)
 
 
-@pytest.fixture
-def init_run(tmp_path, shard, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{__import__('os').environ.get('PYTHONPATH', '')}")
-    monkeypatch.syspath_prepend(str(TESTS))
-    single_process(tmp_path / "init", shard)
-    return tmp_path / "init"
+@pytest.fixture(scope="module")
+def ref_one(tmp_path_factory, shard):  # noqa: F811
+    """One process: a pretraining run (the initial weights), then the plugin objective from them with
+    them as its frozen reference. (the init folder, the reference run's metrics rows); the plugin's
+    folder stays importable, here and in launched ranks (PYTHONPATH), while the module's tests run."""
+    base = tmp_path_factory.mktemp("ref_one")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", f"{TESTS}:{__import__('os').environ.get('PYTHONPATH', '')}")
+        mp.syspath_prepend(str(TESTS))
+        single_process(base / "init", shard)
+        single_process(base / "ref", shard, *PLUGIN, f"train.init_from={base / 'init'}")
+        yield base / "init", _rows(base / "ref")
 
 
-def test_reference_objective_in_one_process(tmp_path, shard, init_run):  # noqa: F811
+def test_reference_objective_in_one_process(ref_one):
     """The reference is the init checkpoint, frozen: at step 1 the policy equals it (gap 0, its
     NLL is the loss); after two updates the policy has moved and the reference has not."""
-    single_process(tmp_path / "ref", shard, *PLUGIN, f"train.init_from={init_run}")
-    rows = _rows(tmp_path / "ref")
+    rows = ref_one[1]
     first, last = rows[0], rows[-1]
     assert first["objective/ref_gap"] < 1e-6
     assert first["objective/ref_nll"] == pytest.approx(first["loss"], rel=1e-6)
@@ -128,14 +133,13 @@ def test_reference_objective_in_one_process(tmp_path, shard, init_run):  # noqa:
 @pytest.mark.parametrize("layout", [("parallel.pp=2", "parallel.cp=2"),
                                     ("parallel.tp=2", "parallel.dp_mode=fsdp")],
                          ids=["pp2-cp2", "tp2-fsdp-dp2"])
-def test_reference_objective_under_layouts_equals_one_process(tmp_path, shard, init_run, layout):  # noqa: F811
+def test_reference_objective_under_layouts_equals_one_process(tmp_path, shard, ref_one, layout):  # noqa: F811
     """The reference model sharded like the policy (pipeline forward only / cp gather / tp vocab
     split / FSDP2): losses and both reference metrics equal one process."""
-    common = (*PLUGIN, f"train.init_from={init_run}")
-    single_process(tmp_path / "one", shard, *common)
-    run = launch(tmp_path / "lay", shard, *common, *layout, nproc=4)
+    init, one = ref_one
+    run = launch(tmp_path / "lay", shard, *PLUGIN, f"train.init_from={init}", *layout, nproc=4)
     assert run.returncode == 0, run.stderr[-4000:]
-    for got, want in zip(_rows(tmp_path / "lay"), _rows(tmp_path / "one"), strict=True):
+    for got, want in zip(_rows(tmp_path / "lay"), one, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["objective/ref_nll"] == pytest.approx(want["objective/ref_nll"], rel=1e-5)
         assert got["objective/ref_gap"] == pytest.approx(want["objective/ref_gap"], rel=1e-4, abs=1e-6)
