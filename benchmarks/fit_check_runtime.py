@@ -51,7 +51,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for label, data in (("pre-tokenised shard", shard), ("data.path=sample (tokenizer loaded)", "sample")):
         for tokens, shape in SHAPES.items():
-            out = work / f"{label.split()[0]}-{tokens}"
+            out = work / f"{'shard' if data == shard else 'sample'}-{tokens}"
             args = [f"data.path={data}", "train.steps=2", "train.save_every=0", "logger.wandb.enabled=false",
                     *shape]
             trainer = str(Path(sys.executable).parent / "megaqwen-train")

@@ -13,8 +13,8 @@ fragmentation, CUDA context, NCCL buffers). A CPU process also holds its runtime
 interpreter, torch, the trainer's modules and what its first step faults in), the Qwen tokenizer where
 it loads one (TOKENIZER_BYTES) and, with train.async_save, a host copy of its weights and optimizer
 state; DeepSpeed offload moves state off the GPU. Against the whole CPU trainer's measured peak resident
-set (debug model, the four runs behind RUNTIME_BYTES and TOKENIZER_BYTES) the total is 0.95-1.06x
-(tests/train/test_fit_check.py holds it within 15%).
+set (debug model, the four runs of benchmarks/fit_check_runtime.py) the total is 0.93-1.07x
+(tests/train/test_fit_check.py holds two of them within 15%).
 
 One memory model: the planner's (`megaqwen.plan.memory`), so `megaqwen-plan` proposes per-rank
 memory this check computes for the same layout (tests/train/test_fit_check.py); `megaqwen-stages`
@@ -47,12 +47,12 @@ RUNTIME_BYTES = 0.47 * GIB
 torch, the trainer's modules and data index before the model is built, plus what its first steps
 fault in (kernels' code pages, thread pools, allocator arenas, batches, metrics). Measured peak minus
 the planner's estimate, debug model on a pre-tokenised shard at 256 and 8,192 tokens per micro-batch:
-0.50 and 0.44 GiB (tests/train/test_fit_check.py)."""
+0.49-0.50 and 0.43-0.44 GiB (benchmarks/fit_check_runtime.py)."""
 TOKENIZER_BYTES = 0.17 * GIB
 """The Qwen tokenizer (151,646-entry BPE, `tokenizers` plus `transformers`' wrapper) loaded into the
 trainer: data.path=sample or sample:NAME (the shipped data, tokenised by the run itself) and GRPO
 (its rollouts detokenise and score). Measured as the same two runs' difference with data.path=sample:
-0.19 and 0.14 GiB more."""
+0.19-0.20 and 0.12-0.14 GiB more."""
 MEMINFO = "/proc/meminfo"
 CGROUP_FILES = (  # (limit, usage, stat, reclaimable page-cache key): v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
