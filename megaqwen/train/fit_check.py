@@ -49,10 +49,10 @@ fault in (kernels' code pages, thread pools, allocator arenas, batches, metrics)
 the planner's estimate, debug model on a pre-tokenised shard at 256 and 8,192 tokens per micro-batch:
 0.49-0.50 and 0.43-0.44 GiB (benchmarks/fit_check_runtime.py)."""
 TOKENIZER_BYTES = 0.17 * GIB
-"""The Qwen tokenizer (151,646-entry BPE, `tokenizers` plus `transformers`' wrapper) loaded into the
-trainer: data.path=sample or sample:NAME (the shipped data, tokenised by the run itself) and GRPO
-(its rollouts detokenise and score). Measured as the same two runs' difference with data.path=sample:
-0.19-0.20 and 0.12-0.14 GiB more."""
+"""The Qwen tokenizer (its byte-level BPE in `tokenizers`, plus `transformers`' wrapper) where the
+trainer may load it: data.path=sample or sample:NAME (the shipped data, tokenised by the run's rank 0
+on first use; counted on every rank, an upper bound) and GRPO (its rollouts detokenise and score).
+Measured as the same two runs' difference with data.path=sample: 0.19-0.20 and 0.12-0.14 GiB more."""
 MEMINFO = "/proc/meminfo"
 CGROUP_FILES = (  # (limit, usage, stat, reclaimable page-cache key): v2, then v1
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
@@ -80,7 +80,7 @@ class RunShape:
     """The objective holds a frozen reference model (`megaqwen.train.reference`): fp32 weights
     sharded like the policy's (whole per dp rank under DeepSpeed, which it does not partition)."""
     tokenizer: bool = False
-    """The process loads the Qwen tokenizer (TOKENIZER_BYTES; counted for CPU runs, with the runtime)."""
+    """The process may load the Qwen tokenizer (TOKENIZER_BYTES; counted for CPU runs, with the runtime)."""
 
     def terms(self) -> dict[str, float]:
         """Bytes per process, by term, on the most loaded pipeline rank."""
