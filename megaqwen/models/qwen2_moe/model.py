@@ -30,7 +30,9 @@ generation engine runs; a forward whose `batch` carries `ROUTED_EXPERTS` (B, T, 
 routes each token to those experts (-1: the router's own choice) with the weights of the current
 router at them (softmax probabilities gathered, renormalised as `norm_topk_prob` says), so the
 router still gets gradients and a policy update cannot move a token to other experts between
-rollout and training.
+rollout and training. The replay stays on the blocks until the next forward sets it, so activation
+recompute re-runs each layer on the same experts in backward (tested with full and selective
+recompute, and under ep=2 against one process).
 """
 
 from __future__ import annotations
