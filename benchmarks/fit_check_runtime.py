@@ -13,7 +13,6 @@ the figures RUNTIME_BYTES (shard runs) and TOKENIZER_BYTES (the sample runs' exc
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from memory_calibration import peak_gib  # benchmarks/, beside this script
 
 GIB = 2**30
 SHAPES = {256: ["train.seq_len=128"],  # micro-batch 2 (the default) x 128
@@ -28,7 +28,8 @@ SHAPES = {256: ["train.seq_len=128"],  # micro-batch 2 (the default) x 128
 
 
 def random_shard(folder: Path) -> str:
-    """Learnable random documents in the vocabulary's low ids, as the test's shard."""
+    """200 random documents of 20-300 ids below 512, each ending in id 3: the size and id range of the
+    test's shard (tests/train/conftest.py), without its learnable chains (memory does not see them)."""
     from megaqwen.data.indexed import IndexedDatasetBuilder
 
     prefix = folder / "random"
@@ -59,8 +60,7 @@ def main() -> None:
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             if run.returncode:
                 raise SystemExit(f"{label} at {tokens} tokens failed:\n{run.stderr[-3000:]}")
-            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            peak = max(r["peak_mem_gib_max"] for r in rows if "peak_mem_gib_max" in r) * GIB
+            peak = peak_gib(out) * GIB
             rep = fit_check.check_fit(compose_config([f"train.out_dir={work / 'x'}", *args]), 1)
             cpu = rep.terms.get("runtime", 0.0) + rep.terms.get("tokenizer", 0.0)
             print(f"| {label} | {tokens:,} | {rep.total / GIB:.3f} | {peak / GIB:.3f} "

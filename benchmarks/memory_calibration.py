@@ -88,7 +88,12 @@ def run(name: str, data: str) -> float:
 
 
 def measured(name: str) -> float:
-    rows = [json.loads(x) for x in (OUT / name / "metrics.jsonl").read_text().splitlines()]
+    return peak_gib(OUT / name)
+
+
+def peak_gib(run_dir: Path) -> float:
+    """A finished run's measured peak per rank, GiB: the largest `peak_mem_gib_max` in its metrics."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return max(r["peak_mem_gib_max"] for r in rows if "peak_mem_gib_max" in r)
 
 
